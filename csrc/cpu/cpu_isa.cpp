@@ -1,0 +1,56 @@
+#include "cpu/cpu_isa.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#include <c10/util/Exception.h>
+
+namespace opqn::cpu {
+namespace {
+
+bool cpu_has_avx2() {
+#if defined(__x86_64__) || defined(__i386__)
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+CpuIsa parse_isa(const std::string& name, const char* source) {
+  if (name == "scalar") return CpuIsa::Scalar;
+  if (name == "avx2") {
+    TORCH_CHECK(cpu_has_avx2(), source, "=avx2 but this CPU has no AVX2+FMA");
+    return CpuIsa::Avx2;
+  }
+  TORCH_CHECK(false, source, " must be 'scalar' or 'avx2', got '", name, "'");
+}
+
+CpuIsa initial_isa() {
+  if (const char* forced = std::getenv("OPQN_CPU_ISA"); forced != nullptr && *forced != '\0') {
+    return parse_isa(forced, "OPQN_CPU_ISA");
+  }
+  return cpu_has_avx2() ? CpuIsa::Avx2 : CpuIsa::Scalar;
+}
+
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_isa())};
+  return slot;
+}
+
+}  // namespace
+
+std::vector<std::string> available_cpu_isas() {
+  std::vector<std::string> isas{"scalar"};
+  if (cpu_has_avx2()) isas.emplace_back("avx2");
+  return isas;
+}
+
+CpuIsa active_cpu_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
+
+const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::Avx2 ? "avx2" : "scalar"; }
+
+void set_cpu_isa(const std::string& name) {
+  isa_slot().store(static_cast<int>(parse_isa(name, "cpu isa")), std::memory_order_relaxed);
+}
+
+}  // namespace opqn::cpu

@@ -1,0 +1,22 @@
+// Which CPU instruction-set path the kernels run: chosen once at first use from what the CPU
+// supports, or forced with OPQN_CPU_ISA=scalar|avx2; tests switch paths with set_cpu_isa.
+#pragma once
+
+#include <string>
+#include <vector>
+
+namespace opqn::cpu {
+
+enum class CpuIsa { Scalar, Avx2 };
+
+// Paths this machine can run, best last ("scalar" is always there).
+std::vector<std::string> available_cpu_isas();
+
+// The path in use.
+CpuIsa active_cpu_isa();
+const char* cpu_isa_name(CpuIsa isa);
+
+// Forces a path by name; raises when the name is unknown or the CPU lacks it.
+void set_cpu_isa(const std::string& name);
+
+}  // namespace opqn::cpu

@@ -1,0 +1,156 @@
+// CPU kernels of soft_quantize. Each GEMM covers one book over the whole batch and runs on
+// ATen's BLAS, which parallelizes it; everything between the GEMMs is one fused pass over the
+// [B*M] (sample, book) rows, parallel over rows, with the ISA-dispatched row kernels: softmax,
+// entropy and the norm clamp in the forward; entropy, softmax and norm-clamp gradients in the
+// backward. The similarity GEMM writes straight into the probs output and the reconstruction
+// GEMM reads from it, so the forward allocates nothing beyond its outputs (and [B, M] norms).
+// (BLAS calls inside at::parallel_for regions do not scale here, which is why the GEMMs stay
+// outside them.)
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/copy.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cpu/row_kernels.h"
+#include "soft_quantize.h"
+
+namespace opqn::cpu {
+namespace {
+
+void check_cpu_dtype(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+              "soft_quantize on CPU supports x of dtype float32 or float64, got ", x.scalar_type());
+}
+
+// out = a @ b, written through the (strided) view `out`.
+void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+
+// Runs fn(first_row, rows) over [0, total) rows of `width` elements, in parallel chunks.
+template <typename Fn>
+void for_rows(int64_t total, int64_t width, Fn&& fn) {
+  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(width, 1));
+  at::parallel_for(0, total, grain, [&](int64_t begin, int64_t end) { fn(begin, end - begin); });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tensor& x_in,
+                                                                 const at::Tensor& assign_weight,
+                                                                 const at::Tensor& codebook,
+                                                                 double scale, bool normalize) {
+  const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
+  check_cpu_dtype(x_in);
+  const auto [B, M, d, K] = dims;
+  const at::Tensor x = x_in.contiguous().view({B, M, d});
+  const at::Tensor A = assign_weight.contiguous();
+  const at::Tensor C = codebook.contiguous();
+  at::Tensor probs = at::empty({B, M, K}, x.options());
+  at::Tensor quantized = at::empty({B, M, d}, x.options());
+  at::Tensor entropy = at::empty({B, M}, x.options());
+  if (B == 0) return {probs, quantized, entropy};
+  at::Tensor norms = normalize ? at::empty({B, M}, x.options()) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_quantize_cpu", [&] {
+    const auto& kernels = row_kernels<scalar_t>();
+    scalar_t* norms_ptr = normalize ? norms.mutable_data_ptr<scalar_t>() : nullptr;
+    if (normalize) {
+      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+      for_rows(B * M, d, [&](int64_t r0, int64_t rows) {
+        kernels.row_norms(x_ptr + r0 * d, rows, d, norms_ptr + r0);
+      });
+    }
+    // logits[b, m] = x[b, m] @ A[m], written into probs: [B, K] per book, row stride M*K
+    for (int64_t m = 0; m < M; ++m) mm_into(probs.select(1, m), x.select(1, m), A[m]);
+    scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
+    scalar_t* h_ptr = entropy.mutable_data_ptr<scalar_t>();
+    for_rows(B * M, K, [&](int64_t r0, int64_t rows) {
+      kernels.softmax_entropy_rows(p_ptr + r0 * K, rows, K, static_cast<scalar_t>(scale),
+                                   norms_ptr != nullptr ? norms_ptr + r0 : nullptr, h_ptr + r0);
+    });
+    // quantized[b, m] = probs[b, m] @ C[m]^T
+    for (int64_t m = 0; m < M; ++m) mm_into(quantized.select(1, m), probs.select(1, m), C[m].t());
+  });
+  return {probs, quantized, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
+    const c10::optional<at::Tensor>& grad_probs, const c10::optional<at::Tensor>& grad_quantized,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x_in,
+    const at::Tensor& assign_weight, const at::Tensor& codebook, const at::Tensor& probs_in,
+    double scale, bool normalize, std::array<bool, 3> output_mask) {
+  const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
+  check_cpu_dtype(x_in);
+  check_soft_quantize_backward_args(dims, x_in, grad_probs, grad_quantized, grad_entropy, probs_in);
+  const auto [B, M, d, K] = dims;
+  const auto [need_x, need_a, need_c] = output_mask;
+  const at::Tensor x = x_in.contiguous().view({B, M, d});
+  const at::Tensor probs = probs_in.contiguous();
+  const auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  const at::Tensor gp = given(grad_probs) ? grad_probs->contiguous() : at::Tensor();
+  const at::Tensor gq = given(grad_quantized) ? grad_quantized->contiguous() : at::Tensor();
+  const at::Tensor gh = given(grad_entropy) ? grad_entropy->contiguous() : at::Tensor();
+  const at::Tensor none = at::empty({0}, x.options());
+
+  // g: [B, M, K] = scale * dL/dlogits / max(||x||, eps), shared by grad_x and grad_assign_weight
+  at::Tensor g = at::empty({B, M, K}, x.options());
+  if (gp.defined()) g.copy_(gp);
+  else if (!gq.defined()) g.zero_();
+  if ((need_x || need_a) && B > 0) {
+    const at::Tensor C = codebook.contiguous();
+    for (int64_t m = 0; m < M; ++m) {  // dL/dprobs[b, m] += grad_quantized[b, m] @ C[m]
+      if (!gq.defined()) break;
+      if (gp.defined()) g.select(1, m).addmm_(gq.select(1, m), C[m]);
+      else mm_into(g.select(1, m), gq.select(1, m), C[m]);
+    }
+  }
+  at::Tensor grad_x = need_x ? at::empty({B, M, d}, x.options()) : none;
+
+  if ((need_x || need_a) && B > 0) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_quantize_backward_cpu", [&] {
+      const auto& kernels = row_kernels<scalar_t>();
+      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+      at::Tensor norms = normalize ? at::empty({B, M}, x.options()) : at::Tensor();
+      scalar_t* norms_ptr = normalize ? norms.mutable_data_ptr<scalar_t>() : nullptr;
+      const scalar_t* p_ptr = probs.const_data_ptr<scalar_t>();
+      const scalar_t* gh_ptr = gh.defined() ? gh.const_data_ptr<scalar_t>() : nullptr;
+      scalar_t* g_ptr = g.mutable_data_ptr<scalar_t>();
+      for_rows(B * M, K, [&](int64_t r0, int64_t rows) {
+        if (normalize) kernels.row_norms(x_ptr + r0 * d, rows, d, norms_ptr + r0);
+        kernels.softmax_backward_rows(p_ptr + r0 * K, gh_ptr != nullptr ? gh_ptr + r0 : nullptr,
+                                      g_ptr + r0 * K, rows, K, static_cast<scalar_t>(scale),
+                                      norms_ptr != nullptr ? norms_ptr + r0 : nullptr);
+      });
+      if (need_x) {
+        const at::Tensor A = assign_weight.contiguous();
+        for (int64_t m = 0; m < M; ++m) mm_into(grad_x.select(1, m), g.select(1, m), A[m].t());
+        if (normalize) {
+          scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+          for_rows(B * M, d, [&](int64_t r0, int64_t rows) {
+            kernels.normalize_backward_rows(x_ptr + r0 * d, norms_ptr + r0, gx_ptr + r0 * d, rows, d);
+          });
+        }
+      }
+    });
+  } else if (need_x) {
+    grad_x.zero_();
+  }
+
+  at::Tensor grad_a = need_a ? assign_weight_grad(x, g, x.scalar_type()) : none;
+  at::Tensor grad_c = none;
+  if (need_c) grad_c = gq.defined() ? codebook_grad(gq, probs, x.scalar_type()) : at::zeros({M, d, K}, x.options());
+  if (need_x) grad_x = grad_x.view(x_in.sizes());
+  return {grad_x, grad_a, grad_c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opqn_ext, CPU, m) {
+  m.impl("soft_quantize", &soft_quantize_cpu);
+  m.impl("soft_quantize_backward", &soft_quantize_backward_cpu);
+}
+
+}  // namespace opqn::cpu

@@ -1,0 +1,322 @@
+// CUDA kernels of soft_quantize. One thread block handles kTile samples of one book: it stages
+// their sub-vectors in shared memory, computes the similarities (one thread per word, each
+// assign_weight element read once per block, coalesced), the softmax and entropy (one warp per
+// sample), and the reconstruction, all in one launch. The backward is one launch too: dL/dprobs
+// from grad_quantized, the entropy and softmax gradients, dL/dx through the norm clamp; it leaves
+// scale * dL/dlogits / n in a [B, M, K] buffer from which the weight gradients are one batched
+// GEMM each (soft_quantize_common.cpp). float16/bfloat16 inputs are computed in float32.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "cuda/cuda_utils.cuh"
+#include "soft_quantize.h"
+
+namespace opqn::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / kWarp;
+constexpr int64_t kMaxDim = 256;  // d and K: shared memory is sized for up to this
+
+template <typename acc_t>
+constexpr int tile_rows() {
+  return sizeof(acc_t) == 8 ? 4 : 8;  // samples per block: keeps shared memory under 48 KiB
+}
+
+// x: [B, M, d]; A, C: [M, d, K] -> probs: [B, M, K], quantized: [B, M, d], entropy: [B, M]
+template <typename scalar_t, typename acc_t, int kTile>
+__global__ void __launch_bounds__(kThreads)
+soft_quantize_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ A,
+                             const scalar_t* __restrict__ C, scalar_t* __restrict__ probs,
+                             scalar_t* __restrict__ quantized, scalar_t* __restrict__ entropy,
+                             int64_t B, int64_t M, int64_t d, int64_t K, acc_t scale,
+                             bool normalize) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // [kTile, d]
+  acc_t* ps = xs + kTile * d;                         // [kTile, K]
+  acc_t* row_scale = ps + kTile * K;                  // [kTile]
+  const int64_t m = blockIdx.y;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const scalar_t* Am = A + m * d * K;
+  const scalar_t* Cm = C + m * d * K;
+
+  for (int64_t i = tid; i < kTile * d; i += kThreads) {
+    const int64_t t = i / d, b = b0 + t;
+    xs[i] = b < B ? static_cast<acc_t>(x[(b * M + m) * d + i % d]) : acc_t(0);
+  }
+  __syncthreads();
+  for (int t = warp; t < kTile; t += kWarps) {
+    acc_t s = scale;
+    if (normalize) {
+      acc_t ss = 0;
+      for (int64_t j = lane; j < d; j += kWarp) ss += xs[t * d + j] * xs[t * d + j];
+      const acc_t n = sqrt_of(warp_sum(ss));
+      s = scale / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
+    }
+    if (lane == 0) row_scale[t] = s;
+  }
+  __syncthreads();
+  for (int64_t k = tid; k < K; k += kThreads) {
+    acc_t acc[kTile] = {};
+    for (int64_t j = 0; j < d; ++j) {
+      const acc_t a = static_cast<acc_t>(Am[j * K + k]);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) acc[t] += xs[t * d + j] * a;
+    }
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) ps[t * K + k] = acc[t] * row_scale[t];
+  }
+  __syncthreads();
+  for (int t = warp; t < kTile; t += kWarps) {
+    const int64_t b = b0 + t;
+    if (b >= B) continue;
+    acc_t* l = ps + t * K;
+    acc_t mx = -INFINITY;
+    for (int64_t k = lane; k < K; k += kWarp) mx = l[k] > mx ? l[k] : mx;
+    mx = warp_max(mx);
+    acc_t z = 0, s = 0;
+    for (int64_t k = lane; k < K; k += kWarp) {
+      const acc_t v = l[k] - mx;
+      const acc_t e = exp_of(v);
+      l[k] = e;
+      z += e;
+      s += e > acc_t(0) ? e * v : acc_t(0);
+    }
+    z = warp_sum(z);
+    s = warp_sum(s);
+    const acc_t inv = acc_t(1) / z;
+    scalar_t* p_out = probs + (b * M + m) * K;
+    for (int64_t k = lane; k < K; k += kWarp) {
+      l[k] *= inv;
+      p_out[k] = static_cast<scalar_t>(l[k]);
+    }
+    if (lane == 0) entropy[b * M + m] = static_cast<scalar_t>(log_of(z) - s * inv);
+  }
+  __syncthreads();
+  for (int64_t j = tid; j < d; j += kThreads) {
+    acc_t acc[kTile] = {};
+    const scalar_t* c_row = Cm + j * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t c = static_cast<acc_t>(c_row[k]);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) acc[t] += ps[t * K + k] * c;
+    }
+#pragma unroll
+    for (int t = 0; t < kTile; ++t)
+      if (b0 + t < B) quantized[((b0 + t) * M + m) * d + j] = static_cast<scalar_t>(acc[t]);
+  }
+}
+
+// Output gradients gp [B, M, K], gq [B, M, d], gh [B, M] (each may be null) ->
+// g: [B, M, K] (acc_t) = scale / n * dL/dlogits, grad_x: [B, M, d] (when non-null)
+template <typename scalar_t, typename acc_t, int kTile>
+__global__ void __launch_bounds__(kThreads)
+soft_quantize_backward_kernel(const scalar_t* __restrict__ gp, const scalar_t* __restrict__ gq,
+                              const scalar_t* __restrict__ gh, const scalar_t* __restrict__ x,
+                              const scalar_t* __restrict__ A, const scalar_t* __restrict__ C,
+                              const scalar_t* __restrict__ probs, acc_t* __restrict__ g_out,
+                              scalar_t* __restrict__ grad_x, int64_t B, int64_t M, int64_t d,
+                              int64_t K, acc_t scale, bool normalize) {
+  extern __shared__ unsigned char smem_raw[];
+  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // [kTile, d] x (normalize only)
+  acc_t* vs = xs + kTile * d;                         // [kTile, d] grad_quantized, then dL/dx
+  acc_t* ps = vs + kTile * d;                         // [kTile, K] probs
+  acc_t* gs = ps + kTile * K;                         // [kTile, K] dL/dprobs, then g
+  acc_t* row_scale = gs + kTile * K;                  // [kTile] scale / n
+  acc_t* row_norm = row_scale + kTile;                // [kTile] n
+  const int64_t m = blockIdx.y;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kTile;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const scalar_t* Am = A + m * d * K;
+  const scalar_t* Cm = C + m * d * K;
+
+  for (int64_t i = tid; i < kTile * K; i += kThreads) {
+    const int64_t t = i / K, b = b0 + t, off = (b * M + m) * K + i % K;
+    ps[i] = b < B ? static_cast<acc_t>(probs[off]) : acc_t(0);
+    gs[i] = (b < B && gp != nullptr) ? static_cast<acc_t>(gp[off]) : acc_t(0);
+  }
+  for (int64_t i = tid; i < kTile * d; i += kThreads) {
+    const int64_t t = i / d, b = b0 + t, off = (b * M + m) * d + i % d;
+    vs[i] = (b < B && gq != nullptr) ? static_cast<acc_t>(gq[off]) : acc_t(0);
+    if (normalize) xs[i] = b < B ? static_cast<acc_t>(x[off]) : acc_t(0);
+  }
+  __syncthreads();
+  for (int t = warp; t < kTile; t += kWarps) {
+    acc_t s = scale, n = 0;
+    if (normalize) {
+      acc_t ss = 0;
+      for (int64_t j = lane; j < d; j += kWarp) ss += xs[t * d + j] * xs[t * d + j];
+      n = sqrt_of(warp_sum(ss));
+      s = scale / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
+    }
+    if (lane == 0) {
+      row_scale[t] = s;
+      row_norm[t] = n;
+    }
+  }
+  if (gq != nullptr) {  // dL/dprobs += grad_quantized @ C[m]
+    for (int64_t k = tid; k < K; k += kThreads) {
+      acc_t acc[kTile] = {};
+      for (int64_t j = 0; j < d; ++j) {
+        const acc_t c = static_cast<acc_t>(Cm[j * K + k]);
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) acc[t] += vs[t * d + j] * c;
+      }
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) gs[t * K + k] += acc[t];
+    }
+  }
+  __syncthreads();
+  for (int t = warp; t < kTile; t += kWarps) {
+    const int64_t b = b0 + t;
+    if (b >= B) continue;
+    const acc_t* p = ps + t * K;
+    acc_t* gr = gs + t * K;
+    const acc_t h = gh != nullptr ? static_cast<acc_t>(gh[b * M + m]) : acc_t(0);
+    acc_t pg = 0;
+    for (int64_t k = lane; k < K; k += kWarp) {
+      // dH/dp_k = -(log p_k + 1); the constant cancels in the softmax backward.
+      if (h != acc_t(0)) gr[k] -= h * (p[k] > acc_t(0) ? log_of(p[k]) : acc_t(0));
+      pg += p[k] * gr[k];
+    }
+    pg = warp_sum(pg);
+    acc_t* g_row = g_out + (b * M + m) * K;
+    for (int64_t k = lane; k < K; k += kWarp) {
+      gr[k] = row_scale[t] * p[k] * (gr[k] - pg);
+      g_row[k] = gr[k];
+    }
+  }
+  if (grad_x == nullptr) return;
+  __syncthreads();
+  for (int64_t j = tid; j < d; j += kThreads) {  // (dL/dxhat) / n = g @ A[m]^T
+    acc_t acc[kTile] = {};
+    const scalar_t* a_row = Am + j * K;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = static_cast<acc_t>(a_row[k]);
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) acc[t] += gs[t * K + k] * a;
+    }
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) vs[t * d + j] = acc[t];
+  }
+  __syncthreads();
+  for (int t = warp; t < kTile; t += kWarps) {
+    const int64_t b = b0 + t;
+    if (b >= B) continue;
+    acc_t* v = vs + t * d;
+    if (normalize && row_norm[t] >= acc_t(kNormEps)) {  // dL/dx = v - xhat (xhat . v)
+      acc_t xv = 0;
+      for (int64_t j = lane; j < d; j += kWarp) xv += xs[t * d + j] * v[j];
+      const acc_t c = warp_sum(xv) / (row_norm[t] * row_norm[t]);
+      for (int64_t j = lane; j < d; j += kWarp) v[j] -= xs[t * d + j] * c;
+    }
+    scalar_t* gx = grad_x + (b * M + m) * d;
+    for (int64_t j = lane; j < d; j += kWarp) gx[j] = static_cast<scalar_t>(v[j]);
+  }
+}
+
+void check_cuda_sizes(const SoftQuantizeDims& dims) {
+  TORCH_CHECK(dims.d <= kMaxDim && dims.K <= kMaxDim,
+              "soft_quantize on CUDA supports d and K up to ", kMaxDim, ", got d=", dims.d,
+              ", K=", dims.K);
+  TORCH_CHECK(dims.M <= 65535, "soft_quantize on CUDA supports up to 65535 books, got M=", dims.M);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cuda(const at::Tensor& x_in,
+                                                                  const at::Tensor& assign_weight,
+                                                                  const at::Tensor& codebook,
+                                                                  double scale, bool normalize) {
+  const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
+  check_cuda_sizes(dims);
+  const auto [B, M, d, K] = dims;
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor A = assign_weight.contiguous();
+  const at::Tensor C = codebook.contiguous();
+  at::Tensor probs = at::empty({B, M, K}, x.options());
+  at::Tensor quantized = at::empty({B, M, d}, x.options());
+  at::Tensor entropy = at::empty({B, M}, x.options());
+  if (B == 0) return {probs, quantized, entropy};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_quantize_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int tile = tile_rows<acc_t>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(B, tile)), static_cast<unsigned>(M));
+    const size_t smem = (tile * (d + K) + tile) * sizeof(acc_t);
+    soft_quantize_forward_kernel<scalar_t, acc_t, tile>
+        <<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+            x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), C.const_data_ptr<scalar_t>(),
+            probs.mutable_data_ptr<scalar_t>(), quantized.mutable_data_ptr<scalar_t>(),
+            entropy.mutable_data_ptr<scalar_t>(), B, M, d, K, static_cast<acc_t>(scale), normalize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {probs, quantized, entropy};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cuda(
+    const c10::optional<at::Tensor>& grad_probs, const c10::optional<at::Tensor>& grad_quantized,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x_in,
+    const at::Tensor& assign_weight, const at::Tensor& codebook, const at::Tensor& probs_in,
+    double scale, bool normalize, std::array<bool, 3> output_mask) {
+  const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
+  check_cuda_sizes(dims);
+  check_soft_quantize_backward_args(dims, x_in, grad_probs, grad_quantized, grad_entropy, probs_in);
+  const auto [B, M, d, K] = dims;
+  const auto [need_x, need_a, need_c] = output_mask;
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor A = assign_weight.contiguous();
+  const at::Tensor C = codebook.contiguous();
+  const at::Tensor probs = probs_in.contiguous();
+  const auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  const at::Tensor gp = given(grad_probs) ? grad_probs->contiguous() : at::Tensor();
+  const at::Tensor gq = given(grad_quantized) ? grad_quantized->contiguous() : at::Tensor();
+  const at::Tensor gh = given(grad_entropy) ? grad_entropy->contiguous() : at::Tensor();
+  const at::Tensor none = at::empty({0}, x.options());
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+
+  at::Tensor grad_x = need_x ? at::empty({B, M, d}, x.options()) : none;
+  at::Tensor g = at::empty({B, M, K}, x.options().dtype(acc_dtype));
+  if ((need_x || need_a) && B > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_quantize_backward_cuda", [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      constexpr int tile = tile_rows<acc_t>();
+      const dim3 grid(static_cast<unsigned>(ceil_div(B, tile)), static_cast<unsigned>(M));
+      const size_t smem = (tile * (2 * d + 2 * K) + 2 * tile) * sizeof(acc_t);
+      const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+      soft_quantize_backward_kernel<scalar_t, acc_t, tile>
+          <<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+              ptr(gp), ptr(gq), ptr(gh), x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(),
+              C.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
+              g.mutable_data_ptr<acc_t>(), need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
+              B, M, d, K, static_cast<acc_t>(scale), normalize);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  } else {
+    if (need_x) grad_x.zero_();
+    g.zero_();
+  }
+  const at::Tensor x3 = x.view({B, M, d});
+  at::Tensor grad_a = need_a ? assign_weight_grad(x3, g, x.scalar_type()) : none;
+  at::Tensor grad_c = none;
+  if (need_c) grad_c = gq.defined() ? codebook_grad(gq, probs, x.scalar_type()) : at::zeros({M, d, K}, x.options());
+  if (need_x) grad_x = grad_x.view(x_in.sizes());
+  return {grad_x, grad_a, grad_c};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opqn_ext, CUDA, m) {
+  m.impl("soft_quantize", &soft_quantize_cuda);
+  m.impl("soft_quantize_backward", &soft_quantize_backward_cuda);
+}
+
+}  // namespace opqn::cuda

@@ -1,0 +1,17 @@
+// The one TORCH_LIBRARY block: every schema of the opqn_ext namespace. Kernels are registered per
+// dispatch key next to their implementation (cpu/, cuda/); fake kernels and autograd in Python.
+#include <torch/library.h>
+
+TORCH_LIBRARY(opqn_ext, m) {
+  // x: [B, M*d] or [B, M, d]; assign_weight, codebook: [M, d, K]
+  // -> probs [B, M, K], quantized [B, M, d], entropy [B, M]
+  m.def(
+      "soft_quantize(Tensor x, Tensor assign_weight, Tensor codebook, float scale, bool normalize)"
+      " -> (Tensor probs, Tensor quantized, Tensor entropy)");
+  // Gradients of soft_quantize. Any output gradient may be None; output_mask says which input
+  // gradients to compute (x, assign_weight, codebook); the others come back as empty tensors.
+  m.def(
+      "soft_quantize_backward(Tensor? grad_probs, Tensor? grad_quantized, Tensor? grad_entropy,"
+      " Tensor x, Tensor assign_weight, Tensor codebook, Tensor probs, float scale, bool normalize,"
+      " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_assign_weight, Tensor grad_codebook)");
+}

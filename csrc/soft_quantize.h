@@ -1,0 +1,36 @@
+// Shared by the CPU and CUDA soft_quantize kernels: argument checks and the weight gradients.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+
+namespace opqn {
+
+// Sizes of one soft_quantize problem: B samples, M books, K words of dimension d.
+struct SoftQuantizeDims {
+  int64_t B, M, d, K;
+};
+
+// eps of the norm clamp: xhat = x / max(||x||, eps), as torch.nn.functional.normalize.
+constexpr double kNormEps = 1e-12;
+
+// Validates x [B, M*d] or [B, M, d], assign_weight and codebook [M, d, K], and scale.
+SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
+                                          const at::Tensor& codebook, double scale);
+
+// Validates the output gradients and saved probs of soft_quantize_backward against dims.
+void check_soft_quantize_backward_args(const SoftQuantizeDims& dims, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& grad_probs,
+                                       const c10::optional<at::Tensor>& grad_quantized,
+                                       const c10::optional<at::Tensor>& grad_entropy,
+                                       const at::Tensor& probs);
+
+// grad_assign_weight [M, d, K] = sum_b x[b, m]^T gl[b, m], where gl [B, M, K] already holds
+// scale * dL/dlogits divided by the norm clamp of x (so x itself stands in for xhat).
+at::Tensor assign_weight_grad(const at::Tensor& x3, const at::Tensor& gl, at::ScalarType dtype);
+
+// grad_codebook [M, d, K] = sum_b grad_quantized[b, m]^T probs[b, m].
+at::Tensor codebook_grad(const at::Tensor& grad_quantized, const at::Tensor& probs,
+                         at::ScalarType dtype);
+
+}  // namespace opqn

@@ -1,0 +1,79 @@
+#include "soft_quantize.h"
+
+#include <cmath>
+
+#include <ATen/ops/bmm.h>
+
+#include "checks.h"
+
+namespace opqn {
+
+SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
+                                          const at::Tensor& codebook, double scale) {
+  check_defined(x, "x");
+  check_defined(assign_weight, "assign_weight");
+  check_defined(codebook, "codebook");
+  check_floating(x, "x");
+  check_rank(assign_weight, 3, "assign_weight", "[M, d, K]");
+  check_rank(codebook, 3, "codebook", "[M, d, K]");
+  check_same_dtype(assign_weight, x, "assign_weight", "x");
+  check_same_dtype(codebook, x, "codebook", "x");
+  check_same_device(assign_weight, x, "assign_weight", "x");
+  check_same_device(codebook, x, "codebook", "x");
+  check_shape(codebook, assign_weight.sizes(), "codebook (it must match assign_weight)");
+  const int64_t M = assign_weight.size(0), d = assign_weight.size(1), K = assign_weight.size(2);
+  TORCH_CHECK(M >= 1 && d >= 1 && K >= 1, "assign_weight must have M, d, K >= 1, got shape ",
+              assign_weight.sizes());
+  TORCH_CHECK(K <= d, "codebook has K=", K, " words of dimension d=", d,
+              "; orthonormal codewords need K <= d");
+  TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must have shape [B, M*d] or [B, M, d], got ",
+              x.dim(), " dims with shape ", x.sizes());
+  if (x.dim() == 2) {
+    TORCH_CHECK(x.size(1) == M * d, "x must have M*d = ", M, "*", d, " = ", M * d,
+                " columns to match assign_weight ", assign_weight.sizes(), ", got shape ", x.sizes());
+  } else {
+    TORCH_CHECK(x.size(1) == M && x.size(2) == d, "x must have shape [B, ", M, ", ", d,
+                "] to match assign_weight ", assign_weight.sizes(), ", got ", x.sizes());
+  }
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  return {x.size(0), M, d, K};
+}
+
+namespace {
+void check_optional_grad(const c10::optional<at::Tensor>& grad, at::IntArrayRef shape,
+                         const at::Tensor& x, const char* name) {
+  if (!grad.has_value() || !grad->defined()) return;
+  check_shape(*grad, shape, name);
+  check_same_dtype(*grad, x, name, "x");
+  check_same_device(*grad, x, name, "x");
+}
+}  // namespace
+
+void check_soft_quantize_backward_args(const SoftQuantizeDims& dims, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& grad_probs,
+                                       const c10::optional<at::Tensor>& grad_quantized,
+                                       const c10::optional<at::Tensor>& grad_entropy,
+                                       const at::Tensor& probs) {
+  check_defined(probs, "probs");
+  check_shape(probs, {dims.B, dims.M, dims.K}, "probs");
+  check_same_dtype(probs, x, "probs", "x");
+  check_same_device(probs, x, "probs", "x");
+  check_optional_grad(grad_probs, {dims.B, dims.M, dims.K}, x, "grad_probs");
+  check_optional_grad(grad_quantized, {dims.B, dims.M, dims.d}, x, "grad_quantized");
+  check_optional_grad(grad_entropy, {dims.B, dims.M}, x, "grad_entropy");
+}
+
+at::Tensor assign_weight_grad(const at::Tensor& x3, const at::Tensor& gl, at::ScalarType dtype) {
+  // x3: [B, M, d] -> [M, d, B]; gl: [B, M, K] -> [M, B, K]; result [M, d, K]
+  return at::bmm(x3.to(gl.scalar_type()).permute({1, 2, 0}), gl.permute({1, 0, 2})).to(dtype);
+}
+
+at::Tensor codebook_grad(const at::Tensor& grad_quantized, const at::Tensor& probs,
+                         at::ScalarType dtype) {
+  // grad_quantized: [B, M, d] -> [M, d, B]; probs: [B, M, K] -> [M, B, K]
+  const auto acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
+  return at::bmm(grad_quantized.to(acc).permute({1, 2, 0}), probs.to(acc).permute({1, 0, 2}))
+      .to(dtype);
+}
+
+}  // namespace opqn

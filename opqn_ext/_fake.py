@@ -1,0 +1,55 @@
+"""Fake (meta) kernels: output shapes and argument checks for tracing and torch.compile."""
+import math
+
+import torch
+
+
+def _check_args(x, assign_weight, codebook, scale):
+    """The shape/dtype/device checks of csrc/soft_quantize_common.cpp; returns (B, M, d, K)."""
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"x must be a floating-point tensor, got {x.dtype}")
+    for name, t in (("assign_weight", assign_weight), ("codebook", codebook)):
+        if t.dim() != 3:
+            raise RuntimeError(f"{name} must have shape [M, d, K] (3 dims), got {t.dim()} dims with shape {list(t.shape)}")
+        if t.dtype != x.dtype:
+            raise RuntimeError(f"{name} must have the dtype of x ({x.dtype}), got {t.dtype}")
+        if t.device != x.device:
+            raise RuntimeError(f"{name} must be on the device of x ({x.device}), got {t.device}")
+    if codebook.shape != assign_weight.shape:
+        raise RuntimeError(
+            f"codebook (it must match assign_weight) must have shape {list(assign_weight.shape)}, "
+            f"got {list(codebook.shape)}"
+        )
+    M, d, K = assign_weight.shape
+    torch._check(K <= d, lambda: f"codebook has K={K} words of dimension d={d}; orthonormal codewords need K <= d")
+    weights = f"to match assign_weight {list(assign_weight.shape)}"
+    if x.dim() == 2:
+        torch._check(x.shape[1] == M * d,
+                     lambda: f"x must have M*d = {M}*{d} = {M * d} columns {weights}, got shape {list(x.shape)}")
+    elif x.dim() == 3:
+        torch._check(x.shape[1] == M and x.shape[2] == d,
+                     lambda: f"x must have shape [B, {M}, {d}] {weights}, got {list(x.shape)}")
+    else:
+        raise RuntimeError(f"x must have shape [B, M*d] or [B, M, d], got {x.dim()} dims with shape {list(x.shape)}")
+    if not math.isfinite(scale):
+        raise RuntimeError(f"scale must be finite, got {scale}")
+    return x.shape[0], M, d, K
+
+
+@torch.library.register_fake("opqn_ext::soft_quantize")
+def _soft_quantize_fake(x, assign_weight, codebook, scale, normalize):
+    B, M, d, K = _check_args(x, assign_weight, codebook, scale)
+    return x.new_empty(B, M, K), x.new_empty(B, M, d), x.new_empty(B, M)
+
+
+@torch.library.register_fake("opqn_ext::soft_quantize_backward")
+def _soft_quantize_backward_fake(
+    grad_probs, grad_quantized, grad_entropy, x, assign_weight, codebook, probs, scale, normalize, output_mask
+):
+    _check_args(x, assign_weight, codebook, scale)
+    need_x, need_a, need_c = output_mask
+    return (
+        x.new_empty(x.shape) if need_x else x.new_empty(0),
+        assign_weight.new_empty(assign_weight.shape) if need_a else x.new_empty(0),
+        codebook.new_empty(codebook.shape) if need_c else x.new_empty(0),
+    )

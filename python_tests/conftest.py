@@ -1,0 +1,31 @@
+"""Shared fixtures: devices (CUDA when present), CPU instruction-set paths, seeded generators."""
+import pytest
+import torch
+
+import opqn_ext
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CPU_ISAS = opqn_ext._C.available_cpu_isas()
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Runs the test once per CPU instruction-set path this machine has, then restores the path."""
+    before = opqn_ext._C.active_cpu_isa()
+    opqn_ext._C.set_cpu_isa(request.param)
+    yield request.param
+    opqn_ext._C.set_cpu_isa(before)
+
+
+def make_problem(B, M, d, K, *, dtype=torch.float64, device="cpu", seed=0, kind="dct"):
+    """x [B, M*d], Xavier-like assign_weight [M, d, K], orthonormal codebook [M, d, K]."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, M * d, generator=g, dtype=torch.float64)
+    a = torch.randn(M, d, K, generator=g, dtype=torch.float64) * (2.0 / (d + K)) ** 0.5
+    c = opqn_ext.orthonormal_codebooks(M, d, K, kind=kind, seed=seed, dtype=torch.float64)
+    return x.to(dtype=dtype, device=device), a.to(dtype=dtype, device=device), c.to(dtype=dtype, device=device)

@@ -1,0 +1,221 @@
+"""soft_quantize against the pure-PyTorch reference: values, gradients, properties."""
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import opqn_ext
+from opqn_ext import reference
+from conftest import make_problem
+
+SHAPES = [  # (B, M, d, K)
+    (0, 2, 8, 4), (1, 1, 1, 1), (3, 1, 5, 5), (7, 2, 8, 1), (16, 16, 4, 3), (33, 3, 17, 9),
+    (64, 4, 128, 64), (100, 8, 64, 64), (257, 2, 256, 256), (1000, 4, 32, 16), (5, 16, 256, 7),
+    (129, 5, 100, 100),
+]
+TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-5, atol=2e-6)}
+
+
+def grads_of(fn, x, a, c, scale, normalize, weights):
+    x, a, c = (t.detach().clone().requires_grad_() for t in (x, a, c))
+    outs = fn(x, a, c, scale, normalize)
+    loss = sum((o * w).sum() for o, w in zip(outs, weights) if w is not None)
+    gx, ga, gc = torch.autograd.grad(loss, (x, a, c), allow_unused=True, materialize_grads=True)
+    return [o.detach() for o in outs], [gx, ga, gc]
+
+
+def assert_matches_reference(x, a, c, scale, normalize, weights=None, tol=None):
+    tol = tol or TOL[x.dtype]
+    if weights is None:
+        g = torch.Generator().manual_seed(1)
+        B, M, K = x.shape[0], a.shape[0], a.shape[2]
+        weights = [torch.randn(s, generator=g, dtype=torch.float64).to(x) for s in ((B, M, K), (B, M, a.shape[1]), (B, M))]
+    got_out, got_grad = grads_of(opqn_ext.soft_quantize, x, a, c, scale, normalize, weights)
+    want_out, want_grad = grads_of(reference.soft_quantize, x, a, c, scale, normalize, weights)
+    for name, got, want in zip(("probs", "quantized", "entropy", "grad_x", "grad_assign_weight", "grad_codebook"),
+                               got_out + got_grad, want_out + want_grad):
+        assert got.shape == want.shape, name
+        torch.testing.assert_close(got, want, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("B,M,d,K", SHAPES)
+@pytest.mark.parametrize("normalize", [False, True])
+def test_matches_reference_float64(B, M, d, K, normalize, device, cpu_isa):
+    x, a, c = make_problem(B, M, d, K, device=device)
+    assert_matches_reference(x, a, c, 1.7, normalize)
+
+
+@pytest.mark.parametrize("B,M,d,K", SHAPES)
+@pytest.mark.parametrize("scale", [0.5, 1.0, 20.0])
+def test_matches_reference_float32(B, M, d, K, scale, device, cpu_isa):
+    x, a, c = make_problem(B, M, d, K, dtype=torch.float32, device=device, seed=2)
+    tol = dict(rtol=1e-4, atol=1e-4 * max(1.0, scale)) if scale > 1 else TOL[torch.float32]
+    assert_matches_reference(x, a, c, scale, normalize=scale == 1.0, tol=tol)
+
+
+@settings(max_examples=25, deadline=None)
+@given(B=st.integers(0, 300), M=st.integers(1, 16), d=st.integers(1, 256), data=st.data(),
+       normalize=st.booleans(), scale=st.floats(-5.0, 30.0))
+def test_matches_reference_random_shapes(B, M, d, data, normalize, scale):
+    K = data.draw(st.integers(1, min(d, 256)), label="K")
+    x, a, c = make_problem(B, M, d, K, seed=B + M + d + K)
+    assert_matches_reference(x, a, c, scale, normalize, tol=dict(rtol=1e-9, atol=1e-10))
+
+
+def test_three_dimensional_and_non_contiguous_inputs(device):
+    x, a, c = make_problem(20, 3, 16, 8, device=device)
+    x3 = x.view(20, 3, 16)
+    out2 = opqn_ext.soft_quantize(x, a, c, 2.0, True)
+    out3 = opqn_ext.soft_quantize(x3, a, c, 2.0, True)
+    for u, v in zip(out2, out3):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)
+    # non-contiguous: a transposed x, weights sliced out of larger tensors
+    xt = x.t().contiguous().t()
+    wide = torch.zeros(3, 16, 20, dtype=a.dtype, device=device)
+    wide[:, :, :8] = a
+    cwide = torch.zeros(3, 32, 8, dtype=c.dtype, device=device)
+    cwide[:, ::2] = c
+    assert not xt.is_contiguous() and not wide[:, :, :8].is_contiguous() and not cwide[:, ::2].is_contiguous()
+    assert_matches_reference(xt, wide[:, :, :8], cwide[:, ::2], 2.0, True)
+    assert_matches_reference(x3.transpose(0, 1).contiguous().transpose(0, 1), a, c, 2.0, False)
+
+
+@pytest.mark.parametrize("which", [(True, False, False), (False, True, False), (False, False, True),
+                                   (False, True, True), (True, True, True)])
+def test_any_output_gradient_may_be_absent(which, device):
+    x, a, c = make_problem(9, 2, 8, 8, device=device)
+    g = torch.Generator().manual_seed(5)
+    shapes = ((9, 2, 8), (9, 2, 8), (9, 2))
+    weights = [torch.randn(s, generator=g, dtype=x.dtype).to(device) if on else None for s, on in zip(shapes, which)]
+    assert_matches_reference(x, a, c, 1.3, True, weights=weights)
+
+
+def test_only_requested_gradients_are_computed(device):
+    x, a, c = make_problem(6, 2, 8, 4, device=device)
+    a = a.requires_grad_()
+    _, q, h = opqn_ext.soft_quantize(x, a, c)
+    (q.sum() + h.sum()).backward()
+    assert a.grad is not None and a.grad.shape == a.shape
+    assert x.grad is None and c.grad is None
+
+
+def test_gradcheck_float64(device):
+    for normalize in (False, True):
+        x, a, c = make_problem(5, 2, 6, 4, device=device, seed=int(normalize))
+        inputs = tuple(t.clone().requires_grad_() for t in (x, a, c))
+        assert torch.autograd.gradcheck(lambda *t: opqn_ext.soft_quantize(*t, 1.5, normalize), inputs)
+
+
+def test_opcheck(device):
+    x, a, c = make_problem(7, 3, 8, 5, device=device)
+    for normalize in (False, True):
+        args = (x.clone().requires_grad_(), a.clone().requires_grad_(), c.clone().requires_grad_(), 1.2, normalize)
+        torch.library.opcheck(torch.ops.opqn_ext.soft_quantize.default, args)
+    p, _, _ = opqn_ext.soft_quantize(x, a, c)
+    grads = (torch.randn_like(p), None, torch.randn(7, 3, dtype=x.dtype, device=device))
+    torch.library.opcheck(torch.ops.opqn_ext.soft_quantize_backward.default,
+                          (*grads, x, a, c, p, 1.0, False, [True, True, True]))
+
+
+def test_probs_rows_sum_to_one_and_entropy_bounds(device):
+    x, a, c = make_problem(50, 4, 32, 16, dtype=torch.float32, device=device)
+    p, q, h = opqn_ext.soft_quantize(x, a, c, 3.0, True)
+    torch.testing.assert_close(p.sum(-1), torch.ones(50, 4, device=device), rtol=0, atol=1e-6)
+    assert (h >= -1e-6).all() and (h <= math.log(16) + 1e-5).all()
+
+
+def test_entropy_is_log_k_for_uniform_rows(device):
+    x, _, c = make_problem(10, 2, 8, 6, device=device)
+    p, q, h = opqn_ext.soft_quantize(x, torch.zeros_like(c), c)  # zero weights: uniform rows
+    torch.testing.assert_close(p, torch.full_like(p, 1 / 6))
+    torch.testing.assert_close(h, torch.full_like(h, math.log(6)))
+    torch.testing.assert_close(q, (c.sum(-1) / 6).expand(10, 2, 8))
+
+
+def test_entropy_is_zero_for_one_hot_rows(device):
+    # x equal to a codeword and assign_weight = codebook: a huge scale makes the row one-hot.
+    _, _, c = make_problem(1, 2, 8, 8, device=device)
+    x = c[:, :, 3].reshape(1, 16).repeat(4, 1)
+    for dtype in (torch.float32, torch.float64):
+        p, q, h = opqn_ext.soft_quantize(x.to(dtype), c.to(dtype), c.to(dtype), 1e4, False)
+        assert torch.equal(p.argmax(-1), torch.full((4, 2), 3, device=device))
+        torch.testing.assert_close(h, torch.zeros_like(h), rtol=0, atol=1e-6)
+        torch.testing.assert_close(p.amax(-1), torch.ones_like(h), rtol=0, atol=1e-6)
+        torch.testing.assert_close(q, x.to(dtype).view(4, 2, 8), rtol=0, atol=1e-6)
+
+
+def test_ortho_probs_equal_inner_products_with_codewords(device):
+    # The ADC identity of DESIGN.md: <quantized_m, c_mk> = p_mk when the codebook is orthonormal.
+    x, a, c = make_problem(12, 3, 16, 10, device=device)
+    p, q, _ = opqn_ext.soft_quantize(x, a, c, 2.0, True)
+    torch.testing.assert_close(torch.einsum("bmd,mdk->bmk", q, c), p)
+
+
+def test_zero_sub_vectors_with_normalize_stay_finite(device):
+    x, a, c = make_problem(4, 2, 8, 4, device=device)
+    x[1, :8] = 0
+    assert_matches_reference(x, a, c, 1.0, True)
+    x = x.clone().requires_grad_()
+    p, q, h = opqn_ext.soft_quantize(x, a, c, 1.0, True)
+    (q.sum() + h.sum()).backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(p[1, 0], torch.full((4,), 0.25, dtype=x.dtype, device=device))
+
+
+def test_nan_in_x_stays_in_its_row(device):
+    # Documented behaviour: NaN is not checked; it poisons exactly the (sample, book) rows it is in.
+    x, a, c = make_problem(4, 3, 8, 4, dtype=torch.float32, device=device)
+    x[2, 8 + 3] = float("nan")
+    p, q, h = opqn_ext.soft_quantize(x, a, c, 1.0, False)
+    bad = torch.zeros(4, 3, dtype=torch.bool, device=device)
+    bad[2, 1] = True
+    assert torch.isnan(p[bad]).all() and torch.isnan(q[bad]).all() and torch.isnan(h[bad]).all()
+    assert torch.isfinite(p[~bad]).all() and torch.isfinite(q[~bad]).all() and torch.isfinite(h[~bad]).all()
+
+
+def test_cpu_isa_paths_agree(cpu_isa):
+    x, a, c = make_problem(300, 5, 40, 33, dtype=torch.float32, seed=9)
+    got = opqn_ext.soft_quantize(x, a, c, 4.0, True)
+    opqn_ext._C.set_cpu_isa("scalar")
+    want = opqn_ext.soft_quantize(x, a, c, 4.0, True)
+    opqn_ext._C.set_cpu_isa(cpu_isa)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
+
+
+def test_results_do_not_depend_on_thread_count():
+    x, a, c = make_problem(700, 4, 32, 16, dtype=torch.float32, seed=4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = grads_of(opqn_ext.soft_quantize, x, a, c, 2.0, True, [None, torch.ones(700, 4, 32), torch.ones(700, 4)])
+        torch.set_num_threads(2)
+        two = grads_of(opqn_ext.soft_quantize, x, a, c, 2.0, True, [None, torch.ones(700, 4, 32), torch.ones(700, 4)])
+    finally:
+        torch.set_num_threads(before)
+    for u, v in zip(one[0] + one[1][:2], two[0] + two[1][:2]):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_half_inputs_accumulate_in_float32(dtype):
+    x, a, c = make_problem(64, 4, 64, 32, dtype=torch.float32, device="cuda")
+    xs, as_, cs = x.to(dtype), a.to(dtype), c.to(dtype)
+    got = grads_of(opqn_ext.soft_quantize, xs, as_, cs, 2.0, True, [None, torch.ones(64, 4, 64, device="cuda", dtype=dtype), None])
+    want = grads_of(reference.soft_quantize, xs, as_, cs, 2.0, True, [None, torch.ones(64, 4, 64, device="cuda", dtype=dtype), None])
+    for u, v in zip(got[0] + got[1][:2], want[0] + want[1][:2]):
+        assert u.dtype == dtype
+        torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_runs_on_the_current_stream():
+    x, a, c = make_problem(256, 8, 64, 64, dtype=torch.float32, device="cuda")
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        p, q, h = opqn_ext.soft_quantize(x, a, c)
+    stream.synchronize()
+    want = reference.soft_quantize(x, a, c)
+    torch.testing.assert_close(q, want[1], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,92 @@
+"""Build opqn_ext: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
+
+OPQN_WITH_CUDA=auto (default) | 0 (CPU only, for quick local loops) | 1 (fail unless CUDA builds).
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _default_cuda_home():
+    """A CUDA toolkit folder holding both nvcc and libcudart, for when CUDA_HOME is not set (an nvcc
+    on PATH may be a wrapper outside the toolkit, which would send the linker to the wrong place)."""
+    nvcc = shutil.which("nvcc")
+    candidates = ["/usr/local/cuda"] + ([os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else [])
+    for home in candidates:
+        has_nvcc = os.path.exists(os.path.join(home, "bin", "nvcc"))
+        has_rt = any(glob.glob(os.path.join(home, lib, "libcudart.so*")) for lib in ("lib64", "lib"))
+        if has_nvcc and has_rt:
+            return home
+    return None
+
+
+if not os.environ.get("CUDA_HOME") and not os.environ.get("CUDA_PATH") and _default_cuda_home():
+    os.environ["CUDA_HOME"] = _default_cuda_home()
+
+import torch  # noqa: E402  (after CUDA_HOME is settled: cpp_extension reads it on import)
+from torch.utils import cpp_extension  # noqa: E402
+
+
+def _nvcc_path():
+    home = cpp_extension.CUDA_HOME
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _want_cuda():
+    mode = os.environ.get("OPQN_WITH_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"OPQN_WITH_CUDA must be auto, 0 or 1, got {mode!r}")
+    has_torch_cuda = torch.version.cuda is not None
+    nvcc = _nvcc_path()
+    if mode == "0":
+        return False, "OPQN_WITH_CUDA=0"
+    if has_torch_cuda and nvcc:
+        return True, f"torch {torch.__version__} has CUDA {torch.version.cuda}, nvcc at {nvcc}"
+    why = "torch is a CPU-only build" if not has_torch_cuda else "nvcc was not found (set CUDA_HOME)"
+    if mode == "1":
+        sys.exit(f"OPQN_WITH_CUDA=1 but CUDA kernels cannot be built: {why}")
+    return False, why
+
+
+def _sources(pattern):
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+with_cuda, reason = _want_cuda()
+sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+cxx_flags = ["-O3", "-fvisibility=hidden"]
+macros = []
+if with_cuda:
+    sources += _sources("csrc/cuda/*.cu")
+    macros.append(("OPQN_WITH_CUDA", "1"))
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        # No visible GPU to take the architecture from: build for Hopper, plus PTX for newer cards.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+    extension = cpp_extension.CUDAExtension
+    extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+else:
+    extension = cpp_extension.CppExtension
+    extra = {"cxx": cxx_flags}
+
+print(f"opqn_ext: building CPU kernels; CUDA kernels: {'yes' if with_cuda else 'no'} ({reason})"
+      + (f", arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the visible GPU')}" if with_cuda else ""))
+
+setup(
+    ext_modules=[
+        extension(
+            name="opqn_ext._C",
+            sources=sources,
+            include_dirs=[os.path.join(ROOT, "csrc")],
+            define_macros=macros,
+            extra_compile_args=extra,
+        )
+    ],
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+)
