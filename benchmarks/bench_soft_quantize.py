@@ -1,19 +1,26 @@
-"""Forward+backward time of the fused soft_quantize against the eager PyTorch reference and
-against torch.compile(reference), at OPQN training shapes (DESIGN.md section 6).
+"""Forward+backward time of the fused soft_quantize against the eager PyTorch reference
+(opqn_ext/reference.py, batched einsum), torch.compile(reference), and the per-book Python loop
+of the paper's released code, at OPQN training shapes (DESIGN.md section 6).
 
-Training setting: x and assign_weight require grad, the orthonormal codebook is fixed, and the
-loss reaches the op through `quantized` and `entropy`. Correctness is checked before timing.
+Training setting: x ([B, M*d], like a BatchNorm'd feature: N(0, 1)) and assign_weight
+(Xavier-uniform, as the paper initializes it) require grad, the orthonormal DCT codebook is fixed,
+and the loss reaches the op through `quantized` and `entropy`. Two regimes:
+  dense  - scale 1: the soft assignments of a freshly initialized model (high entropy);
+  peaked - scale 20: low-entropy assignments, as the entropy regularizer drives them in training.
+Correctness is checked against the reference before anything is timed.
 
-    python benchmarks/bench_soft_quantize.py [--device cuda] [--json PATH]
+    python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH]
 """
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import opqn_ext
 from opqn_ext import reference
@@ -23,28 +30,45 @@ SHAPES = [  # (B, M, d, K): D = M * d
     (256, 8, 64, 64),
     (256, 8, 256, 256),
 ]
+REGIMES = {"dense": 1.0, "peaked": 20.0}
+
+
+def per_book_loop(x, assign_weight, codebook, scale=1.0, normalize=False):
+    """The formulation of the paper's released code: a Python loop over books."""
+    M, d, K = assign_weight.shape
+    probs, quantized, entropy = [], [], []
+    for m, xm in enumerate(torch.split(x, d, dim=1)):
+        if normalize:
+            xm = F.normalize(xm, dim=1)
+        log_p = F.log_softmax(scale * (xm @ assign_weight[m]), dim=1)
+        p = log_p.exp()
+        probs.append(p)
+        quantized.append(p @ codebook[m].t())
+        entropy.append(-(p * log_p).sum(1))
+    return torch.stack(probs, 1), torch.stack(quantized, 1), torch.stack(entropy, 1)
 
 
 def make_inputs(B, M, d, K, device, dtype):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, M * d, generator=g, dtype=dtype).to(device).requires_grad_()
-    a = (torch.randn(M, d, K, generator=g, dtype=dtype) / d**0.5).to(device).requires_grad_()
+    bound = math.sqrt(6.0 / (d + K))  # Xavier-uniform
+    a = ((torch.rand(M, d, K, generator=g, dtype=dtype) * 2 - 1) * bound).to(device).requires_grad_()
     c = opqn_ext.orthonormal_codebooks(M, d, K, dtype=dtype, device=device)
     grad_q = torch.randn(B, M, d, generator=g, dtype=dtype).to(device)
     grad_h = torch.full((B, M), 0.1, dtype=dtype).to(device)
     return x, a, c, grad_q, grad_h
 
 
-def step(fn, x, a, c, grad_q, grad_h, scale=1.0):
+def step(fn, scale, x, a, c, grad_q, grad_h):
     x.grad = a.grad = None
     _, q, h = fn(x, a, c, scale, False)
     torch.autograd.backward([q, h], [grad_q, grad_h])
     return q, h, x.grad, a.grad
 
 
-def check(fused, ref, rtol, atol):
-    for name, got, want in zip(("quantized", "entropy", "grad_x", "grad_assign_weight"), fused, ref):
-        torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+def check(got, want, what):
+    for name, u, v in zip(("quantized", "entropy", "grad_x", "grad_assign_weight"), got, want):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-4, msg=lambda m: f"{what} {name}: {m}")
 
 
 def time_ms(fn, device, repeats, warmup=5):
@@ -68,32 +92,41 @@ def main():
     parser.add_argument("--json", default=None, help="where to write results (default benchmarks/results/)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    dtype = torch.float32
     compiled = torch.compile(reference.soft_quantize)
+    peers = {"fused": opqn_ext.soft_quantize, "eager": reference.soft_quantize, "compile": compiled,
+             "per_book_loop": per_book_loop}
     rows = []
-    for B, M, d, K in SHAPES:
-        inputs = make_inputs(B, M, d, K, device, dtype)
-        got = [t.detach().clone() for t in step(opqn_ext.soft_quantize, *inputs)]
-        want = [t.detach().clone() for t in step(reference.soft_quantize, *inputs)]
-        check(got, want, rtol=1e-4, atol=1e-4)
-        check([t.detach().clone() for t in step(compiled, *inputs)], want, rtol=1e-4, atol=1e-4)
-        t_fused = time_ms(lambda: step(opqn_ext.soft_quantize, *inputs), device, args.repeats)
-        t_eager = time_ms(lambda: step(reference.soft_quantize, *inputs), device, args.repeats)
-        t_comp = time_ms(lambda: step(compiled, *inputs), device, args.repeats)
-        rows.append({"B": B, "M": M, "d": d, "K": K, "fused_ms": t_fused, "eager_ms": t_eager,
-                     "compile_ms": t_comp, "speedup_vs_eager": t_eager / t_fused,
-                     "speedup_vs_compile": t_comp / t_fused})
+    for regime, scale in REGIMES.items():
+        for B, M, d, K in SHAPES:
+            inputs = make_inputs(B, M, d, K, device, torch.float32)
+            want = [t.detach().clone() for t in step(reference.soft_quantize, scale, *inputs)]
+            for name, fn in peers.items():
+                check([t.detach().clone() for t in step(fn, scale, *inputs)], want, name)
+            with torch.no_grad():
+                entropy = opqn_ext.soft_quantize(inputs[0], inputs[1], inputs[2], scale).entropy
+            row = {"regime": regime, "scale": scale, "B": B, "M": M, "d": d, "K": K,
+                   "entropy_over_log_k": float(entropy.mean() / math.log(K))}
+            for name, fn in peers.items():
+                row[f"{name}_ms"] = time_ms(lambda: step(fn, scale, *inputs), device, args.repeats)
+            for name in ("eager", "compile", "per_book_loop"):
+                row[f"x_{name}"] = row[f"{name}_ms"] / row["fused_ms"]
+            rows.append(row)
 
     if device.type == "cuda":
         where = torch.cuda.get_device_name(device)
     else:
-        where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, ISA {opqn_ext.build_info()['active_cpu_isa']}"
-    print(f"soft_quantize forward+backward, float32, {where}, torch {torch.__version__}")
-    print(f"{'B':>5} {'M':>3} {'d':>4} {'K':>4} | {'fused ms':>9} {'eager ms':>9} {'compile ms':>10} | {'x eager':>8} {'x compile':>9}")
+        where = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
+                 f"opqn ISA {opqn_ext.build_info()['active_cpu_isa']}")
+    print(f"soft_quantize forward+backward (ms, median of {args.repeats}), float32, {where}, torch {torch.__version__}")
+    head = (f"{'regime':>7} {'B':>4} {'M':>2} {'d':>4} {'K':>4} {'H/logK':>6} | {'fused':>7} {'eager':>7} "
+            f"{'compile':>7} {'loop':>7} | {'x eager':>7} {'x compile':>9} {'x loop':>6}")
+    print(head)
+    print("-" * len(head))
     for r in rows:
-        print(f"{r['B']:>5} {r['M']:>3} {r['d']:>4} {r['K']:>4} | {r['fused_ms']:>9.3f} {r['eager_ms']:>9.3f} "
-              f"{r['compile_ms']:>10.3f} | {r['speedup_vs_eager']:>8.2f} {r['speedup_vs_compile']:>9.2f}")
-    path = args.json or os.path.join(os.path.dirname(__file__), "results", f"soft_quantize_{device.type}.json")
+        print(f"{r['regime']:>7} {r['B']:>4} {r['M']:>2} {r['d']:>4} {r['K']:>4} {r['entropy_over_log_k']:>6.2f} | "
+              f"{r['fused_ms']:>7.3f} {r['eager_ms']:>7.3f} {r['compile_ms']:>7.3f} {r['per_book_loop_ms']:>7.3f} | "
+              f"{r['x_eager']:>7.2f} {r['x_compile']:>9.2f} {r['x_per_book_loop']:>6.2f}")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"soft_quantize_{device.type}.json")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"device": where, "torch": torch.__version__, "dtype": "float32", "rows": rows}, f, indent=2)
