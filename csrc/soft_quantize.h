@@ -1,6 +1,9 @@
 // Shared by the CPU and CUDA soft_quantize kernels: argument checks and the weight gradients.
 #pragma once
 
+#include <array>
+#include <tuple>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
@@ -18,12 +21,28 @@ constexpr double kNormEps = 1e-12;
 SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
                                           const at::Tensor& codebook, double scale);
 
-// Validates the output gradients and saved probs of soft_quantize_backward against dims.
-void check_soft_quantize_backward_args(const SoftQuantizeDims& dims, const at::Tensor& x,
-                                       const c10::optional<at::Tensor>& grad_probs,
-                                       const c10::optional<at::Tensor>& grad_quantized,
-                                       const c10::optional<at::Tensor>& grad_entropy,
-                                       const at::Tensor& probs);
+// The inputs of soft_quantize_backward, validated and contiguous; absent gradients undefined.
+struct SoftQuantizeBackwardInputs {
+  SoftQuantizeDims dims;
+  at::Tensor x;                                         // [B, M, d]
+  at::Tensor assign_weight, codebook;                   // [M, d, K]
+  at::Tensor probs;                                     // [B, M, K]
+  at::Tensor grad_probs, grad_quantized, grad_entropy;  // [B, M, K], [B, M, d], [B, M]
+};
+
+SoftQuantizeBackwardInputs prepare_backward_inputs(
+    const c10::optional<at::Tensor>& grad_probs, const c10::optional<at::Tensor>& grad_quantized,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x,
+    const at::Tensor& assign_weight, const at::Tensor& codebook, const at::Tensor& probs,
+    double scale);
+
+// The outputs of soft_quantize_backward from the per-sample results: grad_x [B, M, d] (viewed as
+// x_sizes) and g [B, M, K] (see assign_weight_grad); empty tensors where output_mask is false.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const SoftQuantizeBackwardInputs& in,
+                                                               const at::Tensor& grad_x,
+                                                               const at::Tensor& g,
+                                                               at::IntArrayRef x_sizes,
+                                                               std::array<bool, 3> output_mask);
 
 // grad_assign_weight [M, d, K] = sum_b x[b, m]^T gl[b, m], where gl [B, M, K] already holds
 // scale * dL/dlogits divided by the norm clamp of x (so x itself stands in for xhat).

@@ -3,6 +3,8 @@
 #include <cmath>
 
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "checks.h"
 
@@ -49,11 +51,15 @@ void check_optional_grad(const c10::optional<at::Tensor>& grad, at::IntArrayRef 
 }
 }  // namespace
 
-void check_soft_quantize_backward_args(const SoftQuantizeDims& dims, const at::Tensor& x,
-                                       const c10::optional<at::Tensor>& grad_probs,
-                                       const c10::optional<at::Tensor>& grad_quantized,
-                                       const c10::optional<at::Tensor>& grad_entropy,
-                                       const at::Tensor& probs) {
+at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
+}
+SoftQuantizeBackwardInputs prepare_backward_inputs(
+    const c10::optional<at::Tensor>& grad_probs, const c10::optional<at::Tensor>& grad_quantized,
+    const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x,
+    const at::Tensor& assign_weight, const at::Tensor& codebook, const at::Tensor& probs,
+    double scale) {
+  const auto dims = check_soft_quantize_args(x, assign_weight, codebook, scale);
   check_defined(probs, "probs");
   check_shape(probs, {dims.B, dims.M, dims.K}, "probs");
   check_same_dtype(probs, x, "probs", "x");
@@ -61,6 +67,32 @@ void check_soft_quantize_backward_args(const SoftQuantizeDims& dims, const at::T
   check_optional_grad(grad_probs, {dims.B, dims.M, dims.K}, x, "grad_probs");
   check_optional_grad(grad_quantized, {dims.B, dims.M, dims.d}, x, "grad_quantized");
   check_optional_grad(grad_entropy, {dims.B, dims.M}, x, "grad_entropy");
+  return {dims,
+          x.contiguous().view({dims.B, dims.M, dims.d}),
+          assign_weight.contiguous(),
+          codebook.contiguous(),
+          probs.contiguous(),
+          contiguous_or_undefined(grad_probs),
+          contiguous_or_undefined(grad_quantized),
+          contiguous_or_undefined(grad_entropy)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const SoftQuantizeBackwardInputs& in,
+                                                               const at::Tensor& grad_x,
+                                                               const at::Tensor& g,
+                                                               at::IntArrayRef x_sizes,
+                                                               std::array<bool, 3> output_mask) {
+  const auto [need_x, need_a, need_c] = output_mask;
+  const auto dtype = in.x.scalar_type();
+  const at::Tensor none = at::empty({0}, in.x.options());
+  at::Tensor grad_c = none;
+  if (need_c) {
+    grad_c = in.grad_quantized.defined() ? codebook_grad(in.grad_quantized, in.probs, dtype)
+                                         : at::zeros(in.codebook.sizes(), in.x.options());
+  }
+  return {need_x ? grad_x.view(x_sizes) : none,
+          need_a ? assign_weight_grad(in.x, g, dtype) : none,
+          grad_c};
 }
 
 at::Tensor assign_weight_grad(const at::Tensor& x3, const at::Tensor& gl, at::ScalarType dtype) {

@@ -13,7 +13,6 @@
 #include <ATen/ops/copy.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -82,68 +81,52 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
     const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x_in,
     const at::Tensor& assign_weight, const at::Tensor& codebook, const at::Tensor& probs_in,
     double scale, bool normalize, std::array<bool, 3> output_mask) {
-  const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
+  const auto in = prepare_backward_inputs(grad_probs, grad_quantized, grad_entropy, x_in,
+                                          assign_weight, codebook, probs_in, scale);
   check_cpu_dtype(x_in);
-  check_soft_quantize_backward_args(dims, x_in, grad_probs, grad_quantized, grad_entropy, probs_in);
-  const auto [B, M, d, K] = dims;
-  const auto [need_x, need_a, need_c] = output_mask;
-  const at::Tensor x = x_in.contiguous().view({B, M, d});
-  const at::Tensor probs = probs_in.contiguous();
-  const auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
-  const at::Tensor gp = given(grad_probs) ? grad_probs->contiguous() : at::Tensor();
-  const at::Tensor gq = given(grad_quantized) ? grad_quantized->contiguous() : at::Tensor();
-  const at::Tensor gh = given(grad_entropy) ? grad_entropy->contiguous() : at::Tensor();
-  const at::Tensor none = at::empty({0}, x.options());
+  const auto [B, M, d, K] = in.dims;
+  const bool need_x = output_mask[0], need_a = output_mask[1];
+  const at::Tensor& x = in.x;
+  const at::Tensor& gp = in.grad_probs;
+  const at::Tensor& gq = in.grad_quantized;
 
   // g: [B, M, K] = scale * dL/dlogits / max(||x||, eps), shared by grad_x and grad_assign_weight
   at::Tensor g = at::empty({B, M, K}, x.options());
+  at::Tensor grad_x = at::empty({need_x ? B : 0, M, d}, x.options());
+  if (!(need_x || need_a) || B == 0) {
+    g.zero_();
+    grad_x.zero_();
+    return finish_backward(in, grad_x, g, x_in.sizes(), output_mask);
+  }
   if (gp.defined()) g.copy_(gp);
   else if (!gq.defined()) g.zero_();
-  if ((need_x || need_a) && B > 0) {
-    const at::Tensor C = codebook.contiguous();
-    for (int64_t m = 0; m < M; ++m) {  // dL/dprobs[b, m] += grad_quantized[b, m] @ C[m]
-      if (!gq.defined()) break;
-      if (gp.defined()) g.select(1, m).addmm_(gq.select(1, m), C[m]);
-      else mm_into(g.select(1, m), gq.select(1, m), C[m]);
-    }
+  for (int64_t m = 0; gq.defined() && m < M; ++m) {  // dL/dprobs[b, m] += grad_quantized[b, m] @ C[m]
+    if (gp.defined()) g.select(1, m).addmm_(gq.select(1, m), in.codebook[m]);
+    else mm_into(g.select(1, m), gq.select(1, m), in.codebook[m]);
   }
-  at::Tensor grad_x = need_x ? at::empty({B, M, d}, x.options()) : none;
-
-  if ((need_x || need_a) && B > 0) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_quantize_backward_cpu", [&] {
-      const auto& kernels = row_kernels<scalar_t>();
-      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
-      at::Tensor norms = normalize ? at::empty({B, M}, x.options()) : at::Tensor();
-      scalar_t* norms_ptr = normalize ? norms.mutable_data_ptr<scalar_t>() : nullptr;
-      const scalar_t* p_ptr = probs.const_data_ptr<scalar_t>();
-      const scalar_t* gh_ptr = gh.defined() ? gh.const_data_ptr<scalar_t>() : nullptr;
-      scalar_t* g_ptr = g.mutable_data_ptr<scalar_t>();
-      for_rows(B * M, K, [&](int64_t r0, int64_t rows) {
-        if (normalize) kernels.row_norms(x_ptr + r0 * d, rows, d, norms_ptr + r0);
-        kernels.softmax_backward_rows(p_ptr + r0 * K, gh_ptr != nullptr ? gh_ptr + r0 : nullptr,
-                                      g_ptr + r0 * K, rows, K, static_cast<scalar_t>(scale),
-                                      norms_ptr != nullptr ? norms_ptr + r0 : nullptr);
-      });
-      if (need_x) {
-        const at::Tensor A = assign_weight.contiguous();
-        for (int64_t m = 0; m < M; ++m) mm_into(grad_x.select(1, m), g.select(1, m), A[m].t());
-        if (normalize) {
-          scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
-          for_rows(B * M, d, [&](int64_t r0, int64_t rows) {
-            kernels.normalize_backward_rows(x_ptr + r0 * d, norms_ptr + r0, gx_ptr + r0 * d, rows, d);
-          });
-        }
-      }
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_quantize_backward_cpu", [&] {
+    const auto& kernels = row_kernels<scalar_t>();
+    const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+    at::Tensor norms = normalize ? at::empty({B, M}, x.options()) : at::Tensor();
+    scalar_t* norms_ptr = normalize ? norms.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* p_ptr = in.probs.const_data_ptr<scalar_t>();
+    const scalar_t* gh_ptr = in.grad_entropy.defined() ? in.grad_entropy.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* g_ptr = g.mutable_data_ptr<scalar_t>();
+    for_rows(B * M, K, [&](int64_t r0, int64_t rows) {
+      if (normalize) kernels.row_norms(x_ptr + r0 * d, rows, d, norms_ptr + r0);
+      kernels.softmax_backward_rows(p_ptr + r0 * K, gh_ptr != nullptr ? gh_ptr + r0 : nullptr,
+                                    g_ptr + r0 * K, rows, K, static_cast<scalar_t>(scale),
+                                    norms_ptr != nullptr ? norms_ptr + r0 : nullptr);
     });
-  } else if (need_x) {
-    grad_x.zero_();
-  }
-
-  at::Tensor grad_a = need_a ? assign_weight_grad(x, g, x.scalar_type()) : none;
-  at::Tensor grad_c = none;
-  if (need_c) grad_c = gq.defined() ? codebook_grad(gq, probs, x.scalar_type()) : at::zeros({M, d, K}, x.options());
-  if (need_x) grad_x = grad_x.view(x_in.sizes());
-  return {grad_x, grad_a, grad_c};
+    if (!need_x) return;
+    for (int64_t m = 0; m < M; ++m) mm_into(grad_x.select(1, m), g.select(1, m), in.assign_weight[m].t());
+    if (!normalize) return;
+    scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
+    for_rows(B * M, d, [&](int64_t r0, int64_t rows) {
+      kernels.normalize_backward_rows(x_ptr + r0 * d, norms_ptr + r0, gx_ptr + r0 * d, rows, d);
+    });
+  });
+  return finish_backward(in, grad_x, g, x_in.sizes(), output_mask);
 }
 
 }  // namespace

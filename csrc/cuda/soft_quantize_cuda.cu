@@ -9,7 +9,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -29,6 +28,20 @@ constexpr int64_t kMaxDim = 256;  // d and K: shared memory is sized for up to t
 template <typename acc_t>
 constexpr int tile_rows() {
   return sizeof(acc_t) == 8 ? 4 : 8;  // samples per block: keeps shared memory under 48 KiB
+}
+
+// Warp-cooperative: the norm n of one staged sub-vector xs [d] and its softmax scale
+// scale / max(n, eps) (just `scale` without normalize). Every lane gets both.
+template <typename acc_t>
+__device__ __forceinline__ void norm_and_scale(const acc_t* xs, int64_t d, int lane, acc_t scale,
+                                               bool normalize, acc_t& n, acc_t& s) {
+  n = 0;
+  s = scale;
+  if (!normalize) return;
+  acc_t ss = 0;
+  for (int64_t j = lane; j < d; j += kWarp) ss += xs[j] * xs[j];
+  n = sqrt_of(warp_sum(ss));
+  s = scale / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
 }
 
 // x: [B, M, d]; A, C: [M, d, K] -> probs: [B, M, K], quantized: [B, M, d], entropy: [B, M]
@@ -55,13 +68,8 @@ soft_quantize_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
   }
   __syncthreads();
   for (int t = warp; t < kTile; t += kWarps) {
-    acc_t s = scale;
-    if (normalize) {
-      acc_t ss = 0;
-      for (int64_t j = lane; j < d; j += kWarp) ss += xs[t * d + j] * xs[t * d + j];
-      const acc_t n = sqrt_of(warp_sum(ss));
-      s = scale / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
-    }
+    acc_t n, s;
+    norm_and_scale(xs + t * d, d, lane, scale, normalize, n, s);
     if (lane == 0) row_scale[t] = s;
   }
   __syncthreads();
@@ -151,13 +159,8 @@ soft_quantize_backward_kernel(const scalar_t* __restrict__ gp, const scalar_t* _
   }
   __syncthreads();
   for (int t = warp; t < kTile; t += kWarps) {
-    acc_t s = scale, n = 0;
-    if (normalize) {
-      acc_t ss = 0;
-      for (int64_t j = lane; j < d; j += kWarp) ss += xs[t * d + j] * xs[t * d + j];
-      n = sqrt_of(warp_sum(ss));
-      s = scale / (n > acc_t(kNormEps) ? n : acc_t(kNormEps));
-    }
+    acc_t n, s;
+    norm_and_scale(xs + t * d, d, lane, scale, normalize, n, s);
     if (lane == 0) {
       row_scale[t] = s;
       row_norm[t] = n;
@@ -266,50 +269,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cuda(
     const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x_in,
     const at::Tensor& assign_weight, const at::Tensor& codebook, const at::Tensor& probs_in,
     double scale, bool normalize, std::array<bool, 3> output_mask) {
-  const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
-  check_cuda_sizes(dims);
-  check_soft_quantize_backward_args(dims, x_in, grad_probs, grad_quantized, grad_entropy, probs_in);
-  const auto [B, M, d, K] = dims;
-  const auto [need_x, need_a, need_c] = output_mask;
+  const auto in = prepare_backward_inputs(grad_probs, grad_quantized, grad_entropy, x_in,
+                                          assign_weight, codebook, probs_in, scale);
+  check_cuda_sizes(in.dims);
+  const auto [B, M, d, K] = in.dims;
+  const bool need_x = output_mask[0], need_a = output_mask[1];
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor A = assign_weight.contiguous();
-  const at::Tensor C = codebook.contiguous();
-  const at::Tensor probs = probs_in.contiguous();
-  const auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
-  const at::Tensor gp = given(grad_probs) ? grad_probs->contiguous() : at::Tensor();
-  const at::Tensor gq = given(grad_quantized) ? grad_quantized->contiguous() : at::Tensor();
-  const at::Tensor gh = given(grad_entropy) ? grad_entropy->contiguous() : at::Tensor();
-  const at::Tensor none = at::empty({0}, x.options());
+  const at::Tensor& x = in.x;
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-
-  at::Tensor grad_x = need_x ? at::empty({B, M, d}, x.options()) : none;
+  // g: [B, M, K] = scale * dL/dlogits / max(||x||, eps), in the accumulation dtype
   at::Tensor g = at::empty({B, M, K}, x.options().dtype(acc_dtype));
-  if ((need_x || need_a) && B > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_quantize_backward_cuda", [&] {
-      using acc_t = at::opmath_type<scalar_t>;
-      constexpr int tile = tile_rows<acc_t>();
-      const dim3 grid(static_cast<unsigned>(ceil_div(B, tile)), static_cast<unsigned>(M));
-      const size_t smem = (tile * (2 * d + 2 * K) + 2 * tile) * sizeof(acc_t);
-      const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
-      soft_quantize_backward_kernel<scalar_t, acc_t, tile>
-          <<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-              ptr(gp), ptr(gq), ptr(gh), x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(),
-              C.const_data_ptr<scalar_t>(), probs.const_data_ptr<scalar_t>(),
-              g.mutable_data_ptr<acc_t>(), need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr,
-              B, M, d, K, static_cast<acc_t>(scale), normalize);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  } else {
-    if (need_x) grad_x.zero_();
+  at::Tensor grad_x = at::empty({need_x ? B : 0, M, d}, x.options());
+  if (!(need_x || need_a) || B == 0) {
     g.zero_();
+    return finish_backward(in, grad_x, g, x_in.sizes(), output_mask);
   }
-  const at::Tensor x3 = x.view({B, M, d});
-  at::Tensor grad_a = need_a ? assign_weight_grad(x3, g, x.scalar_type()) : none;
-  at::Tensor grad_c = none;
-  if (need_c) grad_c = gq.defined() ? codebook_grad(gq, probs, x.scalar_type()) : at::zeros({M, d, K}, x.options());
-  if (need_x) grad_x = grad_x.view(x_in.sizes());
-  return {grad_x, grad_a, grad_c};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "soft_quantize_backward_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int tile = tile_rows<acc_t>();
+    const dim3 grid(static_cast<unsigned>(ceil_div(B, tile)), static_cast<unsigned>(M));
+    const size_t smem = (tile * (2 * d + 2 * K) + 2 * tile) * sizeof(acc_t);
+    const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
+    soft_quantize_backward_kernel<scalar_t, acc_t, tile>
+        <<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+            ptr(in.grad_probs), ptr(in.grad_quantized), ptr(in.grad_entropy), x.const_data_ptr<scalar_t>(),
+            in.assign_weight.const_data_ptr<scalar_t>(), in.codebook.const_data_ptr<scalar_t>(),
+            in.probs.const_data_ptr<scalar_t>(), g.mutable_data_ptr<acc_t>(),
+            need_x ? grad_x.mutable_data_ptr<scalar_t>() : nullptr, B, M, d, K,
+            static_cast<acc_t>(scale), normalize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return finish_backward(in, grad_x, g, x_in.sizes(), output_mask);
 }
 
 }  // namespace
