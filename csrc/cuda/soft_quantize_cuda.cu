@@ -30,6 +30,37 @@ constexpr int tile_rows() {
   return sizeof(acc_t) == 8 ? 4 : 8;  // samples per block: keeps shared memory under 48 KiB
 }
 
+// For kTile rows staged in shared memory (rows: [kTile, n]), two products with a [n, K]-shaped
+// weight matrix w of one book:
+// column k of rows @ w: acc[t] = sum_j rows[t, j] w[j, k] (threads on consecutive k: coalesced)
+template <int kTile, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void rows_times_column(const acc_t* rows, int64_t n,
+                                                  const scalar_t* __restrict__ w, int64_t K,
+                                                  int64_t k, acc_t (&acc)[kTile]) {
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) acc[t] = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const acc_t wj = static_cast<acc_t>(w[j * K + k]);
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) acc[t] += rows[t * n + j] * wj;
+  }
+}
+
+// entry j of rows @ w^T (rows: [kTile, K]): acc[t] = sum_k rows[t, k] w[j, k]
+template <int kTile, typename acc_t, typename scalar_t>
+__device__ __forceinline__ void rows_times_row(const acc_t* rows, int64_t K,
+                                               const scalar_t* __restrict__ w, int64_t j,
+                                               acc_t (&acc)[kTile]) {
+#pragma unroll
+  for (int t = 0; t < kTile; ++t) acc[t] = 0;
+  const scalar_t* w_row = w + j * K;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t wk = static_cast<acc_t>(w_row[k]);
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) acc[t] += rows[t * K + k] * wk;
+  }
+}
+
 // Warp-cooperative: the norm n of one staged sub-vector xs [d] and its softmax scale
 // scale / max(n, eps) (just `scale` without normalize). Every lane gets both.
 template <typename acc_t>
@@ -74,12 +105,8 @@ soft_quantize_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
   }
   __syncthreads();
   for (int64_t k = tid; k < K; k += kThreads) {
-    acc_t acc[kTile] = {};
-    for (int64_t j = 0; j < d; ++j) {
-      const acc_t a = static_cast<acc_t>(Am[j * K + k]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t) acc[t] += xs[t * d + j] * a;
-    }
+    acc_t acc[kTile];
+    rows_times_column<kTile>(xs, d, Am, K, k, acc);
 #pragma unroll
     for (int t = 0; t < kTile; ++t) ps[t * K + k] = acc[t] * row_scale[t];
   }
@@ -111,13 +138,8 @@ soft_quantize_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __r
   }
   __syncthreads();
   for (int64_t j = tid; j < d; j += kThreads) {
-    acc_t acc[kTile] = {};
-    const scalar_t* c_row = Cm + j * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t c = static_cast<acc_t>(c_row[k]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t) acc[t] += ps[t * K + k] * c;
-    }
+    acc_t acc[kTile];
+    rows_times_row<kTile>(ps, K, Cm, j, acc);
 #pragma unroll
     for (int t = 0; t < kTile; ++t)
       if (b0 + t < B) quantized[((b0 + t) * M + m) * d + j] = static_cast<scalar_t>(acc[t]);
@@ -168,12 +190,8 @@ soft_quantize_backward_kernel(const scalar_t* __restrict__ gp, const scalar_t* _
   }
   if (gq != nullptr) {  // dL/dprobs += grad_quantized @ C[m]
     for (int64_t k = tid; k < K; k += kThreads) {
-      acc_t acc[kTile] = {};
-      for (int64_t j = 0; j < d; ++j) {
-        const acc_t c = static_cast<acc_t>(Cm[j * K + k]);
-#pragma unroll
-        for (int t = 0; t < kTile; ++t) acc[t] += vs[t * d + j] * c;
-      }
+      acc_t acc[kTile];
+      rows_times_column<kTile>(vs, d, Cm, K, k, acc);
 #pragma unroll
       for (int t = 0; t < kTile; ++t) gs[t * K + k] += acc[t];
     }
@@ -201,13 +219,8 @@ soft_quantize_backward_kernel(const scalar_t* __restrict__ gp, const scalar_t* _
   if (grad_x == nullptr) return;
   __syncthreads();
   for (int64_t j = tid; j < d; j += kThreads) {  // (dL/dxhat) / n = g @ A[m]^T
-    acc_t acc[kTile] = {};
-    const scalar_t* a_row = Am + j * K;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t a = static_cast<acc_t>(a_row[k]);
-#pragma unroll
-      for (int t = 0; t < kTile; ++t) acc[t] += gs[t * K + k] * a;
-    }
+    acc_t acc[kTile];
+    rows_times_row<kTile>(gs, K, Am, j, acc);
 #pragma unroll
     for (int t = 0; t < kTile; ++t) vs[t * d + j] = acc[t];
   }
