@@ -9,7 +9,7 @@ and the loss reaches the op through `quantized` and `entropy`. Two regimes:
   peaked - scale 20: low-entropy assignments, as the entropy regularizer drives them in training.
 Correctness is checked against the reference before anything is timed.
 
-    python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH]
+    python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH] [--flush-denormal]
 """
 import argparse
 import json
@@ -90,8 +90,12 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=50)
     parser.add_argument("--json", default=None, help="where to write results (default benchmarks/results/)")
+    parser.add_argument("--flush-denormal", action="store_true",
+                        help="torch.set_flush_denormal(True) for every peer (CPU: subnormals become 0)")
     args = parser.parse_args()
     device = torch.device(args.device)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("this CPU cannot flush denormals")
     compiled = torch.compile(reference.soft_quantize)
     peers = {"fused": opqn_ext.soft_quantize, "eager": reference.soft_quantize, "compile": compiled,
              "per_book_loop": per_book_loop}
@@ -117,7 +121,8 @@ def main():
     else:
         where = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
                  f"opqn ISA {opqn_ext.build_info()['active_cpu_isa']}")
-    print(f"soft_quantize forward+backward (ms, median of {args.repeats}), float32, {where}, torch {torch.__version__}")
+    ftz = ", subnormals flushed to zero" if args.flush_denormal else ""
+    print(f"soft_quantize forward+backward (ms, median of {args.repeats}), float32, {where}{ftz}, torch {torch.__version__}")
     head = (f"{'regime':>7} {'B':>4} {'M':>2} {'d':>4} {'K':>4} {'H/logK':>6} | {'fused':>7} {'eager':>7} "
             f"{'compile':>7} {'loop':>7} | {'x eager':>7} {'x compile':>9} {'x loop':>6}")
     print(head)
@@ -126,10 +131,12 @@ def main():
         print(f"{r['regime']:>7} {r['B']:>4} {r['M']:>2} {r['d']:>4} {r['K']:>4} {r['entropy_over_log_k']:>6.2f} | "
               f"{r['fused_ms']:>7.3f} {r['eager_ms']:>7.3f} {r['compile_ms']:>7.3f} {r['per_book_loop_ms']:>7.3f} | "
               f"{r['x_eager']:>7.2f} {r['x_compile']:>9.2f} {r['x_per_book_loop']:>6.2f}")
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", f"soft_quantize_{device.type}.json")
+    name = f"soft_quantize_{device.type}{'_ftz' if args.flush_denormal else ''}.json"
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
-        json.dump({"device": where, "torch": torch.__version__, "dtype": "float32", "rows": rows}, f, indent=2)
+        json.dump({"device": where, "torch": torch.__version__, "dtype": "float32",
+                   "flush_denormal": args.flush_denormal, "rows": rows}, f, indent=2)
     print(f"wrote {path}")
 
 
