@@ -14,4 +14,10 @@ TORCH_LIBRARY(opqn_ext, m) {
       "soft_quantize_backward(Tensor? grad_probs, Tensor? grad_quantized, Tensor? grad_entropy,"
       " Tensor x, Tensor assign_weight, Tensor codebook, Tensor probs, float scale, bool normalize,"
       " bool[3] output_mask) -> (Tensor grad_x, Tensor grad_assign_weight, Tensor grad_codebook)");
+  // x: [B, M*d] or [B, M, d]; assign_weight: [M, d, K], K <= 256 -> codes [B, M] uint8:
+  // argmax_k of x[b, m] @ assign_weight[m], ties to the smaller k
+  m.def("encode(Tensor x, Tensor assign_weight, bool normalize) -> Tensor codes");
+  // lut: [nq, M, K] float32; codes: [N, M] uint8 -> scores [nq, k] float32 (descending),
+  // indices [nq, k] int64; score(i) = sum_m lut[q, m, codes[i, m]]; ties to the smaller index
+  m.def("adc_topk(Tensor lut, Tensor codes, int k) -> (Tensor scores, Tensor indices)");
 }

@@ -17,6 +17,10 @@ struct SoftQuantizeDims {
 // eps of the norm clamp: xhat = x / max(||x||, eps), as torch.nn.functional.normalize.
 constexpr double kNormEps = 1e-12;
 
+// Validates x [B, M*d] or [B, M, d] against weights [M, d, K] (named `weight_name`).
+SoftQuantizeDims check_x_and_weights(const at::Tensor& x, const at::Tensor& weights,
+                                     const char* weight_name);
+
 // Validates x [B, M*d] or [B, M, d], assign_weight and codebook [M, d, K], and scale.
 SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
                                           const at::Tensor& codebook, double scale);

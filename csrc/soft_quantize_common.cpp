@@ -10,35 +10,41 @@
 
 namespace opqn {
 
-SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
-                                          const at::Tensor& codebook, double scale) {
+SoftQuantizeDims check_x_and_weights(const at::Tensor& x, const at::Tensor& weights,
+                                     const char* weight_name) {
   check_defined(x, "x");
-  check_defined(assign_weight, "assign_weight");
-  check_defined(codebook, "codebook");
+  check_defined(weights, weight_name);
   check_floating(x, "x");
-  check_rank(assign_weight, 3, "assign_weight", "[M, d, K]");
-  check_rank(codebook, 3, "codebook", "[M, d, K]");
-  check_same_dtype(assign_weight, x, "assign_weight", "x");
-  check_same_dtype(codebook, x, "codebook", "x");
-  check_same_device(assign_weight, x, "assign_weight", "x");
-  check_same_device(codebook, x, "codebook", "x");
-  check_shape(codebook, assign_weight.sizes(), "codebook (it must match assign_weight)");
-  const int64_t M = assign_weight.size(0), d = assign_weight.size(1), K = assign_weight.size(2);
-  TORCH_CHECK(M >= 1 && d >= 1 && K >= 1, "assign_weight must have M, d, K >= 1, got shape ",
-              assign_weight.sizes());
-  TORCH_CHECK(K <= d, "codebook has K=", K, " words of dimension d=", d,
-              "; orthonormal codewords need K <= d");
+  check_rank(weights, 3, weight_name, "[M, d, K]");
+  check_same_dtype(weights, x, weight_name, "x");
+  check_same_device(weights, x, weight_name, "x");
+  const int64_t M = weights.size(0), d = weights.size(1), K = weights.size(2);
+  TORCH_CHECK(M >= 1 && d >= 1 && K >= 1, weight_name, " must have M, d, K >= 1, got shape ",
+              weights.sizes());
   TORCH_CHECK(x.dim() == 2 || x.dim() == 3, "x must have shape [B, M*d] or [B, M, d], got ",
               x.dim(), " dims with shape ", x.sizes());
   if (x.dim() == 2) {
     TORCH_CHECK(x.size(1) == M * d, "x must have M*d = ", M, "*", d, " = ", M * d,
-                " columns to match assign_weight ", assign_weight.sizes(), ", got shape ", x.sizes());
+                " columns to match ", weight_name, " ", weights.sizes(), ", got shape ", x.sizes());
   } else {
     TORCH_CHECK(x.size(1) == M && x.size(2) == d, "x must have shape [B, ", M, ", ", d,
-                "] to match assign_weight ", assign_weight.sizes(), ", got ", x.sizes());
+                "] to match ", weight_name, " ", weights.sizes(), ", got ", x.sizes());
   }
-  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   return {x.size(0), M, d, K};
+}
+
+SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
+                                          const at::Tensor& codebook, double scale) {
+  check_defined(codebook, "codebook");
+  check_rank(codebook, 3, "codebook", "[M, d, K]");
+  const auto dims = check_x_and_weights(x, assign_weight, "assign_weight");
+  check_same_dtype(codebook, x, "codebook", "x");
+  check_same_device(codebook, x, "codebook", "x");
+  check_shape(codebook, assign_weight.sizes(), "codebook (it must match assign_weight)");
+  TORCH_CHECK(dims.K <= dims.d, "codebook has K=", dims.K, " words of dimension d=", dims.d,
+              "; orthonormal codewords need K <= d");
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
+  return dims;
 }
 
 namespace {

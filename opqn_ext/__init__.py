@@ -4,6 +4,8 @@ Public API (shapes in DESIGN.md section 2):
     orthonormal_codebooks(num_books, dim, num_words, kind="dct")  -> [M, d, K]
     soft_quantize(x, assign_weight, codebook, scale=1.0, normalize=False)
         -> (probs [B, M, K], quantized [B, M, d], entropy [B, M])
+    encode(x, assign_weight) -> codes [B, M] uint8
+    adc_topk(lut [nq, M, K], codes [N, M], k) -> (scores [nq, k], indices [nq, k])
     build_info() -> how the compiled library was built
 """
 import torch
@@ -19,12 +21,14 @@ except ImportError as err:  # the compiled library is missing or does not match 
 
 from . import _autograd, _fake  # noqa: F401  (registers fake kernels and autograd formulas)
 from .codebooks import orthonormal_codebooks
-from .ops import SoftQuantizeResult, soft_quantize
+from .ops import SoftQuantizeResult, adc_topk, encode, soft_quantize
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SoftQuantizeResult",
+    "adc_topk",
+    "encode",
     "build_info",
     "orthonormal_codebooks",
     "soft_quantize",

@@ -53,3 +53,27 @@ def _soft_quantize_backward_fake(
         assign_weight.new_empty(assign_weight.shape) if need_a else x.new_empty(0),
         codebook.new_empty(codebook.shape) if need_c else x.new_empty(0),
     )
+
+
+@torch.library.register_fake("opqn_ext::encode")
+def _encode_fake(x, assign_weight, normalize):
+    if not x.dtype.is_floating_point:
+        raise RuntimeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if assign_weight.dim() != 3:
+        raise RuntimeError(f"assign_weight must have shape [M, d, K] (3 dims), got {assign_weight.dim()} dims")
+    M, d, K = assign_weight.shape
+    torch._check(K <= 256, lambda: f"assign_weight has K={K} words per book; codes are uint8, so K must be <= 256")
+    return x.new_empty(x.shape[0], M, dtype=torch.uint8)
+
+
+@torch.library.register_fake("opqn_ext::adc_topk")
+def _adc_topk_fake(lut, codes, k):
+    if lut.dim() != 3 or codes.dim() != 2:
+        raise RuntimeError("lut must have shape [nq, M, K] and codes [N, M]")
+    if lut.dtype != torch.float32:
+        raise RuntimeError(f"lut must be float32, got {lut.dtype}")
+    if codes.dtype != torch.uint8:
+        raise RuntimeError(f"codes must be uint8, got {codes.dtype}")
+    torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
+    torch._check(k <= codes.shape[0], lambda: f"k ({k}) must be <= the number of codes N ({codes.shape[0]})")
+    return lut.new_empty(lut.shape[0], k), lut.new_empty(lut.shape[0], k, dtype=torch.int64)

@@ -43,3 +43,36 @@ def soft_quantize(
         x, assign_weight, codebook, float(scale), bool(normalize)
     )
     return SoftQuantizeResult(probs, quantized, entropy)
+
+
+def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+    """Database codes: ``codes[b, m] = argmax_k xhat[b, m] @ assign_weight[m]`` (ties to the smaller k).
+
+    Args:
+        x: ``[B, M*d]`` or ``[B, M, d]`` features, finite (a NaN has no argmax: error).
+        assign_weight: ``[M, d, K]`` with ``K <= 256``, same dtype and device as ``x``.
+        normalize: L2-normalize sub-vectors first; a positive scale per row, so it never changes
+            the codes (kept for symmetry with :func:`soft_quantize`).
+
+    Returns:
+        ``codes [B, M]`` uint8.
+    """
+    return torch.ops.opqn_ext.encode(x, assign_weight, bool(normalize))
+
+
+def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
+    """Asymmetric-distance top-k scan: ``score[q, i] = sum_m lut[q, m, codes[i, m]]``, larger is better.
+
+    Args:
+        lut: ``[nq, M, K]`` float32 per-query tables (for OPQN, the query's soft-assignment probs),
+            finite (NaN or Inf: error).
+        codes: ``[N, M]`` uint8 database codes. A code value ``>= K`` adds 0 (it never reads
+            outside the table).
+        k: how many results per query, ``1 <= k <= N``.
+
+    Returns:
+        ``(scores [nq, k] float32, indices [nq, k] int64)``: scores descending, equal scores in
+        increasing index order; identical on every code path, CPU instruction set and thread count.
+    """
+    scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, int(k))
+    return scores, indices

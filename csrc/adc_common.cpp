@@ -1,0 +1,38 @@
+#include "adc.h"
+
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/zeros.h>
+
+#include "checks.h"
+
+namespace opqn {
+
+AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k) {
+  check_defined(lut, "lut");
+  check_defined(codes, "codes");
+  check_rank(lut, 3, "lut", "[nq, M, K]");
+  check_rank(codes, 2, "codes", "[N, M]");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat, "lut must be float32, got ", lut.scalar_type());
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
+  check_same_device(codes, lut, "codes", "lut");
+  const int64_t nq = lut.size(0), M = lut.size(1), K = lut.size(2), N = codes.size(0);
+  TORCH_CHECK(M >= 1 && M <= kMaxBooks, "lut must have 1 <= M <= ", kMaxBooks, " books, got shape ",
+              lut.sizes());
+  TORCH_CHECK(K >= 1 && K <= 256, "lut must have 1 <= K <= 256 words per book (codes are uint8), got shape ",
+              lut.sizes());
+  TORCH_CHECK(codes.size(1) == M, "codes must have M=", M, " columns to match lut ", lut.sizes(),
+              ", got shape ", codes.sizes());
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(k <= N, "k (", k, ") must be <= the number of codes N (", N, ")");
+  TORCH_CHECK(lut.numel() == 0 || at::isfinite(lut).all().item<bool>(),
+              "lut must be finite: it contains NaN or infinite values");
+  return {nq, M, K, N};
+}
+
+at::Tensor pad_lut(const at::Tensor& lut) {
+  at::Tensor padded = at::zeros({lut.size(0), lut.size(1), 256}, lut.options());
+  padded.narrow(2, 0, lut.size(2)).copy_(lut);
+  return padded;
+}
+
+}  // namespace opqn

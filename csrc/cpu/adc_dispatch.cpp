@@ -1,0 +1,83 @@
+// CPU adc_topk: picks the scanner of the active ISA and splits the work over threads. With at
+// least as many queries as threads, each thread scans the whole database for its share of the
+// queries; with fewer, the database is split so that even one query uses every core, and the
+// per-part top-k lists are merged. The result order (score descending, then smaller index) is a
+// total order, so the merged result is the same for every thread count and ISA.
+#include <algorithm>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include "adc.h"
+#include "cpu/adc_scan.h"
+#include "cpu/cpu_isa.h"
+
+namespace opqn::cpu {
+
+AdcScanFn adc_scanner() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (active_cpu_isa() == CpuIsa::Avx2) return &avx2::adc_scan;
+#endif
+  return &scalar::adc_scan;
+}
+
+namespace {
+
+constexpr int64_t kMinCodesPerPart = 16384;  // smaller database parts are not worth a thread
+
+std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at::Tensor& codes_in,
+                                                int64_t k) {
+  const auto [nq, M, K, N] = check_adc_args(lut, codes_in, k);
+  at::Tensor scores = at::empty({nq, k}, lut.options());
+  at::Tensor indices = at::empty({nq, k}, lut.options().dtype(at::kLong));
+  if (nq == 0) return {scores, indices};
+  const at::Tensor luts = pad_lut(lut.contiguous());  // [nq, M, 256]
+  const at::Tensor codes = codes_in.contiguous();
+  const AdcScanFn scan = adc_scanner();
+
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = nq >= threads ? 1 : std::clamp<int64_t>(N / kMinCodesPerPart, 1, threads);
+  const int64_t query_groups = std::min(nq, threads);
+  std::vector<ScoredId> storage(static_cast<size_t>(parts * nq * k));
+  std::vector<TopK> tops(static_cast<size_t>(parts * nq));  // [parts, nq]
+  const float* lut_ptr = luts.const_data_ptr<float>();
+  const uint8_t* code_ptr = codes.const_data_ptr<uint8_t>();
+  at::parallel_for(0, parts * query_groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t part = task / query_groups, group = task % query_groups;
+      const int64_t q0 = nq * group / query_groups, q1 = nq * (group + 1) / query_groups;
+      const int64_t r0 = N * part / parts, r1 = N * (part + 1) / parts;
+      TopK* group_tops = tops.data() + part * nq + q0;
+      for (int64_t q = q0; q < q1; ++q) topk_init(tops[part * nq + q], storage.data() + (part * nq + q) * k, k);
+      scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, group_tops);
+    }
+  });
+
+  float* score_out = scores.mutable_data_ptr<float>();
+  int64_t* index_out = indices.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, nq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<ScoredId> merged;
+    for (int64_t q = begin; q < end; ++q) {
+      merged.clear();
+      for (int64_t part = 0; part < parts; ++part) {
+        const ScoredId* e = tops[part * nq + q].entries;
+        merged.insert(merged.end(), e, e + k);
+      }
+      std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
+      for (int64_t j = 0; j < k; ++j) {
+        score_out[q * k + j] = merged[j].score;
+        index_out[q * k + j] = merged[j].id;
+      }
+    }
+  });
+  return {scores, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opqn_ext, CPU, m) { m.impl("adc_topk", &adc_topk_cpu); }
+
+}  // namespace opqn::cpu

@@ -1,0 +1,57 @@
+// CPU kernel of encode: codes[b, m] = argmax_k x[b, m] @ assign_weight[m] (ties to the smaller k).
+// Rows go in blocks of kRowsPerBlock: one BLAS GEMM per book into a [rows, K] scratch (bounded
+// memory whatever B is), then a parallel argmax over its rows. normalize scales each row by a
+// positive factor, which leaves the argmax as it is, so it needs no work here.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include "encode.h"
+
+namespace opqn::cpu {
+namespace {
+
+constexpr int64_t kRowsPerBlock = 4096;
+
+template <typename T>
+uint8_t argmax_row(const T* l, int64_t K) {
+  int64_t best = 0;
+  for (int64_t k = 1; k < K; ++k) best = l[k] > l[best] ? k : best;
+  return static_cast<uint8_t>(best);
+}
+
+at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, bool normalize) {
+  const auto dims = check_encode_args(x_in, assign_weight);
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
+              "encode on CPU supports x of dtype float32 or float64, got ", x_in.scalar_type());
+  (void)normalize;
+  const auto [B, M, d, K] = dims;
+  const at::Tensor x = x_in.contiguous().view({B, M, d});
+  const at::Tensor A = assign_weight.contiguous();
+  at::Tensor codes = at::empty({B, M}, x.options().dtype(at::kByte));
+  at::Tensor logits = at::empty({std::min(B, kRowsPerBlock), K}, x.options());
+  uint8_t* out = codes.mutable_data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "encode_cpu", [&] {
+    for (int64_t r0 = 0; r0 < B; r0 += kRowsPerBlock) {
+      const int64_t rows = std::min(kRowsPerBlock, B - r0);
+      at::Tensor l = logits.narrow(0, 0, rows);
+      for (int64_t m = 0; m < M; ++m) {
+        at::mm_out(l, x.select(1, m).narrow(0, r0, rows), A[m]);  // [rows, K]
+        const scalar_t* lp = l.const_data_ptr<scalar_t>();
+        at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) out[(r0 + r) * M + m] = argmax_row(lp + r * K, K);
+        });
+      }
+    }
+  });
+  return codes;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opqn_ext, CPU, m) { m.impl("encode", &encode_cpu); }
+
+}  // namespace opqn::cpu
