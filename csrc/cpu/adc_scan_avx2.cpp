@@ -10,11 +10,7 @@
 
 #include "cpu/adc_scan.h"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma")
-#endif
+#include "cpu/avx2_target_begin.h"
 
 namespace opqn::cpu::avx2 {
 namespace {
@@ -73,7 +69,5 @@ void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, in
 
 }  // namespace opqn::cpu::avx2
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "cpu/avx2_target_end.h"
 #endif

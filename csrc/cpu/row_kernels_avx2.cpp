@@ -2,16 +2,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cstdint>
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC target("avx2,fma")
-#endif
+#include "cpu/row_kernels.h"
 
+#include "cpu/avx2_target_begin.h"
 #define OPQN_ISA avx2
 #include "cpu/row_kernels_impl.h"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#endif
+#include "cpu/avx2_target_end.h"
 #endif

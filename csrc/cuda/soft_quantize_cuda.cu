@@ -16,6 +16,7 @@
 
 #include "checks.h"
 #include "cuda/cuda_utils.cuh"
+#include "cuda/tile_products.cuh"
 #include "soft_quantize.h"
 
 namespace opqn::cuda {
@@ -28,37 +29,6 @@ constexpr int64_t kMaxDim = 256;  // d and K: shared memory is sized for up to t
 template <typename acc_t>
 constexpr int tile_rows() {
   return sizeof(acc_t) == 8 ? 4 : 8;  // samples per block: keeps shared memory under 48 KiB
-}
-
-// For kTile rows staged in shared memory (rows: [kTile, n]), two products with a [n, K]-shaped
-// weight matrix w of one book:
-// column k of rows @ w: acc[t] = sum_j rows[t, j] w[j, k] (threads on consecutive k: coalesced)
-template <int kTile, typename acc_t, typename scalar_t>
-__device__ __forceinline__ void rows_times_column(const acc_t* rows, int64_t n,
-                                                  const scalar_t* __restrict__ w, int64_t K,
-                                                  int64_t k, acc_t (&acc)[kTile]) {
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) acc[t] = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t wj = static_cast<acc_t>(w[j * K + k]);
-#pragma unroll
-    for (int t = 0; t < kTile; ++t) acc[t] += rows[t * n + j] * wj;
-  }
-}
-
-// entry j of rows @ w^T (rows: [kTile, K]): acc[t] = sum_k rows[t, k] w[j, k]
-template <int kTile, typename acc_t, typename scalar_t>
-__device__ __forceinline__ void rows_times_row(const acc_t* rows, int64_t K,
-                                               const scalar_t* __restrict__ w, int64_t j,
-                                               acc_t (&acc)[kTile]) {
-#pragma unroll
-  for (int t = 0; t < kTile; ++t) acc[t] = 0;
-  const scalar_t* w_row = w + j * K;
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t wk = static_cast<acc_t>(w_row[k]);
-#pragma unroll
-    for (int t = 0; t < kTile; ++t) acc[t] += rows[t * K + k] * wk;
-  }
 }
 
 // Warp-cooperative: the norm n of one staged sub-vector xs [d] and its softmax scale

@@ -1,0 +1,164 @@
+"""adc_topk against the reference and a brute-force numpy scan. Integer-valued tables make every
+sum exact, so results must be identical, ties included."""
+import numpy as np
+import pytest
+import torch
+
+import opqn_ext
+from opqn_ext import reference
+
+
+def problem(nq, M, K, N, seed=0, high=20, code_high=None):
+    g = torch.Generator().manual_seed(seed)
+    lut = torch.randint(0, high, (nq, M, K), generator=g).float()
+    codes = torch.randint(0, code_high or K, (N, M), generator=g, dtype=torch.uint8)
+    return lut, codes
+
+
+def numpy_topk(lut, codes, k):
+    lut, codes = lut.cpu().numpy(), codes.cpu().numpy().astype(np.int64)
+    padded = np.zeros((lut.shape[0], lut.shape[1], 256), dtype=np.float32)
+    padded[:, :, : lut.shape[2]] = lut
+    scores = np.zeros((lut.shape[0], codes.shape[0]), dtype=np.float32)
+    for m in range(lut.shape[1]):
+        scores += padded[:, m, codes[:, m]]
+    order = np.lexsort((np.broadcast_to(np.arange(codes.shape[0]), scores.shape), -scores), axis=1)[:, :k]
+    return np.take_along_axis(scores, order, 1), order
+
+
+def check(lut, codes, k):
+    scores, idx = opqn_ext.adc_topk(lut, codes, k)
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and scores.shape == (lut.shape[0], k)
+    want_s, want_i = reference.adc_topk(lut, codes, k)
+    assert torch.equal(idx, want_i)
+    assert torch.equal(scores, want_s)
+    np_s, np_i = numpy_topk(lut, codes, k)
+    assert np.array_equal(idx.cpu().numpy(), np_i) and np.array_equal(scores.cpu().numpy(), np_s)
+    return scores, idx
+
+
+CASES = [  # nq, M, K, N, k
+    (1, 8, 256, 1000, 10), (1, 1, 2, 1, 1), (3, 3, 5, 10, 10), (2, 32, 16, 999, 1), (17, 4, 64, 4097, 100),
+    (100, 8, 256, 20000, 50), (1, 16, 16, 50000, 1000), (5, 2, 2, 300, 300), (1, 7, 64, 40003, 7),
+]
+
+
+@pytest.mark.parametrize("nq,M,K,N,k", CASES)
+def test_matches_reference_and_numpy(nq, M, K, N, k, cpu_isa, device):
+    lut, codes = problem(nq, M, K, N, seed=N)
+    check(lut.to(device), codes.to(device), k)
+
+
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 13, 16, 31, 32])
+@pytest.mark.parametrize("K", [2, 16, 64, 256])
+def test_every_book_count_and_word_count(M, K, cpu_isa):
+    lut, codes = problem(3, M, K, 2051, seed=M * K)
+    check(lut, codes, 25)
+
+
+def test_ties_are_broken_by_smaller_index(cpu_isa, device):
+    lut, codes = problem(4, 4, 16, 5000, high=2)  # few distinct sums: many ties
+    scores, idx = check(lut.to(device), codes.to(device), 400)
+    for q in range(4):
+        s, i = scores[q].cpu(), idx[q].cpu()
+        same = s[1:] == s[:-1]
+        assert (i[1:][same] > i[:-1][same]).all()
+
+
+def test_paths_and_thread_counts_give_identical_results():
+    lut, codes = problem(3, 8, 64, 300001, seed=5, high=4)
+    lut = lut + torch.rand(lut.shape, generator=torch.Generator().manual_seed(1))  # non-integer sums
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for isa in opqn_ext._C.available_cpu_isas():
+            opqn_ext._C.set_cpu_isa(isa)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for nq in (1, 3):  # one query splits the database, three split the queries
+                    results.append((nq, opqn_ext.adc_topk(lut[:nq], codes, 64)))
+    finally:
+        torch.set_num_threads(before)
+        opqn_ext._C.set_cpu_isa(opqn_ext._C.available_cpu_isas()[-1])
+    for nq, (s, i) in results:
+        ref_s, ref_i = next(r for n, r in results if n == nq)
+        assert torch.equal(s, ref_s) and torch.equal(i, ref_i)
+
+
+def test_codes_at_or_above_k_never_read_outside_the_table(cpu_isa, device):
+    # K = 5 but codes take every byte value: entries past K count as 0, nothing reads past the table
+    lut, codes = problem(2, 6, 5, 3000, code_high=256, seed=3)
+    scores, idx = check(lut.to(device), codes.to(device), 30)
+    assert (codes >= 5).any()
+
+
+def test_large_query_batch(cpu_isa):
+    lut, codes = problem(300, 4, 16, 3000, seed=7)
+    check(lut, codes, 5)
+
+
+def test_k_equal_n_returns_everything_sorted(cpu_isa):
+    lut, codes = problem(2, 3, 8, 257, seed=2)
+    scores, idx = check(lut, codes, 257)
+    assert sorted(idx[0].tolist()) == list(range(257))
+
+
+def test_no_queries():
+    lut, codes = problem(0, 4, 16, 10)
+    scores, idx = opqn_ext.adc_topk(lut, codes, 3)
+    assert scores.shape == (0, 3) and idx.shape == (0, 3)
+
+
+@pytest.mark.parametrize(
+    "lut,codes,k,match",
+    [
+        (torch.zeros(1, 4, 16), torch.zeros(10, 4, dtype=torch.uint8), 11, "k \\(11\\) must be <= the number of codes N \\(10\\)"),
+        (torch.zeros(1, 4, 16), torch.zeros(10, 4, dtype=torch.uint8), 0, "k must be >= 1"),
+        (torch.zeros(1, 4, 16), torch.zeros(0, 4, dtype=torch.uint8), 0, "k must be >= 1"),
+        (torch.zeros(1, 4, 16), torch.zeros(0, 4, dtype=torch.uint8), 1, "must be <= the number of codes N \\(0\\)"),
+        (torch.zeros(1, 4, 16).double(), torch.zeros(10, 4, dtype=torch.uint8), 1, "lut must be float32"),
+        (torch.zeros(1, 4, 16), torch.zeros(10, 4, dtype=torch.int32), 1, "codes must be uint8"),
+        (torch.zeros(4, 16), torch.zeros(10, 4, dtype=torch.uint8), 1, "lut must have shape \\[nq, M, K\\]"),
+        (torch.zeros(1, 4, 16), torch.zeros(10, dtype=torch.uint8), 1, "codes must have shape \\[N, M\\]"),
+        (torch.zeros(1, 4, 16), torch.zeros(10, 5, dtype=torch.uint8), 1, "codes must have M=4 columns"),
+        (torch.zeros(1, 4, 257), torch.zeros(10, 4, dtype=torch.uint8), 1, "K <= 256"),
+        (torch.zeros(1, 257, 2), torch.zeros(10, 257, dtype=torch.uint8), 1, "M <= 256"),
+        (torch.full((1, 4, 16), float("nan")), torch.zeros(10, 4, dtype=torch.uint8), 1, "lut must be finite"),
+        (torch.full((1, 4, 16), float("inf")), torch.zeros(10, 4, dtype=torch.uint8), 1, "lut must be finite"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(lut, codes, k, match):
+    with pytest.raises(RuntimeError, match=match):
+        opqn_ext.adc_topk(lut, codes, k)
+
+
+def test_long_scan_releases_the_gil():
+    import threading
+    import time
+
+    lut, codes = problem(64, 8, 256, 1_000_000, seed=1)
+    ticks = []
+    stop = threading.Event()
+
+    def ticker():
+        while not stop.is_set():
+            ticks.append(time.perf_counter())
+            time.sleep(0.001)
+
+    t = threading.Thread(target=ticker)
+    t.start()
+    time.sleep(0.01)
+    start = time.perf_counter()
+    opqn_ext.adc_topk(lut, codes, 10)
+    end = time.perf_counter()
+    stop.set()
+    t.join()
+    during = [x for x in ticks if start < x < end]
+    assert end - start > 0.05 and len(during) >= 5, (end - start, len(during))
+
+
+def test_adc_topk_under_compile():
+    lut, codes = problem(3, 4, 16, 100)
+    compiled = torch.compile(lambda l, c: opqn_ext.adc_topk(l, c, 7), fullgraph=True)
+    got, want = compiled(lut, codes), opqn_ext.adc_topk(lut, codes, 7)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

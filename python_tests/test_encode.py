@@ -1,0 +1,62 @@
+"""encode: argmax of the similarities, uint8 codes, ties to the smaller word."""
+import pytest
+import torch
+
+import opqn_ext
+from opqn_ext import reference
+from conftest import make_problem
+
+
+@pytest.mark.parametrize("B,M,d,K", [(0, 2, 8, 4), (1, 1, 1, 1), (37, 3, 16, 16), (500, 8, 64, 64),
+                                     (5000, 4, 32, 256), (64, 16, 4, 3), (9000, 2, 8, 8)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_encode_is_the_argmax_of_the_reference_logits(B, M, d, K, dtype, device):
+    g = torch.Generator().manual_seed(B)
+    x = torch.randn(B, M * d, generator=g, dtype=dtype).to(device)
+    a = torch.randn(M, d, K, generator=g, dtype=dtype).to(device)  # K may exceed d here
+    codes = opqn_ext.encode(x, a)
+    assert codes.dtype == torch.uint8 and codes.shape == (B, M)
+    logits = torch.einsum("bmd,mdk->bmk", x.view(B, M, d).double(), a.double())
+    chosen = logits.gather(2, codes.long().unsqueeze(-1)).squeeze(-1)
+    # the chosen word attains the maximum (up to rounding of the GEMM)
+    torch.testing.assert_close(chosen, logits.amax(-1), rtol=1e-5, atol=1e-5)
+    if dtype == torch.float64:
+        assert torch.equal(codes.cpu(), reference.encode(x, a).cpu())
+
+
+def test_encode_breaks_ties_to_the_smaller_word(device):
+    # integer weights with duplicated columns: exact ties between words 1 and 3 (and 0 and 2)
+    a = torch.tensor([[[1.0, 2.0, 1.0, 2.0], [0.0, 1.0, 0.0, 1.0]]], device=device)  # [1, 2, 4]
+    x = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [0.0, 0.0]], device=device)
+    assert opqn_ext.encode(x, a).view(-1).tolist() == [1, 0, 0]
+
+
+def test_normalize_does_not_change_codes(device):
+    x, a, _ = make_problem(300, 4, 16, 16, dtype=torch.float32, device=device)
+    assert torch.equal(opqn_ext.encode(x, a, normalize=True), opqn_ext.encode(x * 7.5, a, normalize=False))
+
+
+def test_encode_codes_match_soft_quantize_argmax(device):
+    x, a, c = make_problem(200, 4, 16, 8, device=device)
+    probs = opqn_ext.soft_quantize(x, a, c, 3.0, True).probs
+    assert torch.equal(opqn_ext.encode(x, a), probs.argmax(-1).to(torch.uint8))
+
+
+def test_encode_errors():
+    x, a, _ = make_problem(4, 2, 8, 4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="codes are uint8, so K must be <= 256"):
+        opqn_ext.encode(torch.zeros(2, 300), torch.zeros(1, 300, 257))
+    with pytest.raises(RuntimeError, match="x must be finite to encode"):
+        opqn_ext.encode(torch.where(torch.arange(16) == 3, float("nan"), x), a)
+    with pytest.raises(RuntimeError, match="x must have M\\*d = 2\\*8 = 16 columns"):
+        opqn_ext.encode(x[:, :15], a)
+    with pytest.raises(RuntimeError, match="assign_weight must have the dtype of x"):
+        opqn_ext.encode(x, a.double())
+    with pytest.raises(RuntimeError, match="encode on CPU supports x of dtype float32 or float64"):
+        opqn_ext.encode(x.half(), a.half())
+
+
+def test_encode_under_compile():
+    x, a, _ = make_problem(32, 4, 8, 8, dtype=torch.float32)
+    compiled = torch.compile(lambda x, a: opqn_ext.encode(x, a), fullgraph=True)
+    assert torch.equal(compiled(x, a), opqn_ext.encode(x, a))
