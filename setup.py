@@ -61,7 +61,11 @@ def _sources(pattern):
 
 with_cuda, reason = _want_cuda()
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
-cxx_flags = ["-O3", "-fvisibility=hidden"]
+# at::parallel_for is inline and, with torch's OpenMP backend, a `#pragma omp parallel`: without
+# -fopenmp every parallel loop of ours would run on one thread. (libgomp is torch's own at run time:
+# same soname, already loaded.)
+cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp"]
+link_flags = ["-fopenmp"]
 macros = []
 if with_cuda:
     sources += _sources("csrc/cuda/*.cu")
@@ -86,6 +90,7 @@ setup(
             include_dirs=[os.path.join(ROOT, "csrc")],
             define_macros=macros,
             extra_compile_args=extra,
+            extra_link_args=link_flags,
         )
     ],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},

@@ -136,7 +136,7 @@ def test_long_scan_releases_the_gil():
     import threading
     import time
 
-    lut, codes = problem(64, 8, 256, 1_000_000, seed=1)
+    lut, codes = problem(256, 8, 256, 1_000_000, seed=1)
     ticks = []
     stop = threading.Event()
 
@@ -154,7 +154,7 @@ def test_long_scan_releases_the_gil():
     stop.set()
     t.join()
     during = [x for x in ticks if start < x < end]
-    assert end - start > 0.05 and len(during) >= 5, (end - start, len(during))
+    assert end - start > 0.05 and len(during) >= 10, (end - start, len(during))
 
 
 def test_adc_topk_under_compile():

@@ -1,0 +1,151 @@
+"""ADC top-k scan of opqn_ext against FAISS on the same codes and tables (issue 3, DESIGN.md section 6).
+
+OPQN setting: M books of K = 256 orthonormal codewords (dimension d = 256, so D = 2048: the 64-bit
+configuration 8 x 256), uniform random database codes, queries = soft-quantized vectors s of random
+features. FAISS IndexPQ (inner product) gets the OPQN codewords as centroids and our codes as its
+codes; queried with s, its tables are <s_m, c_mk> = probs (orthonormality), so both rank the same
+codes. That is checked first (scores equal within float rounding, the same top-k apart from
+near-ties), then everything is timed. Peers: FAISS IndexPQ (8-bit, M = 8), FAISS IndexPQFastScan
+(4-bit, M = 16: its own 8-bit quantized tables; shown for reference until opqn_ext's 4-bit scanner
+lands) and a naive torch gather + topk. Bandwidth: codes bytes scanned per second against a
+measured DRAM read rate.
+
+    python benchmarks/bench_adc.py [--sizes 1000000 8000000] [--json PATH]
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import faiss
+import numpy as np
+import torch
+
+import opqn_ext
+from opqn_ext import reference
+
+
+def median_seconds(fn, repeats):
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
+
+def dram_read_gbps():
+    """Read bandwidth of a 1 GiB float32 sum over both threads (a lower bound of the machine's)."""
+    x = torch.ones(1 << 28)
+    seconds = median_seconds(lambda: x.sum(), 5)
+    return x.numel() * 4 / seconds / 1e9
+
+
+def opqn_queries(M, d, K, nq, seed):
+    """Soft-quantized query vectors [nq, M*d] and their tables (probs) [nq, M, K]."""
+    g = torch.Generator().manual_seed(seed)
+    codebook = opqn_ext.orthonormal_codebooks(M, d, K)
+    assign = torch.randn(M, d, K, generator=g) * (2.0 / (d + K)) ** 0.5
+    x = torch.randn(nq, M * d, generator=g)
+    probs, quantized, _ = opqn_ext.soft_quantize(x, assign, codebook, scale=8.0, normalize=True)
+    return codebook, quantized.reshape(nq, M * d).contiguous(), probs.contiguous()
+
+
+def faiss_pq(codebook, codes, nbits):
+    """IndexPQ (inner product) whose centroids are the OPQN codewords and whose codes are ours."""
+    M, d, K = codebook.shape
+    index = faiss.IndexPQ(M * d, M, nbits, faiss.METRIC_INNER_PRODUCT)
+    centroids = np.zeros((M, 1 << nbits, d), dtype=np.float32)
+    centroids[:, :K, :] = codebook.permute(0, 2, 1).numpy()
+    faiss.copy_array_to_vector(centroids.ravel(), index.pq.centroids)
+    index.is_trained = True
+    packed = codes.numpy() if nbits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).numpy()
+    index.sa_decode  # noqa: B018  (codes go in through the flat-codes storage)
+    faiss.copy_array_to_vector(np.ascontiguousarray(packed).ravel(), index.codes)
+    index.ntotal = codes.shape[0]
+    return index
+
+
+def check_same_ranking(ours, theirs, k):
+    (s, i), (fs, fi) = ours, theirs
+    fs, fi = torch.from_numpy(fs), torch.from_numpy(fi)
+    torch.testing.assert_close(s, fs, rtol=0, atol=1e-5)
+    differ = i != fi
+    # positions may swap only between codes whose scores agree to rounding
+    assert bool((~differ | (s - fs).abs().le(1e-5)).all()), "FAISS and opqn_ext rank different codes"
+    return float(differ.float().mean())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 8_000_000])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    bandwidth = dram_read_gbps()
+    M, d, K = 8, 256, 256
+    M4, d4, K4 = 16, 16, 16
+    rows = []
+    for N in args.sizes:
+        g = torch.Generator().manual_seed(N)
+        codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+        codes4 = torch.randint(0, K4, (N, M4), generator=g, dtype=torch.uint8)
+        for nq in (1, 100):
+            codebook, queries, lut = opqn_queries(M, d, K, nq, seed=nq)
+            codebook4, queries4, _ = opqn_queries(M4, d4, K4, nq, seed=nq + 1)
+            pq = faiss_pq(codebook, codes, 8)
+            fast = faiss.IndexPQFastScan(faiss_pq(codebook4, codes4, 4))
+            for k in (10, 100):
+                exact = opqn_ext.adc_topk(lut, codes, k)
+                swapped = check_same_ranking(exact, pq.search(queries.numpy(), k), k)
+                for threads in (1, 2):
+                    torch.set_num_threads(threads)
+                    faiss.omp_set_num_threads(threads)
+                    t_ours = median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k), args.repeats)
+                    t_pq = median_seconds(lambda: pq.search(queries.numpy(), k), args.repeats)
+                    t_fast = median_seconds(lambda: fast.search(queries4.numpy(), k), args.repeats)
+                    t_naive = None
+                    if N * nq <= 100_000_000:
+                        t_naive = median_seconds(lambda: reference.adc_scores(lut, codes).topk(k, dim=1), 1)
+                    scanned = N * nq
+                    row = {
+                        "N": N, "nq": nq, "k": k, "threads": threads,
+                        "opqn_gcodes_s": scanned / t_ours / 1e9,
+                        "faiss_pq_gcodes_s": scanned / t_pq / 1e9,
+                        "faiss_fastscan_gcodes_s": scanned / t_fast / 1e9,
+                        "naive_torch_gcodes_s": scanned / t_naive / 1e9 if t_naive else None,
+                        "x_faiss_pq": t_pq / t_ours,
+                        "x_faiss_fastscan": t_fast / t_ours,
+                        "x_naive_torch": t_naive / t_ours if t_naive else None,
+                        "opqn_code_gbps": N * M * (1 if nq == 1 else nq) / t_ours / 1e9,
+                        "positions_swapped_on_ties": swapped,
+                    }
+                    row["bandwidth_fraction"] = (N * M / t_ours / 1e9) / bandwidth if nq == 1 else None
+                    rows.append(row)
+                    print(row, flush=True)
+    torch.set_num_threads(2)
+    where = f"{platform.machine()} CPU, FAISS {faiss.__version__} ({faiss.get_compile_options().strip()}), torch {torch.__version__}, ISA {opqn_ext.build_info()['active_cpu_isa']}"
+    print(f"\nADC top-k scan, Gcodes/s (codes x queries per second); {where}; DRAM read {bandwidth:.1f} GB/s")
+    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'faiss PQ':>8} {'PQfast4':>8} {'naive':>7} |"
+            f" {'x PQ':>6} {'x fast4':>7} {'x naive':>7} | {'BW frac':>7}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        naive = f"{r['naive_torch_gcodes_s']:>7.3f}" if r["naive_torch_gcodes_s"] else f"{'-':>7}"
+        xn = f"{r['x_naive_torch']:>7.1f}" if r["x_naive_torch"] else f"{'-':>7}"
+        bw = f"{r['bandwidth_fraction']:>7.2f}" if r["bandwidth_fraction"] is not None else f"{'-':>7}"
+        print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} "
+              f"{r['faiss_pq_gcodes_s']:>8.3f} {r['faiss_fastscan_gcodes_s']:>8.3f} {naive} | "
+              f"{r['x_faiss_pq']:>6.2f} {r['x_faiss_fastscan']:>7.2f} {xn} | {bw}")
+    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adc_cpu.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"device": where, "dram_read_gbps": bandwidth, "rows": rows}, f, indent=2)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
