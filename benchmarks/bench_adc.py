@@ -79,6 +79,11 @@ def check_same_ranking(ours, theirs, k):
     return float(differ.float().mean())
 
 
+def recall(found, exact):
+    """Mean fraction of the exact top-k ids that were found."""
+    return float(sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 8_000_000])
@@ -95,18 +100,23 @@ def main():
         codes4 = torch.randint(0, K4, (N, M4), generator=g, dtype=torch.uint8)
         for nq in (1, 100):
             codebook, queries, lut = opqn_queries(M, d, K, nq, seed=nq)
-            codebook4, queries4, _ = opqn_queries(M4, d4, K4, nq, seed=nq + 1)
+            codebook4, queries4, lut4 = opqn_queries(M4, d4, K4, nq, seed=nq + 1)
             pq = faiss_pq(codebook, codes, 8)
             fast = faiss.IndexPQFastScan(faiss_pq(codebook4, codes4, 4))
+            packed4 = opqn_ext.pack_codes4(codes4)
             for k in (10, 100):
                 exact = opqn_ext.adc_topk(lut, codes, k)
                 swapped = check_same_ranking(exact, pq.search(queries.numpy(), k), k)
+                exact4 = opqn_ext.adc_topk(lut4, codes4, k)[1]
+                recall_ours4 = recall(opqn_ext.adc_topk4(lut4, packed4, k)[1], exact4)
+                recall_fast4 = recall(torch.from_numpy(fast.search(queries4.numpy(), k)[1]), exact4)
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
                     faiss.omp_set_num_threads(threads)
                     t_ours = median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k), args.repeats)
                     t_pq = median_seconds(lambda: pq.search(queries.numpy(), k), args.repeats)
                     t_fast = median_seconds(lambda: fast.search(queries4.numpy(), k), args.repeats)
+                    t_ours4 = median_seconds(lambda: opqn_ext.adc_topk4(lut4, packed4, k), args.repeats)
                     t_naive = None
                     if N * nq <= 100_000_000:
                         t_naive = median_seconds(lambda: reference.adc_scores(lut, codes).topk(k, dim=1), 1)
@@ -116,21 +126,25 @@ def main():
                         "opqn_gcodes_s": scanned / t_ours / 1e9,
                         "faiss_pq_gcodes_s": scanned / t_pq / 1e9,
                         "faiss_fastscan_gcodes_s": scanned / t_fast / 1e9,
+                        "opqn4_gcodes_s": scanned / t_ours4 / 1e9,
+                        "x4_faiss_fastscan": t_fast / t_ours4,
+                        "recall_opqn4": recall_ours4,
+                        "recall_faiss_fastscan": recall_fast4,
                         "naive_torch_gcodes_s": scanned / t_naive / 1e9 if t_naive else None,
                         "x_faiss_pq": t_pq / t_ours,
-                        "x_faiss_fastscan": t_fast / t_ours,
                         "x_naive_torch": t_naive / t_ours if t_naive else None,
                         "opqn_code_gbps": N * M * (1 if nq == 1 else nq) / t_ours / 1e9,
                         "positions_swapped_on_ties": swapped,
                     }
                     row["bandwidth_fraction"] = (N * M / t_ours / 1e9) / bandwidth if nq == 1 else None
                     rows.append(row)
-                    print(row, flush=True)
+                    print({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}, flush=True)
     torch.set_num_threads(2)
     where = f"{platform.machine()} CPU, FAISS {faiss.__version__} ({faiss.get_compile_options().strip()}), torch {torch.__version__}, ISA {opqn_ext.build_info()['active_cpu_isa']}"
     print(f"\nADC top-k scan, Gcodes/s (codes x queries per second); {where}; DRAM read {bandwidth:.1f} GB/s")
-    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'faiss PQ':>8} {'PQfast4':>8} {'naive':>7} |"
-            f" {'x PQ':>6} {'x fast4':>7} {'x naive':>7} | {'BW frac':>7}")
+    print("8-bit: M=8 x 256 words; 4-bit: M=16 x 16 words; recall@k against exact ADC; BW frac: nq=1 code bytes/s over DRAM read")
+    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'faiss PQ':>8} {'x PQ':>6} {'naive':>7} {'x naive':>7}"
+            f" {'BW frac':>7} | {'opqn 4b':>8} {'fast4':>7} {'x fast4':>7} {'recall':>6} {'f.recall':>8}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -138,8 +152,9 @@ def main():
         xn = f"{r['x_naive_torch']:>7.1f}" if r["x_naive_torch"] else f"{'-':>7}"
         bw = f"{r['bandwidth_fraction']:>7.2f}" if r["bandwidth_fraction"] is not None else f"{'-':>7}"
         print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} "
-              f"{r['faiss_pq_gcodes_s']:>8.3f} {r['faiss_fastscan_gcodes_s']:>8.3f} {naive} | "
-              f"{r['x_faiss_pq']:>6.2f} {r['x_faiss_fastscan']:>7.2f} {xn} | {bw}")
+              f"{r['faiss_pq_gcodes_s']:>8.3f} {r['x_faiss_pq']:>6.2f} {naive} {xn} {bw} | "
+              f"{r['opqn4_gcodes_s']:>8.3f} {r['faiss_fastscan_gcodes_s']:>7.3f} {r['x4_faiss_fastscan']:>7.2f} "
+              f"{r['recall_opqn4']:>6.3f} {r['recall_faiss_fastscan']:>8.3f}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adc_cpu.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

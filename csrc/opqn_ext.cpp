@@ -20,4 +20,9 @@ TORCH_LIBRARY(opqn_ext, m) {
   // lut: [nq, M, K] float32; codes: [N, M] uint8 -> scores [nq, k] float32 (descending),
   // indices [nq, k] int64; score(i) = sum_m lut[q, m, codes[i, m]]; ties to the smaller index
   m.def("adc_topk(Tensor lut, Tensor codes, int k) -> (Tensor scores, Tensor indices)");
+  // codes: [N, M] uint8, every value < 16 -> packed [ceil(N/32), ceil(M/2), 32] uint8 (fastscan4.h)
+  m.def("pack_codes4(Tensor codes) -> Tensor packed");
+  // lut: [nq, M, K <= 16] float32; packed from pack_codes4 of num_codes codes -> the top-k of the
+  // exact scores among the rerank * k best approximate (8-bit table) scores of each query
+  m.def("adc_topk4(Tensor lut, Tensor packed, int num_codes, int k, int rerank) -> (Tensor scores, Tensor indices)");
 }

@@ -77,3 +77,17 @@ def _adc_topk_fake(lut, codes, k):
     torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
     torch._check(k <= codes.shape[0], lambda: f"k ({k}) must be <= the number of codes N ({codes.shape[0]})")
     return lut.new_empty(lut.shape[0], k), lut.new_empty(lut.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("opqn_ext::pack_codes4")
+def _pack_codes4_fake(codes):
+    if codes.dim() != 2 or codes.dtype != torch.uint8:
+        raise RuntimeError("codes must be a uint8 tensor of shape [N, M]")
+    N, M = codes.shape
+    return codes.new_empty((N + 31) // 32, (M + 1) // 2, 32)
+
+
+@torch.library.register_fake("opqn_ext::adc_topk4")
+def _adc_topk4_fake(lut, packed, num_codes, k, rerank):
+    torch._check(k >= 1 and k <= num_codes, lambda: f"k ({k}) must be in [1, N={num_codes}]")
+    return lut.new_empty(lut.shape[0], k), lut.new_empty(lut.shape[0], k, dtype=torch.int64)

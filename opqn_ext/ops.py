@@ -4,6 +4,14 @@ from typing import NamedTuple
 import torch
 
 
+class PackedCodes4(NamedTuple):
+    """4-bit codes packed for :func:`adc_topk4` (layout in csrc/cpu/fastscan4.h)."""
+
+    data: torch.Tensor  # [ceil(N/32), ceil(M/2), 32] uint8
+    num_codes: int  # N
+    num_books: int  # M
+
+
 class SoftQuantizeResult(NamedTuple):
     probs: torch.Tensor  # [B, M, K] soft-assignment probabilities (the ADC table of a query)
     quantized: torch.Tensor  # [B, M, d] soft-quantized sub-vectors  C_m @ p_m
@@ -76,3 +84,31 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
     """
     scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, int(k))
     return scores, indices
+
+
+def pack_codes4(codes: torch.Tensor) -> PackedCodes4:
+    """Pack ``codes [N, M]`` uint8 (every value < 16, i.e. K <= 16) for the 4-bit fast scan."""
+    return PackedCodes4(torch.ops.opqn_ext.pack_codes4(codes), int(codes.shape[0]), int(codes.shape[1]))
+
+
+def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
+    """4-bit fast-scan top-k with exact re-scoring (CPU).
+
+    The query tables are quantized to 8-bit integers and looked up in registers (vpshufb on AVX2);
+    the ``rerank * k`` best approximate scores per query are re-scored exactly with ``lut``, and the
+    best ``k`` of those are returned, as :func:`adc_topk` would order them. The result equals exact
+    ADC whenever every true top-k code survives the approximate stage (recall is measured in the
+    tests and benchmarks; raise ``rerank`` for more).
+
+    Args:
+        lut: ``[nq, M, K]`` float32 tables with ``K <= 16``.
+        packed: from :func:`pack_codes4` of ``[N, M]`` codes.
+        k: results per query, ``1 <= k <= N``.
+        rerank: candidates re-scored per result (>= 1).
+
+    Returns:
+        ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index.
+    """
+    if packed.num_books != lut.shape[1]:
+        raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
+    return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, int(k), int(rerank))

@@ -41,7 +41,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
   const int64_t threads = at::get_num_threads();
   const int64_t parts = nq >= threads ? 1 : std::clamp<int64_t>(N / kMinCodesPerPart, 1, threads);
   const int64_t query_groups = std::min(nq, threads);
-  std::vector<ScoredId> storage(static_cast<size_t>(parts * nq * k));
+  std::vector<ScoredId> storage(static_cast<size_t>(parts * nq * 2 * k));
   std::vector<TopK> tops(static_cast<size_t>(parts * nq));  // [parts, nq]
   const float* lut_ptr = luts.const_data_ptr<float>();
   const uint8_t* code_ptr = codes.const_data_ptr<uint8_t>();
@@ -51,8 +51,9 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
       const int64_t q0 = nq * group / query_groups, q1 = nq * (group + 1) / query_groups;
       const int64_t r0 = N * part / parts, r1 = N * (part + 1) / parts;
       TopK* group_tops = tops.data() + part * nq + q0;
-      for (int64_t q = q0; q < q1; ++q) topk_init(tops[part * nq + q], storage.data() + (part * nq + q) * k, k);
+      for (int64_t q = q0; q < q1; ++q) topk_init(tops[part * nq + q], storage.data() + (part * nq + q) * 2 * k, k);
       scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, group_tops);
+      for (int64_t q = q0; q < q1; ++q) topk_finish(tops[part * nq + q]);
     }
   });
 
@@ -63,8 +64,8 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
     for (int64_t q = begin; q < end; ++q) {
       merged.clear();
       for (int64_t part = 0; part < parts; ++part) {
-        const ScoredId* e = tops[part * nq + q].entries;
-        merged.insert(merged.end(), e, e + k);
+        const TopK& top = tops[part * nq + q];
+        merged.insert(merged.end(), top.entries, top.entries + top.size);
       }
       std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
       for (int64_t j = 0; j < k; ++j) {

@@ -5,34 +5,33 @@
 
 namespace opqn::cpu {
 
-bool ranks_before(const ScoredId& a, const ScoredId& b) {
+namespace {
+inline bool before(const ScoredId& a, const ScoredId& b) {
   return a.score > b.score || (a.score == b.score && a.id < b.id);
 }
+}  // namespace
+
+bool ranks_before(const ScoredId& a, const ScoredId& b) { return before(a, b); }
 
 void topk_init(TopK& top, ScoredId* storage, int64_t k) {
-  std::fill(storage, storage + k, ScoredId{-std::numeric_limits<float>::infinity(),
-                                           std::numeric_limits<int64_t>::max()});
-  top = {storage, k, -std::numeric_limits<float>::infinity()};
+  const ScoredId none{-std::numeric_limits<float>::infinity(), std::numeric_limits<int64_t>::max()};
+  top = {storage, k, 0, none, none.score};
 }
 
 void topk_offer(TopK& top, float score, int64_t id) {
   const ScoredId item{score, id};
-  ScoredId* h = top.entries;
-  if (!ranks_before(item, h[0])) return;
-  // Replace the worst pair, then sift the newcomer down: every parent ranks after its children.
-  int64_t i = 0;
-  for (;;) {
-    int64_t child = 2 * i + 1;
-    if (child >= top.k) break;
-    if (child + 1 < top.k && ranks_before(h[child], h[child + 1])) ++child;  // the worse child
-    if (!ranks_before(item, h[child])) break;
-    h[i] = h[child];
-    i = child;
-  }
-  h[i] = item;
-  top.threshold = h[0].score;
+  if (!before(item, top.bound)) return;
+  top.entries[top.size++] = item;
+  if (top.size < 2 * top.k) return;
+  std::nth_element(top.entries, top.entries + top.k - 1, top.entries + top.size, before);
+  top.size = top.k;
+  top.bound = top.entries[top.k - 1];
+  top.threshold = top.bound.score;
 }
 
-void topk_sort(TopK& top) { std::sort(top.entries, top.entries + top.k, ranks_before); }
+void topk_finish(TopK& top) {
+  std::sort(top.entries, top.entries + top.size, before);
+  top.size = std::min(top.size, top.k);
+}
 
 }  // namespace opqn::cpu

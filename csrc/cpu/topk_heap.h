@@ -1,6 +1,8 @@
 // The k best (score, id) pairs of a scan. Result order: higher score first, then smaller id.
-// A plain struct with out-of-line functions (topk_heap.cpp, baseline ISA): the AVX2 scanner reads
-// `threshold` directly and calls topk_offer, so no inline code is shared between ISA builds.
+// A reservoir: pairs that beat the current bound are appended; when 2k have gathered, the best k
+// are kept (nth_element) and the k-th of them becomes the new bound. Amortized O(1) per kept pair.
+// A plain struct with out-of-line functions (topk_heap.cpp, baseline ISA): the AVX2 scanners read
+// `threshold` directly and call topk_offer, so no inline code is shared between ISA builds.
 #pragma once
 
 #include <cstdint>
@@ -16,18 +18,20 @@ struct ScoredId {
 bool ranks_before(const ScoredId& a, const ScoredId& b);
 
 struct TopK {
-  ScoredId* entries;  // [k] a heap whose top, entries[0], is the worst kept pair
+  ScoredId* entries;  // [2k] storage; entries[0, size) hold the candidates
   int64_t k;
-  float threshold;  // entries[0].score; in a scan by increasing id, a score must exceed it to enter
+  int64_t size;
+  ScoredId bound;   // a pair must rank before it to be kept
+  float threshold;  // bound.score; in a scan by increasing id, a score must exceed it to enter
 };
 
-// Starts an empty top-k over storage [k]: sentinel pairs (-inf, INT64_MAX) that any real pair beats.
+// Starts an empty top-k over storage [2k].
 void topk_init(TopK& top, ScoredId* storage, int64_t k);
 
-// Keeps (score, id) if it ranks before the worst kept pair.
+// Keeps (score, id) if it ranks before the bound.
 void topk_offer(TopK& top, float score, int64_t id);
 
-// Sorts the kept pairs into result order, in place.
-void topk_sort(TopK& top);
+// Leaves the best min(size, k) pairs in entries[0, size), in result order.
+void topk_finish(TopK& top);
 
 }  // namespace opqn::cpu

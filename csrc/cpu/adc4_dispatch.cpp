@@ -1,0 +1,146 @@
+// CPU adc_topk4: quantizes each query's table to small integers, runs the 4-bit scanner of the
+// active ISA with top-(rerank * k) heaps of approximate scores (threads split as in adc_topk),
+// then re-scores the candidates exactly with the float table (entries added in book order, as
+// adc_topk does) and keeps the best k in result order (score descending, then smaller index).
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/isfinite.h>
+#include <torch/library.h>
+
+#include "adc.h"
+#include "checks.h"
+#include "cpu/adc_scan.h"
+#include "cpu/cpu_isa.h"
+#include "cpu/fastscan4.h"
+
+namespace opqn::cpu {
+
+Scan4Fn scanner4() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (active_cpu_isa() == CpuIsa::Avx2) return &avx2::scan4;
+#endif
+  return &scalar::scan4;
+}
+
+namespace {
+
+constexpr int64_t kMinBlocksPerPart = 512;  // 16384 codes
+
+// lut: [nq, M, K] -> [nq, pairs, 32] tables of integers: per book, entries minus the book's
+// minimum, times one scale per query chosen so that a code's sum never exceeds 32767.
+std::vector<uint8_t> quantize_tables(const float* lut, int64_t nq, int64_t M, int64_t K, int64_t pairs) {
+  std::vector<uint8_t> tables(static_cast<size_t>(nq * pairs * 32), 0);
+  const float levels = static_cast<float>(std::min<int64_t>(255, 32767 / (2 * pairs)));
+  for (int64_t q = 0; q < nq; ++q) {
+    const float* l = lut + q * M * K;
+    float range = 0.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      const auto [lo, hi] = std::minmax_element(l + m * K, l + (m + 1) * K);
+      range = std::max(range, *hi - *lo);
+    }
+    const float scale = range > 0.0f ? levels / range : 0.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      const float bias = *std::min_element(l + m * K, l + (m + 1) * K);
+      uint8_t* t = tables.data() + (q * pairs + m / 2) * 32 + (m % 2) * 16;
+      for (int64_t k = 0; k < K; ++k)
+        t[k] = static_cast<uint8_t>(std::min(levels, std::nearbyint((l[m * K + k] - bias) * scale)));
+    }
+  }
+  return tables;
+}
+
+void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t num_codes, int64_t k,
+                     int64_t rerank) {
+  check_defined(lut, "lut");
+  check_defined(packed, "packed");
+  check_rank(lut, 3, "lut", "[nq, M, K]");
+  check_rank(packed, 3, "packed", "[blocks, pairs, 32] (from pack_codes4)");
+  TORCH_CHECK(lut.scalar_type() == at::kFloat, "lut must be float32, got ", lut.scalar_type());
+  TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
+  check_same_device(packed, lut, "packed", "lut");
+  const int64_t M = lut.size(1), K = lut.size(2);
+  TORCH_CHECK(M >= 1 && K >= 1 && K <= 16, "lut must have M >= 1 books of 1 <= K <= 16 words for 4-bit codes, got shape ",
+              lut.sizes());
+  TORCH_CHECK(packed.size(1) == (M + 1) / 2 && packed.size(2) == 32, "packed must have shape [blocks, ",
+              (M + 1) / 2, ", 32] for M=", M, " books, got ", packed.sizes());
+  TORCH_CHECK(num_codes >= 0 && num_codes <= packed.size(0) * 32 && num_codes > (packed.size(0) - 1) * 32,
+              "num_codes (", num_codes, ") does not match packed with ", packed.size(0), " blocks of 32 codes");
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(k <= num_codes, "k (", k, ") must be <= the number of codes N (", num_codes, ")");
+  TORCH_CHECK(rerank >= 1, "rerank must be >= 1 (candidates re-scored per result), got ", rerank);
+  TORCH_CHECK(lut.numel() == 0 || at::isfinite(lut).all().item<bool>(),
+              "lut must be finite: it contains NaN or infinite values");
+}
+
+std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in,
+                                                 int64_t num_codes, int64_t k, int64_t rerank) {
+  check_adc4_args(lut_in, packed_in, num_codes, k, rerank);
+  const at::Tensor lut = lut_in.contiguous();
+  const at::Tensor packed = packed_in.contiguous();
+  const int64_t nq = lut.size(0), M = lut.size(1), K = lut.size(2), pairs = packed.size(1);
+  const int64_t blocks = packed.size(0);
+  at::Tensor scores = at::empty({nq, k}, lut.options());
+  at::Tensor indices = at::empty({nq, k}, lut.options().dtype(at::kLong));
+  if (nq == 0) return {scores, indices};
+  const float* lut_ptr = lut.const_data_ptr<float>();
+  const uint8_t* packed_ptr = packed.const_data_ptr<uint8_t>();
+  const std::vector<uint8_t> tables = quantize_tables(lut_ptr, nq, M, K, pairs);
+  const int64_t candidates = std::min(num_codes, rerank * k);
+  const Scan4Fn scan = scanner4();
+
+  const int64_t threads = at::get_num_threads();
+  const int64_t parts = nq >= threads ? 1 : std::clamp<int64_t>(blocks / kMinBlocksPerPart, 1, threads);
+  const int64_t query_groups = std::min(nq, threads);
+  std::vector<ScoredId> storage(static_cast<size_t>(parts * nq * 2 * candidates));
+  std::vector<TopK> tops(static_cast<size_t>(parts * nq));  // [parts, nq]
+  at::parallel_for(0, parts * query_groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t part = task / query_groups, group = task % query_groups;
+      const int64_t q0 = nq * group / query_groups, q1 = nq * (group + 1) / query_groups;
+      for (int64_t q = q0; q < q1; ++q)
+        topk_init(tops[part * nq + q], storage.data() + (part * nq + q) * 2 * candidates, candidates);
+      scan(tables.data() + q0 * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, blocks * part / parts,
+           blocks * (part + 1) / parts, tops.data() + part * nq + q0);
+      for (int64_t q = q0; q < q1; ++q) topk_finish(tops[part * nq + q]);
+    }
+  });
+
+  float* score_out = scores.mutable_data_ptr<float>();
+  int64_t* index_out = indices.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, nq, 16, [&](int64_t begin, int64_t end) {
+    std::vector<ScoredId> exact;
+    for (int64_t q = begin; q < end; ++q) {
+      exact.clear();
+      const float* l = lut_ptr + q * M * K;
+      for (int64_t part = 0; part < parts; ++part) {
+        const TopK& top = tops[part * nq + q];
+        for (int64_t c = 0; c < top.size; ++c) {
+          const int64_t id = top.entries[c].id;
+          float s = 0.0f;
+          for (int64_t m = 0; m < M; ++m) {
+            const uint8_t word = packed_word(packed_ptr, pairs, id, m);
+            s += word < K ? l[m * K + word] : 0.0f;
+          }
+          exact.push_back({s, id});
+        }
+      }
+      std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), ranks_before);
+      for (int64_t j = 0; j < k; ++j) {
+        score_out[q * k + j] = exact[j].score;
+        index_out[q * k + j] = exact[j].id;
+      }
+    }
+  });
+  return {scores, indices};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(opqn_ext, CPU, m) { m.impl("adc_topk4", &adc_topk4_cpu); }
+
+}  // namespace opqn::cpu
