@@ -27,6 +27,7 @@ bench: build
 	$(PIP) install -q -e ".[bench]" --no-build-isolation
 	$(PYTHON) -m pytest benchmarks/test_op_timings.py --benchmark-only -q
 	$(PYTHON) benchmarks/bench_soft_quantize.py
+	$(PYTHON) benchmarks/bench_adc.py
 
 clean:
 	rm -rf build opqn_ext/_C*.so

@@ -109,6 +109,8 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     Returns:
         ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index.
     """
+    if lut.device.type != "cpu":
+        raise ValueError(f"adc_topk4 runs on the CPU; lut is on {lut.device} (use adc_topk on GPUs)")
     if packed.num_books != lut.shape[1]:
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
     return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, int(k), int(rerank))

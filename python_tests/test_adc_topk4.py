@@ -1,0 +1,108 @@
+"""pack_codes4 layout and adc_topk4: exact scores for what it returns, identical results on every
+path, recall against exact ADC, and equality with adc_topk when every code is re-scored."""
+import pytest
+import torch
+
+import opqn_ext
+from opqn_ext import reference
+
+
+def problem(nq, M, K, N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lut = torch.rand(nq, M, K, generator=g)
+    codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+    return lut, codes
+
+
+@pytest.mark.parametrize("N,M", [(0, 3), (1, 1), (31, 2), (32, 16), (70, 5), (1000, 16)])
+def test_pack_codes4_layout(N, M, device):
+    codes = torch.randint(0, 16, (N, M), dtype=torch.uint8, generator=torch.Generator().manual_seed(N)).to(device)
+    packed = opqn_ext.pack_codes4(codes)
+    assert packed.num_codes == N and packed.num_books == M
+    data = packed.data.cpu()
+    assert data.shape == ((N + 31) // 32, (M + 1) // 2, 32) and data.dtype == torch.uint8
+    for i in range(N):
+        for m in range(M):
+            byte = int(data[i // 32, m // 2, (m % 2) * 16 + (i % 32) % 16])
+            assert (byte & 15 if i % 32 < 16 else byte >> 4) == int(codes[i, m])
+    # padding codes and books are zero
+    if N % 32:
+        last = data[-1].view(-1, 2, 16)
+        j = torch.arange(16)
+        low_pad = (j + (N // 32) * 32 >= N)
+        assert (last[:, :, low_pad] & 15).eq(0).all()
+
+
+@pytest.mark.parametrize("nq,M,K,N,k", [(1, 16, 16, 100000, 10), (7, 5, 7, 1001, 50), (2, 1, 16, 33, 33),
+                                        (40, 16, 16, 20000, 100), (3, 8, 2, 5000, 1)])
+def test_returned_scores_are_exact_and_ordered(nq, M, K, N, k, cpu_isa):
+    lut, codes = problem(nq, M, K, N, seed=N)
+    scores, idx = opqn_ext.adc_topk4(lut, opqn_ext.pack_codes4(codes), k)
+    full = reference.adc_scores(lut, codes)
+    assert torch.equal(scores, full.gather(1, idx))
+    assert (scores[:, 1:] <= scores[:, :-1]).all()
+    assert all(len(set(row.tolist())) == k for row in idx)
+
+
+def test_recall_at_10_is_at_least_0_99_on_opqn_tables():
+    # OPQN tables: soft assignments of queries over 16 orthonormal words per book
+    g = torch.Generator().manual_seed(0)
+    M, d, K, N, nq = 16, 16, 16, 200000, 50
+    codebook = opqn_ext.orthonormal_codebooks(M, d, K)
+    x = torch.randn(nq, M * d, generator=g)
+    lut = opqn_ext.soft_quantize(x, torch.randn(M, d, K, generator=g) / 4, codebook, 8.0, True).probs
+    codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+    exact = opqn_ext.adc_topk(lut, codes, 10)[1]
+    found = opqn_ext.adc_topk4(lut, opqn_ext.pack_codes4(codes), 10)[1]
+    recall = sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel()
+    assert recall >= 0.99, recall
+
+
+def test_rescoring_every_code_gives_exact_adc(cpu_isa):
+    lut, codes = problem(5, 6, 16, 3000, seed=1)
+    lut = torch.floor(lut * 4)  # integer tables: many exact ties
+    packed = opqn_ext.pack_codes4(codes)
+    for k in (1, 17, 100):
+        got = opqn_ext.adc_topk4(lut, packed, k, rerank=3000)
+        want = opqn_ext.adc_topk(lut, codes, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_paths_and_thread_counts_agree():
+    lut, codes = problem(3, 16, 16, 600000, seed=2)
+    packed = opqn_ext.pack_codes4(codes)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for isa in opqn_ext._C.available_cpu_isas():
+            opqn_ext._C.set_cpu_isa(isa)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append([opqn_ext.adc_topk4(lut[:nq], packed, 20) for nq in (1, 3)])
+    finally:
+        torch.set_num_threads(before)
+        opqn_ext._C.set_cpu_isa(opqn_ext._C.available_cpu_isas()[-1])
+    for r in results[1:]:
+        for (s, i), (s0, i0) in zip(r, results[0]):
+            assert torch.equal(s, s0) and torch.equal(i, i0)
+
+
+def test_errors():
+    lut, codes = problem(1, 4, 16, 100)
+    packed = opqn_ext.pack_codes4(codes)
+    with pytest.raises(RuntimeError, match="codes must all be < 16"):
+        opqn_ext.pack_codes4(torch.full((3, 2), 16, dtype=torch.uint8))
+    with pytest.raises(RuntimeError, match="codes must be uint8"):
+        opqn_ext.pack_codes4(codes.int())
+    with pytest.raises(RuntimeError, match="1 <= K <= 16"):
+        opqn_ext.adc_topk4(torch.rand(1, 4, 17), packed, 5)
+    with pytest.raises(RuntimeError, match="k \\(101\\) must be <= the number of codes N \\(100\\)"):
+        opqn_ext.adc_topk4(lut, packed, 101)
+    with pytest.raises(RuntimeError, match="rerank must be >= 1"):
+        opqn_ext.adc_topk4(lut, packed, 5, rerank=0)
+    with pytest.raises(RuntimeError, match="lut must be finite"):
+        opqn_ext.adc_topk4(torch.full((1, 4, 16), float("nan")), packed, 5)
+    with pytest.raises(ValueError, match="packed codes have 4 books but lut has M=6"):
+        opqn_ext.adc_topk4(torch.rand(1, 6, 16), packed, 5)
+    with pytest.raises(RuntimeError, match="num_codes \\(200\\) does not match packed"):
+        torch.ops.opqn_ext.adc_topk4(lut, packed.data, 200, 5, 2)
