@@ -66,7 +66,7 @@ def test_ties_are_broken_by_smaller_index(cpu_isa, device):
 
 
 def test_paths_and_thread_counts_give_identical_results():
-    lut, codes = problem(3, 8, 64, 300001, seed=5, high=4)
+    lut, codes = problem(9, 8, 64, 300001, seed=5, high=4)
     lut = lut + torch.rand(lut.shape, generator=torch.Generator().manual_seed(1))  # non-integer sums
     results = []
     before = torch.get_num_threads()
@@ -75,7 +75,7 @@ def test_paths_and_thread_counts_give_identical_results():
             opqn_ext._C.set_cpu_isa(isa)
             for threads in (1, 2):
                 torch.set_num_threads(threads)
-                for nq in (1, 3):  # one query splits the database, three split the queries
+                for nq in (1, 3, 9):  # 1: the database is split; 3, 9: queries are; 9: AVX2 gathers
                     results.append((nq, opqn_ext.adc_topk(lut[:nq], codes, 64)))
     finally:
         torch.set_num_threads(before)
@@ -87,7 +87,7 @@ def test_paths_and_thread_counts_give_identical_results():
 
 def test_codes_at_or_above_k_never_read_outside_the_table(cpu_isa, device):
     # K = 5 but codes take every byte value: entries past K count as 0, nothing reads past the table
-    lut, codes = problem(2, 6, 5, 3000, code_high=256, seed=3)
+    lut, codes = problem(9, 6, 5, 3000, code_high=256, seed=3)  # 9 queries: the gather path too
     scores, idx = check(lut.to(device), codes.to(device), 30)
     assert (codes >= 5).any()
 
