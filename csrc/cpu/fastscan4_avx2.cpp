@@ -44,10 +44,11 @@ __m256i threshold_of(const TopK& top) {
   return _mm256_set1_epi16(top.threshold < 0.0f ? int16_t(-1) : static_cast<int16_t>(top.threshold));
 }
 
-}  // namespace
-
-void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs, int64_t num_codes,
-           int64_t first_block, int64_t end_block, TopK* tops) {
+// kPairs > 0: the number of book pairs as a compile-time constant (the loop over them unrolls).
+template <int64_t kPairs>
+void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs_runtime,
+                 int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
+  const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   for (int64_t block = first_block; block < end_block; ++block) {
     const uint8_t* codes = packed + block * pairs * 32;
@@ -74,6 +75,19 @@ void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pai
       const uint32_t high_mask = _mm256_movemask_epi8(_mm256_cmpgt_epi16(high_sums, threshold_of(top)));
       if (high_mask != 0) offer_group(high_sums, high_mask, first_id + 16, num_codes, top);
     }
+  }
+}
+
+}  // namespace
+
+void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs, int64_t num_codes,
+           int64_t first_block, int64_t end_block, TopK* tops) {
+  switch (pairs) {
+    case 2: return scan4_pairs<2>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    case 4: return scan4_pairs<4>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    case 8: return scan4_pairs<8>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    case 16: return scan4_pairs<16>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    default: return scan4_pairs<0>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
   }
 }
 
