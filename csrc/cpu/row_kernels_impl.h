@@ -11,9 +11,6 @@
 
 #include "cpu/row_kernels.h"
 
-// The vector helpers are internal and inlined: their ABI across builds does not matter.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 namespace opqn::cpu::OPQN_ISA {
 namespace {
 
