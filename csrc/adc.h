@@ -12,8 +12,14 @@ struct AdcDims {
 // Most books a code may have.
 constexpr int64_t kMaxBooks = 256;
 
-// Validates lut [nq, M, K] float32 (finite; K <= 256), codes [N, M] uint8 and 1 <= k <= N.
-// The finiteness check is one pass over lut (and a sync on CUDA).
+// Validates lut [nq, M, K] float32 with 1 <= M <= 256 books and 1 <= K <= max_words words, all
+// finite (one pass over lut, and a sync on CUDA); `codes` names the code format in the message.
+void check_lut(const at::Tensor& lut, int64_t max_words, const char* codes);
+
+// Validates 1 <= k <= N.
+void check_k(int64_t k, int64_t N);
+
+// Validates lut (check_lut, K <= 256), codes [N, M] uint8 and k.
 AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k);
 
 // lut [nq, M, K] -> [nq, M, 256], zero past K: any uint8 code indexes inside it (a code >= K

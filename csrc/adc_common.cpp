@@ -7,26 +7,34 @@
 
 namespace opqn {
 
-AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k) {
+void check_lut(const at::Tensor& lut, int64_t max_words, const char* codes) {
   check_defined(lut, "lut");
-  check_defined(codes, "codes");
   check_rank(lut, 3, "lut", "[nq, M, K]");
-  check_rank(codes, 2, "codes", "[N, M]");
   TORCH_CHECK(lut.scalar_type() == at::kFloat, "lut must be float32, got ", lut.scalar_type());
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
-  check_same_device(codes, lut, "codes", "lut");
-  const int64_t nq = lut.size(0), M = lut.size(1), K = lut.size(2), N = codes.size(0);
-  TORCH_CHECK(M >= 1 && M <= kMaxBooks, "lut must have 1 <= M <= ", kMaxBooks, " books, got shape ",
-              lut.sizes());
-  TORCH_CHECK(K >= 1 && K <= 256, "lut must have 1 <= K <= 256 words per book (codes are uint8), got shape ",
-              lut.sizes());
-  TORCH_CHECK(codes.size(1) == M, "codes must have M=", M, " columns to match lut ", lut.sizes(),
-              ", got shape ", codes.sizes());
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK(k <= N, "k (", k, ") must be <= the number of codes N (", N, ")");
+  TORCH_CHECK(lut.size(1) >= 1 && lut.size(1) <= kMaxBooks, "lut must have 1 <= M <= ", kMaxBooks,
+              " books, got shape ", lut.sizes());
+  TORCH_CHECK(lut.size(2) >= 1 && lut.size(2) <= max_words, "lut must have 1 <= K <= ", max_words,
+              " words per book (", codes, "), got shape ", lut.sizes());
   TORCH_CHECK(lut.numel() == 0 || at::isfinite(lut).all().item<bool>(),
               "lut must be finite: it contains NaN or infinite values");
-  return {nq, M, K, N};
+}
+
+void check_k(int64_t k, int64_t N) {
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  TORCH_CHECK(k <= N, "k (", k, ") must be <= the number of codes N (", N, ")");
+}
+
+AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k) {
+  check_lut(lut, 256, "uint8 codes");
+  check_defined(codes, "codes");
+  check_rank(codes, 2, "codes", "[N, M]");
+  TORCH_CHECK(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
+  check_same_device(codes, lut, "codes", "lut");
+  const int64_t M = lut.size(1);
+  TORCH_CHECK(codes.size(1) == M, "codes must have M=", M, " columns to match lut ", lut.sizes(),
+              ", got shape ", codes.sizes());
+  check_k(k, codes.size(0));
+  return {lut.size(0), M, lut.size(2), codes.size(0)};
 }
 
 at::Tensor pad_lut(const at::Tensor& lut) {

@@ -22,6 +22,22 @@ def cpu_isa(request):
     opqn_ext._C.set_cpu_isa(before)
 
 
+def results_on_every_path(fn):
+    """[fn() for every CPU instruction-set path x 1 and 2 threads], restoring both afterwards."""
+    threads_before, isa_before = torch.get_num_threads(), opqn_ext._C.active_cpu_isa()
+    results = []
+    try:
+        for isa in CPU_ISAS:
+            opqn_ext._C.set_cpu_isa(isa)
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                results.append(fn())
+    finally:
+        torch.set_num_threads(threads_before)
+        opqn_ext._C.set_cpu_isa(isa_before)
+    return results
+
+
 def make_problem(B, M, d, K, *, dtype=torch.float64, device="cpu", seed=0, kind="dct"):
     """x [B, M*d], Xavier-like assign_weight [M, d, K], orthonormal codebook [M, d, K]."""
     g = torch.Generator().manual_seed(seed)

@@ -6,6 +6,7 @@ import torch
 
 import opqn_ext
 from opqn_ext import reference
+from conftest import results_on_every_path
 
 
 def problem(nq, M, K, N, seed=0, high=20, code_high=None):
@@ -68,21 +69,11 @@ def test_ties_are_broken_by_smaller_index(cpu_isa, device):
 def test_paths_and_thread_counts_give_identical_results():
     lut, codes = problem(9, 8, 64, 300001, seed=5, high=4)
     lut = lut + torch.rand(lut.shape, generator=torch.Generator().manual_seed(1))  # non-integer sums
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for isa in opqn_ext._C.available_cpu_isas():
-            opqn_ext._C.set_cpu_isa(isa)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                for nq in (1, 3, 9):  # 1: the database is split; 3, 9: queries are; 9: AVX2 gathers
-                    results.append((nq, opqn_ext.adc_topk(lut[:nq], codes, 64)))
-    finally:
-        torch.set_num_threads(before)
-        opqn_ext._C.set_cpu_isa(opqn_ext._C.available_cpu_isas()[-1])
-    for nq, (s, i) in results:
-        ref_s, ref_i = next(r for n, r in results if n == nq)
-        assert torch.equal(s, ref_s) and torch.equal(i, ref_i)
+    # 1 query: the database is split; 3 and 9: the queries are; 9: the AVX2 gather path
+    runs = results_on_every_path(lambda: [opqn_ext.adc_topk(lut[:nq], codes, 64) for nq in (1, 3, 9)])
+    for run in runs[1:]:
+        for (s, i), (s0, i0) in zip(run, runs[0]):
+            assert torch.equal(s, s0) and torch.equal(i, i0)
 
 
 def test_codes_at_or_above_k_never_read_outside_the_table(cpu_isa, device):

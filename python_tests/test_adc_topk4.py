@@ -5,6 +5,7 @@ import torch
 
 import opqn_ext
 from opqn_ext import reference
+from conftest import results_on_every_path
 
 
 def problem(nq, M, K, N, seed=0):
@@ -71,19 +72,9 @@ def test_rescoring_every_code_gives_exact_adc(cpu_isa):
 def test_paths_and_thread_counts_agree():
     lut, codes = problem(3, 16, 16, 600000, seed=2)
     packed = opqn_ext.pack_codes4(codes)
-    results = []
-    before = torch.get_num_threads()
-    try:
-        for isa in opqn_ext._C.available_cpu_isas():
-            opqn_ext._C.set_cpu_isa(isa)
-            for threads in (1, 2):
-                torch.set_num_threads(threads)
-                results.append([opqn_ext.adc_topk4(lut[:nq], packed, 20) for nq in (1, 3)])
-    finally:
-        torch.set_num_threads(before)
-        opqn_ext._C.set_cpu_isa(opqn_ext._C.available_cpu_isas()[-1])
-    for r in results[1:]:
-        for (s, i), (s0, i0) in zip(r, results[0]):
+    runs = results_on_every_path(lambda: [opqn_ext.adc_topk4(lut[:nq], packed, 20) for nq in (1, 3)])
+    for run in runs[1:]:
+        for (s, i), (s0, i0) in zip(run, runs[0]):
             assert torch.equal(s, s0) and torch.equal(i, i0)
 
 

@@ -1,5 +1,5 @@
 // CPU adc_topk4: quantizes each query's table to small integers, runs the 4-bit scanner of the
-// active ISA with top-(rerank * k) heaps of approximate scores (threads split as in adc_topk),
+// active ISA on every thread (topk_tasks.h) keeping the rerank * k best approximate scores,
 // then re-scores the candidates exactly with the float table (entries added in book order, as
 // adc_topk does) and keeps the best k in result order (score descending, then smaller index).
 #include <algorithm>
@@ -9,7 +9,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <torch/library.h>
 
 #include "adc.h"
@@ -17,6 +16,7 @@
 #include "cpu/adc_scan.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/fastscan4.h"
+#include "cpu/topk_tasks.h"
 
 namespace opqn::cpu {
 
@@ -56,25 +56,18 @@ std::vector<uint8_t> quantize_tables(const float* lut, int64_t nq, int64_t M, in
 
 void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t num_codes, int64_t k,
                      int64_t rerank) {
-  check_defined(lut, "lut");
+  check_lut(lut, 16, "4-bit codes");
   check_defined(packed, "packed");
-  check_rank(lut, 3, "lut", "[nq, M, K]");
   check_rank(packed, 3, "packed", "[blocks, pairs, 32] (from pack_codes4)");
-  TORCH_CHECK(lut.scalar_type() == at::kFloat, "lut must be float32, got ", lut.scalar_type());
   TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
   check_same_device(packed, lut, "packed", "lut");
-  const int64_t M = lut.size(1), K = lut.size(2);
-  TORCH_CHECK(M >= 1 && K >= 1 && K <= 16, "lut must have M >= 1 books of 1 <= K <= 16 words for 4-bit codes, got shape ",
-              lut.sizes());
+  const int64_t M = lut.size(1);
   TORCH_CHECK(packed.size(1) == (M + 1) / 2 && packed.size(2) == 32, "packed must have shape [blocks, ",
               (M + 1) / 2, ", 32] for M=", M, " books, got ", packed.sizes());
   TORCH_CHECK(num_codes >= 0 && num_codes <= packed.size(0) * 32 && num_codes > (packed.size(0) - 1) * 32,
               "num_codes (", num_codes, ") does not match packed with ", packed.size(0), " blocks of 32 codes");
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK(k <= num_codes, "k (", k, ") must be <= the number of codes N (", num_codes, ")");
+  check_k(k, num_codes);
   TORCH_CHECK(rerank >= 1, "rerank must be >= 1 (candidates re-scored per result), got ", rerank);
-  TORCH_CHECK(lut.numel() == 0 || at::isfinite(lut).all().item<bool>(),
-              "lut must be finite: it contains NaN or infinite values");
 }
 
 std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in,
@@ -93,22 +86,10 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
   const int64_t candidates = std::min(num_codes, rerank * k);
   const Scan4Fn scan = scanner4();
 
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = nq >= threads ? 1 : std::clamp<int64_t>(blocks / kMinBlocksPerPart, 1, threads);
-  const int64_t query_groups = std::min(nq, threads);
-  std::vector<ScoredId> storage(static_cast<size_t>(parts * nq * 2 * candidates));
-  std::vector<TopK> tops(static_cast<size_t>(parts * nq));  // [parts, nq]
-  at::parallel_for(0, parts * query_groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t part = task / query_groups, group = task % query_groups;
-      const int64_t q0 = nq * group / query_groups, q1 = nq * (group + 1) / query_groups;
-      for (int64_t q = q0; q < q1; ++q)
-        topk_init(tops[part * nq + q], storage.data() + (part * nq + q) * 2 * candidates, candidates);
-      scan(tables.data() + q0 * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, blocks * part / parts,
-           blocks * (part + 1) / parts, tops.data() + part * nq + q0);
-      for (int64_t q = q0; q < q1; ++q) topk_finish(tops[part * nq + q]);
-    }
-  });
+  const PartialTopK partial = scan_in_parallel(
+      nq, blocks, kMinBlocksPerPart, candidates, [&](int64_t q0, int64_t q1, int64_t b0, int64_t b1, TopK* tops) {
+        scan(tables.data() + q0 * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, b0, b1, tops);
+      });
 
   float* score_out = scores.mutable_data_ptr<float>();
   int64_t* index_out = indices.mutable_data_ptr<int64_t>();
@@ -117,8 +98,8 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
     for (int64_t q = begin; q < end; ++q) {
       exact.clear();
       const float* l = lut_ptr + q * M * K;
-      for (int64_t part = 0; part < parts; ++part) {
-        const TopK& top = tops[part * nq + q];
+      for (int64_t part = 0; part < partial.parts; ++part) {
+        const TopK& top = partial.tops[part * nq + q];
         for (int64_t c = 0; c < top.size; ++c) {
           const int64_t id = top.entries[c].id;
           float s = 0.0f;

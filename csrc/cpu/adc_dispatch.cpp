@@ -1,7 +1,5 @@
-// CPU adc_topk: picks the scanner of the active ISA and splits the work over threads. With at
-// least as many queries as threads, each thread scans the whole database for its share of the
-// queries; with fewer, the database is split so that even one query uses every core, and the
-// per-part top-k lists are merged. The result order (score descending, then smaller index) is a
+// CPU adc_topk: the scanner of the active ISA, run on every thread (topk_tasks.h); the per-part
+// top-k lists of a query are merged. The result order (score descending, then smaller index) is a
 // total order, so the merged result is the same for every thread count and ISA.
 #include <algorithm>
 #include <vector>
@@ -14,6 +12,7 @@
 #include "adc.h"
 #include "cpu/adc_scan.h"
 #include "cpu/cpu_isa.h"
+#include "cpu/topk_tasks.h"
 
 namespace opqn::cpu {
 
@@ -38,24 +37,12 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
   const at::Tensor codes = codes_in.contiguous();
   const AdcScanFn scan = adc_scanner();
 
-  const int64_t threads = at::get_num_threads();
-  const int64_t parts = nq >= threads ? 1 : std::clamp<int64_t>(N / kMinCodesPerPart, 1, threads);
-  const int64_t query_groups = std::min(nq, threads);
-  std::vector<ScoredId> storage(static_cast<size_t>(parts * nq * 2 * k));
-  std::vector<TopK> tops(static_cast<size_t>(parts * nq));  // [parts, nq]
   const float* lut_ptr = luts.const_data_ptr<float>();
   const uint8_t* code_ptr = codes.const_data_ptr<uint8_t>();
-  at::parallel_for(0, parts * query_groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t part = task / query_groups, group = task % query_groups;
-      const int64_t q0 = nq * group / query_groups, q1 = nq * (group + 1) / query_groups;
-      const int64_t r0 = N * part / parts, r1 = N * (part + 1) / parts;
-      TopK* group_tops = tops.data() + part * nq + q0;
-      for (int64_t q = q0; q < q1; ++q) topk_init(tops[part * nq + q], storage.data() + (part * nq + q) * 2 * k, k);
-      scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, group_tops);
-      for (int64_t q = q0; q < q1; ++q) topk_finish(tops[part * nq + q]);
-    }
-  });
+  const PartialTopK partial = scan_in_parallel(
+      nq, N, kMinCodesPerPart, k, [&](int64_t q0, int64_t q1, int64_t r0, int64_t r1, TopK* tops) {
+        scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, tops);
+      });
 
   float* score_out = scores.mutable_data_ptr<float>();
   int64_t* index_out = indices.mutable_data_ptr<int64_t>();
@@ -63,8 +50,8 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
     std::vector<ScoredId> merged;
     for (int64_t q = begin; q < end; ++q) {
       merged.clear();
-      for (int64_t part = 0; part < parts; ++part) {
-        const TopK& top = tops[part * nq + q];
+      for (int64_t part = 0; part < partial.parts; ++part) {
+        const TopK& top = partial.tops[part * nq + q];
         merged.insert(merged.end(), top.entries, top.entries + top.size);
       }
       std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
