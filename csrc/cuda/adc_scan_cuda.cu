@@ -62,6 +62,8 @@ adc_chunk_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ cod
 std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at::Tensor& codes_in,
                                                  int64_t k) {
   const auto [nq, M, K, N] = check_adc_args(lut, codes_in, k);
+  TORCH_CHECK(nq <= 65535, "adc_topk on CUDA takes up to 65535 queries per call, got ", nq,
+              " (split the queries into batches)");
   const c10::cuda::CUDAGuard guard(lut.device());
   if (nq == 0) {
     return {at::empty({0, k}, lut.options()), at::empty({0, k}, lut.options().dtype(at::kLong))};
