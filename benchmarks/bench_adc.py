@@ -63,7 +63,6 @@ def faiss_pq(codebook, codes, nbits):
     faiss.copy_array_to_vector(centroids.ravel(), index.pq.centroids)
     index.is_trained = True
     packed = codes.numpy() if nbits == 8 else (codes[:, 0::2] | (codes[:, 1::2] << 4)).numpy()
-    index.sa_decode  # noqa: B018  (codes go in through the flat-codes storage)
     faiss.copy_array_to_vector(np.ascontiguousarray(packed).ravel(), index.codes)
     index.ntotal = codes.shape[0]
     return index

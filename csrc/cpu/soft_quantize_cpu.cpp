@@ -15,7 +15,6 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
-#include "checks.h"
 #include "cpu/row_kernels.h"
 #include "soft_quantize.h"
 

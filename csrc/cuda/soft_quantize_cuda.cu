@@ -14,7 +14,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include "checks.h"
 #include "cuda/cuda_utils.cuh"
 #include "cuda/tile_products.cuh"
 #include "soft_quantize.h"
