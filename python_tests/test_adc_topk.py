@@ -153,3 +153,12 @@ def test_adc_topk_under_compile():
     compiled = torch.compile(lambda l, c: opqn_ext.adc_topk(l, c, 7), fullgraph=True)
     got, want = compiled(lut, codes), opqn_ext.adc_topk(lut, codes, 7)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_full_ranking_of_many_queries_goes_in_bounded_batches():
+    # k = N: candidate lists of 45 queries exceed one batch's memory bound, so queries go in
+    # several batches; results must not notice
+    lut, codes = problem(45, 2, 4, 200_000, seed=11, high=3)
+    scores, idx = opqn_ext.adc_topk(lut, codes, 200_000)
+    want_s, want_i = reference.adc_topk(lut, codes, 200_000)
+    assert torch.equal(idx, want_i) and torch.equal(scores, want_s)

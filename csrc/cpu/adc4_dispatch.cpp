@@ -86,36 +86,38 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
   const int64_t candidates = std::min(num_codes, rerank * k);
   const Scan4Fn scan = scanner4();
 
-  const PartialTopK partial = scan_in_parallel(
-      nq, blocks, kMinBlocksPerPart, candidates, [&](int64_t q0, int64_t q1, int64_t b0, int64_t b1, TopK* tops) {
-        scan(tables.data() + q0 * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, b0, b1, tops);
-      });
-
   float* score_out = scores.mutable_data_ptr<float>();
   int64_t* index_out = indices.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, nq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<ScoredId> exact;
-    for (int64_t q = begin; q < end; ++q) {
-      exact.clear();
-      const float* l = lut_ptr + q * M * K;
-      for (int64_t part = 0; part < partial.parts; ++part) {
-        const TopK& top = partial.tops[part * nq + q];
-        for (int64_t c = 0; c < top.size; ++c) {
-          const int64_t id = top.entries[c].id;
-          float s = 0.0f;
-          for (int64_t m = 0; m < M; ++m) {
-            const uint8_t word = packed_word(packed_ptr, pairs, id, m);
-            s += word < K ? l[m * K + word] : 0.0f;
+  for_query_batches(nq, candidates, [&](int64_t q_begin, int64_t q_end) {
+    const int64_t nb = q_end - q_begin;
+    const PartialTopK partial = scan_in_parallel(
+        nb, blocks, kMinBlocksPerPart, candidates, [&](int64_t q0, int64_t q1, int64_t b0, int64_t b1, TopK* tops) {
+          scan(tables.data() + (q_begin + q0) * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, b0, b1, tops);
+        });
+    at::parallel_for(0, nb, 16, [&](int64_t begin, int64_t end) {
+      std::vector<ScoredId> exact;
+      for (int64_t q = begin; q < end; ++q) {
+        exact.clear();
+        const float* l = lut_ptr + (q_begin + q) * M * K;
+        for (int64_t part = 0; part < partial.parts; ++part) {
+          const TopK& top = partial.tops[part * nb + q];
+          for (int64_t c = 0; c < top.size; ++c) {
+            const int64_t id = top.entries[c].id;
+            float s = 0.0f;
+            for (int64_t m = 0; m < M; ++m) {
+              const uint8_t word = packed_word(packed_ptr, pairs, id, m);
+              s += word < K ? l[m * K + word] : 0.0f;
+            }
+            exact.push_back({s, id});
           }
-          exact.push_back({s, id});
+        }
+        std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), ranks_before);
+        for (int64_t j = 0; j < k; ++j) {
+          score_out[(q_begin + q) * k + j] = exact[j].score;
+          index_out[(q_begin + q) * k + j] = exact[j].id;
         }
       }
-      std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), ranks_before);
-      for (int64_t j = 0; j < k; ++j) {
-        score_out[q * k + j] = exact[j].score;
-        index_out[q * k + j] = exact[j].id;
-      }
-    }
+    });
   });
   return {scores, indices};
 }

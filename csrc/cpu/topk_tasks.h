@@ -19,6 +19,19 @@ struct PartialTopK {
   std::vector<TopK> tops;  // [parts, nq], finished (topk_finish)
 };
 
+// Candidate lists of one batch of queries stay under this size, whatever nq and k are.
+constexpr int64_t kMaxCandidateBytes = int64_t(256) << 20;
+
+// Runs fn(q0, q1) over batches of queries small enough for kMaxCandidateBytes of candidate lists
+// of `candidates` pairs (and never fewer queries than threads, so queries still split).
+template <typename Fn>
+void for_query_batches(int64_t nq, int64_t candidates, Fn&& fn) {
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_query = threads * 2 * candidates * static_cast<int64_t>(sizeof(ScoredId));
+  const int64_t batch = std::max(threads, kMaxCandidateBytes / per_query);
+  for (int64_t q0 = 0; q0 < nq; q0 += batch) fn(q0, std::min(nq, q0 + batch));
+}
+
 // scan(q0, q1, first_unit, end_unit, tops) scans units [first_unit, end_unit) for queries [q0, q1)
 // into tops[0, q1 - q0).
 template <typename Scan>
