@@ -16,6 +16,10 @@ constexpr int64_t kMaxBooks = 256;
 // finite (one pass over lut, and a sync on CUDA); `codes` names the code format in the message.
 void check_lut(const at::Tensor& lut, int64_t max_words, const char* codes);
 
+// Validates a uint8 code tensor `name` of the given rank, on the device of lut.
+void check_code_tensor(const at::Tensor& t, const at::Tensor& lut, const char* name, int64_t rank,
+                       const char* shape);
+
 // Validates 1 <= k <= N.
 void check_k(int64_t k, int64_t N);
 

@@ -19,6 +19,14 @@ void check_lut(const at::Tensor& lut, int64_t max_words, const char* codes) {
               "lut must be finite: it contains NaN or infinite values");
 }
 
+void check_code_tensor(const at::Tensor& t, const at::Tensor& lut, const char* name, int64_t rank,
+                       const char* shape) {
+  check_defined(t, name);
+  check_rank(t, rank, name, shape);
+  TORCH_CHECK(t.scalar_type() == at::kByte, name, " must be uint8, got ", t.scalar_type());
+  check_same_device(t, lut, name, "lut");
+}
+
 void check_k(int64_t k, int64_t N) {
   TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
   TORCH_CHECK(k <= N, "k (", k, ") must be <= the number of codes N (", N, ")");
@@ -26,10 +34,7 @@ void check_k(int64_t k, int64_t N) {
 
 AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k) {
   check_lut(lut, 256, "uint8 codes");
-  check_defined(codes, "codes");
-  check_rank(codes, 2, "codes", "[N, M]");
-  TORCH_CHECK(codes.scalar_type() == at::kByte, "codes must be uint8, got ", codes.scalar_type());
-  check_same_device(codes, lut, "codes", "lut");
+  check_code_tensor(codes, lut, "codes", 2, "[N, M]");
   const int64_t M = lut.size(1);
   TORCH_CHECK(codes.size(1) == M, "codes must have M=", M, " columns to match lut ", lut.sizes(),
               ", got shape ", codes.sizes());

@@ -1,5 +1,5 @@
 // CPU adc_topk4: quantizes each query's table to small integers, runs the 4-bit scanner of the
-// active ISA on every thread (topk_tasks.h) keeping the rerank * k best approximate scores,
+// active ISA through search_topk (topk_tasks.h) keeping the rerank * k best approximate scores,
 // then re-scores the candidates exactly with the float table (entries added in book order, as
 // adc_topk does) and keeps the best k in result order (score descending, then smaller index).
 #include <algorithm>
@@ -12,7 +12,6 @@
 #include <torch/library.h>
 
 #include "adc.h"
-#include "checks.h"
 #include "cpu/adc_scan.h"
 #include "cpu/cpu_isa.h"
 #include "cpu/fastscan4.h"
@@ -57,10 +56,7 @@ std::vector<uint8_t> quantize_tables(const float* lut, int64_t nq, int64_t M, in
 void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t num_codes, int64_t k,
                      int64_t rerank) {
   check_lut(lut, 16, "4-bit codes");
-  check_defined(packed, "packed");
-  check_rank(packed, 3, "packed", "[blocks, pairs, 32] (from pack_codes4)");
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "packed must be uint8, got ", packed.scalar_type());
-  check_same_device(packed, lut, "packed", "lut");
+  check_code_tensor(packed, lut, "packed", 3, "[blocks, pairs, 32] (from pack_codes4)");
   const int64_t M = lut.size(1);
   TORCH_CHECK(packed.size(1) == (M + 1) / 2 && packed.size(2) == 32, "packed must have shape [blocks, ",
               (M + 1) / 2, ", 32] for M=", M, " books, got ", packed.sizes());
@@ -86,39 +82,22 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
   const int64_t candidates = std::min(num_codes, rerank * k);
   const Scan4Fn scan = scanner4();
 
-  float* score_out = scores.mutable_data_ptr<float>();
-  int64_t* index_out = indices.mutable_data_ptr<int64_t>();
-  for_query_batches(nq, candidates, [&](int64_t q_begin, int64_t q_end) {
-    const int64_t nb = q_end - q_begin;
-    const PartialTopK partial = scan_in_parallel(
-        nb, blocks, kMinBlocksPerPart, candidates, [&](int64_t q0, int64_t q1, int64_t b0, int64_t b1, TopK* tops) {
-          scan(tables.data() + (q_begin + q0) * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, b0, b1, tops);
-        });
-    at::parallel_for(0, nb, 16, [&](int64_t begin, int64_t end) {
-      std::vector<ScoredId> exact;
-      for (int64_t q = begin; q < end; ++q) {
-        exact.clear();
-        const float* l = lut_ptr + (q_begin + q) * M * K;
-        for (int64_t part = 0; part < partial.parts; ++part) {
-          const TopK& top = partial.tops[part * nb + q];
-          for (int64_t c = 0; c < top.size; ++c) {
-            const int64_t id = top.entries[c].id;
-            float s = 0.0f;
-            for (int64_t m = 0; m < M; ++m) {
-              const uint8_t word = packed_word(packed_ptr, pairs, id, m);
-              s += word < K ? l[m * K + word] : 0.0f;
-            }
-            exact.push_back({s, id});
-          }
-        }
-        std::partial_sort(exact.begin(), exact.begin() + k, exact.end(), ranks_before);
-        for (int64_t j = 0; j < k; ++j) {
-          score_out[(q_begin + q) * k + j] = exact[j].score;
-          index_out[(q_begin + q) * k + j] = exact[j].id;
-        }
-      }
-    });
-  });
+  // Candidates are re-scored exactly: the float table, entries added in book order as adc_topk does.
+  const auto exact = [&](int64_t q, const ScoredId& candidate) {
+    const float* l = lut_ptr + q * M * K;
+    float s = 0.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      const uint8_t word = packed_word(packed_ptr, pairs, candidate.id, m);
+      s += word < K ? l[m * K + word] : 0.0f;
+    }
+    return ScoredId{s, candidate.id};
+  };
+  search_topk(
+      nq, blocks, kMinBlocksPerPart, candidates, k,
+      [&](int64_t q0, int64_t q1, int64_t b0, int64_t b1, TopK* tops) {
+        scan(tables.data() + q0 * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, b0, b1, tops);
+      },
+      exact, scores.mutable_data_ptr<float>(), indices.mutable_data_ptr<int64_t>());
   return {scores, indices};
 }
 

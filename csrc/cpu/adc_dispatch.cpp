@@ -1,9 +1,5 @@
-// CPU adc_topk: the scanner of the active ISA, run on every thread (topk_tasks.h); the per-part
-// top-k lists of a query are merged. The result order (score descending, then smaller index) is a
+// CPU adc_topk: the scanner of the active ISA, run by search_topk (topk_tasks.h). The result order (score descending, then smaller index) is a
 // total order, so the merged result is the same for every thread count and ISA.
-#include <algorithm>
-#include <vector>
-
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
@@ -39,30 +35,13 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
 
   const float* lut_ptr = luts.const_data_ptr<float>();
   const uint8_t* code_ptr = codes.const_data_ptr<uint8_t>();
-  float* score_out = scores.mutable_data_ptr<float>();
-  int64_t* index_out = indices.mutable_data_ptr<int64_t>();
-  for_query_batches(nq, k, [&](int64_t b0, int64_t b1) {
-    const int64_t nb = b1 - b0;
-    const PartialTopK partial = scan_in_parallel(
-        nb, N, kMinCodesPerPart, k, [&](int64_t q0, int64_t q1, int64_t r0, int64_t r1, TopK* tops) {
-          scan(lut_ptr + (b0 + q0) * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, tops);
-        });
-    at::parallel_for(0, nb, 16, [&](int64_t begin, int64_t end) {
-      std::vector<ScoredId> merged;
-      for (int64_t q = begin; q < end; ++q) {
-        merged.clear();
-        for (int64_t part = 0; part < partial.parts; ++part) {
-          const TopK& top = partial.tops[part * nb + q];
-          merged.insert(merged.end(), top.entries, top.entries + top.size);
-        }
-        std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
-        for (int64_t j = 0; j < k; ++j) {
-          score_out[(b0 + q) * k + j] = merged[j].score;
-          index_out[(b0 + q) * k + j] = merged[j].id;
-        }
-      }
-    });
-  });
+  search_topk(
+      nq, N, kMinCodesPerPart, k, k,
+      [&](int64_t q0, int64_t q1, int64_t r0, int64_t r1, TopK* tops) {
+        scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, tops);
+      },
+      [](int64_t, const ScoredId& exact) { return exact; }, scores.mutable_data_ptr<float>(),
+      indices.mutable_data_ptr<int64_t>());
   return {scores, indices};
 }
 

@@ -1,7 +1,10 @@
-// Runs a top-k scan of nq queries over a database of `units` (codes, or blocks of codes) on every
-// thread: with at least as many queries as threads, each thread takes a share of the queries over
-// the whole database; with fewer, the database is cut into parts (at least min_units_per_part each)
-// so that even one query uses every core. Each (part, query) gets its own finished top-k list.
+// The whole CPU top-k search shared by adc_topk and adc_topk4. Queries go in batches small enough
+// that their candidate lists stay under kMaxCandidateBytes; a batch is scanned on every thread:
+// with at least as many queries as threads, each thread takes a share of the queries over the
+// whole database; with fewer, the database is cut into parts (at least min_units_per_part units
+// each) so that even one query uses every core. Each query's candidates from all parts are then
+// put in result order and its best k written out. The result order is total, so the output is
+// the same for every thread count.
 #pragma once
 
 #include <algorithm>
@@ -13,46 +16,53 @@
 
 namespace opqn::cpu {
 
-struct PartialTopK {
-  int64_t parts;
-  std::vector<ScoredId> storage;
-  std::vector<TopK> tops;  // [parts, nq], finished (topk_finish)
-};
-
-// Candidate lists of one batch of queries stay under this size, whatever nq and k are.
 constexpr int64_t kMaxCandidateBytes = int64_t(256) << 20;
 
-// Runs fn(q0, q1) over batches of queries small enough for kMaxCandidateBytes of candidate lists
-// of `candidates` pairs (and never fewer queries than threads, so queries still split).
-template <typename Fn>
-void for_query_batches(int64_t nq, int64_t candidates, Fn&& fn) {
+// scan(q0, q1, first_unit, end_unit, tops): scans database units [first_unit, end_unit) (codes or
+// blocks of codes) for queries [q0, q1) into tops[0, q1 - q0), keeping `candidates` each.
+// rescore(q, pair) -> pair: the final score of a candidate of query q (the identity when the scan
+// scores exactly). scores, ids: [nq, k] outputs.
+template <typename Scan, typename Rescore>
+void search_topk(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t candidates,
+                 int64_t k, Scan&& scan, Rescore&& rescore, float* scores, int64_t* ids) {
   const int64_t threads = at::get_num_threads();
   const int64_t per_query = threads * 2 * candidates * static_cast<int64_t>(sizeof(ScoredId));
   const int64_t batch = std::max(threads, kMaxCandidateBytes / per_query);
-  for (int64_t q0 = 0; q0 < nq; q0 += batch) fn(q0, std::min(nq, q0 + batch));
-}
-
-// scan(q0, q1, first_unit, end_unit, tops) scans units [first_unit, end_unit) for queries [q0, q1)
-// into tops[0, q1 - q0).
-template <typename Scan>
-PartialTopK scan_in_parallel(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t k, Scan&& scan) {
-  const int64_t threads = at::get_num_threads();
-  PartialTopK result;
-  result.parts = nq >= threads ? 1 : std::clamp<int64_t>(units / min_units_per_part, 1, threads);
-  const int64_t parts = result.parts, query_groups = std::min(nq, threads);
-  result.storage.resize(static_cast<size_t>(parts * nq * 2 * k));
-  result.tops.resize(static_cast<size_t>(parts * nq));
-  at::parallel_for(0, parts * query_groups, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t part = task / query_groups, group = task % query_groups;
-      const int64_t q0 = nq * group / query_groups, q1 = nq * (group + 1) / query_groups;
-      TopK* tops = result.tops.data() + part * nq;
-      for (int64_t q = q0; q < q1; ++q) topk_init(tops[q], result.storage.data() + (part * nq + q) * 2 * k, k);
-      scan(q0, q1, units * part / parts, units * (part + 1) / parts, tops + q0);
-      for (int64_t q = q0; q < q1; ++q) topk_finish(tops[q]);
-    }
-  });
-  return result;
+  std::vector<ScoredId> storage;
+  std::vector<TopK> tops;  // [parts, queries of the batch]
+  for (int64_t b0 = 0; b0 < nq; b0 += batch) {
+    const int64_t nb = std::min(batch, nq - b0);
+    const int64_t parts = nb >= threads ? 1 : std::clamp<int64_t>(units / min_units_per_part, 1, threads);
+    const int64_t groups = std::min(nb, threads);
+    storage.resize(static_cast<size_t>(parts * nb * 2 * candidates));
+    tops.resize(static_cast<size_t>(parts * nb));
+    at::parallel_for(0, parts * groups, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t part = task / groups, group = task % groups;
+        const int64_t q0 = nb * group / groups, q1 = nb * (group + 1) / groups;
+        TopK* part_tops = tops.data() + part * nb;
+        for (int64_t q = q0; q < q1; ++q)
+          topk_init(part_tops[q], storage.data() + (part * nb + q) * 2 * candidates, candidates);
+        scan(b0 + q0, b0 + q1, units * part / parts, units * (part + 1) / parts, part_tops + q0);
+        for (int64_t q = q0; q < q1; ++q) topk_finish(part_tops[q]);
+      }
+    });
+    at::parallel_for(0, nb, 16, [&](int64_t begin, int64_t end) {
+      std::vector<ScoredId> merged;
+      for (int64_t q = begin; q < end; ++q) {
+        merged.clear();
+        for (int64_t part = 0; part < parts; ++part) {
+          const TopK& top = tops[part * nb + q];
+          for (int64_t c = 0; c < top.size; ++c) merged.push_back(rescore(b0 + q, top.entries[c]));
+        }
+        std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
+        for (int64_t j = 0; j < k; ++j) {
+          scores[(b0 + q) * k + j] = merged[j].score;
+          ids[(b0 + q) * k + j] = merged[j].id;
+        }
+      }
+    });
+  }
 }
 
 }  // namespace opqn::cpu
