@@ -1,4 +1,4 @@
-// Argument checks and table padding of adc_topk, shared by its CPU and CUDA kernels.
+// Argument checks and table padding of adc_topk and adc_scores, shared by their CPU and CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -23,7 +23,10 @@ void check_code_tensor(const at::Tensor& t, const at::Tensor& lut, const char* n
 // Validates 1 <= k <= N.
 void check_k(int64_t k, int64_t N);
 
-// Validates lut (check_lut, K <= 256), codes [N, M] uint8 and k.
+// Validates lut (check_lut, K <= 256) and codes [N, M] uint8.
+AdcDims check_lut_and_codes(const at::Tensor& lut, const at::Tensor& codes);
+
+// check_lut_and_codes, and 1 <= k <= N.
 AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k);
 
 // lut [nq, M, K] -> [nq, M, 256], zero past K: any uint8 code indexes inside it (a code >= K

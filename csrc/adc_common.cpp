@@ -32,14 +32,19 @@ void check_k(int64_t k, int64_t N) {
   TORCH_CHECK(k <= N, "k (", k, ") must be <= the number of codes N (", N, ")");
 }
 
-AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k) {
+AdcDims check_lut_and_codes(const at::Tensor& lut, const at::Tensor& codes) {
   check_lut(lut, 256, "uint8 codes");
   check_code_tensor(codes, lut, "codes", 2, "[N, M]");
   const int64_t M = lut.size(1);
   TORCH_CHECK(codes.size(1) == M, "codes must have M=", M, " columns to match lut ", lut.sizes(),
               ", got shape ", codes.sizes());
-  check_k(k, codes.size(0));
   return {lut.size(0), M, lut.size(2), codes.size(0)};
+}
+
+AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k) {
+  const AdcDims dims = check_lut_and_codes(lut, codes);
+  check_k(k, dims.N);
+  return dims;
 }
 
 at::Tensor pad_lut(const at::Tensor& lut) {

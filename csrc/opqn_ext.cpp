@@ -20,6 +20,16 @@ TORCH_LIBRARY(opqn_ext, m) {
   // lut: [nq, M, K] float32; codes: [N, M] uint8 -> scores [nq, k] float32 (descending),
   // indices [nq, k] int64; score(i) = sum_m lut[q, m, codes[i, m]]; ties to the smaller index
   m.def("adc_topk(Tensor lut, Tensor codes, int k) -> (Tensor scores, Tensor indices)");
+  // lut: [nq, M, K] float32; codes: [N, M] uint8 -> scores [nq, N] float32, the adc_topk score
+  // of every code (books added in order, so the values equal adc_topk's)
+  m.def("adc_scores(Tensor lut, Tensor codes) -> Tensor scores");
+  // CPU. scores: [nq, N] float32; labels int64; relevant = same label. Ranking by score descending,
+  // ties to the smaller database index. -> average_precision [nq] float64 (0 without relevant
+  // items), hits [nq, P] int64 (relevant items among the first cutoffs[p]), precision_sums
+  // [nq, P] float64 (sum of the precision at each of those hits), num_relevant [nq] int64
+  m.def(
+      "rank_stats(Tensor scores, Tensor query_labels, Tensor db_labels, int[] cutoffs)"
+      " -> (Tensor average_precision, Tensor hits, Tensor precision_sums, Tensor num_relevant)");
   // codes: [N, M] uint8, every value < 16 -> packed [ceil(N/32), ceil(M/2), 32] uint8 (fastscan4.h)
   m.def("pack_codes4(Tensor codes) -> Tensor packed");
   // lut: [nq, M, K <= 16] float32; packed from pack_codes4 of num_codes codes -> the top-k of the

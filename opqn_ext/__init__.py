@@ -6,7 +6,9 @@ Public API (shapes in DESIGN.md section 2):
         -> (probs [B, M, K], quantized [B, M, d], entropy [B, M])
     encode(x, assign_weight) -> codes [B, M] uint8
     adc_topk(lut [nq, M, K], codes [N, M], k) -> (scores [nq, k], indices [nq, k])
-    pack_codes4(codes [N, M], values < 16) -> PackedCodes4;  adc_topk4(lut, packed, k, rerank=4)
+    adc_scores(lut, codes) -> scores [nq, N] (every ADC score)
+    pack_codes4(codes [N, M], values < 16) -> PackedCodes4;  adc_topk4(lut, packed, k, rerank=2)
+    rank_stats(scores [nq, N], query_labels, db_labels, cutoffs) -> RankStats (AP, hits@cutoffs)
     build_info() -> how the compiled library was built
 """
 import torch
@@ -22,19 +24,33 @@ except ImportError as err:  # the compiled library is missing or does not match 
 
 from . import _autograd, _fake  # noqa: F401  (registers fake kernels and autograd formulas)
 from .codebooks import orthonormal_codebooks
-from .ops import PackedCodes4, SoftQuantizeResult, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
+from .ops import (
+    PackedCodes4,
+    RankStats,
+    SoftQuantizeResult,
+    adc_scores,
+    adc_topk,
+    adc_topk4,
+    encode,
+    pack_codes4,
+    rank_stats,
+    soft_quantize,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PackedCodes4",
+    "RankStats",
     "SoftQuantizeResult",
+    "adc_scores",
     "adc_topk",
     "adc_topk4",
     "encode",
     "build_info",
     "orthonormal_codebooks",
     "pack_codes4",
+    "rank_stats",
     "soft_quantize",
 ]
 

@@ -66,14 +66,18 @@ def _encode_fake(x, assign_weight, normalize):
     return x.new_empty(x.shape[0], M, dtype=torch.uint8)
 
 
-@torch.library.register_fake("opqn_ext::adc_topk")
-def _adc_topk_fake(lut, codes, k):
+def _check_lut_and_codes(lut, codes):
     if lut.dim() != 3 or codes.dim() != 2:
         raise RuntimeError("lut must have shape [nq, M, K] and codes [N, M]")
     if lut.dtype != torch.float32:
         raise RuntimeError(f"lut must be float32, got {lut.dtype}")
     if codes.dtype != torch.uint8:
         raise RuntimeError(f"codes must be uint8, got {codes.dtype}")
+
+
+@torch.library.register_fake("opqn_ext::adc_topk")
+def _adc_topk_fake(lut, codes, k):
+    _check_lut_and_codes(lut, codes)
     torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
     torch._check(k <= codes.shape[0], lambda: f"k ({k}) must be <= the number of codes N ({codes.shape[0]})")
     return lut.new_empty(lut.shape[0], k), lut.new_empty(lut.shape[0], k, dtype=torch.int64)
@@ -91,3 +95,18 @@ def _pack_codes4_fake(codes):
 def _adc_topk4_fake(lut, packed, num_codes, k, rerank):
     torch._check(k >= 1 and k <= num_codes, lambda: f"k ({k}) must be in [1, N={num_codes}]")
     return lut.new_empty(lut.shape[0], k), lut.new_empty(lut.shape[0], k, dtype=torch.int64)
+
+
+@torch.library.register_fake("opqn_ext::adc_scores")
+def _adc_scores_fake(lut, codes):
+    _check_lut_and_codes(lut, codes)
+    return lut.new_empty(lut.shape[0], codes.shape[0])
+
+
+@torch.library.register_fake("opqn_ext::rank_stats")
+def _rank_stats_fake(scores, query_labels, db_labels, cutoffs):
+    if scores.dim() != 2 or scores.dtype != torch.float32:
+        raise RuntimeError("scores must be a float32 tensor of shape [nq, N]")
+    nq, P = scores.shape[0], len(cutoffs)
+    return (scores.new_empty(nq, dtype=torch.float64), scores.new_empty(nq, P, dtype=torch.int64),
+            scores.new_empty(nq, P, dtype=torch.float64), scores.new_empty(nq, dtype=torch.int64))

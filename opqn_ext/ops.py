@@ -86,6 +86,50 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
     return scores, indices
 
 
+def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Every ADC score: ``scores[q, i] = sum_m lut[q, m, codes[i, m]]`` (CPU and CUDA).
+
+    The dense counterpart of :func:`adc_topk` (same arguments and checks, no ``k``): the values
+    are bit-identical to the scores ``adc_topk`` reports. Used where whole rankings are needed
+    (evaluation); for search, ``adc_topk`` never materializes ``[nq, N]``.
+
+    Returns:
+        ``scores [nq, N]`` float32.
+    """
+    return torch.ops.opqn_ext.adc_scores(lut, codes)
+
+
+class RankStats(NamedTuple):
+    """Per-query statistics of a whole ranking (see :func:`rank_stats`)."""
+
+    average_precision: torch.Tensor  # [nq] float64
+    hits: torch.Tensor  # [nq, P] int64
+    precision_sums: torch.Tensor  # [nq, P] float64
+    num_relevant: torch.Tensor  # [nq] int64
+
+
+def rank_stats(scores: torch.Tensor, query_labels: torch.Tensor, db_labels: torch.Tensor,
+               cutoffs=()) -> RankStats:
+    """Rank the whole database for every query and summarize where the relevant items fall (CPU).
+
+    Items are ranked by ``scores`` descending, equal scores by smaller database index (the order
+    of :func:`adc_topk`); item ``i`` is relevant to query ``q`` when
+    ``db_labels[i] == query_labels[q]``. A radix sort per query, parallel over queries.
+
+    Args:
+        scores: ``[nq, N]`` float32 on the CPU, finite.
+        query_labels: ``[nq]`` int64; db_labels: ``[N]`` int64.
+        cutoffs: rank cutoffs ``1 <= c <= N`` for ``hits`` and ``precision_sums``.
+
+    Returns:
+        :class:`RankStats`: ``average_precision [nq]`` (mean over the relevant items of the
+        precision at their rank; 0 for a query without relevant items), ``hits [nq, P]`` (relevant
+        items among the first ``cutoffs[p]``), ``precision_sums [nq, P]`` (the sum of the precision
+        at each of those hits, so ``precision_sums / hits`` is AP@cutoff) and ``num_relevant [nq]``.
+    """
+    return RankStats(*torch.ops.opqn_ext.rank_stats(scores, query_labels, db_labels, [int(c) for c in cutoffs]))
+
+
 def pack_codes4(codes: torch.Tensor) -> PackedCodes4:
     """Pack ``codes [N, M]`` uint8 (every value < 16, i.e. K <= 16) for the 4-bit fast scan."""
     return PackedCodes4(torch.ops.opqn_ext.pack_codes4(codes), int(codes.shape[0]), int(codes.shape[1]))

@@ -48,3 +48,25 @@ def adc_topk(lut, codes, k):
     scores = adc_scores(lut, codes)
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return scores.gather(1, order), order
+
+
+def rank_stats(scores, query_labels, db_labels, cutoffs=()):
+    """Reference of :func:`opqn_ext.rank_stats`, one query at a time: a stable sort of its scores,
+    the relevance of the ranked items, and the precision at every relevant rank."""
+    nq, N = scores.shape
+    ap = torch.zeros(nq, dtype=torch.float64)
+    hits = torch.zeros(nq, len(cutoffs), dtype=torch.int64)
+    psums = torch.zeros(nq, len(cutoffs), dtype=torch.float64)
+    num_relevant = torch.zeros(nq, dtype=torch.int64)
+    ranks = torch.arange(1, N + 1, dtype=torch.float64)
+    for q in range(nq):
+        order = torch.sort(scores[q], descending=True, stable=True).indices
+        relevant = db_labels[order] == query_labels[q]
+        found = relevant.cumsum(0)
+        precision_at_hits = torch.where(relevant, found / ranks, 0.0)
+        num_relevant[q] = int(relevant.sum())
+        ap[q] = precision_at_hits.sum() / num_relevant[q] if num_relevant[q] > 0 else 0.0
+        for p, c in enumerate(cutoffs):
+            hits[q, p] = found[c - 1]
+            psums[q, p] = precision_at_hits[:c].sum()
+    return ap, hits, psums, num_relevant

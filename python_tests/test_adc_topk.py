@@ -94,6 +94,14 @@ def test_k_equal_n_returns_everything_sorted(cpu_isa):
     assert sorted(idx[0].tolist()) == list(range(257))
 
 
+@pytest.mark.parametrize("nq,N,k", [(1, 50000, 50000), (1, 50000, 20000), (3, 40000, 5000), (4, 30000, 30000)])
+def test_long_result_lists_sort_by_radix_exactly(nq, N, k, cpu_isa):
+    # long lists (>= 4096 pairs) are radix-sorted: from scan order (k = N, one part), after
+    # reservoir compaction, and merged from database parts (nq = 1); ties everywhere (high=3)
+    lut, codes = problem(nq, 8, 16, N, seed=k, high=3)
+    check(lut, codes, k)
+
+
 def test_no_queries():
     lut, codes = problem(0, 4, 16, 10)
     scores, idx = opqn_ext.adc_topk(lut, codes, 3)

@@ -14,9 +14,6 @@ struct ScoredId {
   int64_t id;
 };
 
-// Whether a ranks before b in the result order.
-bool ranks_before(const ScoredId& a, const ScoredId& b);
-
 struct TopK {
   ScoredId* entries;  // [2k] storage; entries[0, size) hold the candidates
   int64_t k;
@@ -24,6 +21,12 @@ struct TopK {
   ScoredId bound;   // a pair must rank before it to be kept
   float threshold;  // bound.score; in a scan by increasing id, a score must exceed it to enter
 };
+
+// Sorts pairs [n] into result order (a radix sort for long runs whose ids fit in 32 bits).
+void sort_in_result_order(ScoredId* pairs, int64_t n);
+
+// Leaves the best min(k, n) of pairs [n] first, in result order (the rest in no order).
+void keep_best_in_result_order(ScoredId* pairs, int64_t n, int64_t k);
 
 // Starts an empty top-k over storage [2k].
 void topk_init(TopK& top, ScoredId* storage, int64_t k);

@@ -55,7 +55,7 @@ void search_topk(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t 
           const TopK& top = tops[part * nb + q];
           for (int64_t c = 0; c < top.size; ++c) merged.push_back(rescore(b0 + q, top.entries[c]));
         }
-        std::partial_sort(merged.begin(), merged.begin() + k, merged.end(), ranks_before);
+        keep_best_in_result_order(merged.data(), static_cast<int64_t>(merged.size()), k);
         for (int64_t j = 0; j < k; ++j) {
           scores[(b0 + q) * k + j] = merged[j].score;
           ids[(b0 + q) * k + j] = merged[j].id;

@@ -1,4 +1,4 @@
-// CUDA adc_topk. The database is scanned in chunks of bounded size: a kernel scores every code of
+// CUDA adc_topk and adc_scores. The database is scanned in chunks of bounded size: a kernel scores every code of
 // a chunk for every query (the query's padded table in shared memory, one code per thread, codes
 // read in order), turning each score into a rank key that also encodes the code's position; the
 // chunk's top-k is at::topk over those unique keys, merged into the running top-k by a stable
@@ -37,7 +37,8 @@ __device__ __forceinline__ int64_t rank_key(float score, uint32_t local) {
   return static_cast<int64_t>(key ^ 0x8000000000000000ull);
 }
 
-// luts: [nq, M, 256]; codes: [N, M] -> scores, keys: [nq, count] for codes [first, first + count)
+// luts: [nq, M, 256]; codes: [N, M] -> scores, keys (unless null): [nq, count] for codes
+// [first, first + count)
 template <bool kSharedLut>
 __global__ void __launch_bounds__(kThreads)
 adc_chunk_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ codes, int64_t M,
@@ -56,7 +57,26 @@ adc_chunk_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ cod
   float s = 0.0f;
   for (int64_t m = 0; m < M; ++m) s += lut[m * kLutStride + c[m]];
   scores[q * count + i] = s;
-  keys[q * count + i] = rank_key(s, static_cast<uint32_t>(i));
+  if (keys != nullptr) keys[q * count + i] = rank_key(s, static_cast<uint32_t>(i));
+}
+
+// Scores codes [first, first + count) for every query of luts [nq <= 65535, M, 256] into
+// scores [nq, count] (and keys [nq, count] when defined).
+void launch_chunk(const at::Tensor& luts, const at::Tensor& codes, int64_t first, int64_t count,
+                  at::Tensor& scores, at::Tensor* keys) {
+  const int64_t nq = luts.size(0), M = luts.size(1);
+  const bool shared_lut = M <= kMaxSharedLutBooks;
+  const size_t smem = shared_lut ? M * kLutStride * sizeof(float) : 0;
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(adc_chunk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  const dim3 grid(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(nq));
+  const auto kernel = shared_lut ? adc_chunk_kernel<true> : adc_chunk_kernel<false>;
+  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+      luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), M, first, count,
+      scores.mutable_data_ptr<float>(), keys ? keys->mutable_data_ptr<int64_t>() : nullptr);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at::Tensor& codes_in,
@@ -70,12 +90,6 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at
   }
   const at::Tensor luts = pad_lut(lut.contiguous());
   const at::Tensor codes = codes_in.contiguous();
-  const bool shared_lut = M <= kMaxSharedLutBooks;
-  const size_t smem = shared_lut ? M * kLutStride * sizeof(float) : 0;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(adc_chunk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
   const int64_t chunk = std::min(N, std::max({k, int64_t(1) << 16, kChunkElements / nq}));
   TORCH_CHECK(chunk <= kLocalMask, "adc_topk on CUDA: chunk too large");
   at::Tensor best_scores, best_indices;
@@ -83,12 +97,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at
     const int64_t count = std::min(chunk, N - first);
     at::Tensor scores = at::empty({nq, count}, lut.options());
     at::Tensor keys = at::empty({nq, count}, lut.options().dtype(at::kLong));
-    const dim3 grid(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(nq));
-    const auto kernel = shared_lut ? adc_chunk_kernel<true> : adc_chunk_kernel<false>;
-    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-        luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), M, first, count,
-        scores.mutable_data_ptr<float>(), keys.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_chunk(luts, codes, first, count, scores, &keys);
     const at::Tensor top_keys = std::get<0>(keys.topk(std::min(k, count), 1, true, true));
     const at::Tensor local = top_keys.bitwise_and(static_cast<int64_t>(kLocalMask)).neg().add(static_cast<int64_t>(kLocalMask));
     at::Tensor chunk_scores = scores.gather(1, local);
@@ -109,8 +118,27 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at
   return {best_scores, best_indices};
 }
 
+at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
+  const auto [nq, M, K, N] = check_lut_and_codes(lut, codes_in);
+  const c10::cuda::CUDAGuard guard(lut.device());
+  at::Tensor scores = at::empty({nq, N}, lut.options());  // [nq, N]
+  if (nq == 0 || N == 0) return scores;
+  const at::Tensor luts = pad_lut(lut.contiguous());
+  const at::Tensor codes = codes_in.contiguous();
+  constexpr int64_t kMaxGridQueries = 65535;
+  for (int64_t q0 = 0; q0 < nq; q0 += kMaxGridQueries) {
+    const int64_t count = std::min(kMaxGridQueries, nq - q0);
+    at::Tensor part = scores.narrow(0, q0, count);  // contiguous: whole rows
+    launch_chunk(luts.narrow(0, q0, count), codes, 0, N, part, nullptr);
+  }
+  return scores;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(opqn_ext, CUDA, m) { m.impl("adc_topk", &adc_topk_cuda); }
+TORCH_LIBRARY_IMPL(opqn_ext, CUDA, m) {
+  m.impl("adc_topk", &adc_topk_cuda);
+  m.impl("adc_scores", &adc_scores_cuda);
+}
 
 }  // namespace opqn::cuda
