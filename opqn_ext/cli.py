@@ -1,0 +1,248 @@
+"""The ``opqn`` command line: train, eval, encode, search and demo.
+
+Every subcommand has ``--help``. A bad argument (K > d, a bit count that is not M * log2(K), an
+unknown data set, a missing file) ends the command with one ``opqn: error: ...`` line and exit
+status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import OrlDataError
+from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, extract_features, load_checkpoint,
+                    model_from_checkpoint, prepare_data, train)
+
+_HELP = {
+    "dataset": f"data set: {', '.join(DATASETS)}",
+    "data_path": "image folder (root/<identity>/<image>) or feature file (.npy/.safetensors)",
+    "grayscale": "read folder images as one gray channel",
+    "protocol": "seen (queries are new images of training identities) or unseen (held-out identities)",
+    "train_classes": "unseen protocol: identities used for training (0: three quarters)",
+    "backbone": f"backbone: {', '.join(BACKBONES)} (mlp for feature files)",
+    "width": "resnet20 base channel count (64 in the paper)",
+    "num_books": "M, the number of codebooks",
+    "num_words": "K, words per codebook (K <= d = feature_dim / M, K <= 256)",
+    "scale": "CosFace scale (0: 20 for inputs up to 64 px, else 40)",
+    "out_dir": "where checkpoint.pt and log.jsonl go",
+    "device": "auto, cpu, cuda or cuda:N",
+    "eval_every": "evaluate every n epochs (0: at the end only)",
+}
+
+
+class CliError(Exception):
+    """A user error: printed as one line."""
+
+
+def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig) -> None:
+    for f in dataclasses.fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = _HELP.get(f.name, f.name.replace("_", " "))
+        if f.name in ("num_books", "num_words"):  # None: not given (see --bits)
+            parser.add_argument(flag, type=int, default=None, help=f"{help_text} (default: {default})")
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: {default})")
+    parser.add_argument("--bits", type=int, default=None,
+                        help="code length; must equal num_books * log2(num_words) (alone: 4-bit books, K = 16)")
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in given.items() if v is not None})
+    if args.bits is not None:
+        if args.num_books is None and args.num_words is None:
+            if args.bits % 4:
+                raise CliError(f"--bits {args.bits} alone means 4-bit books (K = 16); give --num-books and --num-words")
+            cfg.num_books, cfg.num_words = args.bits // 4, 16
+        log2k = math.log2(cfg.num_words) if cfg.num_words > 0 else float("nan")
+        if not log2k.is_integer() or cfg.num_books * int(log2k) != args.bits:
+            raise CliError(f"--bits {args.bits} does not equal num_books * log2(num_words) = "
+                           f"{cfg.num_books} * log2({cfg.num_words})")
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    return cfg
+
+
+def format_table(evaluation: Evaluation, feature_dim: int, bits: int) -> str:
+    rows = [(f"float features ({feature_dim}-d, {32 * feature_dim} bits)", evaluation.float_metrics,
+             evaluation.float_query_ms),
+            (f"OPQN codes ({bits} bits)", evaluation.code_metrics, evaluation.code_query_ms)]
+    head = f"{'':38s} {'mAP':>7s} {'P@5':>7s} {'P@10':>7s} {'query ms':>9s}"
+    lines = [head, "-" * len(head)]
+    for name, m, ms in rows:
+        lines.append(f"{name:38s} {m.map:7.4f} {m.precision_at[5]:7.4f} {m.precision_at[10]:7.4f} {ms:9.4f}")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    cfg = _config_from_args(args)
+    result = train(cfg, resume=args.resume)
+    print(f"trained {len(result.history)} epochs in {result.seconds:.1f} s -> {Path(cfg.out_dir) / 'checkpoint.pt'}")
+    if result.evaluation:
+        print(format_table(result.evaluation, cfg.feature_dim, cfg.code_bits))
+        _write_json(args.json, result.evaluation.summary())
+    return 0
+
+
+def _checkpoint_and_data(args):
+    ckpt = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    for name in ("dataset", "data_path", "protocol"):
+        value = getattr(args, name, None)
+        if value:
+            setattr(cfg, name, value)
+    cfg.grayscale = ckpt["input_shape"][0] == 1
+    try:
+        cfg.validate()
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    return model, cfg, prepare_data(cfg)
+
+
+def cmd_eval(args) -> int:
+    model, cfg, prepared = _checkpoint_and_data(args)
+    evaluation = evaluate(model, prepared, torch.device("cpu"))
+    print(f"{cfg.dataset}, {prepared.split.protocol} protocol: {len(prepared.split.query)} queries, "
+          f"{len(prepared.split.database)} database items")
+    print(format_table(evaluation, cfg.feature_dim, cfg.code_bits))
+    _write_json(args.json, evaluation.summary())
+    return 0
+
+
+def _part(prepared, part: str) -> torch.Tensor:
+    split = prepared.split
+    return {"database": split.database, "query": split.query, "all": torch.arange(len(prepared.labels))}[part]
+
+
+def cmd_encode(args) -> int:
+    from safetensors.torch import save_file
+
+    model, cfg, prepared = _checkpoint_and_data(args)
+    idx = _part(prepared, args.part)
+    codes = model.head.encode(extract_features(model, prepared.inputs[idx], torch.device("cpu")))
+    meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
+            "dataset": cfg.dataset, "part": args.part}
+    save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
+              args.output, metadata=meta)
+    print(f"encoded {len(idx)} items into {codes.shape[1]} x {model.head.num_words}-word codes "
+          f"({cfg.code_bits} bits) -> {args.output}")
+    return 0
+
+
+def cmd_search(args) -> int:
+    from safetensors import safe_open
+
+    from .ops import adc_topk
+
+    model, cfg, prepared = _checkpoint_and_data(args)
+    if not Path(args.codes).exists():
+        raise CliError(f"code file {args.codes} does not exist (write one with `opqn encode`)")
+    with safe_open(args.codes, framework="pt") as f:
+        codes, db_labels, db_items = f.get_tensor("codes"), f.get_tensor("labels"), f.get_tensor("items")
+    if codes.shape[1] != model.head.num_books:
+        raise CliError(f"{args.codes} has {codes.shape[1]} books but the model has {model.head.num_books}")
+    if not 1 <= args.k <= len(codes):
+        raise CliError(f"-k must be in [1, {len(codes)}] (the number of codes), got {args.k}")
+    idx = _part(prepared, args.part)
+    luts = model.head.query_lut(extract_features(model, prepared.inputs[idx], torch.device("cpu")))
+    start = time.perf_counter()
+    scores, hits = adc_topk(luts, codes, args.k)
+    ms = (time.perf_counter() - start) * 1e3
+    results = [{"query_item": int(q), "query_label": int(prepared.labels[q]),
+                "results": [{"item": int(db_items[h]), "label": int(db_labels[h]), "score": float(s)}
+                            for s, h in zip(scores[i], hits[i])]} for i, q in enumerate(idx.tolist())]
+    for r in results[: args.show]:
+        shown = ", ".join(f"{x['item']}({x['label']}) {x['score']:.3f}" for x in r["results"])
+        print(f"query {r['query_item']} (label {r['query_label']}): {shown}")
+    print(f"{len(idx)} queries x {len(codes)} codes, top-{args.k} in {ms:.2f} ms")
+    _write_json(args.json, results)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=Path(args.out_dir), epochs=args.epochs, width=args.width, unseen=args.unseen,
+             progress=args.progress, seed=args.seed)
+    return 0
+
+
+def _write_json(path, obj) -> None:
+    if path:
+        Path(path).write_text(json.dumps(obj, indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
+                                     "train, evaluate and search compact face codes.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,demo}")
+    defaults = TrainConfig()
+
+    p = sub.add_parser("train", help="train an OPQN model", description="Train OPQN (DESIGN.md section 1 defaults).")
+    _add_config_options(p, defaults)
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/checkpoint.pt")
+    p.add_argument("--json", help="write the final evaluation here")
+    p.set_defaults(func=cmd_train)
+
+    def checkpoint_parser(name, help_text):
+        q = sub.add_parser(name, help=help_text, description=help_text)
+        q.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
+        q.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
+        q.add_argument("--data-path", dest="data_path", help="image folder or feature file")
+        q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+        return q
+
+    p = checkpoint_parser("eval", "evaluate a trained model: float features vs OPQN codes")
+    p.add_argument("--json", help="write the metrics here")
+    p.set_defaults(func=cmd_eval)
+
+    p = checkpoint_parser("encode", "encode data into OPQN codes (a .safetensors file)")
+    p.add_argument("--output", "-o", required=True, help="output .safetensors (codes, labels, items)")
+    p.add_argument("--part", choices=("database", "query", "all"), default="database")
+    p.set_defaults(func=cmd_encode)
+
+    p = checkpoint_parser("search", "search encoded codes with query images or features")
+    p.add_argument("--codes", required=True, help="a code file from `opqn encode`")
+    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--part", choices=("database", "query", "all"), default="query", help="which items are queries")
+    p.add_argument("--show", type=int, default=5, help="queries to print")
+    p.add_argument("--json", help="write every query's results here")
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("demo", help="train on ORL faces and show retrieval (a few minutes on a CPU)",
+                       description="Train OPQN on ORL faces (seen protocol, 32-bit codes) and report float vs "
+                                   "OPQN retrieval, a PR-curve PNG and a montage PNG.")
+    p.add_argument("--out-dir", default="runs/demo")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--width", type=int, default=16, help="resnet20 base channels (64 in the paper)")
+    p.add_argument("--unseen", action="store_true", help="also train and report the unseen-identity protocol")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CliError, ValueError, FileNotFoundError, OrlDataError) as err:
+        print(f"opqn: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
