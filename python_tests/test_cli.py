@@ -1,0 +1,78 @@
+"""The opqn command line: help for every subcommand, one-line errors, and train -> eval ->
+encode -> search end to end on a tiny ORL run."""
+import json
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+
+from opqn_ext.cli import main
+
+SUBCOMMANDS = ["train", "eval", "encode", "search", "demo"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "opqn_ext.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("sub", SUBCOMMANDS)
+def test_every_subcommand_has_help(sub, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([sub, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: opqn " + sub in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["train", "--num-books", "8", "--num-words", "128"], "num_words (K=128) must be in [2, min(d, 256)] with d = feature_dim / num_books = 64"),
+        (["train", "--bits", "30", "--num-books", "8", "--num-words", "16"], "--bits 30 does not equal num_books * log2(num_words) = 8 * log2(16)"),
+        (["train", "--bits", "30"], "--bits 30 alone means 4-bit books"),
+        (["train", "--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["eval", "/nonexistent/run"], "checkpoint /nonexistent/run does not exist"),
+    ],
+)
+def test_bad_arguments_give_one_clear_line(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("opqn: error: ") and message in lines[0], proc.stderr
+
+
+def test_unknown_subcommand_is_an_argparse_error():
+    proc = run_cli("frobnicate")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "invalid choice" in proc.stderr
+
+
+def test_train_eval_encode_search(tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--epochs", "3", "--width", "4", "--bits", "32", "--out-dir", str(run), "--no-progress",
+            "--json", str(tmp_path / "train.json")]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "OPQN codes (32 bits)" in out and "float features (512-d" in out
+    assert json.loads((tmp_path / "train.json").read_text())["opqn"]["queries"] == 120
+
+    assert main(["eval", str(run), "--json", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    trained = json.loads((tmp_path / "train.json").read_text())
+    assert evaluated["opqn"]["mAP"] == pytest.approx(trained["opqn"]["mAP"])
+
+    codes_file = tmp_path / "db.safetensors"
+    assert main(["encode", str(run), "-o", str(codes_file)]) == 0
+    with safe_open(str(codes_file), framework="pt") as f:
+        codes, labels = f.get_tensor("codes"), f.get_tensor("labels")
+        assert f.metadata()["num_words"] == "16"
+    assert codes.shape == (280, 8) and int(codes.max()) < 16 and len(labels) == 280
+
+    assert main(["search", str(run), "--codes", str(codes_file), "-k", "5", "--json", str(tmp_path / "s.json")]) == 0
+    results = json.loads((tmp_path / "s.json").read_text())
+    assert len(results) == 120 and len(results[0]["results"]) == 5
+    scores = [r["score"] for r in results[0]["results"]]
+    assert scores == sorted(scores, reverse=True)
+    assert "top-5" in capsys.readouterr().out
+    assert main(["search", str(run), "--codes", str(codes_file), "-k", "281"]) == 2
+    assert "-k must be in [1, 280]" in capsys.readouterr().err

