@@ -10,7 +10,7 @@ from opqn_ext.train import TrainConfig, load_checkpoint, model_from_checkpoint, 
 
 def tiny(tmp_path, **kw):
     base = dict(dataset="orl", width=8, input_size=32, num_books=8, num_words=16, epochs=4, lr_step=20,
-                out_dir=str(tmp_path / "run"), progress=False, seed=0)
+                out_dir=str(tmp_path / "run"), progress=False, seed=0, device="cpu")
     base.update(kw)
     return TrainConfig(**base)
 
@@ -78,3 +78,9 @@ def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         tiny(tmp_path, **kw).validate()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_short_orl_run_on_cuda_with_mixed_precision(tmp_path, orl_seen):
+    result = train(tiny(tmp_path, epochs=60, device="cuda", amp=True), prepared=orl_seen)
+    assert result.evaluation.code_metrics.map > 0.45, result.evaluation.summary()

@@ -1,0 +1,304 @@
+"""OPQNIndex: a searchable, persistent database of OPQN codes; ShardedIndex: the same spread over
+the ranks of a torch.distributed process group.
+
+An index holds the model parts that encoding and querying need (assignment weights, codebook,
+query scale) and, per item, a uint8 code ``[M]``, an int64 id and an int64 label (-1: none).
+Items are kept sorted by id, so the scan's tie order (smaller position first) is the order of
+smaller ids; a sharded search merges shards in the same order and returns exactly what one index
+holding every item returns.
+
+Files (``save`` / ``load``): one safetensors file with the arrays, and a JSON header (format
+version, settings, array checksums) in its metadata; never pickle. A save writes a temporary file
+next to the target, fsyncs it and renames it over the target, so a crash leaves the previous
+index intact. ``load(mmap=True)`` maps the codes from the file instead of reading them, so an
+index larger than memory can be searched; checksums are verified on load unless ``verify=False``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .ops import adc_topk, encode, soft_quantize
+
+FORMAT = "opqn-index"
+FORMAT_VERSION = 1
+_ARRAYS = ("codes", "ids", "labels", "assign_weight", "codebook")
+_CRC_CHUNK = 64 << 20
+
+
+class IndexFileError(ValueError):
+    """An index file that is missing, truncated, corrupted or of another format version."""
+
+
+def _crc32(array: np.ndarray) -> int:
+    flat = array.reshape(-1).view(np.uint8)
+    crc = 0
+    for start in range(0, flat.size, _CRC_CHUNK):
+        crc = zlib.crc32(flat[start:start + _CRC_CHUNK], crc)
+    return crc
+
+
+class OPQNIndex:
+    """Encode, add, remove, search, save and load OPQN codes.
+
+    Args:
+        assign_weight: ``[M, d, K]`` assignment weights (the trained head's, or the codebook).
+        codebook: ``[M, d, K]`` orthonormal codebook.
+        query_scale: logit scale of query tables (normalized sub-features; the head's
+            ``feature_norm`` unless set).
+        settings: JSON-serializable model settings stored with the index (e.g. the training config).
+    """
+
+    def __init__(self, assign_weight: torch.Tensor, codebook: torch.Tensor, query_scale: float,
+                 settings: dict | None = None):
+        if assign_weight.dim() != 3 or assign_weight.shape != codebook.shape:
+            raise ValueError(f"assign_weight and codebook must both be [M, d, K], got {list(assign_weight.shape)} "
+                             f"and {list(codebook.shape)}")
+        M, d, K = assign_weight.shape
+        if K > 256:
+            raise ValueError(f"codes are uint8, so K must be <= 256, got K={K}")
+        self.assign_weight = assign_weight.detach().float().contiguous()
+        self.codebook = codebook.detach().float().contiguous()
+        self.query_scale = float(query_scale)
+        self.settings = dict(settings or {})
+        self.num_books, self.dim, self.num_words = M, d, K
+        device = self.assign_weight.device
+        self.codes = torch.zeros(0, M, dtype=torch.uint8, device=device)  # [N, M]
+        self.ids = torch.zeros(0, dtype=torch.int64)  # [N], increasing
+        self.labels = torch.zeros(0, dtype=torch.int64)  # [N], -1 = none
+        self.mapped_codes: np.memmap | None = None  # the file mapping behind codes after load(mmap=True)
+
+    @classmethod
+    def from_head(cls, head, settings: dict | None = None) -> "OPQNIndex":
+        """An empty index for the codes of a trained :class:`~opqn_ext.nn.OrthoPQHead`."""
+        scale = head.query_scale if head.query_scale is not None else float(head.feature_norm)
+        return cls(head.assignment_weight, head.codebook, scale, settings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.codes.device
+
+    def __len__(self) -> int:
+        return int(self.ids.shape[0])
+
+    def __repr__(self) -> str:
+        return (f"OPQNIndex({len(self)} items, M={self.num_books}, K={self.num_words}, d={self.dim}, "
+                f"device={self.device})")
+
+    def to(self, device) -> "OPQNIndex":
+        """Move codes and model parts to ``device`` (ids and labels stay on the CPU); returns self."""
+        device = torch.device(device)
+        if device != self.codes.device:
+            self.codes, self.mapped_codes = self.codes.to(device), None
+        self.assign_weight = self.assign_weight.to(device)
+        self.codebook = self.codebook.to(device)
+        return self
+
+    # ---- adding and removing -------------------------------------------------------------
+
+    def encode(self, features: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
+        """Codes ``[B, M]`` uint8 of features ``[B, M*d]``, in batches."""
+        if features.dim() != 2 or features.shape[1] != self.num_books * self.dim:
+            raise ValueError(f"features must be [B, {self.num_books * self.dim}], got {list(features.shape)}")
+        parts = [encode(features[i:i + batch_size].to(self.device, torch.float32), self.assign_weight)
+                 for i in range(0, features.shape[0], batch_size)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.num_books, dtype=torch.uint8, device=self.device)
+
+    def add(self, features: torch.Tensor, ids=None, labels=None, batch_size: int = 65536) -> torch.Tensor:
+        """Encode and add ``features [B, M*d]``; returns the ids given to them (int64 ``[B]``)."""
+        return self.add_codes(self.encode(features, batch_size), ids, labels)
+
+    def add_codes(self, codes: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
+        """Add precomputed codes ``[B, M]`` uint8 (every value < K); ids default to the next free
+        ones; duplicate ids (within the call or with the index) are rejected."""
+        if codes.dim() != 2 or codes.shape[1] != self.num_books or codes.dtype != torch.uint8:
+            raise ValueError(f"codes must be uint8 [B, {self.num_books}], got {codes.dtype} {list(codes.shape)}")
+        n = codes.shape[0]
+        if n and int(codes.max()) >= self.num_words:
+            raise ValueError(f"codes must be < K={self.num_words}, got a code {int(codes.max())}")
+        last = int(self.ids[-1]) if len(self) else -1
+        start = last + 1
+        ids = torch.arange(start, start + n) if ids is None else torch.as_tensor(ids).cpu()
+        if ids.dim() != 1 or len(ids) != n or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"ids must be {n} integers, got {ids.dtype} {list(ids.shape)}")
+        ids = ids.long()
+        labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(labels).cpu()
+        if labels.dim() != 1 or len(labels) != n or labels.dtype.is_floating_point:
+            raise ValueError(f"labels must be {n} integers, got {labels.dtype} {list(labels.shape)}")
+        if len(ids.unique()) != n:
+            raise ValueError("ids must be unique: the batch repeats an id")
+        clash = torch.isin(ids, self.ids)
+        if bool(clash.any()):
+            raise ValueError(f"ids already in the index: {ids[clash][:10].tolist()}")
+        self.codes = torch.cat([self.codes, codes.to(self.device)])
+        self.mapped_codes = None
+        self.ids = torch.cat([self.ids, ids])
+        self.labels = torch.cat([self.labels, labels.long()])
+        if n and (int(ids.min()) <= last or not bool((ids[1:] > ids[:-1]).all())):
+            self._sort_by_id()
+        return ids
+
+    def _sort_by_id(self) -> None:
+        order = torch.argsort(self.ids, stable=True)
+        self.ids, self.labels = self.ids[order], self.labels[order]
+        self.codes = self.codes[order.to(self.device)]
+
+    def remove(self, ids) -> int:
+        """Remove the items with these ids; returns how many were present."""
+        ids = torch.as_tensor(ids).cpu().long().reshape(-1)
+        gone = torch.isin(self.ids, ids)
+        removed = int(gone.sum())
+        if removed:
+            keep = ~gone
+            self.ids, self.labels = self.ids[keep], self.labels[keep]
+            self.codes = self.codes[keep.to(self.device)]
+            self.mapped_codes = None
+        return removed
+
+    # ---- search ----------------------------------------------------------------------------
+
+    def query_lut(self, queries: torch.Tensor) -> torch.Tensor:
+        """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]``."""
+        if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
+            raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
+        sq = soft_quantize(queries.to(self.device, torch.float32), self.assign_weight, self.codebook,
+                           self.query_scale, True)
+        return sq.probs
+
+    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096):
+        """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
+        scores descending, ties to the smaller id; queries go in batches (bounded memory)."""
+        return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size)
+
+    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096):
+        """Top-k of precomputed query tables ``[nq, M, K]``."""
+        if luts.dim() != 3 or luts.shape[1:] != (self.num_books, self.num_words):
+            raise ValueError(f"luts must be [nq, {self.num_books}, {self.num_words}], got {list(luts.shape)}")
+        return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size)
+
+    def _search(self, lut_batch, nq: int, k: int, batch_size: int):
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must be in [1, len(index) = {len(self)}], got {k}")
+        scores, ids = [], []
+        for q0 in range(0, nq, batch_size):
+            s, pos = adc_topk(lut_batch(q0, min(nq, q0 + batch_size)), self.codes, k)
+            scores.append(s.cpu())
+            ids.append(self.ids[pos.cpu()])
+        if not scores:
+            return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
+        return torch.cat(scores), torch.cat(ids)
+
+    # ---- persistence -----------------------------------------------------------------------
+
+    def _arrays(self) -> dict[str, torch.Tensor]:
+        return {"codes": self.codes.cpu().contiguous(), "ids": self.ids.contiguous(),
+                "labels": self.labels.contiguous(), "assign_weight": self.assign_weight.cpu().contiguous(),
+                "codebook": self.codebook.cpu().contiguous()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write the index atomically (temporary file, fsync, rename) to ``path``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        arrays = self._arrays()
+        header = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_items": len(self),
+                  "num_books": self.num_books, "dim": self.dim, "num_words": self.num_words,
+                  "query_scale": self.query_scale, "settings": self.settings,
+                  "crc32": {name: _crc32(t.numpy()) for name, t in arrays.items()}}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            save_file(arrays, str(tmp), metadata={"opqn_index": json.dumps(header)})
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        dir_fd = os.open(path.parent if str(path.parent) else ".", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = True, verify: bool = True, device=None) -> "OPQNIndex":
+        """Read an index written by :meth:`save`. With ``mmap`` the codes stay in the file (mapped
+        copy-on-write) and are paged in by the scans; ``verify`` checks every array's CRC-32."""
+        path = Path(path)
+        header, layout, data_start = _read_header(path)
+        arrays, mapped = {}, None
+        for name in _ARRAYS:
+            info = layout[name]
+            begin, end = info["data_offsets"]
+            dtype = {"U8": np.uint8, "I64": np.int64, "F32": np.float32}[info["dtype"]]
+            shape = tuple(info["shape"])
+            if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+                raise IndexFileError(f"{path}: array {name} has {end - begin} bytes for shape {shape}")
+            if mmap and name == "codes" and end > begin:
+                array = mapped = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
+            else:
+                with open(path, "rb") as f:
+                    f.seek(data_start + begin)
+                    raw = f.read(end - begin)
+                array = np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
+            if verify and _crc32(np.ascontiguousarray(array)) != header["crc32"][name]:
+                raise IndexFileError(f"{path}: array {name} is corrupted (CRC-32 mismatch)")
+            arrays[name] = torch.from_numpy(array)
+        index = cls(arrays["assign_weight"], arrays["codebook"], header["query_scale"], header["settings"])
+        n, M = header["num_items"], header["num_books"]
+        if arrays["codes"].shape != (n, M) or arrays["ids"].shape != (n,) or arrays["labels"].shape != (n,):
+            raise IndexFileError(f"{path}: array shapes do not match the header ({n} items, M={M})")
+        index.codes, index.ids, index.labels = arrays["codes"], arrays["ids"], arrays["labels"]
+        index.mapped_codes = mapped
+        if n > 1 and not bool((index.ids[1:] > index.ids[:-1]).all()):
+            raise IndexFileError(f"{path}: ids are not strictly increasing")
+        return index.to(device) if device is not None else index
+
+
+def _read_header(path: Path) -> tuple[dict, dict, int]:
+    """(our JSON header, the safetensors tensor layout, offset of the data) with every check."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise IndexFileError(f"{path}: truncated index file ({size} bytes)")
+            header_len = int.from_bytes(prefix, "little")
+            if header_len > min(size - 8, 100 << 20):
+                raise IndexFileError(f"{path}: truncated or corrupted index file (header of {header_len} bytes in a "
+                                     f"{size}-byte file)")
+            layout = json.loads(f.read(header_len))
+    except FileNotFoundError:
+        raise IndexFileError(f"{path}: index file does not exist") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise IndexFileError(f"{path}: corrupted index file header ({err})") from None
+    if not isinstance(layout, dict):
+        raise IndexFileError(f"{path}: corrupted index file header")
+    meta = layout.pop("__metadata__", {}) or {}
+    try:
+        header = json.loads(meta["opqn_index"])
+    except (KeyError, TypeError, json.JSONDecodeError):
+        raise IndexFileError(f"{path}: not an OPQN index (no opqn_index header)") from None
+    if header.get("format") != FORMAT:
+        raise IndexFileError(f"{path}: not an OPQN index (format {header.get('format')!r})")
+    if header.get("format_version") != FORMAT_VERSION:
+        raise IndexFileError(f"{path}: index format version {header.get('format_version')} is not supported "
+                             f"(this opqn_ext reads version {FORMAT_VERSION})")
+    data_start = 8 + header_len
+    for name in _ARRAYS:
+        if name not in layout:
+            raise IndexFileError(f"{path}: array {name} is missing")
+        end = layout[name]["data_offsets"][1]
+        if data_start + end > size:
+            raise IndexFileError(f"{path}: truncated index file (array {name} ends at byte {data_start + end}, "
+                                 f"the file has {size})")
+    return header, layout, data_start

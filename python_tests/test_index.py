@@ -1,0 +1,228 @@
+"""OPQNIndex: add/remove/search against direct adc_topk, persistence (atomic saves, mmap,
+corruption and version errors, a process killed while saving)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import opqn_ext
+from opqn_ext.index import FORMAT_VERSION, IndexFileError, OPQNIndex
+from opqn_ext.nn import OrthoPQHead
+
+M, D, K = 4, 64, 16
+
+
+def make_index(seed=0):
+    head = OrthoPQHead(D, 5, M, K, seed=seed)
+    return OPQNIndex.from_head(head, settings={"note": "test"}), head
+
+
+def features(n, seed):
+    return torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_search_equals_adc_topk_over_the_encoded_features(device):
+    index, head = make_index()
+    index.to(device)
+    db, q = features(3000, 1), features(17, 2)
+    ids = index.add(db, labels=torch.arange(3000) % 7)
+    assert ids.tolist() == list(range(3000)) and len(index) == 3000
+    scores, got = index.search(q, 10, batch_size=5)
+    codes = opqn_ext.encode(db, head.assign_weight.detach())
+    want_s, want_i = opqn_ext.adc_topk(head.query_lut(q), codes, 10)
+    assert torch.equal(got, want_i) and torch.allclose(scores, want_s)
+    assert torch.equal(index.labels[:7], torch.arange(7))
+
+
+def test_ids_continue_and_duplicates_are_rejected():
+    index, _ = make_index()
+    index.add(features(5, 1))
+    assert index.add(features(3, 2)).tolist() == [5, 6, 7]
+    index.add(features(2, 3), ids=[100, 50])
+    assert index.ids.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 50, 100]  # kept sorted by id
+    with pytest.raises(ValueError, match=r"ids already in the index: \[50\]"):
+        index.add(features(1, 4), ids=[50])
+    with pytest.raises(ValueError, match="ids must be unique"):
+        index.add(features(2, 4), ids=[200, 200])
+    with pytest.raises(ValueError, match="ids must be 2 integers"):
+        index.add(features(2, 4), ids=[1.5, 2.5])
+    assert len(index) == 10
+
+
+def test_add_codes_validates():
+    index, _ = make_index()
+    with pytest.raises(ValueError, match="codes must be < K=16, got a code 16"):
+        index.add_codes(torch.full((2, M), 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"codes must be uint8 \[B, 4\]"):
+        index.add_codes(torch.zeros(2, M, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"features must be \[B, 64\]"):
+        index.add(torch.zeros(2, 63))
+
+
+def test_search_errors():
+    index, _ = make_index()
+    index.add(features(5, 1))
+    with pytest.raises(ValueError, match=r"k must be in \[1, len\(index\) = 5\]"):
+        index.search(features(1, 2), 6)
+    with pytest.raises(ValueError, match=r"queries must be \[nq, 64\]"):
+        index.search(torch.zeros(1, 10), 1)
+
+
+def test_ties_go_to_the_smaller_id_whatever_the_insertion_order():
+    index, _ = make_index()
+    codes = torch.zeros(6, M, dtype=torch.uint8)  # identical codes: every score ties
+    index.add_codes(codes[:3], ids=[40, 10, 30])
+    index.add_codes(codes[3:], ids=[20, 5, 60])
+    _, ids = index.search(features(2, 1), 6)
+    assert ids.tolist() == [[5, 10, 20, 30, 40, 60]] * 2
+
+
+def test_add_and_remove_match_a_fresh_index():
+    index, _ = make_index()
+    db = features(2000, 1)
+    index.add(db, ids=torch.arange(2000) * 3)
+    assert index.remove(torch.arange(0, 6000, 9)) == 667
+    assert index.remove([1, 2, 4]) == 0  # ids never present
+    index.add(features(100, 5), ids=torch.arange(6000, 6100))
+    fresh, _ = make_index()
+    keep = (torch.arange(2000) * 3) % 9 != 0
+    fresh.add(torch.cat([db[keep], features(100, 5)]),
+              ids=torch.cat([(torch.arange(2000) * 3)[keep], torch.arange(6000, 6100)]))
+    q = features(9, 7)
+    assert all(torch.equal(a, b) for a, b in zip(index.search(q, 50), fresh.search(q, 50)))
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_save_load_gives_identical_results(tmp_path, mmap):
+    index, _ = make_index()
+    index.add(features(5000, 1), ids=torch.arange(5000) + 10, labels=torch.arange(5000) % 11)
+    path = index.save(tmp_path / "db.opqn")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    loaded = OPQNIndex.load(path, mmap=mmap)
+    assert (loaded.mapped_codes is not None) == mmap
+    if mmap:
+        assert loaded.codes.data_ptr() == loaded.mapped_codes.ctypes.data  # scans read the mapping
+    q = features(20, 2)
+    assert all(torch.equal(a, b) for a, b in zip(index.search(q, 25), loaded.search(q, 25)))
+    assert torch.equal(loaded.labels, index.labels) and loaded.settings == {"note": "test"}
+    assert loaded.query_scale == index.query_scale
+    loaded.add(features(3, 3))  # a mapped index can still grow (its codes move to memory)
+    assert len(loaded) == 5003 and loaded.mapped_codes is None
+
+
+def test_empty_index_round_trips(tmp_path):
+    index, _ = make_index()
+    loaded = OPQNIndex.load(index.save(tmp_path / "e.opqn"))
+    assert len(loaded) == 0 and loaded.codes.shape == (0, M)
+
+
+@pytest.fixture
+def saved(tmp_path):
+    index, _ = make_index()
+    index.add(features(3000, 1))
+    return index.save(tmp_path / "db.opqn")
+
+
+@pytest.mark.parametrize("keep", [0, 5, 8, 100, -1, -5000])
+def test_truncated_files_raise_clear_errors(saved, keep):
+    data = saved.read_bytes()
+    saved.write_bytes(data[:keep])
+    with pytest.raises(IndexFileError, match="truncated|corrupted"):
+        OPQNIndex.load(saved)
+
+
+def test_flipped_bytes_in_codes_are_detected(saved):
+    data = bytearray(saved.read_bytes())
+    data[-100] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="corrupted"):
+        OPQNIndex.load(saved, mmap=True)
+
+
+@pytest.mark.parametrize("array", ["codes", "ids", "labels", "assign_weight", "codebook"])
+def test_flipped_byte_in_every_array_is_detected(saved, array):
+    data = bytearray(saved.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8:8 + header_len])[array]["data_offsets"]
+    data[8 + header_len + (begin + end) // 2] ^= 0x01
+    saved.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match=f"array {array} is corrupted"):
+        OPQNIndex.load(saved)
+    try:  # without checksums the damage may pass unnoticed, or trip a structural check
+        OPQNIndex.load(saved, verify=False)
+    except IndexFileError as err:
+        assert "ids are not strictly increasing" in str(err)
+
+
+def test_flipped_byte_in_the_header_is_detected(saved):
+    data = bytearray(saved.read_bytes())
+    data[20] ^= 0x40
+    saved.write_bytes(bytes(data))
+    with pytest.raises(IndexFileError):
+        OPQNIndex.load(saved)
+
+
+def rewrite_header(path, change):
+    data = path.read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    layout = json.loads(data[8:8 + header_len])
+    meta = json.loads(layout["__metadata__"]["opqn_index"])
+    change(meta)
+    layout["__metadata__"]["opqn_index"] = json.dumps(meta)
+    body = json.dumps(layout).encode()
+    body += b" " * (header_len - len(body)) if len(body) <= header_len else b""
+    assert len(body) == header_len
+    path.write_bytes(data[:8] + body + data[8 + header_len:])
+
+
+def test_wrong_format_version_is_refused(saved):
+    rewrite_header(saved, lambda m: m.update(format_version=FORMAT_VERSION + 1, crc32={k: 0 for k in m["crc32"]}))
+    with pytest.raises(IndexFileError, match=f"format version {FORMAT_VERSION + 1} is not supported"):
+        OPQNIndex.load(saved)
+
+
+def test_other_files_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(IndexFileError, match="not an OPQN index"):
+        OPQNIndex.load(tmp_path / "other.safetensors")
+    with pytest.raises(IndexFileError, match="does not exist"):
+        OPQNIndex.load(tmp_path / "missing.opqn")
+    (tmp_path / "text.opqn").write_text("hello, this is not an index at all")
+    with pytest.raises(IndexFileError):
+        OPQNIndex.load(tmp_path / "text.opqn")
+
+
+def test_a_process_killed_while_saving_leaves_the_previous_index(tmp_path):
+    index, _ = make_index()
+    index.add(features(1000, 1))
+    path = index.save(tmp_path / "db.opqn")
+    before = path.read_bytes()
+    child = textwrap.dedent(f"""
+        import torch
+        from opqn_ext.index import OPQNIndex
+        index = OPQNIndex.load({str(path)!r}, mmap=False)
+        index.add_codes(torch.randint(0, 16, (40_000_000, {M}), dtype=torch.uint8))
+        print("saving", flush=True)
+        while True:
+            index.save({str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", child], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "saving"
+    deadline = time.time() + 60
+    while not any(p.name.startswith(".db.opqn.tmp") for p in tmp_path.iterdir()) and time.time() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    loaded = OPQNIndex.load(path)  # the old index, or a complete new one; never a broken file
+    assert len(loaded) in (1000, 40_001_000)
+    if len(loaded) == 1000:
+        assert path.read_bytes() == before
