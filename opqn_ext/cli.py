@@ -87,8 +87,12 @@ def format_table(evaluation: Evaluation, feature_dim: int, bits: int) -> str:
 
 
 def cmd_train(args) -> int:
+    from .distributed import is_main_process
+
     cfg = _config_from_args(args)
     result = train(cfg, resume=args.resume)
+    if not is_main_process():
+        return 0
     print(f"trained {len(result.history)} epochs in {result.seconds:.1f} s -> {Path(cfg.out_dir) / 'checkpoint.pt'}")
     if result.evaluation:
         print(format_table(result.evaluation, cfg.feature_dim, cfg.code_bits))

@@ -302,3 +302,91 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
             raise IndexFileError(f"{path}: truncated index file (array {name} ends at byte {data_start + end}, "
                                  f"the file has {size})")
     return header, layout, data_start
+
+
+class ShardedIndex:
+    """An index spread over the ranks of a torch.distributed process group: rank r holds the
+    items whose id is congruent to r modulo the world size, scans them locally, and the global
+    top-k is merged with an all-gather. Results equal those of one OPQNIndex holding every item.
+
+    Every method is collective: all ranks call it with the same arguments (``add`` with the
+    whole batch: each rank encodes and keeps its own part).
+    """
+
+    def __init__(self, shard: OPQNIndex, group=None):
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            raise RuntimeError("ShardedIndex needs an initialized torch.distributed process group")
+        self.shard, self.group = shard, group
+        self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
+
+    def __len__(self) -> int:
+        import torch.distributed as dist
+
+        n = torch.tensor([len(self.shard)], dtype=torch.int64)
+        dist.all_reduce(n, group=self.group)
+        return int(n)
+
+    def _mine(self, ids: torch.Tensor) -> torch.Tensor:
+        return torch.remainder(ids, self.world) == self.rank
+
+    def add(self, features: torch.Tensor, ids, labels=None) -> None:
+        """Add the items of ``features [B, M*d]`` with (required, global) ``ids`` that belong to this rank."""
+        ids = torch.as_tensor(ids).long()
+        mine = self._mine(ids)
+        self.shard.add(features[mine], ids[mine], None if labels is None else torch.as_tensor(labels)[mine])
+
+    def add_codes(self, codes: torch.Tensor, ids, labels=None) -> None:
+        ids = torch.as_tensor(ids).long()
+        mine = self._mine(ids)
+        self.shard.add_codes(codes[mine], ids[mine], None if labels is None else torch.as_tensor(labels)[mine])
+
+    def remove(self, ids) -> int:
+        """Remove ids from whichever shard holds them; returns the global count removed."""
+        import torch.distributed as dist
+
+        n = torch.tensor([self.shard.remove(ids)], dtype=torch.int64)
+        dist.all_reduce(n, group=self.group)
+        return int(n)
+
+    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096):
+        """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank."""
+        return self._search(self.shard.query_lut(queries) if len(queries) else None, len(queries), k, batch_size)
+
+    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096):
+        return self._search(luts, len(luts), k, batch_size)
+
+    def _search(self, luts, nq: int, k: int, batch_size: int):
+        from .distributed import all_gather_topk
+
+        total = len(self)
+        if not 1 <= k <= total:
+            raise ValueError(f"k must be in [1, len(index) = {total}], got {k}")
+        local_k = min(k, len(self.shard))
+        scores = torch.full((nq, k), float("-inf"))
+        ids = torch.full((nq, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        if local_k and nq:
+            s, i = self.shard.search_luts(luts, local_k, batch_size)
+            scores[:, :local_k], ids[:, :local_k] = s, i
+        return all_gather_topk(scores, ids, k, self.group)
+
+    def shard_path(self, path: str | Path) -> Path:
+        path = Path(path)
+        return path.with_name(f"{path.name}.shard{self.rank:05d}-of-{self.world:05d}")
+
+    def save(self, path: str | Path) -> Path:
+        """Each rank writes its shard to ``<path>.shardRRRRR-of-WWWWW`` (atomically)."""
+        return self.shard.save(self.shard_path(path))
+
+    @classmethod
+    def load(cls, path: str | Path, group=None, mmap: bool = True, verify: bool = True) -> "ShardedIndex":
+        """Each rank reads the shard it saved (the world size must be the one it was saved with)."""
+        import torch.distributed as dist
+
+        rank, world = dist.get_rank(group), dist.get_world_size(group)
+        path = Path(path)
+        shard_file = path.with_name(f"{path.name}.shard{rank:05d}-of-{world:05d}")
+        if not shard_file.exists():
+            raise IndexFileError(f"{shard_file}: shard file does not exist (saved with another world size?)")
+        return cls(OPQNIndex.load(shard_file, mmap=mmap, verify=verify), group)

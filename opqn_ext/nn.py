@@ -11,6 +11,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -121,14 +122,22 @@ class OrthoPQHead(nn.Module):
         codebook = self.codebook.to(x.dtype)
         sq = soft_quantize(x, self.assignment_weight.to(x.dtype), codebook, self.assign_scale, False)
         if self.training:
-            with torch.no_grad():
-                self.feature_norm.lerp_(x.detach().norm(dim=-1).mean().to(self.feature_norm.dtype), 0.01)
+            self._track_feature_norm(x.detach())
         class_weight = self.class_weight.to(x.dtype)
         original = margin_cross_entropy(x, class_weight, labels, self.scale, self.margin)
         quantized = margin_cross_entropy(sq.quantized, class_weight, labels, self.scale, self.margin)
         entropy = sq.entropy.mean()
         loss = 0.5 * (original + quantized) + self.entropy_weight * entropy
         return OPQNLoss(loss, original.detach(), quantized.detach(), entropy.detach())
+
+    @torch.no_grad()
+    def _track_feature_norm(self, x: torch.Tensor) -> None:
+        """Running mean of ``||x_m||`` over the (global, under torch.distributed) batch."""
+        norms = x.norm(dim=-1)
+        stats = torch.stack([norms.sum(), torch.tensor(float(norms.numel()), device=x.device, dtype=norms.dtype)])
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(stats)
+        self.feature_norm.lerp_((stats[0] / stats[1]).to(self.feature_norm.dtype), 0.01)
 
     @torch.no_grad()
     def encode(self, features: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from . import data as datasets
+from .distributed import convert_batchnorm, init_from_env
 from .metrics import RetrievalMetrics, evaluate_codes, evaluate_features
 from .nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
 from .ops import adc_topk
@@ -187,7 +190,10 @@ class OPQNModel(nn.Module):
         return self.backbone(inputs)
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
-        return self.head(self.backbone(inputs).float(), labels)
+        features = self.backbone(inputs)
+        if features.dtype in (torch.float16, torch.bfloat16):  # autocast: the head computes in float32
+            features = features.float()
+        return self.head(features, labels)
 
 
 def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> OPQNModel:
@@ -304,15 +310,33 @@ class TrainResult:
 
 def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None = None, stop_after: int | None = None,
           evaluate_at_end: bool = True) -> TrainResult:
-    """Train OPQN as configured; ``stop_after`` ends the run after that epoch (as an interruption would)."""
+    """Train OPQN as configured; ``stop_after`` ends the run after that epoch (as an interruption would).
+
+    Under torchrun (``WORLD_SIZE > 1``) this is data-parallel training with DDP (NCCL on GPUs, gloo
+    on CPUs): every rank draws the same global batch order and augmentation, trains on its slice
+    of each global batch with batch norm over the whole global batch, and rank 0 logs, writes
+    checkpoints and evaluates. Without dropout, the result equals a one-process run up to
+    floating-point reduction order.
+    """
+    from tqdm.auto import tqdm
+
     cfg.validate()
     device = resolve_device(cfg.device)
+    distributed = init_from_env(device)
+    rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    main = rank == 0
+    if distributed and device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
     prepared = prepared or prepare_data(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_inputs = prepared.inputs[prepared.split.train]
     train_labels = prepared.train_labels
-    model = build_model(cfg, tuple(train_inputs.shape[1:]), prepared.num_train_classes).to(device)
+    model = build_model(cfg, tuple(train_inputs.shape[1:]), prepared.num_train_classes)
+    if distributed:
+        model = convert_batchnorm(model, device)
+    model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step, cfg.lr_gamma)
@@ -330,14 +354,21 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
         data_gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, history = ckpt["epoch"] + 1, list(ckpt["history"])
-    log = open(out_dir / LOG_NAME, "a" if start_epoch else "w")
+    runner = model
+    if distributed:
+        runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    log = None
+    if main:  # a resumed run rewrites the log from the checkpoint: lines of a lost epoch disappear
+        log = open(out_dir / LOG_NAME, "w")
+        for record in history:
+            log.write(json.dumps(record) + "\n")
     use_amp = cfg.amp and device.type == "cuda"
     start = time.perf_counter()
     n = len(train_labels)
     steps = max(1, math.ceil(n / cfg.batch_size))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=not cfg.progress, dynamic_ncols=True)
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=not (cfg.progress and main),
+               dynamic_ncols=True)
+    evaluation = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
@@ -348,46 +379,72 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             for step in range(steps):
                 bar.update(1)
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                if len(idx) < 2:  # batch norm needs two samples
+                if len(idx) < 2 * world:  # batch norm needs two samples
                     continue
                 batch = train_inputs[idx]
                 if cfg.augment:
                     batch = augment(batch, data_gen)
-                batch, labels = batch.to(device, non_blocking=True), train_labels[idx].to(device)
+                # this rank's slice of the global batch; the loss is scaled so that DDP's gradient
+                # average is the gradient of the global batch mean
+                batch, labels = batch.tensor_split(world)[rank], train_labels[idx].tensor_split(world)[rank]
+                batch, labels = batch.to(device, non_blocking=True), labels.to(device)
                 if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
                     for group in optimizer.param_groups:
                         group["lr"] = cfg.lr * (epoch * steps + step + 1) / (cfg.warmup_epochs * steps)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    out = model(batch, labels)
+                    out = runner(batch, labels)
                 optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
+                (out.loss * (len(labels) * world / len(idx))).backward()
                 optimizer.step()
                 sums += torch.tensor([out.loss.item(), float(out.original), float(out.quantized), float(out.entropy)],
-                                     dtype=torch.float64) * len(idx)
+                                     dtype=torch.float64) * len(labels)
                 bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
             scheduler.step()
+            if distributed:
+                dist.all_reduce(sums)
             sums /= n
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sums[0].item(),
                       "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
                       "seconds": time.perf_counter() - t0}
-            if cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
+            if main and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
                 record["eval"] = evaluate(model, prepared, device).summary()
             history.append(record)
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-            _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "model": model.state_dict(),
-                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                          "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                          "history": history, "input_shape": list(train_inputs.shape[1:]),
-                          "num_train_classes": prepared.num_train_classes, "classes": prepared.classes}, ckpt_path)
+            if main:
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "model": model.state_dict(),
+                              "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                              "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
+                              "history": history, "input_shape": list(train_inputs.shape[1:]),
+                              "num_train_classes": prepared.num_train_classes, "classes": prepared.classes,
+                              "world_size": world}, ckpt_path)
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
-        evaluation = None
         finished = not history or history[-1]["epoch"] == cfg.epochs
-        if evaluate_at_end and finished:
+        if main and evaluate_at_end and finished:
             evaluation = evaluate(model, prepared, device)
             log.write(json.dumps({"final": evaluation.summary()}) + "\n")
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
+    if distributed:
+        dist.barrier()
     return TrainResult(model.eval(), cfg, evaluation, history, time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    """``python -m opqn_ext.train ...`` (or under torchrun): the options of ``opqn train``."""
+    import sys
+
+    from .cli import main as cli_main
+
+    try:
+        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,98 @@
+"""torch.distributed plumbing for OPQN: process-group setup from torchrun's environment, batch
+norm over the whole global batch on any backend, and the top-k merge used by sharded search.
+
+Multi-machine runs use torchrun's rendezvous as usual, e.g. on each of two hosts:
+``torchrun --nnodes 2 --nproc_per_node 4 --rdzv_backend c10d --rdzv_endpoint HOST0:29400 -m opqn_ext.train ...``
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_from_env(device: torch.device) -> bool:
+    """Join the process group torchrun describes (NCCL for CUDA, gloo otherwise); False when the
+    process runs alone."""
+    if world_size_from_env() <= 1 or not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return True
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Batch norm whose training statistics cover the whole global batch of all ranks (like
+    ``nn.SyncBatchNorm``, which is GPU-only), through a differentiable all-reduce; any backend."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
+            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                            self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+        from torch.distributed.nn.functional import all_reduce
+
+        C = x.shape[1]
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, C] + [1] * (x.dim() - 2)
+        count = torch.tensor([x.numel() // C], dtype=x.dtype, device=x.device)
+        # two passes (mean, then squared deviations) keep the variance exact where mean^2 >> var
+        totals = all_reduce(torch.cat([x.sum(dims), count]))
+        n = totals[-1]
+        mean = totals[:C] / n
+        centered = x - mean.view(shape)
+        var = all_reduce(centered.square().sum(dims)) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                m = self.momentum if self.momentum is not None else 0.1
+                self.running_mean.lerp_(mean.detach(), m)
+                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), m)
+                self.num_batches_tracked += 1
+        y = centered * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y
+
+
+def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Batch norms over the global batch: ``nn.SyncBatchNorm`` on CUDA, :class:`GlobalBatchNorm` elsewhere."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        new = GlobalBatchNorm(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        return new
+    for name, child in module.named_children():
+        setattr(module, name, convert_batchnorm(child, device))
+    return module
+
+
+def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best k of candidate lists ``[nq, C]``: scores descending, equal scores by smaller id."""
+    by_id = torch.argsort(ids, dim=1, stable=True)
+    scores, ids = scores.gather(1, by_id), ids.gather(1, by_id)
+    order = torch.argsort(scores, dim=1, descending=True, stable=True)[:, :k]
+    return scores.gather(1, order), ids.gather(1, order)
+
+
+def all_gather_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, group=None):
+    """Every rank's ``[nq, k]`` candidates gathered and merged into the global top-k (on every rank)."""
+    world = dist.get_world_size(group)
+    all_scores = [torch.empty_like(scores) for _ in range(world)]
+    all_ids = [torch.empty_like(ids) for _ in range(world)]
+    dist.all_gather(all_scores, scores.contiguous(), group=group)
+    dist.all_gather(all_ids, ids.contiguous(), group=group)
+    return merge_topk(torch.cat(all_scores, 1), torch.cat(all_ids, 1), k)

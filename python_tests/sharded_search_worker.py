@@ -1,0 +1,32 @@
+"""Run by test_distributed.py under torchrun (2 gloo processes): builds a ShardedIndex from the
+same data on every rank, searches, saves and reloads the shards, removes ids, and rank 0 writes
+every result to the file named by argv[1]."""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from opqn_ext.index import OPQNIndex, ShardedIndex
+from opqn_ext.nn import OrthoPQHead
+
+from test_index import D, K, M, features
+
+dist.init_process_group("gloo")
+head = OrthoPQHead(D, 5, M, K, seed=0)
+index = ShardedIndex(OPQNIndex.from_head(head))
+ids = torch.randperm(4000, generator=torch.Generator().manual_seed(0)) * 3
+index.add(features(4000, 1), ids=ids, labels=ids % 5)
+q = features(30, 2)
+results = {"size": len(index), "first": index.search(q, 40), "shard_size": len(index.shard)}
+index.save(sys.argv[2])
+dist.barrier()
+loaded = ShardedIndex.load(sys.argv[2], mmap=True)
+results["loaded"] = loaded.search(q, 40)
+all_sizes = [None, None]
+dist.all_gather_object(all_sizes, len(loaded.shard))
+results["removed"] = loaded.remove(torch.arange(0, 12000, 9))
+results["after_remove"] = loaded.search(q, 40)
+if dist.get_rank() == 0:
+    results["shard_sizes"] = all_sizes
+    torch.save(results, sys.argv[1])
+dist.destroy_process_group()
