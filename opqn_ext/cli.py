@@ -1,4 +1,4 @@
-"""The ``opqn`` command line: train, eval, encode, search and demo.
+"""The ``opqn`` command line: train, eval, encode, search, index build and demo.
 
 Every subcommand has ``--help``. A bad argument (K > d, a bit count that is not M * log2(K), an
 unknown data set, a missing file) ends the command with one ``opqn: error: ...`` line and exit
@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .data import OrlDataError
+from .index import IndexFileError
 from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, extract_features, load_checkpoint,
                     model_from_checkpoint, prepare_data, train)
 
@@ -145,33 +146,62 @@ def cmd_encode(args) -> int:
     return 0
 
 
-def cmd_search(args) -> int:
+def _index_from_code_file(path: str, model) -> "OPQNIndex":
     from safetensors import safe_open
 
-    from .ops import adc_topk
+    from .index import OPQNIndex
+
+    if not Path(path).exists():
+        raise CliError(f"code file {path} does not exist (write one with `opqn encode`)")
+    with safe_open(path, framework="pt") as f:
+        codes, labels, items = f.get_tensor("codes"), f.get_tensor("labels"), f.get_tensor("items")
+    if codes.shape[1] != model.head.num_books:
+        raise CliError(f"{path} has {codes.shape[1]} books but the model has {model.head.num_books}")
+    index = OPQNIndex.from_head(model.head)
+    index.add_codes(codes, ids=items, labels=labels)
+    return index
+
+
+def cmd_search(args) -> int:
+    from .index import OPQNIndex
 
     model, cfg, prepared = _checkpoint_and_data(args)
-    if not Path(args.codes).exists():
-        raise CliError(f"code file {args.codes} does not exist (write one with `opqn encode`)")
-    with safe_open(args.codes, framework="pt") as f:
-        codes, db_labels, db_items = f.get_tensor("codes"), f.get_tensor("labels"), f.get_tensor("items")
-    if codes.shape[1] != model.head.num_books:
-        raise CliError(f"{args.codes} has {codes.shape[1]} books but the model has {model.head.num_books}")
-    if not 1 <= args.k <= len(codes):
-        raise CliError(f"-k must be in [1, {len(codes)}] (the number of codes), got {args.k}")
+    if args.index:
+        index = OPQNIndex.load(args.index, mmap=True)
+        if (index.num_books, index.dim, index.num_words) != (model.head.num_books, model.head.dim, model.head.num_words):
+            raise CliError(f"{args.index} holds M={index.num_books}, d={index.dim}, K={index.num_words} codes; the "
+                           f"model makes M={model.head.num_books}, d={model.head.dim}, K={model.head.num_words}")
+    else:
+        index = _index_from_code_file(args.codes, model)
+    if not 1 <= args.k <= len(index):
+        raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
     idx = _part(prepared, args.part)
-    luts = model.head.query_lut(extract_features(model, prepared.inputs[idx], torch.device("cpu")))
+    features = extract_features(model, prepared.inputs[idx], torch.device("cpu"))
     start = time.perf_counter()
-    scores, hits = adc_topk(luts, codes, args.k)
+    scores, ids = index.search(features, args.k)
     ms = (time.perf_counter() - start) * 1e3
+    labels = index.labels_of(ids)
     results = [{"query_item": int(q), "query_label": int(prepared.labels[q]),
-                "results": [{"item": int(db_items[h]), "label": int(db_labels[h]), "score": float(s)}
-                            for s, h in zip(scores[i], hits[i])]} for i, q in enumerate(idx.tolist())]
+                "results": [{"item": int(h), "label": int(lab), "score": float(s)}
+                            for s, h, lab in zip(scores[i], ids[i], labels[i])]} for i, q in enumerate(idx.tolist())]
     for r in results[: args.show]:
         shown = ", ".join(f"{x['item']}({x['label']}) {x['score']:.3f}" for x in r["results"])
         print(f"query {r['query_item']} (label {r['query_label']}): {shown}")
-    print(f"{len(idx)} queries x {len(codes)} codes, top-{args.k} in {ms:.2f} ms")
+    print(f"{len(idx)} queries x {len(index)} codes, top-{args.k} in {ms:.2f} ms")
     _write_json(args.json, results)
+    return 0
+
+
+def cmd_index_build(args) -> int:
+    from .index import OPQNIndex
+
+    model, cfg, prepared = _checkpoint_and_data(args)
+    idx = _part(prepared, args.part)
+    index = OPQNIndex.from_head(model.head, settings={"config": dataclasses.asdict(cfg),
+                                                      "checkpoint": str(Path(args.checkpoint).resolve())})
+    index.add(extract_features(model, prepared.inputs[idx], torch.device("cpu")), ids=idx, labels=prepared.labels[idx])
+    index.save(args.output)
+    print(f"indexed {len(index)} items of {cfg.dataset} ({args.part}) as {cfg.code_bits}-bit codes -> {args.output}")
     return 0
 
 
@@ -191,7 +221,7 @@ def _write_json(path, obj) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
                                      "train, evaluate and search compact face codes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,index,demo}")
     defaults = TrainConfig()
 
     p = sub.add_parser("train", help="train an OPQN model", description="Train OPQN (DESIGN.md section 1 defaults).")
@@ -217,13 +247,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=("database", "query", "all"), default="database")
     p.set_defaults(func=cmd_encode)
 
-    p = checkpoint_parser("search", "search encoded codes with query images or features")
-    p.add_argument("--codes", required=True, help="a code file from `opqn encode`")
+    p = checkpoint_parser("search", "search an index (or a code file) with query images or features")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--index", help="an index file from `opqn index build` (memory-mapped)")
+    source.add_argument("--codes", help="a code file from `opqn encode`")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--part", choices=("database", "query", "all"), default="query", help="which items are queries")
     p.add_argument("--show", type=int, default=5, help="queries to print")
     p.add_argument("--json", help="write every query's results here")
     p.set_defaults(func=cmd_search)
+
+    index = sub.add_parser("index", help="build OPQN indexes", description="Build OPQN indexes.")
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build}")
+    p = index_sub.add_parser("build", help="encode a data set into an index file",
+                             description="Encode a data set with a trained model into an OPQN index file.")
+    p.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
+    p.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
+    p.add_argument("--data-path", dest="data_path", help="image folder or feature file")
+    p.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+    p.add_argument("--part", choices=("database", "query", "all"), default="database", help="which items to index")
+    p.add_argument("--output", "-o", required=True, help="the index file to write")
+    p.set_defaults(func=cmd_index_build)
 
     p = sub.add_parser("demo", help="train on ORL faces and show retrieval (a few minutes on a CPU)",
                        description="Train OPQN on ORL faces (seen protocol, 32-bit codes) and report float vs "
@@ -243,7 +287,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CliError, ValueError, FileNotFoundError, OrlDataError) as err:
+    except (CliError, ValueError, FileNotFoundError, OrlDataError, IndexFileError) as err:
         print(f"opqn: error: {err}", file=sys.stderr)
         return 2
 

@@ -160,6 +160,14 @@ class OPQNIndex:
             self.mapped_codes = None
         return removed
 
+    def labels_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """Labels of items given by id (any shape); -1 for ids not in the index."""
+        ids = torch.as_tensor(ids).cpu()
+        pos = torch.searchsorted(self.ids, ids.reshape(-1)).clamp(max=max(len(self) - 1, 0))
+        found = (self.ids[pos] == ids.reshape(-1)) if len(self) else torch.zeros_like(pos, dtype=torch.bool)
+        labels = torch.where(found, self.labels[pos] if len(self) else pos, -1)
+        return labels.reshape(ids.shape)
+
     # ---- search ----------------------------------------------------------------------------
 
     def query_lut(self, queries: torch.Tensor) -> torch.Tensor:

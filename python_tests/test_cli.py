@@ -9,7 +9,7 @@ from safetensors import safe_open
 
 from opqn_ext.cli import main
 
-SUBCOMMANDS = ["train", "eval", "encode", "search", "demo"]
+SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build"]
 
 
 def run_cli(*args):
@@ -19,7 +19,7 @@ def run_cli(*args):
 @pytest.mark.parametrize("sub", SUBCOMMANDS)
 def test_every_subcommand_has_help(sub, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([sub, "--help"])
+        main([*sub.split(), "--help"])
     assert exit_info.value.code == 0
     assert "usage: opqn " + sub in capsys.readouterr().out
 
@@ -76,3 +76,58 @@ def test_train_eval_encode_search(tmp_path, capsys):
     assert "top-5" in capsys.readouterr().out
     assert main(["search", str(run), "--codes", str(codes_file), "-k", "281"]) == 2
     assert "-k must be in [1, 280]" in capsys.readouterr().err
+
+
+def test_index_build_and_search_the_index(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    index_file = tmp_path / "orl.opqn"
+    assert main(["index", "build", str(run), "-o", str(index_file)]) == 0
+    assert "indexed 280 items of orl (database) as 32-bit codes" in capsys.readouterr().out
+    codes_file = tmp_path / "db.safetensors"
+    assert main(["encode", str(run), "-o", str(codes_file)]) == 0
+    out = {}
+    for source, path in (("--index", index_file), ("--codes", codes_file)):
+        assert main(["search", str(run), source, str(path), "-k", "7", "--json", str(tmp_path / "r.json")]) == 0
+        out[source] = json.loads((tmp_path / "r.json").read_text())
+    assert out["--index"] == out["--codes"] and len(out["--index"]) == 120
+    from opqn_ext.data import seen_split, load_orl
+
+    labels = load_orl().labels
+    assert all(r["label"] == int(labels[r["item"]]) for q in out["--index"] for r in q["results"])
+    proc = run_cli("search", str(run), "--index", str(tmp_path / "missing.opqn"))
+    assert proc.returncode == 2 and "index file does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("search", str(run))
+    assert proc.returncode == 2 and "one of the arguments --index --codes is required" in proc.stderr
+
+
+def test_training_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
+    import os
+    import signal
+    import time
+
+    import torch
+
+    from opqn_ext.train import load_checkpoint
+
+    opts = ["--epochs", "6", "--width", "4", "--batch-size", "64", "--no-progress", "--dropout", "0.1"]
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    straight = subprocess.run([sys.executable, "-m", "opqn_ext.cli", "train", *opts, "--out-dir", str(tmp_path / "a")],
+                              capture_output=True, text=True, timeout=300, env=env)
+    assert straight.returncode == 0, straight.stderr
+    run = tmp_path / "b"
+    proc = subprocess.Popen([sys.executable, "-m", "opqn_ext.cli", "train", *opts, "--out-dir", str(run)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log, deadline = run / "log.jsonl", time.time() + 120
+    while time.time() < deadline and (not log.exists() or len(log.read_text().splitlines()) < 3):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(run)["epoch"] + 1
+    assert 2 <= killed_at < 6  # the log can be one epoch ahead of the last checkpoint
+    resumed = subprocess.run([sys.executable, "-m", "opqn_ext.cli", "train", *opts, "--out-dir", str(run), "--resume"],
+                             capture_output=True, text=True, timeout=300, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(run)
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (tmp_path / "a" / "log.jsonl").read_text().count("epoch") == log.read_text().count("epoch")
