@@ -10,7 +10,7 @@ holding every item returns.
 Files (``save`` / ``load``): one safetensors file with the arrays, and a JSON header (format
 version, settings, array checksums) in its metadata; never pickle. A save writes a temporary file
 next to the target, fsyncs it and renames it over the target, so a crash leaves the previous
-index intact. ``load(mmap=True)`` maps the codes from the file instead of reading them, so an
+index intact. ``load(mmap=True)`` maps codes, ids and labels from the file instead of reading them, so an
 index larger than memory can be searched; checksums are verified on load unless ``verify=False``.
 """
 from __future__ import annotations
@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ops import adc_topk, encode, soft_quantize
+from .ops import PackedCodes4, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
 
 FORMAT = "opqn-index"
 FORMAT_VERSION = 1
 _ARRAYS = ("codes", "ids", "labels", "assign_weight", "codebook")
+_PER_ITEM = ("codes", "ids", "labels")  # memory-mapped by load(mmap=True)
 _CRC_CHUNK = 64 << 20
 
 
@@ -72,6 +73,7 @@ class OPQNIndex:
         self.ids = torch.zeros(0, dtype=torch.int64)  # [N], increasing
         self.labels = torch.zeros(0, dtype=torch.int64)  # [N], -1 = none
         self.mapped_codes: np.memmap | None = None  # the file mapping behind codes after load(mmap=True)
+        self._packed_codes: PackedCodes4 | None = None  # 4-bit layout for fast_scan, rebuilt after changes
 
     @classmethod
     def from_head(cls, head, settings: dict | None = None) -> "OPQNIndex":
@@ -94,7 +96,7 @@ class OPQNIndex:
         """Move codes and model parts to ``device`` (ids and labels stay on the CPU); returns self."""
         device = torch.device(device)
         if device != self.codes.device:
-            self.codes, self.mapped_codes = self.codes.to(device), None
+            self.codes, self.mapped_codes, self._packed_codes = self.codes.to(device), None, None
         self.assign_weight = self.assign_weight.to(device)
         self.codebook = self.codebook.to(device)
         return self
@@ -136,7 +138,7 @@ class OPQNIndex:
         if bool(clash.any()):
             raise ValueError(f"ids already in the index: {ids[clash][:10].tolist()}")
         self.codes = torch.cat([self.codes, codes.to(self.device)])
-        self.mapped_codes = None
+        self.mapped_codes, self._packed_codes = None, None
         self.ids = torch.cat([self.ids, ids])
         self.labels = torch.cat([self.labels, labels.long()])
         if n and (int(ids.min()) <= last or not bool((ids[1:] > ids[:-1]).all())):
@@ -147,6 +149,7 @@ class OPQNIndex:
         order = torch.argsort(self.ids, stable=True)
         self.ids, self.labels = self.ids[order], self.labels[order]
         self.codes = self.codes[order.to(self.device)]
+        self._packed_codes = None
 
     def remove(self, ids) -> int:
         """Remove the items with these ids; returns how many were present."""
@@ -157,7 +160,7 @@ class OPQNIndex:
             keep = ~gone
             self.ids, self.labels = self.ids[keep], self.labels[keep]
             self.codes = self.codes[keep.to(self.device)]
-            self.mapped_codes = None
+            self.mapped_codes, self._packed_codes = None, None
         return removed
 
     def labels_of(self, ids: torch.Tensor) -> torch.Tensor:
@@ -178,23 +181,43 @@ class OPQNIndex:
                            self.query_scale, True)
         return sq.probs
 
-    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096):
+    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+               rerank: int = 2):
         """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
-        scores descending, ties to the smaller id; queries go in batches (bounded memory)."""
-        return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size)
+        scores descending, ties to the smaller id; queries go in batches (bounded memory).
 
-    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096):
+        ``fast_scan`` (K <= 16, CPU): the 4-bit register-lookup scan ``adc_topk4`` with ``rerank * k``
+        candidates re-scored exactly; returned scores are exact, the result equals the exact scan
+        whenever every true top-k item survives the approximate stage (recall measured in tests).
+        """
+        return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size,
+                            fast_scan, rerank)
+
+    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+                    rerank: int = 2):
         """Top-k of precomputed query tables ``[nq, M, K]``."""
         if luts.dim() != 3 or luts.shape[1:] != (self.num_books, self.num_words):
             raise ValueError(f"luts must be [nq, {self.num_books}, {self.num_words}], got {list(luts.shape)}")
-        return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size)
+        return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size,
+                            fast_scan, rerank)
 
-    def _search(self, lut_batch, nq: int, k: int, batch_size: int):
+    def _packed(self) -> PackedCodes4:
+        if self._packed_codes is None or self._packed_codes.num_codes != len(self):
+            self._packed_codes = pack_codes4(self.codes)
+        return self._packed_codes
+
+    def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2):
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, len(index) = {len(self)}], got {k}")
+        if fast_scan and (self.num_words > 16 or self.device.type != "cpu"):
+            raise ValueError(f"fast_scan needs K <= 16 codes on the CPU; this index has K={self.num_words} on {self.device}")
         scores, ids = [], []
         for q0 in range(0, nq, batch_size):
-            s, pos = adc_topk(lut_batch(q0, min(nq, q0 + batch_size)), self.codes, k)
+            luts = lut_batch(q0, min(nq, q0 + batch_size))
+            if fast_scan:
+                s, pos = adc_topk4(luts, self._packed(), k, rerank)
+            else:
+                s, pos = adc_topk(luts, self.codes, k)
             scores.append(s.cpu())
             ids.append(self.ids[pos.cpu()])
         if not scores:
@@ -240,7 +263,8 @@ class OPQNIndex:
     @classmethod
     def load(cls, path: str | Path, mmap: bool = True, verify: bool = True, device=None) -> "OPQNIndex":
         """Read an index written by :meth:`save`. With ``mmap`` the codes stay in the file (mapped
-        copy-on-write) and are paged in by the scans; ``verify`` checks every array's CRC-32."""
+        copy-on-write, with the ids and labels) and are paged in by the scans; ``verify`` checks every
+        array's CRC-32 (one sequential read of the file)."""
         path = Path(path)
         header, layout, data_start = _read_header(path)
         arrays, mapped = {}, None
@@ -251,8 +275,9 @@ class OPQNIndex:
             shape = tuple(info["shape"])
             if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
                 raise IndexFileError(f"{path}: array {name} has {end - begin} bytes for shape {shape}")
-            if mmap and name == "codes" and end > begin:
-                array = mapped = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
+            if mmap and name in _PER_ITEM and end > begin:
+                array = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
+                mapped = array if name == "codes" else mapped
             else:
                 with open(path, "rb") as f:
                     f.seek(data_start + begin)

@@ -226,3 +226,27 @@ def test_a_process_killed_while_saving_leaves_the_previous_index(tmp_path):
     assert len(loaded) in (1000, 40_001_000)
     if len(loaded) == 1000:
         assert path.read_bytes() == before
+
+
+def test_fast_scan_returns_exact_scores_with_full_recall():
+    index, _ = make_index()
+    index.add(features(20000, 1), ids=torch.arange(20000) * 2)
+    q = features(50, 2)
+    exact_s, exact_i = index.search(q, 20)
+    fast_s, fast_i = index.search(q, 20, fast_scan=True)
+    recall = sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(fast_i, exact_i)) / exact_i.numel()
+    assert recall >= 0.99
+    # returned scores are the exact ADC scores of the returned items
+    codes = index.codes[torch.searchsorted(index.ids, fast_i)]
+    luts = index.query_lut(q)
+    rescored = luts.gather(2, codes.long().permute(0, 2, 1)).sum(1)
+    assert torch.allclose(fast_s, rescored, atol=1e-6)
+    index.remove(exact_i[0, :5])  # the packed layout follows changes
+    assert not set(index.search(q[:1], 20, fast_scan=True)[1][0].tolist()) & set(exact_i[0, :5].tolist())
+
+
+def test_fast_scan_needs_small_codebooks():
+    index = OPQNIndex.from_head(OrthoPQHead(64, 5, 2, 32, seed=0))
+    index.add(features(10, 1))
+    with pytest.raises(ValueError, match="fast_scan needs K <= 16"):
+        index.search(features(1, 2), 3, fast_scan=True)

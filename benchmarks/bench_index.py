@@ -1,0 +1,130 @@
+"""OPQNIndex at N = 1M and 10M codes (issue 5): add throughput, search latency (nq = 1) and
+throughput (nq = 1000) with the codes in memory and memory-mapped, memory used, and a sharded
+search over 2 torchrun processes (gloo, 1 thread each) against one process with 2 threads.
+
+The index holds 32-bit codes (8 books x 16 words, d = 64) of random 512-d features from a random
+OPQN head; search results are checked equal across in-memory, mmap and sharded before timing.
+
+    python benchmarks/bench_index.py [--sizes 1000000 10000000] [--json PATH]
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from opqn_ext.index import OPQNIndex
+from opqn_ext.nn import OrthoPQHead
+
+HERE = Path(__file__).parent
+D, M, K = 512, 8, 16
+ADD_BATCH = 1_000_000
+
+
+def rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def timed(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def search_timings(index, q1, q1000, k):
+    t1, r1 = timed(lambda: index.search(q1, k), 20)
+    tn, rn = timed(lambda: index.search(q1000, k), 3)
+    return {"nq1_ms": t1 * 1e3, "nq1000_qps": len(q1000) / tn}, (r1, rn)
+
+
+def sharded(path: Path, n: int, k: int, tmp: Path) -> dict:
+    out = tmp / "sharded.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                    str(HERE / "bench_index_shard_worker.py"), str(path), str(out), str(k)],
+                   check=True, env=env, timeout=1800)
+    return json.loads(out.read_text())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--json", default="benchmarks/results/index.json")
+    args = parser.parse_args()
+    head = OrthoPQHead(D, 10, M, K, seed=0)
+    g = torch.Generator().manual_seed(1)
+    q1000 = torch.randn(1000, D, generator=g)
+    q1 = q1000[:1]
+    rows = []
+    with tempfile.TemporaryDirectory(dir=".") as tmp_name:
+        tmp = Path(tmp_name)
+        for n in args.sizes:
+            index = OPQNIndex.from_head(head)
+            rss0 = rss_mib()
+            add_s = 0.0
+            for start in range(0, n, ADD_BATCH):
+                feats = torch.randn(min(ADD_BATCH, n - start), D, generator=g)
+                t = time.perf_counter()
+                index.add(feats)
+                add_s += time.perf_counter() - t
+                del feats
+            row = {"N": n, "add_items_per_s": n / add_s, "codes_mib": index.codes.numel() / 2**20,
+                   "rss_growth_mib": rss_mib() - rss0}
+            row["memory"], (mem1, memn) = search_timings(index, q1, q1000, args.k)
+            path = tmp / f"index_{n}.opqn"
+            t = time.perf_counter()
+            index.save(path)
+            row["save_s"] = time.perf_counter() - t
+            row["file_mib"] = path.stat().st_size / 2**20
+            # shards for the 2-process search: ids split by parity, as ShardedIndex does
+            for rank in range(2):
+                part = OPQNIndex.from_head(head)
+                mine = index.ids % 2 == rank
+                part.add_codes(index.codes[mine], index.ids[mine])
+                part.save(path.with_name(f"{path.name}.shard{rank:05d}-of-00002"))
+            del index
+            for mmap in (True, False):
+                rss_before = rss_mib()
+                t = time.perf_counter()
+                loaded = OPQNIndex.load(path, mmap=mmap, verify=False)
+                load_s = time.perf_counter() - t
+                timings, (r1, rn) = search_timings(loaded, q1, q1000, args.k)
+                assert all(torch.equal(a, b) for a, b in zip(r1 + rn, mem1 + memn)), "loaded index differs"
+                timings.update(load_s=load_s, rss_growth_mib=rss_mib() - rss_before)
+                row["mmap" if mmap else "loaded"] = timings
+                del loaded
+            shard = sharded(path, n, args.k, tmp)
+            assert torch.equal(torch.tensor(shard["ids_nq1"]), mem1[1]), "sharded search differs"
+            row["sharded_2proc"] = {"nq1_ms": shard["nq1_ms"], "nq1000_qps": shard["nq1000_qps"]}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    print(f"\n{'N':>10s} {'add items/s':>12s} {'where':>14s} {'nq=1 ms':>9s} {'nq=1000 q/s':>12s} {'RSS +MiB':>9s}")
+    for row in rows:
+        first = True
+        for where in ("memory", "mmap", "loaded", "sharded_2proc"):
+            t = row[where]
+            label = {"memory": "in memory", "mmap": "mmap load", "loaded": "full load", "sharded_2proc": "2 shards"}[where]
+            rss = t.get("rss_growth_mib", row["rss_growth_mib"] if where == "memory" else float("nan"))
+            add = f"{row['add_items_per_s']:12.0f}" if first else " " * 12
+            print(f"{row['N'] if first else '':>10} {add} {label:>14s} {t['nq1_ms']:9.2f} {t['nq1000_qps']:12.0f} {rss:9.1f}")
+            first = False
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
