@@ -10,8 +10,9 @@ holding every item returns.
 Files (``save`` / ``load``): one safetensors file with the arrays, and a JSON header (format
 version, settings, array checksums) in its metadata; never pickle. A save writes a temporary file
 next to the target, fsyncs it and renames it over the target, so a crash leaves the previous
-index intact. ``load(mmap=True)`` maps codes, ids and labels from the file instead of reading them, so an
-index larger than memory can be searched; checksums are verified on load unless ``verify=False``.
+index intact. ``load(mmap=True)`` maps codes, ids and labels from the file instead of reading
+them, so an index larger than memory can be searched; checksums are verified on load unless
+``verify=False``.
 """
 from __future__ import annotations
 
