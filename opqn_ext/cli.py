@@ -1,4 +1,4 @@
-"""The ``opqn`` command line: train, eval, encode, search, index build and demo.
+"""The ``opqn`` command line: train, eval, encode, search, index build, embed and demo.
 
 Every subcommand has ``--help``. A bad argument (K > d, a bit count that is not M * log2(K), an
 unknown data set, a missing file) ends the command with one ``opqn: error: ...`` line and exit
@@ -205,6 +205,21 @@ def cmd_index_build(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from .data import load_image_folder, load_orl, save_features
+    from .data.face_embeddings import embed_faces
+
+    if args.dataset == "folder" and not args.data_path:
+        raise CliError("--dataset folder needs --data-path root/<identity>/<image>")
+    images = load_orl() if args.dataset == "orl" else load_image_folder(args.data_path)
+    start = time.perf_counter()
+    feats = embed_faces(images, progress=args.progress)
+    save_features(args.output, feats.features, feats.labels, feats.classes)
+    print(f"embedded {len(feats)} images ({len(feats.classes)} identities) into 128-d dlib descriptors in "
+          f"{time.perf_counter() - start:.0f} s -> {args.output}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -221,7 +236,7 @@ def _write_json(path, obj) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
                                      "train, evaluate and search compact face codes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,index,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,index,embed,demo}")
     defaults = TrainConfig()
 
     p = sub.add_parser("train", help="train an OPQN model", description="Train OPQN (DESIGN.md section 1 defaults).")
@@ -268,6 +283,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--part", choices=("database", "query", "all"), default="database", help="which items to index")
     p.add_argument("--output", "-o", required=True, help="the index file to write")
     p.set_defaults(func=cmd_index_build)
+
+    p = sub.add_parser("embed", help="128-d dlib face embeddings of a data set (the faces extra)",
+                       description="Compute dlib's 128-d face descriptors of ORL or an image folder and write a "
+                                   "feature file for `opqn train --dataset features --backbone mlp`.")
+    p.add_argument("--dataset", choices=("orl", "folder"), default="orl")
+    p.add_argument("--data-path", dest="data_path", help="image folder root/<identity>/<image>")
+    p.add_argument("--output", "-o", required=True, help="feature file (.safetensors or .npy)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("demo", help="train on ORL faces and show retrieval (a few minutes on a CPU)",
                        description="Train OPQN on ORL faces (seen protocol, 32-bit codes) and report float vs "
