@@ -54,10 +54,13 @@ class RetrievalMetrics:
 
 
 def pr_cutoffs(num_database: int, points: int = 64) -> list[int]:
-    """Rank cutoffs for a PR curve: ``points`` values spread evenly over 1..N (N included)."""
+    """Rank cutoffs for a PR curve: at most ``points`` values over 1..N (both included), half spread
+    geometrically (dense among the first ranks, where precision changes fastest), half evenly."""
     if num_database < 1:
         raise ValueError(f"num_database must be >= 1, got {num_database}")
-    return sorted({int(c) for c in np.linspace(1, num_database, num=min(points, num_database)).round()})
+    half = max(2, points // 2)
+    spread = np.concatenate([np.geomspace(1, num_database, half), np.linspace(1, num_database, half)])
+    return sorted({int(c) for c in spread.round()})
 
 
 def evaluate_ranking(score_batch: Callable[[int, int], torch.Tensor], query_labels, db_labels,

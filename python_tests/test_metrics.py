@@ -100,4 +100,5 @@ def test_metric_errors(args, match):
 def test_pr_cutoffs():
     assert metrics.pr_cutoffs(3, 64) == [1, 2, 3]
     c = metrics.pr_cutoffs(60000, 64)
-    assert c[0] == 1 and c[-1] == 60000 and len(c) == 64
+    assert c[0] == 1 and c[-1] == 60000 and 32 < len(c) <= 64 and c == sorted(set(c))
+    assert {1, 2, 3} <= set(c) and len([x for x in c if x <= 100]) >= 10  # dense among the first ranks
