@@ -83,14 +83,21 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
   const Scan4Fn scan = scanner4();
 
   // Candidates are re-scored exactly: the float table, entries added in book order as adc_topk does.
-  const auto exact = [&](int64_t q, const ScoredId& candidate) {
-    const float* l = lut_ptr + q * M * K;
-    float s = 0.0f;
-    for (int64_t m = 0; m < M; ++m) {
-      const uint8_t word = packed_word(packed_ptr, pairs, candidate.id, m);
-      s += word < K ? l[m * K + word] : 0.0f;
+  // Their blocks are prefetched first, so the scattered reads overlap.
+  const auto exact = [&](int64_t q, ScoredId* candidates, int64_t n) {
+    for (int64_t c = 0; c < n; ++c) {
+      const uint8_t* block = packed_ptr + candidates[c].id / kBlockCodes4 * pairs * 32;
+      for (int64_t line = 0; line < pairs * 32; line += 64) __builtin_prefetch(block + line);
     }
-    return ScoredId{s, candidate.id};
+    const float* l = lut_ptr + q * M * K;
+    for (int64_t c = 0; c < n; ++c) {
+      float s = 0.0f;
+      for (int64_t m = 0; m < M; ++m) {
+        const uint8_t word = packed_word(packed_ptr, pairs, candidates[c].id, m);
+        s += word < K ? l[m * K + word] : 0.0f;
+      }
+      candidates[c].score = s;
+    }
   };
   search_topk(
       nq, blocks, kMinBlocksPerPart, candidates, k,

@@ -40,7 +40,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
       [&](int64_t q0, int64_t q1, int64_t r0, int64_t r1, TopK* tops) {
         scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, tops);
       },
-      [](int64_t, const ScoredId& exact) { return exact; }, scores.mutable_data_ptr<float>(),
+      [](int64_t, ScoredId*, int64_t) {}, scores.mutable_data_ptr<float>(),
       indices.mutable_data_ptr<int64_t>());
   return {scores, indices};
 }

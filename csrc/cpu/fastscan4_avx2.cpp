@@ -1,10 +1,12 @@
 // The AVX2 4-bit scanner: per 32 codes and pair of books, one 32-byte load holds all their words;
 // two vpshufb look them up in the pair's two 16-entry tables (one per 128-bit lane) at once. The
 // looked-up bytes are summed without widening: added as int16 lanes (even code + 256 * odd code)
-// and, shifted right by 8, as the odd codes alone; even sums come out by subtraction at the end.
-// One compare per 16 codes against the query's threshold; only codes above it reach the heap.
+// and, shifted right by 8, as the odd codes alone; even sums come out by subtraction at the end,
+// and the two books' lanes are added by two lane permutes. Two compares per 32 codes against the
+// query's threshold (kept as int16 per query); only codes above it reach the heap.
 #if defined(__x86_64__) || defined(__i386__)
 #include <cstdint>
+#include <vector>
 
 #include <immintrin.h>
 
@@ -15,33 +17,35 @@
 namespace opqn::cpu::avx2 {
 namespace {
 
-// Offers the codes of one 16-code group whose sums exceed the threshold; `mask` has two bits per
-// code (a movemask of an int16 compare), set where it passed.
-void offer_group(__m256i sums, uint32_t mask, int64_t first_id, int64_t num_codes, TopK& top) {
-  alignas(32) int16_t s[16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(s), sums);
-  mask &= 0x55555555u;
+// Offers the codes of a 32-code block that passed: even[j] holds the sum of code 2j, odd[j] that
+// of code 2j+1; the masks have two bits per lane (movemasks of int16 compares).
+void offer_block(__m256i even, __m256i odd, uint32_t even_mask, uint32_t odd_mask, int64_t first_id,
+                 int64_t num_codes, TopK& top) {
+  alignas(32) int16_t sums[2][16];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), even);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), odd);
+  uint32_t mask = (even_mask & 0x55555555u) | (odd_mask & 0xAAAAAAAAu);  // bit 2j: even, 2j+1: odd
   while (mask != 0) {
-    const int j = __builtin_ctz(mask) / 2;
+    const int bit = __builtin_ctz(mask);
     mask &= mask - 1;
-    const int64_t id = first_id + j;
-    if (id >= num_codes) break;
-    if (static_cast<float>(s[j]) > top.threshold) topk_offer(top, static_cast<float>(s[j]), id);
+    const int j = bit / 2, odd_code = bit % 2;
+    const int64_t id = first_id + 2 * j + odd_code;
+    if (id >= num_codes) continue;
+    const float s = static_cast<float>(sums[odd_code][j]);
+    if (s > top.threshold) topk_offer(top, s, id);
   }
 }
 
-// Sums of 16 codes in order from the even/odd accumulators of one nibble: lane 0 holds book 2p,
-// lane 1 book 2p+1 of the same codes.
-__m256i code_sums(__m256i all, __m256i odd) {
-  const __m256i even = _mm256_sub_epi16(all, _mm256_slli_epi16(odd, 8));
-  const __m128i e = _mm_add_epi16(_mm256_castsi256_si128(even), _mm256_extracti128_si256(even, 1));
-  const __m128i o = _mm_add_epi16(_mm256_castsi256_si128(odd), _mm256_extracti128_si256(odd, 1));
-  return _mm256_set_m128i(_mm_unpackhi_epi16(e, o), _mm_unpacklo_epi16(e, o));
+constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead of the scan (reads past the end are harmless)
+
+// Sums are 0..32767 and a threshold an integer or -inf: int16 compares are exact.
+int16_t threshold_of(const TopK& top) {
+  return top.threshold < 0.0f ? int16_t(-1) : static_cast<int16_t>(top.threshold);
 }
 
-__m256i threshold_of(const TopK& top) {
-  // Sums are 0..32767 and the threshold an integer or -inf: int16 compares are exact.
-  return _mm256_set1_epi16(top.threshold < 0.0f ? int16_t(-1) : static_cast<int16_t>(top.threshold));
+// Adds the two 128-bit lanes (books 2p and 2p+1 of the same codes) of x and of y: [x sums, y sums].
+__m256i add_lanes(__m256i x, __m256i y) {
+  return _mm256_add_epi16(_mm256_permute2x128_si256(x, y, 0x20), _mm256_permute2x128_si256(x, y, 0x31));
 }
 
 // kPairs > 0: the number of book pairs as a compile-time constant (the loop over them unrolls).
@@ -50,11 +54,16 @@ void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64
                  int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
   const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
+  std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
+  for (int64_t q = 0; q < nq; ++q) thresholds[q] = threshold_of(tops[q]);
   for (int64_t block = first_block; block < end_block; ++block) {
     const uint8_t* codes = packed + block * pairs * 32;
     const int64_t first_id = block * kBlockCodes4;
+    for (int64_t line = 0; line < pairs * 32; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBlocks * pairs * 32 + line), _MM_HINT_T0);
     for (int64_t q = 0; q < nq; ++q) {
       const uint8_t* table = tables + q * pairs * 32;
+      // int16 lanes: "all" adds (even code + 256 * odd code), "odd" the odd codes alone
       __m256i low_all = _mm256_setzero_si256(), low_odd = _mm256_setzero_si256();    // codes 0..15
       __m256i high_all = _mm256_setzero_si256(), high_odd = _mm256_setzero_si256();  // codes 16..31
       for (int64_t p = 0; p < pairs; ++p) {
@@ -67,13 +76,18 @@ void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64
         high_all = _mm256_add_epi16(high_all, high);
         high_odd = _mm256_add_epi16(high_odd, _mm256_srli_epi16(high, 8));
       }
-      TopK& top = tops[q];
-      const __m256i low_sums = code_sums(low_all, low_odd);
-      const uint32_t low_mask = _mm256_movemask_epi8(_mm256_cmpgt_epi16(low_sums, threshold_of(top)));
-      if (low_mask != 0) offer_group(low_sums, low_mask, first_id, num_codes, top);
-      const __m256i high_sums = code_sums(high_all, high_odd);
-      const uint32_t high_mask = _mm256_movemask_epi8(_mm256_cmpgt_epi16(high_sums, threshold_of(top)));
-      if (high_mask != 0) offer_group(high_sums, high_mask, first_id + 16, num_codes, top);
+      // even[j] = sum of code 2j, odd[j] = sum of code 2j + 1 (codes 0..15 in lanes 0-7, 16..31 in 8-15)
+      const __m256i even = add_lanes(_mm256_sub_epi16(low_all, _mm256_slli_epi16(low_odd, 8)),
+                                     _mm256_sub_epi16(high_all, _mm256_slli_epi16(high_odd, 8)));
+      const __m256i odd = add_lanes(low_odd, high_odd);
+      const __m256i threshold = _mm256_set1_epi16(thresholds[q]);
+      const __m256i even_pass = _mm256_cmpgt_epi16(even, threshold);
+      const __m256i odd_pass = _mm256_cmpgt_epi16(odd, threshold);
+      const __m256i pass = _mm256_or_si256(even_pass, odd_pass);
+      if (_mm256_testz_si256(pass, pass)) continue;
+      offer_block(even, odd, _mm256_movemask_epi8(even_pass), _mm256_movemask_epi8(odd_pass), first_id,
+                  num_codes, tops[q]);
+      thresholds[q] = threshold_of(tops[q]);
     }
   }
 }

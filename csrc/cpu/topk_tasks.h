@@ -20,8 +20,8 @@ constexpr int64_t kMaxCandidateBytes = int64_t(256) << 20;
 
 // scan(q0, q1, first_unit, end_unit, tops): scans database units [first_unit, end_unit) (codes or
 // blocks of codes) for queries [q0, q1) into tops[0, q1 - q0), keeping `candidates` each.
-// rescore(q, pair) -> pair: the final score of a candidate of query q (the identity when the scan
-// scores exactly). scores, ids: [nq, k] outputs.
+// rescore(q, pairs, n): replaces the scores of query q's n candidates by their final scores (does
+// nothing when the scan scores exactly). scores, ids: [nq, k] outputs.
 template <typename Scan, typename Rescore>
 void search_topk(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t candidates,
                  int64_t k, Scan&& scan, Rescore&& rescore, float* scores, int64_t* ids) {
@@ -53,8 +53,9 @@ void search_topk(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t 
         merged.clear();
         for (int64_t part = 0; part < parts; ++part) {
           const TopK& top = tops[part * nb + q];
-          for (int64_t c = 0; c < top.size; ++c) merged.push_back(rescore(b0 + q, top.entries[c]));
+          merged.insert(merged.end(), top.entries, top.entries + top.size);
         }
+        rescore(b0 + q, merged.data(), static_cast<int64_t>(merged.size()));
         keep_best_in_result_order(merged.data(), static_cast<int64_t>(merged.size()), k);
         for (int64_t j = 0; j < k; ++j) {
           scores[(b0 + q) * k + j] = merged[j].score;
