@@ -24,7 +24,7 @@ python3 -c "import opqn_ext; print(opqn_ext.build_info())" | tee -a "$OUT/device
 python3 -m pytest python_tests -q -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
 compute-sanitizer --tool memcheck --error-exitcode 1 python3 -m pytest -q -p no:cacheprovider \
   python_tests/test_soft_quantize.py python_tests/test_encode.py python_tests/test_adc_topk.py \
-  -k "cuda and (reference_float64 or ties or outside or encode_is)" > "$OUT/sanitizer.log" 2>&1
+  python_tests/test_rank_stats.py -k "cuda and (reference_float64 or ties or outside or encode_is or adc_scores)" > "$OUT/sanitizer.log" 2>&1
 echo "compute-sanitizer memcheck rc=$?"; tail -5 "$OUT/sanitizer.log"
 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 --json "$OUT/soft_quantize_cuda.json" \
   2>&1 | tee "$OUT/bench_soft_quantize_cuda.txt" | tail -10

@@ -80,6 +80,20 @@ def convert_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
     return module
 
 
+def collective_device(group=None) -> torch.device:
+    """Where tensors of a collective must live: the current GPU for NCCL, the CPU otherwise."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_sum(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum of ``t`` over the ranks (a new tensor on t's device), on any backend."""
+    out = t.to(collective_device(group)).clone()
+    dist.all_reduce(out, group=group)
+    return out.to(t.device)
+
+
 def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The best k of candidate lists ``[nq, C]``: scores descending, equal scores by smaller id."""
     by_id = torch.argsort(ids, dim=1, stable=True)
@@ -90,9 +104,11 @@ def merge_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.T
 
 def all_gather_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, group=None):
     """Every rank's ``[nq, k]`` candidates gathered and merged into the global top-k (on every rank)."""
-    world = dist.get_world_size(group)
+    world, device, home = dist.get_world_size(group), collective_device(group), scores.device
+    scores, ids = scores.to(device).contiguous(), ids.to(device).contiguous()
     all_scores = [torch.empty_like(scores) for _ in range(world)]
     all_ids = [torch.empty_like(ids) for _ in range(world)]
-    dist.all_gather(all_scores, scores.contiguous(), group=group)
-    dist.all_gather(all_ids, ids.contiguous(), group=group)
-    return merge_topk(torch.cat(all_scores, 1), torch.cat(all_ids, 1), k)
+    dist.all_gather(all_scores, scores, group=group)
+    dist.all_gather(all_ids, ids, group=group)
+    merged_scores, merged_ids = merge_topk(torch.cat(all_scores, 1), torch.cat(all_ids, 1), k)
+    return merged_scores.to(home), merged_ids.to(home)

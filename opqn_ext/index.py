@@ -23,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+from .distributed import all_gather_topk, all_reduce_sum
 from .ops import PackedCodes4, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
 
 FORMAT = "opqn-index"
@@ -348,19 +350,13 @@ class ShardedIndex:
     """
 
     def __init__(self, shard: OPQNIndex, group=None):
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             raise RuntimeError("ShardedIndex needs an initialized torch.distributed process group")
         self.shard, self.group = shard, group
         self.rank, self.world = dist.get_rank(group), dist.get_world_size(group)
 
     def __len__(self) -> int:
-        import torch.distributed as dist
-
-        n = torch.tensor([len(self.shard)], dtype=torch.int64)
-        dist.all_reduce(n, group=self.group)
-        return int(n)
+        return int(all_reduce_sum(torch.tensor([len(self.shard)], dtype=torch.int64), self.group))
 
     def _mine(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.remainder(ids, self.world) == self.rank
@@ -378,11 +374,7 @@ class ShardedIndex:
 
     def remove(self, ids) -> int:
         """Remove ids from whichever shard holds them; returns the global count removed."""
-        import torch.distributed as dist
-
-        n = torch.tensor([self.shard.remove(ids)], dtype=torch.int64)
-        dist.all_reduce(n, group=self.group)
-        return int(n)
+        return int(all_reduce_sum(torch.tensor([self.shard.remove(ids)], dtype=torch.int64), self.group))
 
     def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096):
         """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank."""
@@ -392,8 +384,6 @@ class ShardedIndex:
         return self._search(luts, len(luts), k, batch_size)
 
     def _search(self, luts, nq: int, k: int, batch_size: int):
-        from .distributed import all_gather_topk
-
         total = len(self)
         if not 1 <= k <= total:
             raise ValueError(f"k must be in [1, len(index) = {total}], got {k}")
@@ -416,8 +406,6 @@ class ShardedIndex:
     @classmethod
     def load(cls, path: str | Path, group=None, mmap: bool = True, verify: bool = True) -> "ShardedIndex":
         """Each rank reads the shard it saved (the world size must be the one it was saved with)."""
-        import torch.distributed as dist
-
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         path = Path(path)
         shard_file = path.with_name(f"{path.name}.shard{rank:05d}-of-{world:05d}")

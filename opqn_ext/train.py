@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as datasets
-from .distributed import convert_batchnorm, init_from_env
+from .distributed import all_reduce_sum, convert_batchnorm, init_from_env
 from .metrics import RetrievalMetrics, evaluate_codes, evaluate_features
 from .nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
 from .ops import adc_topk
@@ -401,7 +401,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 bar.set_postfix(loss=f"{out.loss.item():.3f}", refresh=False)
             scheduler.step()
             if distributed:
-                dist.all_reduce(sums)
+                sums = all_reduce_sum(sums)
             sums /= n
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sums[0].item(),
                       "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
