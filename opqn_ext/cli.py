@@ -146,7 +146,8 @@ def cmd_encode(args) -> int:
     return 0
 
 
-def _index_from_code_file(path: str, model) -> "OPQNIndex":
+def _index_from_code_file(path: str, model):
+    """An OPQNIndex holding the codes of a file written by `opqn encode` (ids = data set items)."""
     from safetensors import safe_open
 
     from .index import OPQNIndex

@@ -91,7 +91,7 @@ def test_index_build_and_search_the_index(tmp_path, capsys):
         assert main(["search", str(run), source, str(path), "-k", "7", "--json", str(tmp_path / "r.json")]) == 0
         out[source] = json.loads((tmp_path / "r.json").read_text())
     assert out["--index"] == out["--codes"] and len(out["--index"]) == 120
-    from opqn_ext.data import seen_split, load_orl
+    from opqn_ext.data import load_orl
 
     labels = load_orl().labels
     assert all(r["label"] == int(labels[r["item"]]) for q in out["--index"] for r in q["results"])

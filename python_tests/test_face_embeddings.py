@@ -4,7 +4,7 @@ import importlib.util
 import pytest
 import torch
 
-from opqn_ext.data import LabeledImages, load_orl
+from opqn_ext.data import load_orl
 from opqn_ext.data import face_embeddings
 
 needs_faces = pytest.mark.skipif(
