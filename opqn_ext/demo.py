@@ -36,7 +36,6 @@ def run_demo(out_dir: Path = Path("runs/demo"), epochs: int = 200, width: int = 
     from .cli import format_table
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(torch.get_num_threads())
     report = {}
     protocols = ["seen"] + (["unseen"] if unseen else [])
     for protocol in protocols:

@@ -76,6 +76,8 @@ def evaluate_ranking(score_batch: Callable[[int, int], torch.Tensor], query_labe
     nq, N = len(query_labels), len(db_labels)
     if N == 0:
         raise ValueError("the database is empty: there is nothing to rank")
+    if nq == 0:
+        raise ValueError("there are no queries to evaluate")
     ks = [int(k) for k in ks]
     if any(k < 1 for k in ks):
         raise ValueError(f"ks must be >= 1, got {ks}")
@@ -92,8 +94,6 @@ def evaluate_ranking(score_batch: Callable[[int, int], torch.Tensor], query_labe
             raise ValueError(f"score_batch({q0}, {q1}) returned shape {list(scores.shape)}, expected {[q1 - q0, N]}")
         parts.append(rank_stats(scores, query_labels[q0:q1], db_labels, cutoffs))
     seconds = time.perf_counter() - start
-    if nq == 0:
-        raise ValueError("there are no queries to evaluate")
     ap = torch.cat([p.average_precision for p in parts])
     hits = torch.cat([p.hits for p in parts]).double()
     psums = torch.cat([p.precision_sums for p in parts])
