@@ -254,11 +254,8 @@ def evaluate(model: OPQNModel, prepared: PreparedData, device: torch.device) -> 
     db_feat = extract_features(model, prepared.inputs[split.database], device)
     q_feat = extract_features(model, prepared.inputs[split.query], device)
     db_labels, q_labels = prepared.labels[split.database], prepared.labels[split.query]
-    head = model.head.cpu() if device.type != "cpu" else model.head
-    codes = head.encode(db_feat)
-    luts = head.query_lut(q_feat)
-    if device.type != "cpu":
-        model.head.to(device)
+    codes = model.head.encode(db_feat.to(device)).cpu()
+    luts = model.head.query_lut(q_feat.to(device)).cpu()
     float_metrics = evaluate_features(q_feat, db_feat, q_labels, db_labels)
     code_metrics = evaluate_codes(luts, codes, q_labels, db_labels)
     k = min(10, len(db_labels))
