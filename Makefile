@@ -33,6 +33,8 @@ bench: build
 	$(PYTHON) -m pytest benchmarks/test_op_timings.py --benchmark-only -q
 	$(PYTHON) benchmarks/bench_soft_quantize.py
 	$(PYTHON) benchmarks/bench_adc.py
+	$(PYTHON) benchmarks/bench_metrics.py
+	$(PYTHON) benchmarks/bench_index.py
 
 clean:
 	rm -rf build opqn_ext/_C*.so
