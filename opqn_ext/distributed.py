@@ -57,10 +57,11 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         var = all_reduce(centered.square().sum(dims)) / n
         if self.track_running_stats:
             with torch.no_grad():
-                m = self.momentum if self.momentum is not None else 0.1
+                self.num_batches_tracked += 1
+                # momentum None: the cumulative average, as in nn.BatchNorm
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
                 self.running_mean.lerp_(mean.detach(), m)
                 self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), m)
-                self.num_batches_tracked += 1
         y = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)
