@@ -41,8 +41,7 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or not dist.is_initialized() or dist.get_world_size() == 1:
-            return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                            self.training or not self.track_running_stats, self.momentum or 0.0, self.eps)
+            return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
         C = x.shape[1]
