@@ -75,3 +75,18 @@ def test_torchrun_entry_point_trains_with_rank0_outputs(tmp_path):
     assert len(lines) == 3  # two epochs and the final evaluation, written once
     # float32: the same trajectory up to reduction-order noise (amplified by training)
     assert [h["loss"] for h in ddp["history"]] == pytest.approx([h["loss"] for h in single.history], rel=1e-2)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_global_batch_norm_alone_is_batch_norm(momentum):
+    from opqn_ext.distributed import GlobalBatchNorm, convert_batchnorm
+
+    bn = torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=momentum))
+    converted = convert_batchnorm(torch.nn.Sequential(torch.nn.BatchNorm2d(3, momentum=momentum)), torch.device("cpu"))
+    assert isinstance(converted[0], GlobalBatchNorm)
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
+    for _ in range(3):
+        assert torch.allclose(bn(x), converted(x))
+    assert torch.allclose(bn[0].running_var, converted[0].running_var)
+    bn.eval(), converted.eval()
+    assert torch.allclose(bn(x), converted(x))
