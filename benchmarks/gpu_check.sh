@@ -29,6 +29,8 @@ echo "compute-sanitizer memcheck rc=$?"; tail -5 "$OUT/sanitizer.log"
 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 --json "$OUT/soft_quantize_cuda.json" \
   2>&1 | tee "$OUT/bench_soft_quantize_cuda.txt" | tail -10
 python3 benchmarks/bench_adc_cuda.py --json "$OUT/adc_cuda.json" 2>&1 | tee "$OUT/bench_adc_cuda.txt" | tail -16
+timeout 240 python3 benchmarks/bench_train.py --device cuda --steps 30 --json "$OUT/train_step_cuda.json" 2>&1 \
+  | tee "$OUT/bench_train_cuda.txt" | tail -8
 timeout 300 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 --no-progress \
   --out-dir "$OUT/orl_cuda" --json "$OUT/orl_cuda.json" 2>&1 | tee "$OUT/train_orl_cuda.txt" | tail -6
 rm -f "$OUT/orl_cuda/checkpoint.pt"

@@ -1,0 +1,98 @@
+"""One OPQN training step (forward, backward, SGD update) with the fused soft_quantize op against
+the same step with the pure-PyTorch reference in its place.
+
+Two settings: an MLP over precomputed 128-d embeddings (where the head is most of the step) and
+the paper's residual network on 32x32 images (where the backbone dominates). Both heads start
+from the same weights and must produce the same loss before anything is timed.
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--steps 30] [--json PATH]
+"""
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+import opqn_ext.nn as opqn_nn
+from opqn_ext import reference
+from opqn_ext.ops import SoftQuantizeResult
+from opqn_ext.nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
+
+FUSED = opqn_nn.soft_quantize
+
+
+def reference_soft_quantize(*args, **kwargs):
+    return SoftQuantizeResult(*reference.soft_quantize(*args, **kwargs))
+
+
+def make(setting, M, K, device):
+    torch.manual_seed(0)
+    if setting == "mlp":
+        backbone, inputs = EmbeddingMLP(128, 512), torch.randn(256, 128)
+    else:
+        backbone, inputs = FaceResNet20(512, 32, 1, width=64), torch.randn(256, 1, 32, 32)
+    head = OrthoPQHead(512, 1000, M, K, seed=0)
+    model = torch.nn.ModuleDict({"backbone": backbone, "head": head}).to(device)
+    labels = torch.randint(0, 1000, (256,), generator=torch.Generator().manual_seed(1))
+    return model, inputs.to(device), labels.to(device)
+
+
+def step_seconds(model, inputs, labels, steps, device):
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+    def step():
+        loss = model["head"](model["backbone"](inputs), labels).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    for _ in range(3):
+        step()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--json", default="benchmarks/results/train_step.json")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    rows = []
+    for setting, steps in (("mlp", args.steps), ("resnet20", max(3, args.steps // 6))):
+        for M, K in ((8, 16), (4, 64), (8, 64)):
+            times, losses = {}, {}
+            for name, fn in (("fused", FUSED), ("reference", reference_soft_quantize)):
+                opqn_nn.soft_quantize = fn
+                model, inputs, labels = make(setting, M, K, device)
+                with torch.no_grad():
+                    losses[name] = float(model["head"](model["backbone"](inputs), labels).loss)
+                times[name] = step_seconds(model, inputs, labels, steps, device)
+            opqn_nn.soft_quantize = FUSED
+            assert abs(losses["fused"] - losses["reference"]) < 1e-4 * abs(losses["reference"]), losses
+            rows.append({"setting": setting, "M": M, "K": K, "fused_ms": times["fused"] * 1e3,
+                         "reference_ms": times["reference"] * 1e3, "speedup": times["reference"] / times["fused"]})
+            print(json.dumps(rows[-1]), flush=True)
+    print(f"\nOPQN training step, B=256, D=512, 1000 classes, {device} ({torch.get_num_threads()} threads)")
+    print(f"{'backbone':>9} {'M x K':>7} {'fused ms':>9} {'reference ms':>13} {'speedup':>8}")
+    for r in rows:
+        print(f"{r['setting']:>9} {r['M']:>3} x {r['K']:<3} {r['fused_ms']:9.2f} {r['reference_ms']:13.2f} {r['speedup']:7.2f}x")
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
