@@ -363,8 +363,8 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     start = time.perf_counter()
     n = len(train_labels)
     steps = max(1, math.ceil(n / cfg.batch_size))
-    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=not (cfg.progress and main),
-               dynamic_ncols=True)
+    show = None if cfg.progress and main else True  # tqdm's None: shown on terminals only
+    bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=show, dynamic_ncols=True)
     evaluation = None
     try:
         for epoch in range(start_epoch, cfg.epochs):

@@ -64,6 +64,7 @@ def embed_faces(images: LabeledImages, progress: bool = False) -> LabeledFeature
     from tqdm.auto import tqdm
 
     embed = FaceEmbedder()
-    rows = [embed(img) for img in tqdm(images.images, desc="dlib face embeddings", disable=not progress)]
+    show = None if progress else True  # tqdm's None: shown on terminals only
+    rows = [embed(img) for img in tqdm(images.images, desc="dlib face embeddings", disable=show)]
     features = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 128)
     return LabeledFeatures(features, images.labels.clone(), list(images.classes))
