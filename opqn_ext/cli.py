@@ -234,6 +234,16 @@ def _write_json(path, obj) -> None:
         Path(path).write_text(json.dumps(obj, indent=2))
 
 
+def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
+    """A subcommand taking a trained checkpoint and, optionally, other data than it was trained on."""
+    q = subparsers.add_parser(name, help=help_text, description=help_text)
+    q.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
+    q.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
+    q.add_argument("--data-path", dest="data_path", help="image folder or feature file")
+    q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+    return q
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
                                      "train, evaluate and search compact face codes.")
@@ -246,24 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the final evaluation here")
     p.set_defaults(func=cmd_train)
 
-    def checkpoint_parser(name, help_text):
-        q = sub.add_parser(name, help=help_text, description=help_text)
-        q.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
-        q.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
-        q.add_argument("--data-path", dest="data_path", help="image folder or feature file")
-        q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
-        return q
-
-    p = checkpoint_parser("eval", "evaluate a trained model: float features vs OPQN codes")
+    p = _checkpoint_parser(sub, "eval", "evaluate a trained model: float features vs OPQN codes")
     p.add_argument("--json", help="write the metrics here")
     p.set_defaults(func=cmd_eval)
 
-    p = checkpoint_parser("encode", "encode data into OPQN codes (a .safetensors file)")
+    p = _checkpoint_parser(sub, "encode", "encode data into OPQN codes (a .safetensors file)")
     p.add_argument("--output", "-o", required=True, help="output .safetensors (codes, labels, items)")
     p.add_argument("--part", choices=("database", "query", "all"), default="database")
     p.set_defaults(func=cmd_encode)
 
-    p = checkpoint_parser("search", "search an index (or a code file) with query images or features")
+    p = _checkpoint_parser(sub, "search", "search an index (or a code file) with query images or features")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--index", help="an index file from `opqn index build` (memory-mapped)")
     source.add_argument("--codes", help="a code file from `opqn encode`")
@@ -275,12 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build OPQN indexes", description="Build OPQN indexes.")
     index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build}")
-    p = index_sub.add_parser("build", help="encode a data set into an index file",
-                             description="Encode a data set with a trained model into an OPQN index file.")
-    p.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
-    p.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
-    p.add_argument("--data-path", dest="data_path", help="image folder or feature file")
-    p.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+    p = _checkpoint_parser(index_sub, "build", "encode a data set with a trained model into an OPQN index file")
     p.add_argument("--part", choices=("database", "query", "all"), default="database", help="which items to index")
     p.add_argument("--output", "-o", required=True, help="the index file to write")
     p.set_defaults(func=cmd_index_build)

@@ -358,19 +358,20 @@ class ShardedIndex:
     def __len__(self) -> int:
         return int(all_reduce_sum(torch.tensor([len(self.shard)], dtype=torch.int64), self.group))
 
-    def _mine(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.remainder(ids, self.world) == self.rank
+    def _mine(self, ids, labels):
+        """(mask, ids, labels) of the items of a batch that belong to this rank."""
+        ids = torch.as_tensor(ids).long()
+        mine = torch.remainder(ids, self.world) == self.rank
+        return mine, ids[mine], None if labels is None else torch.as_tensor(labels)[mine]
 
     def add(self, features: torch.Tensor, ids, labels=None) -> None:
         """Add the items of ``features [B, M*d]`` with (required, global) ``ids`` that belong to this rank."""
-        ids = torch.as_tensor(ids).long()
-        mine = self._mine(ids)
-        self.shard.add(features[mine], ids[mine], None if labels is None else torch.as_tensor(labels)[mine])
+        mine, ids, labels = self._mine(ids, labels)
+        self.shard.add(features[mine], ids, labels)
 
     def add_codes(self, codes: torch.Tensor, ids, labels=None) -> None:
-        ids = torch.as_tensor(ids).long()
-        mine = self._mine(ids)
-        self.shard.add_codes(codes[mine], ids[mine], None if labels is None else torch.as_tensor(labels)[mine])
+        mine, ids, labels = self._mine(ids, labels)
+        self.shard.add_codes(codes[mine], ids, labels)
 
     def remove(self, ids) -> int:
         """Remove ids from whichever shard holds them; returns the global count removed."""
