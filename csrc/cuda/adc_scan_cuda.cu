@@ -1,9 +1,12 @@
-// CUDA adc_topk and adc_scores. The database is scanned in chunks of bounded size: a kernel scores every code of
-// a chunk for every query (the query's padded table in shared memory, one code per thread, codes
-// read in order), turning each score into a rank key that also encodes the code's position; the
-// chunk's top-k is at::topk over those unique keys, merged into the running top-k by a stable
-// sort. Scores add the table entries in book order, as the CPU scanners do, so they are
-// bit-identical to the CPU's; equal scores rank by smaller index.
+// CUDA adc_topk and adc_scores. Every kernel gives each query's padded table [M, 256] to a block
+// (in shared memory for up to 48 books) and scores one code per thread per step, codes read in
+// order (as 32-bit words when M is a multiple of 4), adding the table entries in book order as the
+// CPU scanners do, so scores are bit-identical to the CPU's.
+// adc_topk for k <= 1024: each block scores 4096 codes, keeps their rank keys (score and position,
+// block_select.cuh) in registers and writes its k largest, found by a radix select in shared
+// memory; at::topk over the blocks' candidates then gives the chunk's top-k, merged into the
+// running one. Larger k: a chunk's rank keys go to global memory and at::topk takes them all.
+// Equal scores rank by smaller index on both paths.
 #include <algorithm>
 
 #include <ATen/core/Tensor.h>
@@ -17,6 +20,7 @@
 #include <torch/library.h>
 
 #include "adc.h"
+#include "cuda/block_select.cuh"
 #include "cuda/cuda_utils.cuh"
 
 namespace opqn::cuda {
@@ -24,59 +28,168 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int64_t kLutStride = 256;
-constexpr int64_t kMaxSharedLutBooks = 48;        // 48 books * 256 floats = 48 KiB of shared memory
-constexpr int64_t kChunkElements = int64_t(1) << 24;  // scores + keys of one chunk: 192 MiB at most
-constexpr uint32_t kLocalMask = 0xFFFFFFFFu;
+constexpr int64_t kMaxSharedLutBooks = 48;            // 48 KiB of table in shared memory
+constexpr int64_t kChunkElements = int64_t(1) << 24;  // keys or candidates of one chunk: 128 MiB
+constexpr int kItemsPerThread = 16;
+constexpr int64_t kBlockCodes = int64_t(kThreads) * kItemsPerThread;  // codes per select block
+constexpr int64_t kMaxSelectK = 1024;
 
-// A key whose signed order is (score ascending, then local index descending): the largest key is
-// the best-ranked code.
-__device__ __forceinline__ int64_t rank_key(float score, uint32_t local) {
-  const uint32_t u = __float_as_uint(score);
-  const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // increasing with score
-  const uint64_t key = (static_cast<uint64_t>(ordered) << 32) | (kLocalMask - local);
-  return static_cast<int64_t>(key ^ 0x8000000000000000ull);
+// The thread block as block_select_largest sees it.
+struct DeviceBlock {
+  template <class F>
+  __device__ void each(const F& f) const { f(static_cast<int>(threadIdx.x)); }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ int threads() const { return kThreads; }
+};
+
+// The query's padded table lut [M, 256]: copied to shared memory when kSharedLut (every thread of
+// the block must call this), else read where it is.
+template <bool kSharedLut>
+__device__ __forceinline__ const float* stage_lut(const float* lut, int64_t M, float* shared) {
+  if constexpr (kSharedLut) {
+    for (int64_t i = threadIdx.x; i < M * kLutStride; i += kThreads) shared[i] = lut[i];
+    __syncthreads();
+    return shared;
+  } else {
+    return lut;
+  }
 }
 
-// luts: [nq, M, 256]; codes: [N, M] -> scores, keys (unless null): [nq, count] for codes
-// [first, first + count)
-template <bool kSharedLut>
+// sum_m lut[m, code[m]] in book order; kWords: code is 4-byte aligned and M a multiple of 4.
+template <bool kWords>
+__device__ __forceinline__ float code_score(const float* lut, const uint8_t* code, int64_t M) {
+  float s = 0.0f;
+  if constexpr (kWords) {
+    const uint32_t* words = reinterpret_cast<const uint32_t*>(code);
+    for (int64_t w = 0; w < M / 4; ++w) {
+      const uint32_t v = words[w];
+      const float* l = lut + w * 4 * kLutStride;
+      s += l[v & 0xFFu];
+      s += l[kLutStride + ((v >> 8) & 0xFFu)];
+      s += l[2 * kLutStride + ((v >> 16) & 0xFFu)];
+      s += l[3 * kLutStride + (v >> 24)];
+    }
+  } else {
+    for (int64_t m = 0; m < M; ++m) s += lut[m * kLutStride + code[m]];
+  }
+  return s;
+}
+
+// luts: [nq, M, 256]; codes: [N, M] -> for codes [first, first + count): scores [nq, count] and
+// signed rank keys [nq, count] (each unless null)
+template <bool kSharedLut, bool kWords>
 __global__ void __launch_bounds__(kThreads)
-adc_chunk_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ codes, int64_t M,
+adc_dense_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ codes, int64_t M,
                  int64_t first, int64_t count, float* __restrict__ scores, int64_t* __restrict__ keys) {
   extern __shared__ float lut_shared[];  // [M, 256] when kSharedLut
   const int64_t q = blockIdx.y;
-  const float* lut = luts + q * M * kLutStride;
-  if (kSharedLut) {
-    for (int64_t i = threadIdx.x; i < M * kLutStride; i += kThreads) lut_shared[i] = lut[i];
-    __syncthreads();
-    lut = lut_shared;
-  }
+  const float* lut = stage_lut<kSharedLut>(luts + q * M * kLutStride, M, lut_shared);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= count) return;
-  const uint8_t* c = codes + (first + i) * M;
-  float s = 0.0f;
-  for (int64_t m = 0; m < M; ++m) s += lut[m * kLutStride + c[m]];
-  scores[q * count + i] = s;
-  if (keys != nullptr) keys[q * count + i] = rank_key(s, static_cast<uint32_t>(i));
+  const float s = code_score<kWords>(lut, codes + (first + i) * M, M);
+  if (scores != nullptr) scores[q * count + i] = s;
+  if (keys != nullptr) keys[q * count + i] = signed_key(rank_key(s, static_cast<uint32_t>(i)));
 }
 
-// Scores codes [first, first + count) for every query of luts [nq <= 65535, M, 256] into
-// scores [nq, count] (and keys [nq, count] when defined).
-void launch_chunk(const at::Tensor& luts, const at::Tensor& codes, int64_t first, int64_t count,
-                  at::Tensor& scores, at::Tensor* keys) {
-  const int64_t nq = luts.size(0), M = luts.size(1);
-  const bool shared_lut = M <= kMaxSharedLutBooks;
-  const size_t smem = shared_lut ? M * kLutStride * sizeof(float) : 0;
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(adc_chunk_kernel<true>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
+// luts: [nq, M, 256]; codes: [N, M] -> candidates: [nq, gridDim.x, k], the signed rank keys of the
+// k best of each block's kBlockCodes codes of [first, first + count) (INT64_MIN in slots a block
+// has no code for)
+template <bool kSharedLut, bool kWords>
+__global__ void __launch_bounds__(kThreads)
+adc_select_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ codes, int64_t M,
+                  int64_t first, int64_t count, uint32_t k, int64_t* __restrict__ candidates) {
+  extern __shared__ float lut_shared[];  // [M, 256] when kSharedLut
+  __shared__ BlockSelect select;
+  const int64_t q = blockIdx.y;
+  const float* lut = stage_lut<kSharedLut>(luts + q * M * kLutStride, M, lut_shared);
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockCodes;
+  uint64_t keys[kItemsPerThread];
+#pragma unroll
+  for (int j = 0; j < kItemsPerThread; ++j) {
+    const int64_t i = base + j * kThreads + threadIdx.x;
+    keys[j] = i < count ? rank_key(code_score<kWords>(lut, codes + (first + i) * M, M), static_cast<uint32_t>(i))
+                        : kNoKey;
   }
-  const dim3 grid(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(nq));
-  const auto kernel = shared_lut ? adc_chunk_kernel<true> : adc_chunk_kernel<false>;
-  kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
-      luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), M, first, count,
-      scores.mutable_data_ptr<float>(), keys ? keys->mutable_data_ptr<int64_t>() : nullptr);
+  const auto n_valid = static_cast<uint32_t>(count - base < kBlockCodes ? count - base : kBlockCodes);
+  int64_t* out = candidates + (q * gridDim.x + blockIdx.x) * k;
+  block_select_largest<kItemsPerThread>(
+      DeviceBlock{}, select, [&](int, int j) { return keys[j]; }, n_valid, k,
+      [&](uint32_t slot, uint64_t key) { out[slot] = signed_key(key); });
+}
+
+// top: [n] signed rank keys of codes from `first` on -> scores [n], indices [n]
+__global__ void __launch_bounds__(kThreads)
+decode_keys_kernel(const int64_t* __restrict__ top, int64_t n, int64_t first, float* __restrict__ scores,
+                   int64_t* __restrict__ indices) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
+  if (i >= n) return;
+  const uint64_t key = unsigned_key(top[i]);
+  scores[i] = key_score(key);
+  indices[i] = first + key_position(key);
+}
+
+// Which variant of a scan kernel fits the table and codes, and its dynamic shared memory.
+struct ScanVariant {
+  bool shared_lut, words;
+  size_t smem;
+};
+
+ScanVariant scan_variant(const at::Tensor& luts, const at::Tensor& codes) {
+  const int64_t M = luts.size(1);
+  const bool shared_lut = M <= kMaxSharedLutBooks;
+  const bool words = M % 4 == 0 && reinterpret_cast<uintptr_t>(codes.const_data_ptr()) % 4 == 0;
+  return {shared_lut, words, shared_lut ? static_cast<size_t>(M * kLutStride) * sizeof(float) : 0};
+}
+
+template <class Kernel>
+Kernel pick_variant(const ScanVariant& v, Kernel shared_words, Kernel shared_bytes, Kernel global_words,
+                    Kernel global_bytes, size_t static_smem) {
+  const Kernel kernel = v.shared_lut ? (v.words ? shared_words : shared_bytes)
+                                     : (v.words ? global_words : global_bytes);
+  if (v.smem + static_smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(v.smem)));
+  }
+  return kernel;
+}
+
+// Scores codes [first, first + count) for every query of luts [nq <= 65535, M, 256] into scores
+// [nq, count] and/or signed rank keys [nq, count] (either may be null).
+void launch_dense(const at::Tensor& luts, const at::Tensor& codes, int64_t first, int64_t count,
+                  float* scores, int64_t* keys) {
+  const ScanVariant v = scan_variant(luts, codes);
+  const auto kernel = pick_variant(v, adc_dense_kernel<true, true>, adc_dense_kernel<true, false>,
+                                   adc_dense_kernel<false, true>, adc_dense_kernel<false, false>, 0);
+  const dim3 grid(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(luts.size(0)));
+  kernel<<<grid, kThreads, v.smem, c10::cuda::getCurrentCUDAStream()>>>(
+      luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), luts.size(1), first, count, scores, keys);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The signed rank keys of the min(k, count) best codes of [first, first + count) per query,
+// best first: [nq, min(k, count)].
+at::Tensor chunk_top_keys(const at::Tensor& luts, const at::Tensor& codes, int64_t first, int64_t count,
+                          int64_t k) {
+  const int64_t nq = luts.size(0);
+  const auto long_options = luts.options().dtype(at::kLong);
+  at::Tensor keys;
+  if (k <= kMaxSelectK) {
+    const int64_t blocks = ceil_div(count, kBlockCodes);
+    keys = at::empty({nq, blocks * k}, long_options);  // [nq, blocks, k] candidates
+    const ScanVariant v = scan_variant(luts, codes);
+    const auto kernel = pick_variant(v, adc_select_kernel<true, true>, adc_select_kernel<true, false>,
+                                     adc_select_kernel<false, true>, adc_select_kernel<false, false>,
+                                     sizeof(BlockSelect));
+    const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nq));
+    kernel<<<grid, kThreads, v.smem, c10::cuda::getCurrentCUDAStream()>>>(
+        luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), luts.size(1), first, count,
+        static_cast<uint32_t>(k), keys.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  } else {
+    keys = at::empty({nq, count}, long_options);
+    launch_dense(luts, codes, first, count, nullptr, keys.mutable_data_ptr<int64_t>());
+  }
+  return std::get<0>(keys.topk(std::min(k, count), 1, true, true));
 }
 
 std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at::Tensor& codes_in,
@@ -90,18 +203,23 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at
   }
   const at::Tensor luts = pad_lut(lut.contiguous());
   const at::Tensor codes = codes_in.contiguous();
-  const int64_t chunk = std::min(N, std::max({k, int64_t(1) << 16, kChunkElements / nq}));
-  TORCH_CHECK(chunk <= kLocalMask, "adc_topk on CUDA: chunk too large");
+  // Codes per chunk: the chunk's candidates (select path) or keys (dense path) stay within
+  // kChunkElements, and its first chunk holds at least k codes.
+  const int64_t per_chunk = k <= kMaxSelectK ? kBlockCodes * std::max<int64_t>(1, kChunkElements / (nq * k))
+                                             : std::max({k, int64_t(1) << 16, kChunkElements / nq});
+  const int64_t chunk = std::min({N, per_chunk, static_cast<int64_t>(kMaxPosition) + 1});
   at::Tensor best_scores, best_indices;
   for (int64_t first = 0; first < N; first += chunk) {
     const int64_t count = std::min(chunk, N - first);
-    at::Tensor scores = at::empty({nq, count}, lut.options());
-    at::Tensor keys = at::empty({nq, count}, lut.options().dtype(at::kLong));
-    launch_chunk(luts, codes, first, count, scores, &keys);
-    const at::Tensor top_keys = std::get<0>(keys.topk(std::min(k, count), 1, true, true));
-    const at::Tensor local = top_keys.bitwise_and(static_cast<int64_t>(kLocalMask)).neg().add(static_cast<int64_t>(kLocalMask));
-    at::Tensor chunk_scores = scores.gather(1, local);
-    at::Tensor chunk_indices = local.add(first);
+    const at::Tensor top = chunk_top_keys(luts, codes, first, count, k);
+    at::Tensor chunk_scores = at::empty(top.sizes(), lut.options());
+    at::Tensor chunk_indices = at::empty(top.sizes(), top.options());
+    const int64_t n = top.numel();
+    decode_keys_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0,
+                         c10::cuda::getCurrentCUDAStream()>>>(
+        top.const_data_ptr<int64_t>(), n, first, chunk_scores.mutable_data_ptr<float>(),
+        chunk_indices.mutable_data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!best_scores.defined()) {
       best_scores = chunk_scores;
       best_indices = chunk_indices;
@@ -129,7 +247,7 @@ at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
   for (int64_t q0 = 0; q0 < nq; q0 += kMaxGridQueries) {
     const int64_t count = std::min(kMaxGridQueries, nq - q0);
     at::Tensor part = scores.narrow(0, q0, count);  // contiguous: whole rows
-    launch_chunk(luts.narrow(0, q0, count), codes, 0, N, part, nullptr);
+    launch_dense(luts.narrow(0, q0, count), codes, 0, N, part.mutable_data_ptr<float>(), nullptr);
   }
   return scores;
 }
