@@ -1,4 +1,4 @@
-// Argument checks and table padding of adc_topk and adc_scores, shared by their CPU and CUDA kernels.
+// Argument checks and table padding of adc_topk, adc_topk4 and adc_scores, shared by their CPU and CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -28,6 +28,11 @@ AdcDims check_lut_and_codes(const at::Tensor& lut, const at::Tensor& codes);
 
 // check_lut_and_codes, and 1 <= k <= N.
 AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k);
+
+// adc_topk4's arguments: lut [nq, M, K <= 16], packed [blocks, (M + 1) / 2, 32] uint8 holding
+// num_codes codes, 1 <= k <= num_codes, rerank >= 1.
+void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t num_codes, int64_t k,
+                     int64_t rerank);
 
 // lut [nq, M, K] -> [nq, M, 256], zero past K: any uint8 code indexes inside it (a code >= K
 // adds 0 to the score).

@@ -189,9 +189,10 @@ class OPQNIndex:
         """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
         scores descending, ties to the smaller id; queries go in batches (bounded memory).
 
-        ``fast_scan`` (K <= 16, CPU): the 4-bit register-lookup scan ``adc_topk4`` with ``rerank * k``
-        candidates re-scored exactly; returned scores are exact, the result equals the exact scan
-        whenever every true top-k item survives the approximate stage (recall measured in tests).
+        ``fast_scan`` (K <= 16): the 4-bit scan ``adc_topk4``; on the CPU, register lookups with
+        ``rerank * k`` candidates re-scored exactly: returned scores are exact, the result equals the
+        exact scan whenever every true top-k item survives the approximate stage (recall measured in
+        tests); on CUDA, an exact scan of the packed codes.
         """
         return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size,
                             fast_scan, rerank)
@@ -212,8 +213,8 @@ class OPQNIndex:
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2):
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, len(index) = {len(self)}], got {k}")
-        if fast_scan and (self.num_words > 16 or self.device.type != "cpu"):
-            raise ValueError(f"fast_scan needs K <= 16 codes on the CPU; this index has K={self.num_words} on {self.device}")
+        if fast_scan and self.num_words > 16:
+            raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.num_words}")
         scores, ids = [], []
         for q0 in range(0, nq, batch_size):
             luts = lut_batch(q0, min(nq, q0 + batch_size))

@@ -136,13 +136,15 @@ def pack_codes4(codes: torch.Tensor) -> PackedCodes4:
 
 
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
-    """4-bit fast-scan top-k with exact re-scoring (CPU).
+    """4-bit fast-scan top-k with exact re-scoring.
 
-    The query tables are quantized to 8-bit integers and looked up in registers (vpshufb on AVX2);
-    the ``rerank * k`` best approximate scores per query are re-scored exactly with ``lut``, and the
-    best ``k`` of those are returned, as :func:`adc_topk` would order them. The result equals exact
-    ADC whenever every true top-k code survives the approximate stage (recall is measured in the
-    tests and benchmarks; raise ``rerank`` for more).
+    CPU: the query tables are quantized to 8-bit integers and looked up in registers (vpshufb on
+    AVX2); the ``rerank * k`` best approximate scores per query are re-scored exactly with ``lut``,
+    and the best ``k`` of those are returned, as :func:`adc_topk` would order them. The result
+    equals exact ADC whenever every true top-k code survives the approximate stage (recall is
+    measured in the tests and benchmarks; raise ``rerank`` for more).
+    CUDA: every packed code is scored exactly with the float table (half the code bytes of
+    :func:`adc_topk` to read), so the result is exact ADC's and ``rerank`` has no effect.
 
     Args:
         lut: ``[nq, M, K]`` float32 tables with ``K <= 16``.
@@ -153,8 +155,6 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     Returns:
         ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index.
     """
-    if lut.device.type != "cpu":
-        raise ValueError(f"adc_topk4 runs on the CPU; lut is on {lut.device} (use adc_topk on GPUs)")
     if packed.num_books != lut.shape[1]:
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
     return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, int(k), int(rerank))

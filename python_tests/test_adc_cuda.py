@@ -7,6 +7,7 @@ import torch
 
 import opqn_ext
 from test_adc_topk import problem
+from test_index import features, make_index
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -77,3 +78,32 @@ def test_unaligned_codes_are_read_as_bytes():
     want_s, want_i = opqn_ext.adc_topk(lut, codes, 50)
     assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
     assert torch.equal(opqn_ext.adc_scores(lut.cuda(), view).cpu(), opqn_ext.adc_scores(lut, codes))
+
+
+@pytest.mark.parametrize("nq,M,N,k", [
+    (3, 8, 10_000, 10), (2, 1, 33, 33), (4, 7, 4097, 1024), (2, 33, 5000, 100), (1, 64, 3000, 7), (2, 16, 6000, 2000),
+])
+def test_adc_topk4_is_the_exact_scan(nq, M, N, k):
+    # 4-bit codes on CUDA are scored exactly: the result is adc_topk's on the unpacked codes
+    lut, codes = problem(nq, M, 16, N, seed=N + M)
+    lut = lut + torch.rand(lut.shape, generator=torch.Generator().manual_seed(M))
+    packed = opqn_ext.pack_codes4(codes.cuda())
+    got_s, got_i = opqn_ext.adc_topk4(lut.cuda(), packed, k, rerank=1)
+    want_s, want_i = opqn_ext.adc_topk(lut, codes, k)
+    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
+
+
+def test_adc_topk4_rejects_packed_codes_on_another_device():
+    lut, codes = problem(1, 4, 16, 100)
+    with pytest.raises(RuntimeError, match="packed"):
+        opqn_ext.adc_topk4(lut.cuda(), opqn_ext.pack_codes4(codes), 5)
+
+
+def test_index_fast_scan_on_cuda_equals_exact_search():
+    index, _ = make_index()
+    index.to("cuda")
+    index.add(features(5000, 1), ids=torch.arange(5000) * 3)
+    queries = features(7, 2)
+    fast_s, fast_i = index.search(queries, 50, fast_scan=True)
+    exact_s, exact_i = index.search(queries, 50)
+    assert torch.equal(fast_i, exact_i) and torch.equal(fast_s, exact_s)

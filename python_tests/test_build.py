@@ -25,7 +25,8 @@ def test_cuda_kernels_are_built_whenever_they_can_be():
 
 
 def test_ops_are_registered_for_cpu_and_cuda_when_built():
-    for name in ("soft_quantize", "soft_quantize_backward"):
+    # rank_stats ranks on the CPU only; pack_codes4 is composite (one kernel for every device)
+    for name in ("soft_quantize", "soft_quantize_backward", "encode", "adc_topk", "adc_scores", "adc_topk4"):
         op = getattr(torch.ops.opqn_ext, name).default
         assert torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CPU")
         has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), "CUDA")

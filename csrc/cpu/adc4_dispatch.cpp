@@ -53,19 +53,6 @@ std::vector<uint8_t> quantize_tables(const float* lut, int64_t nq, int64_t M, in
   return tables;
 }
 
-void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t num_codes, int64_t k,
-                     int64_t rerank) {
-  check_lut(lut, 16, "4-bit codes");
-  check_code_tensor(packed, lut, "packed", 3, "[blocks, pairs, 32] (from pack_codes4)");
-  const int64_t M = lut.size(1);
-  TORCH_CHECK(packed.size(1) == (M + 1) / 2 && packed.size(2) == 32, "packed must have shape [blocks, ",
-              (M + 1) / 2, ", 32] for M=", M, " books, got ", packed.sizes());
-  TORCH_CHECK(num_codes >= 0 && num_codes <= packed.size(0) * 32 && num_codes > (packed.size(0) - 1) * 32,
-              "num_codes (", num_codes, ") does not match packed with ", packed.size(0), " blocks of 32 codes");
-  check_k(k, num_codes);
-  TORCH_CHECK(rerank >= 1, "rerank must be >= 1 (candidates re-scored per result), got ", rerank);
-}
-
 std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const at::Tensor& packed_in,
                                                  int64_t num_codes, int64_t k, int64_t rerank) {
   check_adc4_args(lut_in, packed_in, num_codes, k, rerank);

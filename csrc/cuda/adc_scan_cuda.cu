@@ -1,8 +1,10 @@
-// CUDA adc_topk and adc_scores. Every kernel gives each query's padded table [M, 256] to a block
-// (in shared memory for up to 48 books) and scores one code per thread per step, codes read in
-// order (as 32-bit words when M is a multiple of 4), adding the table entries in book order as the
-// CPU scanners do, so scores are bit-identical to the CPU's.
-// adc_topk for k <= 1024: each block scores 4096 codes, keeps their rank keys (score and position,
+// CUDA adc_topk, adc_topk4 and adc_scores. Every kernel gives each query's padded table [M, 256] to
+// a block (in shared memory for up to 48 books) and scores one code per thread per step, adding the
+// table entries in book order as the CPU does, so scores are bit-identical to the CPU's exact
+// scores. Codes are [N, M] uint8 rows (read as 32-bit words when M is a multiple of 4) or the 4-bit
+// layout of pack_codes4, which is scored exactly (no table quantization: adc_topk4 on CUDA is an
+// exact scan, its rerank has nothing to do).
+// Top-k for k <= 1024: each block scores 4096 codes, keeps their rank keys (score and position,
 // block_select.cuh) in registers and writes its k largest, found by a radix select in shared
 // memory; at::topk over the blocks' candidates then gives the chunk's top-k, merged into the
 // running one. Larger k: a chunk's rank keys go to global memory and at::topk takes them all.
@@ -55,49 +57,72 @@ __device__ __forceinline__ const float* stage_lut(const float* lut, int64_t M, f
   }
 }
 
-// sum_m lut[m, code[m]] in book order; kWords: code is 4-byte aligned and M a multiple of 4.
+// codes: [N, M] uint8 rows; kWords: 4-byte aligned and M a multiple of 4, read a word at a time.
 template <bool kWords>
-__device__ __forceinline__ float code_score(const float* lut, const uint8_t* code, int64_t M) {
-  float s = 0.0f;
-  if constexpr (kWords) {
-    const uint32_t* words = reinterpret_cast<const uint32_t*>(code);
-    for (int64_t w = 0; w < M / 4; ++w) {
-      const uint32_t v = words[w];
-      const float* l = lut + w * 4 * kLutStride;
-      s += l[v & 0xFFu];
-      s += l[kLutStride + ((v >> 8) & 0xFFu)];
-      s += l[2 * kLutStride + ((v >> 16) & 0xFFu)];
-      s += l[3 * kLutStride + (v >> 24)];
-    }
-  } else {
-    for (int64_t m = 0; m < M; ++m) s += lut[m * kLutStride + code[m]];
-  }
-  return s;
-}
+struct RowCodes {
+  const uint8_t* codes;
+  int64_t M;
 
-// luts: [nq, M, 256]; codes: [N, M] -> for codes [first, first + count): scores [nq, count] and
-// signed rank keys [nq, count] (each unless null)
-template <bool kSharedLut, bool kWords>
+  // sum_m lut[m, code[m]] of code i, in book order
+  __device__ __forceinline__ float score(const float* lut, int64_t i) const {
+    const uint8_t* code = codes + i * M;
+    float s = 0.0f;
+    if constexpr (kWords) {
+      const uint32_t* words = reinterpret_cast<const uint32_t*>(code);
+      for (int64_t w = 0; w < M / 4; ++w) {
+        const uint32_t v = words[w];
+        const float* l = lut + w * 4 * kLutStride;
+        s += l[v & 0xFFu];
+        s += l[kLutStride + ((v >> 8) & 0xFFu)];
+        s += l[2 * kLutStride + ((v >> 16) & 0xFFu)];
+        s += l[3 * kLutStride + (v >> 24)];
+      }
+    } else {
+      for (int64_t m = 0; m < M; ++m) s += lut[m * kLutStride + code[m]];
+    }
+    return s;
+  }
+};
+
+// packed: [blocks, (M + 1) / 2, 32], the layout of pack_codes4 (cpu/fastscan4.h): code 32b + j,
+// book m in the low (j < 16) or high nibble of byte (b * pairs + m / 2) * 32 + (m % 2) * 16 + j % 16.
+struct PackedCodes4 {
+  const uint8_t* packed;
+  int64_t M, pairs;
+
+  __device__ __forceinline__ float score(const float* lut, int64_t i) const {
+    const uint8_t* bytes = packed + (i / 32) * pairs * 32 + i % 16;
+    const int shift = (i % 32) < 16 ? 0 : 4;
+    float s = 0.0f;
+    for (int64_t m = 0; m < M; ++m) {
+      s += lut[m * kLutStride + ((bytes[(m / 2) * 32 + (m % 2) * 16] >> shift) & 0x0F)];
+    }
+    return s;
+  }
+};
+
+// luts: [nq, M, 256] -> for codes [first, first + count): scores [nq, count] and signed rank keys
+// [nq, count] (each unless null)
+template <bool kSharedLut, class Codes>
 __global__ void __launch_bounds__(kThreads)
-adc_dense_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ codes, int64_t M,
-                 int64_t first, int64_t count, float* __restrict__ scores, int64_t* __restrict__ keys) {
+adc_dense_kernel(const float* __restrict__ luts, Codes codes, int64_t M, int64_t first, int64_t count,
+                 float* __restrict__ scores, int64_t* __restrict__ keys) {
   extern __shared__ float lut_shared[];  // [M, 256] when kSharedLut
   const int64_t q = blockIdx.y;
   const float* lut = stage_lut<kSharedLut>(luts + q * M * kLutStride, M, lut_shared);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= count) return;
-  const float s = code_score<kWords>(lut, codes + (first + i) * M, M);
+  const float s = codes.score(lut, first + i);
   if (scores != nullptr) scores[q * count + i] = s;
   if (keys != nullptr) keys[q * count + i] = signed_key(rank_key(s, static_cast<uint32_t>(i)));
 }
 
-// luts: [nq, M, 256]; codes: [N, M] -> candidates: [nq, gridDim.x, k], the signed rank keys of the
-// k best of each block's kBlockCodes codes of [first, first + count) (INT64_MIN in slots a block
-// has no code for)
-template <bool kSharedLut, bool kWords>
+// luts: [nq, M, 256] -> candidates: [nq, gridDim.x, k], the signed rank keys of the k best of each
+// block's kBlockCodes codes of [first, first + count) (INT64_MIN in slots a block has no code for)
+template <bool kSharedLut, class Codes>
 __global__ void __launch_bounds__(kThreads)
-adc_select_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ codes, int64_t M,
-                  int64_t first, int64_t count, uint32_t k, int64_t* __restrict__ candidates) {
+adc_select_kernel(const float* __restrict__ luts, Codes codes, int64_t M, int64_t first, int64_t count,
+                  uint32_t k, int64_t* __restrict__ candidates) {
   extern __shared__ float lut_shared[];  // [M, 256] when kSharedLut
   __shared__ BlockSelect select;
   const int64_t q = blockIdx.y;
@@ -107,8 +132,7 @@ adc_select_kernel(const float* __restrict__ luts, const uint8_t* __restrict__ co
 #pragma unroll
   for (int j = 0; j < kItemsPerThread; ++j) {
     const int64_t i = base + j * kThreads + threadIdx.x;
-    keys[j] = i < count ? rank_key(code_score<kWords>(lut, codes + (first + i) * M, M), static_cast<uint32_t>(i))
-                        : kNoKey;
+    keys[j] = i < count ? rank_key(codes.score(lut, first + i), static_cast<uint32_t>(i)) : kNoKey;
   }
   const auto n_valid = static_cast<uint32_t>(count - base < kBlockCodes ? count - base : kBlockCodes);
   int64_t* out = candidates + (q * gridDim.x + blockIdx.x) * k;
@@ -128,63 +152,56 @@ decode_keys_kernel(const int64_t* __restrict__ top, int64_t n, int64_t first, fl
   indices[i] = first + key_position(key);
 }
 
-// Which variant of a scan kernel fits the table and codes, and its dynamic shared memory.
-struct ScanVariant {
-  bool shared_lut, words;
-  size_t smem;
-};
-
-ScanVariant scan_variant(const at::Tensor& luts, const at::Tensor& codes) {
-  const int64_t M = luts.size(1);
-  const bool shared_lut = M <= kMaxSharedLutBooks;
-  const bool words = M % 4 == 0 && reinterpret_cast<uintptr_t>(codes.const_data_ptr()) % 4 == 0;
-  return {shared_lut, words, shared_lut ? static_cast<size_t>(M * kLutStride) * sizeof(float) : 0};
-}
-
-template <class Kernel>
-Kernel pick_variant(const ScanVariant& v, Kernel shared_words, Kernel shared_bytes, Kernel global_words,
-                    Kernel global_bytes, size_t static_smem) {
-  const Kernel kernel = v.shared_lut ? (v.words ? shared_words : shared_bytes)
-                                     : (v.words ? global_words : global_bytes);
-  if (v.smem + static_smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(v.smem)));
+// The kernel launch of one of the scan kernel templates for `codes`: calls
+// launch(kernel, dynamic shared memory) with the variant whose table lives in shared memory (M <= 48)
+// or in global memory, after raising the kernel's shared memory limit where it needs more than 48 KiB.
+template <class Launch, class SharedKernel, class GlobalKernel>
+void launch_variant(int64_t M, size_t static_smem, SharedKernel shared_kernel, GlobalKernel global_kernel,
+                    const Launch& launch) {
+  if (M > kMaxSharedLutBooks) {
+    launch(global_kernel, size_t(0));
+    return;
   }
-  return kernel;
+  const size_t smem = static_cast<size_t>(M * kLutStride) * sizeof(float);
+  if (smem + static_smem > 48 * 1024) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  }
+  launch(shared_kernel, smem);
 }
 
 // Scores codes [first, first + count) for every query of luts [nq <= 65535, M, 256] into scores
 // [nq, count] and/or signed rank keys [nq, count] (either may be null).
-void launch_dense(const at::Tensor& luts, const at::Tensor& codes, int64_t first, int64_t count,
-                  float* scores, int64_t* keys) {
-  const ScanVariant v = scan_variant(luts, codes);
-  const auto kernel = pick_variant(v, adc_dense_kernel<true, true>, adc_dense_kernel<true, false>,
-                                   adc_dense_kernel<false, true>, adc_dense_kernel<false, false>, 0);
+template <class Codes>
+void launch_dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
+                  int64_t* keys) {
   const dim3 grid(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(luts.size(0)));
-  kernel<<<grid, kThreads, v.smem, c10::cuda::getCurrentCUDAStream()>>>(
-      luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), luts.size(1), first, count, scores, keys);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_variant(luts.size(1), 0, adc_dense_kernel<true, Codes>, adc_dense_kernel<false, Codes>,
+                 [&](auto kernel, size_t smem) {
+                   kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+                       luts.const_data_ptr<float>(), codes, luts.size(1), first, count, scores, keys);
+                   C10_CUDA_KERNEL_LAUNCH_CHECK();
+                 });
 }
 
 // The signed rank keys of the min(k, count) best codes of [first, first + count) per query,
 // best first: [nq, min(k, count)].
-at::Tensor chunk_top_keys(const at::Tensor& luts, const at::Tensor& codes, int64_t first, int64_t count,
-                          int64_t k) {
+template <class Codes>
+at::Tensor chunk_top_keys(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, int64_t k) {
   const int64_t nq = luts.size(0);
   const auto long_options = luts.options().dtype(at::kLong);
   at::Tensor keys;
   if (k <= kMaxSelectK) {
     const int64_t blocks = ceil_div(count, kBlockCodes);
     keys = at::empty({nq, blocks * k}, long_options);  // [nq, blocks, k] candidates
-    const ScanVariant v = scan_variant(luts, codes);
-    const auto kernel = pick_variant(v, adc_select_kernel<true, true>, adc_select_kernel<true, false>,
-                                     adc_select_kernel<false, true>, adc_select_kernel<false, false>,
-                                     sizeof(BlockSelect));
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nq));
-    kernel<<<grid, kThreads, v.smem, c10::cuda::getCurrentCUDAStream()>>>(
-        luts.const_data_ptr<float>(), codes.const_data_ptr<uint8_t>(), luts.size(1), first, count,
-        static_cast<uint32_t>(k), keys.mutable_data_ptr<int64_t>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_variant(luts.size(1), sizeof(BlockSelect), adc_select_kernel<true, Codes>,
+                   adc_select_kernel<false, Codes>, [&](auto kernel, size_t smem) {
+                     kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+                         luts.const_data_ptr<float>(), codes, luts.size(1), first, count,
+                         static_cast<uint32_t>(k), keys.mutable_data_ptr<int64_t>());
+                     C10_CUDA_KERNEL_LAUNCH_CHECK();
+                   });
   } else {
     keys = at::empty({nq, count}, long_options);
     launch_dense(luts, codes, first, count, nullptr, keys.mutable_data_ptr<int64_t>());
@@ -192,17 +209,17 @@ at::Tensor chunk_top_keys(const at::Tensor& luts, const at::Tensor& codes, int64
   return std::get<0>(keys.topk(std::min(k, count), 1, true, true));
 }
 
-std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at::Tensor& codes_in,
-                                                 int64_t k) {
-  const auto [nq, M, K, N] = check_adc_args(lut, codes_in, k);
+// The top-k of N codes for every query of lut [nq, M, K] (validated): scores [nq, k] descending,
+// indices [nq, k], ties by smaller index.
+template <class Codes>
+std::tuple<at::Tensor, at::Tensor> scan_topk(const at::Tensor& lut, const Codes& codes, int64_t N, int64_t k) {
+  const int64_t nq = lut.size(0);
   TORCH_CHECK(nq <= 65535, "adc_topk on CUDA takes up to 65535 queries per call, got ", nq,
               " (split the queries into batches)");
-  const c10::cuda::CUDAGuard guard(lut.device());
   if (nq == 0) {
     return {at::empty({0, k}, lut.options()), at::empty({0, k}, lut.options().dtype(at::kLong))};
   }
   const at::Tensor luts = pad_lut(lut.contiguous());
-  const at::Tensor codes = codes_in.contiguous();
   // Codes per chunk: the chunk's candidates (select path) or keys (dense path) stay within
   // kChunkElements, and its first chunk holds at least k codes.
   const int64_t per_chunk = k <= kMaxSelectK ? kBlockCodes * std::max<int64_t>(1, kChunkElements / (nq * k))
@@ -236,6 +253,30 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at
   return {best_scores, best_indices};
 }
 
+// Calls f(RowCodes<kWords>{...}) for codes [N, M] (contiguous), with word reads where they are aligned.
+template <class F>
+auto with_row_codes(const at::Tensor& codes, const F& f) {
+  const uint8_t* ptr = codes.const_data_ptr<uint8_t>();
+  const int64_t M = codes.size(1);
+  if (M % 4 == 0 && reinterpret_cast<uintptr_t>(ptr) % 4 == 0) return f(RowCodes<true>{ptr, M});
+  return f(RowCodes<false>{ptr, M});
+}
+
+std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at::Tensor& codes_in, int64_t k) {
+  const auto [nq, M, K, N] = check_adc_args(lut, codes_in, k);
+  const c10::cuda::CUDAGuard guard(lut.device());
+  const at::Tensor codes = codes_in.contiguous();
+  return with_row_codes(codes, [&](const auto& rows) { return scan_topk(lut, rows, N, k); });
+}
+
+std::tuple<at::Tensor, at::Tensor> adc_topk4_cuda(const at::Tensor& lut, const at::Tensor& packed_in,
+                                                  int64_t num_codes, int64_t k, int64_t rerank) {
+  check_adc4_args(lut, packed_in, num_codes, k, rerank);
+  const c10::cuda::CUDAGuard guard(lut.device());
+  const at::Tensor packed = packed_in.contiguous();
+  return scan_topk(lut, PackedCodes4{packed.const_data_ptr<uint8_t>(), lut.size(1), packed.size(1)}, num_codes, k);
+}
+
 at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
   const auto [nq, M, K, N] = check_lut_and_codes(lut, codes_in);
   const c10::cuda::CUDAGuard guard(lut.device());
@@ -244,11 +285,14 @@ at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
   const at::Tensor luts = pad_lut(lut.contiguous());
   const at::Tensor codes = codes_in.contiguous();
   constexpr int64_t kMaxGridQueries = 65535;
-  for (int64_t q0 = 0; q0 < nq; q0 += kMaxGridQueries) {
-    const int64_t count = std::min(kMaxGridQueries, nq - q0);
-    at::Tensor part = scores.narrow(0, q0, count);  // contiguous: whole rows
-    launch_dense(luts.narrow(0, q0, count), codes, 0, N, part.mutable_data_ptr<float>(), nullptr);
-  }
+  with_row_codes(codes, [&](const auto& rows) {
+    for (int64_t q0 = 0; q0 < nq; q0 += kMaxGridQueries) {
+      const int64_t count = std::min(kMaxGridQueries, nq - q0);
+      at::Tensor part = scores.narrow(0, q0, count);  // contiguous: whole rows
+      launch_dense(luts.narrow(0, q0, count), rows, 0, N, part.mutable_data_ptr<float>(), nullptr);
+    }
+    return 0;
+  });
   return scores;
 }
 
@@ -256,6 +300,7 @@ at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
 
 TORCH_LIBRARY_IMPL(opqn_ext, CUDA, m) {
   m.impl("adc_topk", &adc_topk_cuda);
+  m.impl("adc_topk4", &adc_topk4_cuda);
   m.impl("adc_scores", &adc_scores_cuda);
 }
 
