@@ -34,8 +34,8 @@ AdcDims check_adc_args(const at::Tensor& lut, const at::Tensor& codes, int64_t k
 void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t num_codes, int64_t k,
                      int64_t rerank);
 
-// lut [nq, M, K] -> [nq, M, 256], zero past K: any uint8 code indexes inside it (a code >= K
-// adds 0 to the score).
-at::Tensor pad_lut(const at::Tensor& lut);
+// lut [nq, M, K] -> [nq, M, width], zero past K: any code below width indexes inside it (a code
+// >= K adds 0 to the score); width 256 covers every uint8 code, 16 every 4-bit one.
+at::Tensor pad_lut(const at::Tensor& lut, int64_t width = 256);
 
 }  // namespace opqn

@@ -60,8 +60,8 @@ void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t nu
   TORCH_CHECK(rerank >= 1, "rerank must be >= 1 (candidates re-scored per result), got ", rerank);
 }
 
-at::Tensor pad_lut(const at::Tensor& lut) {
-  at::Tensor padded = at::zeros({lut.size(0), lut.size(1), 256}, lut.options());
+at::Tensor pad_lut(const at::Tensor& lut, int64_t width) {
+  at::Tensor padded = at::zeros({lut.size(0), lut.size(1), width}, lut.options());
   padded.narrow(2, 0, lut.size(2)).copy_(lut);
   return padded;
 }

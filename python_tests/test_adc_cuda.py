@@ -81,10 +81,11 @@ def test_unaligned_codes_are_read_as_bytes():
 
 
 @pytest.mark.parametrize("nq,M,N,k", [
-    (3, 8, 10_000, 10), (2, 1, 33, 33), (4, 7, 4097, 1024), (2, 33, 5000, 100), (1, 64, 3000, 7), (2, 16, 6000, 2000),
+    (3, 8, 10_000, 10), (2, 1, 33, 33), (4, 7, 4097, 1024), (2, 33, 5000, 100), (1, 255, 3000, 7), (2, 16, 6000, 2000),
 ])
 def test_adc_topk4_is_the_exact_scan(nq, M, N, k):
-    # 4-bit codes on CUDA are scored exactly: the result is adc_topk's on the unpacked codes
+    # 4-bit codes on CUDA are scored exactly: the result is adc_topk's on the unpacked codes (with
+    # 16 entries per book in shared memory, up to 255 books; k > 1024: the dense path)
     lut, codes = problem(nq, M, 16, N, seed=N + M)
     lut = lut + torch.rand(lut.shape, generator=torch.Generator().manual_seed(M))
     packed = opqn_ext.pack_codes4(codes.cuda())

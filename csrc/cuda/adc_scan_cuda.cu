@@ -1,9 +1,9 @@
-// CUDA adc_topk, adc_topk4 and adc_scores. Every kernel gives each query's padded table [M, 256] to
-// a block (in shared memory for up to 48 books) and scores one code per thread per step, adding the
-// table entries in book order as the CPU does, so scores are bit-identical to the CPU's exact
-// scores. Codes are [N, M] uint8 rows (read as 32-bit words when M is a multiple of 4) or the 4-bit
-// layout of pack_codes4, which is scored exactly (no table quantization: adc_topk4 on CUDA is an
-// exact scan, its rerank has nothing to do).
+// CUDA adc_topk, adc_topk4 and adc_scores. Every kernel gives each query's padded table (256
+// entries per book for byte codes, 16 for 4-bit codes) to a block, in shared memory up to 48 KiB,
+// and scores one code per thread per step, adding the table entries in book order as the CPU
+// does, so scores are bit-identical to the CPU's exact scores. Codes are [N, M] uint8 rows (read
+// as 32-bit words when M is a multiple of 4) or the 4-bit layout of pack_codes4, which is scored
+// exactly (no table quantization: adc_topk4 on CUDA is an exact scan, its rerank has nothing to do).
 // Top-k for k <= 1024: each block scores 4096 codes, keeps their rank keys (score and position,
 // block_select.cuh) in registers and writes its k largest, found by a radix select in shared
 // memory; at::topk over the blocks' candidates then gives the chunk's top-k, merged into the
@@ -29,8 +29,7 @@ namespace opqn::cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int64_t kLutStride = 256;
-constexpr int64_t kMaxSharedLutBooks = 48;            // 48 KiB of table in shared memory
+constexpr int64_t kMaxSharedLutEntries = 48 * 256;   // 48 KiB of table in shared memory
 constexpr int64_t kChunkElements = int64_t(1) << 24;  // keys or candidates of one chunk: 128 MiB
 constexpr int kItemsPerThread = 16;
 constexpr int64_t kBlockCodes = int64_t(kThreads) * kItemsPerThread;  // codes per select block
@@ -44,12 +43,12 @@ struct DeviceBlock {
   __device__ int threads() const { return kThreads; }
 };
 
-// The query's padded table lut [M, 256]: copied to shared memory when kSharedLut (every thread of
-// the block must call this), else read where it is.
+// The query's padded table lut [M, Codes::kStride]: copied to shared memory when kSharedLut (every
+// thread of the block must call this), else read where it is.
 template <bool kSharedLut>
-__device__ __forceinline__ const float* stage_lut(const float* lut, int64_t M, float* shared) {
+__device__ __forceinline__ const float* stage_lut(const float* lut, int64_t entries, float* shared) {
   if constexpr (kSharedLut) {
-    for (int64_t i = threadIdx.x; i < M * kLutStride; i += kThreads) shared[i] = lut[i];
+    for (int64_t i = threadIdx.x; i < entries; i += kThreads) shared[i] = lut[i];
     __syncthreads();
     return shared;
   } else {
@@ -60,6 +59,7 @@ __device__ __forceinline__ const float* stage_lut(const float* lut, int64_t M, f
 // codes: [N, M] uint8 rows; kWords: 4-byte aligned and M a multiple of 4, read a word at a time.
 template <bool kWords>
 struct RowCodes {
+  static constexpr int64_t kLutStride = 256;  // table entries per book: every byte value
   const uint8_t* codes;
   int64_t M;
 
@@ -87,6 +87,7 @@ struct RowCodes {
 // packed: [blocks, (M + 1) / 2, 32], the layout of pack_codes4 (cpu/fastscan4.h): code 32b + j,
 // book m in the low (j < 16) or high nibble of byte (b * pairs + m / 2) * 32 + (m % 2) * 16 + j % 16.
 struct PackedCodes4 {
+  static constexpr int64_t kLutStride = 16;  // table entries per book: every nibble value
   const uint8_t* packed;
   int64_t M, pairs;
 
@@ -101,15 +102,16 @@ struct PackedCodes4 {
   }
 };
 
-// luts: [nq, M, 256] -> for codes [first, first + count): scores [nq, count] and signed rank keys
-// [nq, count] (each unless null)
+// luts: [nq, M, Codes::kLutStride] -> for codes [first, first + count): scores [nq, count] and
+// signed rank keys [nq, count] (each unless null)
 template <bool kSharedLut, class Codes>
 __global__ void __launch_bounds__(kThreads)
 adc_dense_kernel(const float* __restrict__ luts, Codes codes, int64_t M, int64_t first, int64_t count,
                  float* __restrict__ scores, int64_t* __restrict__ keys) {
-  extern __shared__ float lut_shared[];  // [M, 256] when kSharedLut
+  extern __shared__ float lut_shared[];  // [M, Codes::kLutStride] when kSharedLut
   const int64_t q = blockIdx.y;
-  const float* lut = stage_lut<kSharedLut>(luts + q * M * kLutStride, M, lut_shared);
+  const int64_t entries = M * Codes::kLutStride;
+  const float* lut = stage_lut<kSharedLut>(luts + q * entries, entries, lut_shared);
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= count) return;
   const float s = codes.score(lut, first + i);
@@ -117,16 +119,18 @@ adc_dense_kernel(const float* __restrict__ luts, Codes codes, int64_t M, int64_t
   if (keys != nullptr) keys[q * count + i] = signed_key(rank_key(s, static_cast<uint32_t>(i)));
 }
 
-// luts: [nq, M, 256] -> candidates: [nq, gridDim.x, k], the signed rank keys of the k best of each
-// block's kBlockCodes codes of [first, first + count) (INT64_MIN in slots a block has no code for)
+// luts: [nq, M, Codes::kLutStride] -> candidates: [nq, gridDim.x, k], the signed rank keys of the
+// k best of each block's kBlockCodes codes of [first, first + count) (INT64_MIN in slots a block
+// has no code for)
 template <bool kSharedLut, class Codes>
 __global__ void __launch_bounds__(kThreads)
 adc_select_kernel(const float* __restrict__ luts, Codes codes, int64_t M, int64_t first, int64_t count,
                   uint32_t k, int64_t* __restrict__ candidates) {
-  extern __shared__ float lut_shared[];  // [M, 256] when kSharedLut
+  extern __shared__ float lut_shared[];  // [M, Codes::kLutStride] when kSharedLut
   __shared__ BlockSelect select;
   const int64_t q = blockIdx.y;
-  const float* lut = stage_lut<kSharedLut>(luts + q * M * kLutStride, M, lut_shared);
+  const int64_t entries = M * Codes::kLutStride;
+  const float* lut = stage_lut<kSharedLut>(luts + q * entries, entries, lut_shared);
   const int64_t base = static_cast<int64_t>(blockIdx.x) * kBlockCodes;
   uint64_t keys[kItemsPerThread];
 #pragma unroll
@@ -152,17 +156,17 @@ decode_keys_kernel(const int64_t* __restrict__ top, int64_t n, int64_t first, fl
   indices[i] = first + key_position(key);
 }
 
-// The kernel launch of one of the scan kernel templates for `codes`: calls
-// launch(kernel, dynamic shared memory) with the variant whose table lives in shared memory (M <= 48)
-// or in global memory, after raising the kernel's shared memory limit where it needs more than 48 KiB.
+// The kernel launch of one of the scan kernel templates: calls launch(kernel, dynamic shared
+// memory) with the variant whose table of `entries` floats lives in shared memory (up to 48 KiB) or
+// in global memory, after raising the kernel's shared memory limit where it needs more than 48 KiB.
 template <class Launch, class SharedKernel, class GlobalKernel>
-void launch_variant(int64_t M, size_t static_smem, SharedKernel shared_kernel, GlobalKernel global_kernel,
+void launch_variant(int64_t entries, size_t static_smem, SharedKernel shared_kernel, GlobalKernel global_kernel,
                     const Launch& launch) {
-  if (M > kMaxSharedLutBooks) {
+  if (entries > kMaxSharedLutEntries) {
     launch(global_kernel, size_t(0));
     return;
   }
-  const size_t smem = static_cast<size_t>(M * kLutStride) * sizeof(float);
+  const size_t smem = static_cast<size_t>(entries) * sizeof(float);
   if (smem + static_smem > 48 * 1024) {
     C10_CUDA_CHECK(cudaFuncSetAttribute(shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
@@ -170,13 +174,13 @@ void launch_variant(int64_t M, size_t static_smem, SharedKernel shared_kernel, G
   launch(shared_kernel, smem);
 }
 
-// Scores codes [first, first + count) for every query of luts [nq <= 65535, M, 256] into scores
+// Scores codes [first, first + count) for every query of luts [nq <= 65535, M, stride] into scores
 // [nq, count] and/or signed rank keys [nq, count] (either may be null).
 template <class Codes>
 void launch_dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
                   int64_t* keys) {
   const dim3 grid(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(luts.size(0)));
-  launch_variant(luts.size(1), 0, adc_dense_kernel<true, Codes>, adc_dense_kernel<false, Codes>,
+  launch_variant(luts.size(1) * luts.size(2), 0, adc_dense_kernel<true, Codes>, adc_dense_kernel<false, Codes>,
                  [&](auto kernel, size_t smem) {
                    kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
                        luts.const_data_ptr<float>(), codes, luts.size(1), first, count, scores, keys);
@@ -195,7 +199,7 @@ at::Tensor chunk_top_keys(const at::Tensor& luts, const Codes& codes, int64_t fi
     const int64_t blocks = ceil_div(count, kBlockCodes);
     keys = at::empty({nq, blocks * k}, long_options);  // [nq, blocks, k] candidates
     const dim3 grid(static_cast<unsigned>(blocks), static_cast<unsigned>(nq));
-    launch_variant(luts.size(1), sizeof(BlockSelect), adc_select_kernel<true, Codes>,
+    launch_variant(luts.size(1) * luts.size(2), sizeof(BlockSelect), adc_select_kernel<true, Codes>,
                    adc_select_kernel<false, Codes>, [&](auto kernel, size_t smem) {
                      kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
                          luts.const_data_ptr<float>(), codes, luts.size(1), first, count,
@@ -209,8 +213,8 @@ at::Tensor chunk_top_keys(const at::Tensor& luts, const Codes& codes, int64_t fi
   return std::get<0>(keys.topk(std::min(k, count), 1, true, true));
 }
 
-// The top-k of N codes for every query of lut [nq, M, K] (validated): scores [nq, k] descending,
-// indices [nq, k], ties by smaller index.
+// The top-k of N codes for every query of lut [nq, M, K <= Codes::kLutStride] (validated): scores
+// [nq, k] descending, indices [nq, k], ties by smaller index.
 template <class Codes>
 std::tuple<at::Tensor, at::Tensor> scan_topk(const at::Tensor& lut, const Codes& codes, int64_t N, int64_t k) {
   const int64_t nq = lut.size(0);
@@ -219,7 +223,7 @@ std::tuple<at::Tensor, at::Tensor> scan_topk(const at::Tensor& lut, const Codes&
   if (nq == 0) {
     return {at::empty({0, k}, lut.options()), at::empty({0, k}, lut.options().dtype(at::kLong))};
   }
-  const at::Tensor luts = pad_lut(lut.contiguous());
+  const at::Tensor luts = pad_lut(lut.contiguous(), Codes::kLutStride);  // [nq, M, stride]
   // Codes per chunk: the chunk's candidates (select path) or keys (dense path) stay within
   // kChunkElements, and its first chunk holds at least k codes.
   const int64_t per_chunk = k <= kMaxSelectK ? kBlockCodes * std::max<int64_t>(1, kChunkElements / (nq * k))

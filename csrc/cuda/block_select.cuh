@@ -72,6 +72,20 @@ OPQN_HOST_DEVICE inline uint32_t atomic_increment(uint32_t* counter) {
 #endif
 }
 
+// Adds 1 to hist[bin]. On the device the lanes of a warp that reach this together and share a bin
+// add at once (one shared-memory atomic per distinct bin, not 32 serialized ones: a block's keys
+// mostly share their top digits).
+OPQN_HOST_DEVICE inline void count_in_bin(uint32_t* hist, uint32_t bin) {
+#if defined(__CUDA_ARCH__)
+  const unsigned peers = __match_any_sync(__activemask(), bin);
+  if (static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) {
+    atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
+  }
+#else
+  ++hist[bin];
+#endif
+}
+
 constexpr int kSelectBins = 256;
 constexpr int kSelectLanes = 32;  // threads that scan the histogram
 constexpr int kBinsPerLane = kSelectBins / kSelectLanes;
@@ -125,7 +139,7 @@ OPQN_UNROLL
       for (int j = 0; j < kItems; ++j) {
         const uint64_t key = keys(tid, j);
         if (key != kNoKey && ((key ^ s.prefix) & mask) == 0) {
-          atomic_increment(&st.hist[(key >> s.shift) & 0xFF]);
+          count_in_bin(st.hist, static_cast<uint32_t>((key >> s.shift) & 0xFF));
         }
       }
     });
