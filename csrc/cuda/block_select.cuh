@@ -10,9 +10,6 @@
 #pragma once
 
 #include <cstdint>
-#if !defined(__CUDA_ARCH__)
-#include <bit>
-#endif
 
 #if defined(__CUDACC__)
 #define OPQN_HOST_DEVICE __host__ __device__
@@ -28,32 +25,25 @@ constexpr uint64_t kNoKey = 0;
 constexpr uint32_t kMaxPosition = 0xFFFFFFFEu;  // positions 0..kMaxPosition have nonzero keys
 constexpr uint64_t kSignBit = uint64_t(1) << 63;
 
-OPQN_HOST_DEVICE inline uint32_t float_bits(float f) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(f);
-#else
-  return std::bit_cast<uint32_t>(f);
-#endif
-}
-
-OPQN_HOST_DEVICE inline float bits_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
-  return std::bit_cast<float>(u);
-#endif
+// The bits of `from` as a To of the same size (std::bit_cast, on the host and the device).
+template <class To, class From>
+OPQN_HOST_DEVICE inline To bits_as(const From& from) {
+  static_assert(sizeof(To) == sizeof(From));
+  To to;
+  __builtin_memcpy(&to, &from, sizeof(To));
+  return to;
 }
 
 // The rank key of `score` at `position` (<= kMaxPosition); -0.0 ranks as +0.0, as float compares.
 OPQN_HOST_DEVICE inline uint64_t rank_key(float score, uint32_t position) {
-  const uint32_t u = float_bits(score == 0.0f ? 0.0f : score);
+  const uint32_t u = bits_as<uint32_t>(score == 0.0f ? 0.0f : score);
   const uint32_t ordered = (u & 0x80000000u) ? ~u : (u | 0x80000000u);  // increasing with score
   return (static_cast<uint64_t>(ordered) << 32) | (0xFFFFFFFFu - position);
 }
 
 OPQN_HOST_DEVICE inline float key_score(uint64_t key) {
   const uint32_t ordered = static_cast<uint32_t>(key >> 32);
-  return bits_float((ordered & 0x80000000u) ? (ordered & 0x7FFFFFFFu) : ~ordered);
+  return bits_as<float>((ordered & 0x80000000u) ? (ordered & 0x7FFFFFFFu) : ~ordered);
 }
 
 OPQN_HOST_DEVICE inline uint32_t key_position(uint64_t key) {
