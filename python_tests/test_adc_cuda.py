@@ -35,9 +35,9 @@ def test_select_path_equals_cpu(nq, M, K, N, k):
     same_as_cpu(lut, codes, k)
 
 
-@pytest.mark.parametrize("nq,N,k", [(2, 5000, 1025), (3, 3000, 3000), (64, 70_000, 2000)])
+@pytest.mark.parametrize("nq,N,k", [(2, 5000, 1025), (3, 3000, 3000), (4096, 10_000, 2000)])
 def test_dense_path_equals_cpu(nq, N, k):
-    # k > 1024: all keys of a chunk, then at::topk; (64, 70000): two chunks of 65536 codes
+    # k > 1024: all keys of a chunk, then at::topk; 4096 queries: chunks of 4096 codes (16M keys)
     lut, codes = problem(nq, 4, 16, N, seed=k, high=3)
     same_as_cpu(lut, codes, k)
 

@@ -225,9 +225,10 @@ std::tuple<at::Tensor, at::Tensor> scan_topk(const at::Tensor& lut, const Codes&
   }
   const at::Tensor luts = pad_lut(lut.contiguous(), Codes::kLutStride);  // [nq, M, stride]
   // Codes per chunk: the chunk's candidates (select path) or keys (dense path) stay within
-  // kChunkElements, and its first chunk holds at least k codes.
+  // kChunkElements, or the size of the results where those are larger; the first chunk holds at
+  // least k codes.
   const int64_t per_chunk = k <= kMaxSelectK ? kBlockCodes * std::max<int64_t>(1, kChunkElements / (nq * k))
-                                             : std::max({k, int64_t(1) << 16, kChunkElements / nq});
+                                             : std::max(k, kChunkElements / nq);
   const int64_t chunk = std::min({N, per_chunk, static_cast<int64_t>(kMaxPosition) + 1});
   at::Tensor best_scores, best_indices;
   for (int64_t first = 0; first < N; first += chunk) {
