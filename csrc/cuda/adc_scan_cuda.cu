@@ -43,8 +43,8 @@ struct DeviceBlock {
   __device__ int threads() const { return kThreads; }
 };
 
-// The query's padded table lut [M, Codes::kStride]: copied to shared memory when kSharedLut (every
-// thread of the block must call this), else read where it is.
+// The query's padded table lut [M, Codes::kLutStride]: copied to shared memory when kSharedLut
+// (every thread of the block must call this), else read where it is.
 template <bool kSharedLut>
 __device__ __forceinline__ const float* stage_lut(const float* lut, int64_t entries, float* shared) {
   if constexpr (kSharedLut) {
