@@ -1,4 +1,5 @@
-// Argument checks and table padding of adc_topk, adc_topk4 and adc_scores, shared by their CPU and CUDA kernels.
+// Argument checks and table padding of adc_topk, adc_topk4 and adc_scores, shared by their CPU and
+// CUDA kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
