@@ -258,7 +258,7 @@ std::tuple<at::Tensor, at::Tensor> scan_topk(const at::Tensor& lut, const Codes&
   return {best_scores, best_indices};
 }
 
-// Calls f(RowCodes<kWords>{...}) for codes [N, M] (contiguous), with word reads where they are aligned.
+// f(RowCodes<kWords>{...}) for codes [N, M] (contiguous), with word reads where they are aligned.
 template <class F>
 auto with_row_codes(const at::Tensor& codes, const F& f) {
   const uint8_t* ptr = codes.const_data_ptr<uint8_t>();
@@ -296,7 +296,6 @@ at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
       at::Tensor part = scores.narrow(0, q0, count);  // contiguous: whole rows
       launch_dense(luts.narrow(0, q0, count), rows, 0, N, part.mutable_data_ptr<float>(), nullptr);
     }
-    return 0;
   });
   return scores;
 }
