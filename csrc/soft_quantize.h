@@ -7,15 +7,14 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
+#include "norm_clamp.h"
+
 namespace opqn {
 
 // Sizes of one soft_quantize problem: B samples, M books, K words of dimension d.
 struct SoftQuantizeDims {
   int64_t B, M, d, K;
 };
-
-// eps of the norm clamp: xhat = x / max(||x||, eps), as torch.nn.functional.normalize.
-constexpr double kNormEps = 1e-12;
 
 // Validates x [B, M*d] or [B, M, d] against weights [M, d, K] (named `weight_name`).
 SoftQuantizeDims check_x_and_weights(const at::Tensor& x, const at::Tensor& weights,

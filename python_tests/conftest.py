@@ -45,3 +45,31 @@ def make_problem(B, M, d, K, *, dtype=torch.float64, device="cpu", seed=0, kind=
     a = torch.randn(M, d, K, generator=g, dtype=torch.float64) * (2.0 / (d + K)) ** 0.5
     c = opqn_ext.orthonormal_codebooks(M, d, K, kind=kind, seed=seed, dtype=torch.float64)
     return x.to(dtype=dtype, device=device), a.to(dtype=dtype, device=device), c.to(dtype=dtype, device=device)
+
+
+@pytest.fixture(scope="session")
+def cuda_emulator(tmp_path_factory):
+    """The CUDA kernels compiled for the host with the tests' CUDA emulator (python_tests/cuda_emulation),
+    as a ctypes library; skips where there is no C++ compiler."""
+    import ctypes
+    import os
+    import shutil
+    import subprocess
+
+    from torch.utils.cpp_extension import include_paths
+
+    compiler = shutil.which("c++") or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    here = os.path.join(root, "python_tests", "cuda_emulation")
+    library = tmp_path_factory.mktemp("cuda_emulation") / "libopqn_cuda_emulation.so"
+    sources = [os.path.join(here, name) for name in ("cuda_emulator.cpp", "kernels_entry.cpp", "emulator_selftest.cpp")]
+    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+               "-DOPQN_CUDA_EMULATION", "-I", os.path.join(root, "csrc"), "-I", here,
+               "-isystem", include_paths()[0], *sources, "-o", str(library)]
+    build = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr
+    lib = ctypes.CDLL(str(library))
+    lib.emu_last_error.restype = ctypes.c_char_p
+    return lib

@@ -1,11 +1,25 @@
-// Small device helpers shared by the CUDA kernels.
+// Small device helpers shared by the CUDA kernels. The kernels are written so that the CUDA
+// emulator of the tests (python_tests/cuda_emulation) can compile and run them on the host: with
+// OPQN_CUDA_EMULATION defined, the emulator provides the CUDA built-ins and the shared-memory
+// declarations below.
 #pragma once
 
+#include <cstdint>
+
+#if defined(OPQN_CUDA_EMULATION)
+#include "cuda_emulator.h"
+#else
 #include <cuda_runtime.h>
+// A block's shared variable, and its dynamic shared memory viewed as an array of type.
+#define OPQN_SHARED(type, name) __shared__ type name
+#define OPQN_DYNAMIC_SHARED(type, name) extern __shared__ type name[]
+#endif
 
 namespace opqn::cuda {
 
 constexpr int kWarp = 32;
+constexpr int kThreads = 256;  // threads per block of every kernel
+constexpr int kWarps = kThreads / kWarp;
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

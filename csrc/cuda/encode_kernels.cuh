@@ -1,0 +1,73 @@
+// The CUDA kernel of encode (host side: encode_cuda.cu): a block stages kEncodeTile samples of one
+// book in shared memory, computes their similarities to every word (one thread per word, coalesced
+// assign_weight reads) and takes the argmax per sample with one warp (ties to the smaller word).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cuda/cuda_utils.cuh"
+#include "cuda/tile_products.cuh"
+
+namespace opqn::cuda {
+
+constexpr int kEncodeTile = 8;
+constexpr int64_t kEncodeMaxDim = 1024;  // d: shared memory holds kEncodeTile * (d + K) accumulators
+
+// Grid (sample tiles, books) and dynamic shared memory of encode_kernel.
+inline dim3 encode_grid(int64_t B, int64_t M) {
+  return dim3(static_cast<unsigned>(ceil_div(B, kEncodeTile)), static_cast<unsigned>(M));
+}
+
+template <typename acc_t>
+size_t encode_shared_bytes(int64_t d, int64_t K) {
+  return static_cast<size_t>(kEncodeTile * (d + K)) * sizeof(acc_t);
+}
+
+// x: [B, M, d]; A: [M, d, K] -> codes: [B, M]
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+encode_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ A, uint8_t* __restrict__ codes,
+              int64_t B, int64_t M, int64_t d, int64_t K) {
+  OPQN_DYNAMIC_SHARED(unsigned char, smem_raw);
+  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // [kEncodeTile, d]
+  acc_t* ls = xs + kEncodeTile * d;                         // [kEncodeTile, K]
+  const int64_t m = blockIdx.y;
+  const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kEncodeTile;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  for (int64_t i = tid; i < kEncodeTile * d; i += kThreads) {
+    const int64_t b = b0 + i / d;
+    xs[i] = b < B ? static_cast<acc_t>(x[(b * M + m) * d + i % d]) : acc_t(0);
+  }
+  __syncthreads();
+  for (int64_t k = tid; k < K; k += kThreads) {
+    acc_t acc[kEncodeTile];
+    rows_times_column<kEncodeTile>(xs, d, A + m * d * K, K, k, acc);
+#pragma unroll
+    for (int t = 0; t < kEncodeTile; ++t) ls[t * K + k] = acc[t];
+  }
+  __syncthreads();
+  for (int t = warp; t < kEncodeTile; t += kWarps) {
+    const int64_t b = b0 + t;
+    if (b >= B) continue;
+    acc_t best = ls[t * K];
+    int best_k = 0;
+    for (int64_t k = lane; k < K; k += kWarp) {
+      if (ls[t * K + k] > best) {
+        best = ls[t * K + k];
+        best_k = static_cast<int>(k);
+      }
+    }
+    for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+      const acc_t other = __shfl_xor_sync(0xffffffffu, best, offset);
+      const int other_k = __shfl_xor_sync(0xffffffffu, best_k, offset);
+      if (other > best || (other == best && other_k < best_k)) {
+        best = other;
+        best_k = other_k;
+      }
+    }
+    if (lane == 0) codes[b * M + m] = static_cast<uint8_t>(best_k);
+  }
+}
+
+}  // namespace opqn::cuda

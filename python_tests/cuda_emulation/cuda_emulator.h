@@ -1,0 +1,105 @@
+// A CUDA emulator for the tests: compiles opqn_ext's kernels (csrc/cuda/*_kernels.cuh) as host C++
+// and runs every thread of a launch as a fiber, one block at a time, so that the kernels' indexing,
+// shared-memory use, barriers and warp collectives are exercised on machines without a GPU.
+//
+// What it checks, beyond the results the tests compare:
+// - every thread of a block reaches the same __syncthreads, and none has exited while others wait;
+// - the lanes named in a warp collective's mask all reach the same collective;
+// - a deadlock (threads waiting that can never be released) is reported, not hung on;
+// - shared memory fits the launch's limit (48 KiB, or the opt-in maximum when the host raises it);
+// - global buffers (DeviceBuffer) and shared memory end at a guard page, fiber stacks start at one:
+//   an access past their end is reported as an error of the launch, naming the buffer;
+// - shared memory starts filled with 0xFF bytes (NaN as floats), so reading it before writing it
+//   shows up in the results.
+// What it does not model: concurrency within a warp or block (threads run one after another between
+// synchronization points, so a data race cannot be seen), the memory model, FMA contraction.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <string>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x, y, z;
+  constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+
+namespace opqn_emu {
+
+const dim3& thread_index();
+const dim3& block_index();
+const dim3& block_dim();
+const dim3& grid_dim();
+
+void sync_threads(const char* file, int line);
+
+// __shfl_xor_sync on the value's bits: every lane of `mask` gets the bits of lane (lane ^ lane_mask).
+uint64_t shuffle_xor_bits(unsigned mask, uint64_t bits, int lane_mask, const char* file, int line);
+
+template <class T>
+T shuffle_xor(unsigned mask, T value, int lane_mask, const char* file, int line) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  bits = shuffle_xor_bits(mask, bits, lane_mask, file, line);
+  T out;
+  std::memcpy(&out, &bits, sizeof(T));
+  return out;
+}
+
+// The current block's shared variable number `id` of `bytes`, and its dynamic shared memory.
+void* shared_variable(int id, size_t bytes);
+void* dynamic_shared();
+
+struct LaunchConfig {
+  dim3 grid, block;
+  size_t dynamic_shared_bytes = 0;
+  bool shared_opt_in = false;  // the host raised the kernel's dynamic shared memory limit
+};
+
+// Runs body() as every thread of every block of config; "" when all went well, else the error.
+std::string run(const LaunchConfig& config, const std::function<void()>& body);
+
+template <class Kernel, class... Args>
+std::string launch(const LaunchConfig& config, Kernel kernel, Args... args) {
+  return run(config, [&] { kernel(args...); });
+}
+
+// Memory a kernel can address, ending at a guard page; `name` appears in out-of-bounds reports.
+class DeviceBuffer {
+ public:
+  DeviceBuffer(const char* name, size_t bytes, const void* init = nullptr);
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class T>
+  T* as() const { return static_cast<T*>(data_); }
+  void copy_to(void* host) const;
+
+ private:
+  void* region_;
+  size_t bytes_;
+  void* data_;
+};
+
+}  // namespace opqn_emu
+
+#define threadIdx (::opqn_emu::thread_index())
+#define blockIdx (::opqn_emu::block_index())
+#define blockDim (::opqn_emu::block_dim())
+#define gridDim (::opqn_emu::grid_dim())
+#define __syncthreads() ::opqn_emu::sync_threads(__FILE__, __LINE__)
+#define __shfl_xor_sync(mask, value, lane_mask) \
+  ::opqn_emu::shuffle_xor(mask, value, lane_mask, __FILE__, __LINE__)
+#define OPQN_SHARED(type, name) \
+  type& name = *static_cast<type*>(::opqn_emu::shared_variable(__COUNTER__, sizeof(type)))
+#define OPQN_DYNAMIC_SHARED(type, name) type* const name = static_cast<type*>(::opqn_emu::dynamic_shared())
