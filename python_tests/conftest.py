@@ -49,27 +49,41 @@ def make_problem(B, M, d, K, *, dtype=torch.float64, device="cpu", seed=0, kind=
 
 @pytest.fixture(scope="session")
 def cuda_emulator(tmp_path_factory):
-    """The CUDA kernels compiled for the host with the tests' CUDA emulator (python_tests/cuda_emulation),
-    as a ctypes library; skips where there is no C++ compiler."""
+    """The CUDA kernels and the CUDA adc top-k host code compiled for the host with the tests' CUDA
+    emulator (python_tests/cuda_emulation), as a ctypes library; skips without a C++ compiler."""
     import ctypes
     import os
     import shutil
     import subprocess
 
-    from torch.utils.cpp_extension import include_paths
+    from torch.utils.cpp_extension import include_paths, library_paths
 
     compiler = shutil.which("c++") or shutil.which("g++")
     if compiler is None:
         pytest.skip("no C++ compiler")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     here = os.path.join(root, "python_tests", "cuda_emulation")
-    library = tmp_path_factory.mktemp("cuda_emulation") / "libopqn_cuda_emulation.so"
-    sources = [os.path.join(here, name) for name in ("cuda_emulator.cpp", "kernels_entry.cpp", "emulator_selftest.cpp")]
-    command = [compiler, "-std=c++20", "-O2", "-fPIC", "-shared", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
-               "-DOPQN_CUDA_EMULATION", "-I", os.path.join(root, "csrc"), "-I", here,
-               "-isystem", include_paths()[0], *sources, "-o", str(library)]
-    build = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert build.returncode == 0, build.stderr
+    out = tmp_path_factory.mktemp("cuda_emulation")
+    sources = [os.path.join(here, name) for name in
+               ("cuda_emulator.cpp", "kernels_entry.cpp", "emulator_selftest.cpp", "adc_topk_entry.cpp")]
+    sources.append(os.path.join(root, "csrc", "adc_common.cpp"))  # pad_lut and the checks
+    flags = ["-std=c++20", "-O2", "-fPIC", "-Wall", "-Wextra", "-Werror", "-Wno-unknown-pragmas",
+             f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DOPQN_CUDA_EMULATION",
+             "-I", os.path.join(root, "csrc"), "-I", here]
+    flags += [arg for path in include_paths() for arg in ("-isystem", path)]
+    objects = [out / (os.path.basename(source) + ".o") for source in sources]
+    builds = [subprocess.Popen([compiler, *flags, "-c", source, "-o", str(obj)], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for source, obj in zip(sources, objects)]
+    for build in builds:
+        output = build.communicate(timeout=600)[0]
+        assert build.returncode == 0, output
+    library = out / "libopqn_cuda_emulation.so"
+    torch_lib = library_paths()[0]
+    link = subprocess.run([compiler, "-shared", *map(str, objects), "-o", str(library), "-L", torch_lib,
+                           f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"], capture_output=True, text=True,
+                          timeout=120)
+    assert link.returncode == 0, link.stderr
     lib = ctypes.CDLL(str(library))
     lib.emu_last_error.restype = ctypes.c_char_p
+    lib.emu_topk_last_error.restype = ctypes.c_char_p
     return lib

@@ -1,7 +1,9 @@
 """opqn_ext's CUDA kernels run on the host by the tests' CUDA emulator (python_tests/cuda_emulation):
 the kernels' own source, launched with the grids, shared memory and variants the host code uses, one
-block at a time with every thread a fiber. Checked against opqn_ext.reference and numpy, on every
-machine, GPU or not; test_adc_cuda.py and the CUDA cases elsewhere check the real thing on a GPU."""
+block at a time with every thread a fiber; and the CUDA adc top-k's host code (adc_scan_topk.h:
+chunks, candidates, merge) over those emulated kernels. Checked against opqn_ext.reference, the CPU
+ops and numpy, on every machine, GPU or not; test_adc_cuda.py and the CUDA cases elsewhere check the
+real thing on a GPU."""
 import ctypes
 
 import numpy as np
@@ -282,3 +284,55 @@ def test_a_kernel_reading_past_its_codes_is_reported(cuda_emulator):
     short = device_codes[:150].contiguous()  # the kernel is told there are 200 codes
     with pytest.raises(RuntimeError, match="past the end of codes"):
         emulated_dense(cuda_emulator, LAYOUT_WORDS, 0, padded, short, pairs, 0, 200)
+
+
+def emulated_topk(lib, layout, lut, device_codes, pairs, N, k, chunk_elements):
+    nq, M, K = lut.shape
+    scores = torch.empty(nq, k)
+    indices = torch.empty(nq, k, dtype=torch.int64)
+    rc = lib.emu_adc_topk(layout, pointer(lut), i64(nq), i64(M), i64(K), pointer(device_codes), i64(pairs), i64(N),
+                          i64(k), i64(chunk_elements), pointer(scores), pointer(indices))
+    if rc != 0:
+        raise RuntimeError(lib.emu_topk_last_error().decode())
+    return scores, indices
+
+
+def topk_problem(nq, N, M, K, layout, seed, ties):
+    gen = torch.Generator().manual_seed(seed)
+    if ties:
+        lut = torch.randint(0, 3, (nq, M, K), generator=gen).float()
+    else:
+        lut = torch.randn(nq, M, K, generator=gen).softmax(-1)
+    codes = torch.randint(0, K, (N, M), generator=gen, dtype=torch.uint8)
+    if layout == LAYOUT_PACKED4:
+        packed = opqn_ext.pack_codes4(codes).data.contiguous()
+        return lut, codes, packed, packed.shape[1]
+    return lut, codes, codes, 0
+
+
+@pytest.mark.parametrize("layout,M,K", ADC_CASES)
+@pytest.mark.parametrize("k,chunk_elements", [
+    (10, 1 << 24),     # select path, one chunk
+    (100, 1),          # select path, a chunk per 4096-code block: merges
+    (1024, 1),
+    (1500, 1 << 24),   # dense path (k > 1024), one chunk
+    (1500, 1),         # dense path, chunks of k codes
+])
+@pytest.mark.parametrize("ties", [False, True])
+def test_adc_topk_pipeline_equals_the_cpu_scan(cuda_emulator, layout, M, K, k, chunk_elements, ties):
+    """The whole CUDA adc_topk / adc_topk4 host code (adc_scan_topk.h) with emulated kernels gives the
+    CPU's exact results, bit for bit: the same scores and the same indices, ties by smaller index."""
+    nq, N = 3, 3 * 4096 + 1234
+    lut, codes, device_codes, pairs = topk_problem(nq, N, M, K, layout, seed=k + M, ties=ties)
+    scores, indices = emulated_topk(cuda_emulator, layout, lut, device_codes, pairs, N, k, chunk_elements)
+    expected_scores, expected_indices = opqn_ext.adc_topk(lut, codes, k)
+    assert torch.equal(scores, expected_scores)
+    assert torch.equal(indices, expected_indices)
+
+
+def test_adc_topk_pipeline_with_k_equal_to_n_and_one_code(cuda_emulator):
+    for N, k in ((1, 1), (777, 777), (5000, 5000)):
+        lut, codes, device_codes, pairs = topk_problem(2, N, 8, 16, LAYOUT_WORDS, seed=N, ties=True)
+        scores, indices = emulated_topk(cuda_emulator, LAYOUT_WORDS, lut, device_codes, pairs, N, k, 1)
+        expected_scores, expected_indices = opqn_ext.adc_topk(lut, codes, k)
+        assert torch.equal(scores, expected_scores) and torch.equal(indices, expected_indices), (N, k)

@@ -1,12 +1,9 @@
-// Host side of the CUDA adc_topk, adc_topk4 and adc_scores (kernels: adc_scan_kernels.cuh): chunks
-// of the database, kernel variants by table size, and the merge of the chunks' top-k.
+// Host side of the CUDA adc_topk, adc_topk4 and adc_scores: the kernel launches (kernels:
+// adc_scan_kernels.cuh) with their variants by table size, for the chunked top-k of adc_scan_topk.h.
 #include <algorithm>
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/sort.h>
-#include <ATen/ops/topk.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -14,11 +11,10 @@
 
 #include "adc.h"
 #include "cuda/adc_scan_kernels.cuh"
+#include "cuda/adc_scan_topk.h"
 
 namespace opqn::cuda {
 namespace {
-
-constexpr int64_t kChunkElements = int64_t(1) << 24;  // keys or candidates of one chunk: 128 MiB
 
 // The kernel launch of one of the scan kernel templates: calls launch(kernel, dynamic shared
 // memory) with the variant whose table of `entries` floats lives in shared memory (up to 48 KiB) or
@@ -52,75 +48,33 @@ void launch_dense(const at::Tensor& luts, const Codes& codes, int64_t first, int
                  });
 }
 
-// The signed rank keys of the min(k, count) best codes of [first, first + count) per query,
-// best first: [nq, min(k, count)].
-template <class Codes>
-at::Tensor chunk_top_keys(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, int64_t k) {
-  const int64_t nq = luts.size(0);
-  const auto long_options = luts.options().dtype(at::kLong);
-  at::Tensor keys;
-  if (k <= kMaxSelectK) {
-    const int64_t blocks = ceil_div(count, kBlockCodes);
-    keys = at::empty({nq, blocks * k}, long_options);  // [nq, blocks, k] candidates
-    const dim3 grid = select_grid(count, nq);
+// The launcher of scan_topk (adc_scan_topk.h): the kernels on the current stream.
+struct CudaLauncher {
+  template <class Codes>
+  void select(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, int64_t k,
+              int64_t* candidates) const {
+    const dim3 grid = select_grid(count, luts.size(0));
     launch_variant(luts.size(1) * luts.size(2), sizeof(BlockSelect), adc_select_kernel<true, Codes>,
                    adc_select_kernel<false, Codes>, [&](auto kernel, size_t smem) {
                      kernel<<<grid, kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
                          luts.const_data_ptr<float>(), codes, luts.size(1), first, count,
-                         static_cast<uint32_t>(k), keys.mutable_data_ptr<int64_t>());
+                         static_cast<uint32_t>(k), candidates);
                      C10_CUDA_KERNEL_LAUNCH_CHECK();
                    });
-  } else {
-    keys = at::empty({nq, count}, long_options);
-    launch_dense(luts, codes, first, count, nullptr, keys.mutable_data_ptr<int64_t>());
   }
-  return std::get<0>(keys.topk(std::min(k, count), 1, true, true));
-}
 
-// The top-k of N codes for every query of lut [nq, M, K <= Codes::kLutStride] (validated): scores
-// [nq, k] descending, indices [nq, k], ties by smaller index.
-template <class Codes>
-std::tuple<at::Tensor, at::Tensor> scan_topk(const at::Tensor& lut, const Codes& codes, int64_t N, int64_t k) {
-  const int64_t nq = lut.size(0);
-  TORCH_CHECK(nq <= 65535, "adc_topk on CUDA takes up to 65535 queries per call, got ", nq,
-              " (split the queries into batches)");
-  if (nq == 0) {
-    return {at::empty({0, k}, lut.options()), at::empty({0, k}, lut.options().dtype(at::kLong))};
+  template <class Codes>
+  void dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
+             int64_t* keys) const {
+    launch_dense(luts, codes, first, count, scores, keys);
   }
-  const at::Tensor luts = pad_lut(lut.contiguous(), Codes::kLutStride);  // [nq, M, stride]
-  // Codes per chunk: the chunk's candidates (select path) or keys (dense path) stay within
-  // kChunkElements, or the size of the results where those are larger; the first chunk holds at
-  // least k codes.
-  const int64_t per_chunk = k <= kMaxSelectK ? kBlockCodes * std::max<int64_t>(1, kChunkElements / (nq * k))
-                                             : std::max(k, kChunkElements / nq);
-  const int64_t chunk = std::min({N, per_chunk, static_cast<int64_t>(kMaxPosition) + 1});
-  at::Tensor best_scores, best_indices;
-  for (int64_t first = 0; first < N; first += chunk) {
-    const int64_t count = std::min(chunk, N - first);
-    const at::Tensor top = chunk_top_keys(luts, codes, first, count, k);
-    at::Tensor chunk_scores = at::empty(top.sizes(), lut.options());
-    at::Tensor chunk_indices = at::empty(top.sizes(), top.options());
-    const int64_t n = top.numel();
+
+  void decode(const int64_t* top, int64_t n, int64_t first, float* scores, int64_t* indices) const {
     decode_keys_kernel<<<static_cast<unsigned>(ceil_div(n, kThreads)), kThreads, 0,
-                         c10::cuda::getCurrentCUDAStream()>>>(
-        top.const_data_ptr<int64_t>(), n, first, chunk_scores.mutable_data_ptr<float>(),
-        chunk_indices.mutable_data_ptr<int64_t>());
+                         c10::cuda::getCurrentCUDAStream()>>>(top, n, first, scores, indices);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!best_scores.defined()) {
-      best_scores = chunk_scores;
-      best_indices = chunk_indices;
-      continue;
-    }
-    // Running results precede this chunk's in the concatenation and have smaller indices, and
-    // each side is already in result order: a stable sort by score keeps ties by index.
-    const at::Tensor all_scores = at::cat({best_scores, chunk_scores}, 1);
-    const at::Tensor all_indices = at::cat({best_indices, chunk_indices}, 1);
-    const auto [sorted, order] = all_scores.sort(true, 1, true);
-    best_scores = sorted.narrow(1, 0, k).contiguous();
-    best_indices = all_indices.gather(1, order.narrow(1, 0, k));
   }
-  return {best_scores, best_indices};
-}
+};
 
 // f(RowCodes<kWords>{...}) for codes [N, M] (contiguous), with word reads where they are aligned.
 template <class F>
@@ -135,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cuda(const at::Tensor& lut, const at
   const auto [nq, M, K, N] = check_adc_args(lut, codes_in, k);
   const c10::cuda::CUDAGuard guard(lut.device());
   const at::Tensor codes = codes_in.contiguous();
-  return with_row_codes(codes, [&](const auto& rows) { return scan_topk(lut, rows, N, k); });
+  return with_row_codes(codes, [&](const auto& rows) { return scan_topk(CudaLauncher{}, lut, rows, N, k); });
 }
 
 std::tuple<at::Tensor, at::Tensor> adc_topk4_cuda(const at::Tensor& lut, const at::Tensor& packed_in,
@@ -143,7 +97,8 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cuda(const at::Tensor& lut, const a
   check_adc4_args(lut, packed_in, num_codes, k, rerank);
   const c10::cuda::CUDAGuard guard(lut.device());
   const at::Tensor packed = packed_in.contiguous();
-  return scan_topk(lut, PackedCodes4{packed.const_data_ptr<uint8_t>(), lut.size(1), packed.size(1)}, num_codes, k);
+  const PackedCodes4 codes{packed.const_data_ptr<uint8_t>(), lut.size(1), packed.size(1)};
+  return scan_topk(CudaLauncher{}, lut, codes, num_codes, k);
 }
 
 at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {

@@ -149,10 +149,12 @@ adc_select_kernel(const float* __restrict__ luts, Codes codes, int64_t M, int64_
       [&](uint32_t slot, uint64_t key) { out[slot] = signed_key(key); });
 }
 
-// top: [n] signed rank keys of codes from `first` on -> scores [n], indices [n]
+// top: [n] signed rank keys of codes from `first` on -> scores [n], indices [n] (a template, as
+// every kernel here, so that several translation units can include this header)
+template <typename index_t>
 __global__ void __launch_bounds__(kThreads)
 decode_keys_kernel(const int64_t* __restrict__ top, int64_t n, int64_t first, float* __restrict__ scores,
-                   int64_t* __restrict__ indices) {
+                   index_t* __restrict__ indices) {
   const int64_t i = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (i >= n) return;
   const uint64_t key = unsigned_key(top[i]);

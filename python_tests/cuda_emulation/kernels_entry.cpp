@@ -12,6 +12,7 @@
 #include "cuda/adc_scan_kernels.cuh"
 #include "cuda/encode_kernels.cuh"
 #include "cuda/soft_quantize_kernels.cuh"
+#include "adc_launch.h"
 
 namespace {
 
@@ -64,15 +65,6 @@ std::string with_codes(int layout, const uint8_t* codes, int64_t M, int64_t pair
     case 2: return f(opqn::cuda::PackedCodes4{codes, M, pairs});
     default: return "unknown code layout " + std::to_string(layout);
   }
-}
-
-// The launch of an adc kernel for a table of `entries` floats: the table in shared memory as the
-// host decides (placement 0), or forced there (1) or to global memory (2).
-template <class F>
-std::string with_lut_variant(int placement, int64_t entries, size_t static_smem, const F& f) {
-  const bool shared = placement == 0 ? opqn::cuda::lut_in_shared(entries) : placement == 1;
-  const size_t smem = shared ? static_cast<size_t>(entries) * sizeof(float) : 0;
-  return f(shared, smem, smem + static_smem > 48 * 1024);
 }
 
 }  // namespace
@@ -170,13 +162,11 @@ int emu_adc_dense(int layout, int placement, const float* luts, int64_t nq, int6
   const std::string error = with_codes(layout, codes_d->as<uint8_t>(), M, pairs, [&](auto rows) {
     using Codes = decltype(rows);
     if (Codes::kLutStride != stride) return std::string("table stride does not match the code layout");
-    return with_lut_variant(placement, M * stride, 0, [&](bool shared, size_t smem, bool opt_in) {
-      const LaunchConfig config{opqn::cuda::dense_grid(count, nq), dim3(opqn::cuda::kThreads), smem, opt_in};
-      const auto kernel =
-          shared ? opqn::cuda::adc_dense_kernel<true, Codes> : opqn::cuda::adc_dense_kernel<false, Codes>;
-      return opqn_emu::launch(config, kernel, lut_d->as<const float>(), rows, M, first, count,
-                              device_ptr<float>(scores_d), device_ptr<int64_t>(keys_d));
-    });
+    const auto launch = opqn_emu::adc_launch(opqn::cuda::dense_grid(count, nq), M * stride, 0, placement);
+    const auto kernel =
+        launch.shared_lut ? opqn::cuda::adc_dense_kernel<true, Codes> : opqn::cuda::adc_dense_kernel<false, Codes>;
+    return opqn_emu::launch(launch.config, kernel, lut_d->as<const float>(), rows, M, first, count,
+                            device_ptr<float>(scores_d), device_ptr<int64_t>(keys_d));
   });
   download(scores_d, scores);
   download(keys_d, keys);
@@ -194,14 +184,11 @@ int emu_adc_select(int layout, int placement, const float* luts, int64_t nq, int
   const std::string error = with_codes(layout, codes_d->as<uint8_t>(), M, pairs, [&](auto rows) {
     using Codes = decltype(rows);
     if (Codes::kLutStride != stride) return std::string("table stride does not match the code layout");
-    return with_lut_variant(placement, M * stride, sizeof(opqn::cuda::BlockSelect),
-                            [&](bool shared, size_t smem, bool opt_in) {
-                              const LaunchConfig config{grid, dim3(opqn::cuda::kThreads), smem, opt_in};
-                              const auto kernel = shared ? opqn::cuda::adc_select_kernel<true, Codes>
-                                                         : opqn::cuda::adc_select_kernel<false, Codes>;
-                              return opqn_emu::launch(config, kernel, lut_d->as<const float>(), rows, M, first, count,
-                                                      static_cast<uint32_t>(k), out_d->as<int64_t>());
-                            });
+    const auto launch = opqn_emu::adc_launch(grid, M * stride, sizeof(opqn::cuda::BlockSelect), placement);
+    const auto kernel = launch.shared_lut ? opqn::cuda::adc_select_kernel<true, Codes>
+                                          : opqn::cuda::adc_select_kernel<false, Codes>;
+    return opqn_emu::launch(launch.config, kernel, lut_d->as<const float>(), rows, M, first, count,
+                            static_cast<uint32_t>(k), out_d->as<int64_t>());
   });
   out_d->copy_to(candidates);
   return report(error);
@@ -214,8 +201,9 @@ int emu_decode_keys(const int64_t* top, int64_t n, int64_t first, float* scores,
   auto indices_d = std::make_unique<DeviceBuffer>("indices", n * sizeof(int64_t));
   const LaunchConfig config{dim3(static_cast<unsigned>(opqn::cuda::ceil_div(n, opqn::cuda::kThreads))),
                             dim3(opqn::cuda::kThreads)};
-  const std::string error = opqn_emu::launch(config, opqn::cuda::decode_keys_kernel, top_d->as<const int64_t>(), n,
-                                             first, scores_d->as<float>(), indices_d->as<int64_t>());
+  const auto kernel = opqn::cuda::decode_keys_kernel<int64_t>;
+  const std::string error = opqn_emu::launch(config, kernel, top_d->as<const int64_t>(), n, first,
+                                             scores_d->as<float>(), indices_d->as<int64_t>());
   scores_d->copy_to(scores);
   indices_d->copy_to(indices);
   return report(error);
