@@ -1,5 +1,6 @@
 """The tests' CUDA emulator (python_tests/cuda_emulation) reports each kind of kernel mistake it
-claims to check (emulator_selftest.cpp plants one per case), and runs a correct warp reduction."""
+claims to check (emulator_selftest.cpp plants one per case), exposes a data race through its thread
+orders, and runs a correct warp reduction."""
 import ctypes
 import re
 
@@ -37,3 +38,16 @@ def test_warp_shuffles_sum_each_warp(cuda_emulator):
     error, out = run_case(cuda_emulator, 7)
     assert error == ""
     np.testing.assert_array_equal(out, np.repeat([sum(range(32)), sum(range(32, 64))], 32))
+
+
+def test_a_race_shows_as_results_that_depend_on_the_thread_order(cuda_emulator):
+    results = []
+    for schedule in (0, 1, 2):
+        cuda_emulator.emu_set_schedule(schedule)
+        error, out = run_case(cuda_emulator, 8)
+        assert error == ""
+        results.append(out)
+    cuda_emulator.emu_set_schedule(0)
+    assert np.isnan(results[0][:63]).all()  # ascending: each neighbour runs after the read
+    np.testing.assert_array_equal(results[1][:63], np.arange(1, 64))  # descending: before it
+    assert not np.array_equal(np.isnan(results[2]), np.isnan(results[0]))

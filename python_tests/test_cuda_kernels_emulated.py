@@ -19,6 +19,15 @@ BLOCK_CODES = 4096  # codes per select block (kBlockCodes)
 i64 = ctypes.c_int64
 
 
+@pytest.fixture(autouse=True, params=["ascending", "descending", "shuffled"])
+def thread_order(request, cuda_emulator):
+    """Every test under each order of the threads between synchronization points: a kernel with a
+    data race between them gives order-dependent results (cuda_emulator.h)."""
+    cuda_emulator.emu_set_schedule(request.param_index)
+    yield request.param
+    cuda_emulator.emu_set_schedule(0)
+
+
 def pointer(t):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 

@@ -1,13 +1,17 @@
 // The CUDA emulator's scheduler (cuda_emulator.h): ucontext fibers, one per thread of the block being
-// run, switched only where a thread waits (a barrier or a warp collective) or ends; guard pages and
-// a SIGSEGV handler turn out-of-bounds accesses into launch errors.
+// run, switched only where a thread waits (a barrier or a warp collective) or ends, taken in the
+// order of the schedule; guard pages and a SIGSEGV handler turn out-of-bounds accesses into launch
+// errors.
 #include "cuda_emulator.h"
 
+#include <algorithm>
 #include <csetjmp>
 #include <csignal>
 #include <cstdio>
 #include <map>
 #include <memory>
+#include <numeric>
+#include <random>
 #include <vector>
 
 #include <sys/mman.h>
@@ -116,6 +120,7 @@ struct Emulator {
   GuardedRegion* dynamic = nullptr;
   size_t static_shared_bytes = 0;
   std::string error;
+  Schedule schedule = Schedule::kAscending;
   sigjmp_buf fault_return;
   bool running = false;
 };
@@ -239,9 +244,14 @@ bool run_block() {
     f.context.uc_link = &e.scheduler;
     makecontext(&f.context, fiber_main, 0);
   }
+  std::vector<int> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  if (e.schedule == Schedule::kDescending) std::reverse(order.begin(), order.end());
+  std::mt19937 rng(e.block.x + 65536u * (e.block.y + 65536u * e.block.z));
   while (e.done < n) {
     const uint64_t before = e.progress;
-    for (int i = 0; i < n; ++i) {
+    if (e.schedule == Schedule::kShuffled) std::shuffle(order.begin(), order.end(), rng);
+    for (const int i : order) {
       Fiber& f = e.fibers[static_cast<size_t>(i)];
       if (f.done) continue;
       e.current = &f;
@@ -266,6 +276,8 @@ bool run_block() {
 }
 
 }  // namespace
+
+void set_schedule(Schedule schedule) { emu().schedule = schedule; }
 
 const dim3& thread_index() { return emu().current->index; }
 const dim3& block_index() { return emu().block; }

@@ -11,8 +11,10 @@
 //   an access past their end is reported as an error of the launch, naming the buffer;
 // - shared memory starts filled with 0xFF bytes (NaN as floats), so reading it before writing it
 //   shows up in the results.
-// What it does not model: concurrency within a warp or block (threads run one after another between
-// synchronization points, so a data race cannot be seen), the memory model, FMA contraction.
+// - threads run one after another between synchronization points, in ascending, descending or
+//   shuffled order (set_schedule): a kernel whose results change with the order has a data race.
+// What it does not model: true concurrency (a race that no order exposes stays hidden), the memory
+// model, FMA contraction.
 #pragma once
 
 #include <cmath>
@@ -34,6 +36,10 @@ struct dim3 {
 };
 
 namespace opqn_emu {
+
+// The order in which the threads of a block run up to their next synchronization point.
+enum class Schedule { kAscending = 0, kDescending = 1, kShuffled = 2 };
+void set_schedule(Schedule schedule);
 
 const dim3& thread_index();
 const dim3& block_index();

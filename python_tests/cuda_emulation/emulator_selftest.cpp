@@ -43,6 +43,12 @@ __global__ void uninitialized_shared_kernel(float* out) {
   out[threadIdx.x] = buffer[(threadIdx.x + 1) % kThreads];
 }
 
+__global__ void racy_kernel(float* out) {
+  OPQN_DYNAMIC_SHARED(float, buffer);
+  buffer[threadIdx.x] = static_cast<float>(threadIdx.x);  // no __syncthreads before the neighbour's read
+  out[threadIdx.x] = buffer[(threadIdx.x + 1) % kThreads];
+}
+
 __global__ void warp_sum_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -82,6 +88,11 @@ int emu_selftest(int which, char* message, int capacity, float* out) {
       break;
     }
     case 7: error = opqn_emu::launch(config, warp_sum_kernel, buffer.as<float>()); break;
+    case 8: {
+      const LaunchConfig shared{dim3(1), dim3(kThreads), kThreads * sizeof(float)};
+      error = opqn_emu::launch(shared, racy_kernel, buffer.as<float>());
+      break;
+    }
     default: error = "unknown case";
   }
   buffer.copy_to(out);

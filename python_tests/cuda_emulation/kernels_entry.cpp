@@ -73,6 +73,9 @@ extern "C" {
 
 const char* emu_last_error() { return last_error.c_str(); }
 
+// 0 ascending, 1 descending, 2 shuffled (opqn_emu::Schedule)
+void emu_set_schedule(int schedule) { opqn_emu::set_schedule(static_cast<opqn_emu::Schedule>(schedule)); }
+
 // x: [B, M, d]; A, C: [M, d, K] -> probs [B, M, K], quantized [B, M, d], entropy [B, M] (x's dtype)
 int emu_soft_quantize_forward(int dtype, const void* x, const void* A, const void* C, void* probs, void* quantized,
                               void* entropy, int64_t B, int64_t M, int64_t d, int64_t K, double scale,
