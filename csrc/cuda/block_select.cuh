@@ -11,12 +11,24 @@
 
 #include <cstdint>
 
+#if defined(OPQN_CUDA_EMULATION)
+#include "cuda_emulator.h"
+#endif
+
 #if defined(__CUDACC__)
 #define OPQN_HOST_DEVICE __host__ __device__
 #define OPQN_UNROLL _Pragma("unroll")
 #else
 #define OPQN_HOST_DEVICE
 #define OPQN_UNROLL
+#endif
+
+// The device path of the atomics and warp collectives below: on the GPU, and in the tests' CUDA
+// emulator (cuda_utils.cuh); the host emulation of block_select_host.cpp takes the plain path.
+#if defined(__CUDA_ARCH__) || defined(OPQN_CUDA_EMULATION)
+#define OPQN_BLOCK_SELECT_DEVICE 1
+#else
+#define OPQN_BLOCK_SELECT_DEVICE 0
 #endif
 
 namespace opqn::cuda {
@@ -55,30 +67,31 @@ OPQN_HOST_DEVICE inline int64_t signed_key(uint64_t key) { return static_cast<in
 OPQN_HOST_DEVICE inline uint64_t unsigned_key(int64_t key) { return static_cast<uint64_t>(key) ^ kSignBit; }
 
 OPQN_HOST_DEVICE inline uint32_t atomic_increment(uint32_t* counter) {
-#if defined(__CUDA_ARCH__)
+#if OPQN_BLOCK_SELECT_DEVICE
   return atomicAdd(counter, 1u);
 #else
   return (*counter)++;
 #endif
 }
 
-// Adds 1 to hist[bin]. On the device the lanes of a warp that reach this together and share a bin
-// add at once (one shared-memory atomic per distinct bin, not 32 serialized ones: a block's keys
-// mostly share their top digits).
-OPQN_HOST_DEVICE inline void count_in_bin(uint32_t* hist, uint32_t bin) {
-#if defined(__CUDA_ARCH__)
-  const unsigned peers = __match_any_sync(__activemask(), bin);
-  if (static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) {
-    atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
-  }
-#else
-  ++hist[bin];
-#endif
-}
-
 constexpr int kSelectBins = 256;
 constexpr int kSelectLanes = 32;  // threads that scan the histogram
 constexpr int kBinsPerLane = kSelectBins / kSelectLanes;
+constexpr uint32_t kNoBin = kSelectBins;  // a key that the current pass does not count
+
+// Adds 1 to hist[bin] unless bin is kNoBin. On the device every lane of the warp calls this
+// together, and the lanes that share a bin add at once (one shared-memory atomic per distinct bin,
+// not 32 serialized ones: a block's keys mostly share their top digits).
+OPQN_HOST_DEVICE inline void count_in_bin(uint32_t* hist, uint32_t bin) {
+#if OPQN_BLOCK_SELECT_DEVICE
+  const unsigned peers = __match_any_sync(0xffffffffu, bin);
+  if (bin != kNoBin && static_cast<int>(threadIdx.x % 32) == __ffs(peers) - 1) {
+    atomicAdd(&hist[bin], static_cast<uint32_t>(__popc(peers)));
+  }
+#else
+  if (bin != kNoBin) ++hist[bin];
+#endif
+}
 
 // One pass's position in the select: the digits fixed so far, and the wanted rank among the keys
 // that have them.
@@ -107,7 +120,7 @@ OPQN_HOST_DEVICE inline uint64_t fixed_digits_mask(int shift) {
 // 0..k-1: the selected keys in any order, then kNoKey for the slots left when n_valid < k.
 // keys(tid, j) is key j < kItems of thread tid (kNoKey where it holds none); the block has
 // n_valid keys in all. Block: each(f) runs f(tid) on every thread, sync() is a block barrier,
-// threads() is the block size (>= kSelectLanes).
+// threads() is the block size (a multiple of 32: whole warps).
 template <int kItems, class Block, class Keys, class Emit>
 OPQN_HOST_DEVICE void block_select_largest(const Block& block, BlockSelect& st, const Keys& keys,
                                            uint32_t n_valid, uint32_t k, const Emit& emit) {
@@ -128,9 +141,8 @@ OPQN_HOST_DEVICE void block_select_largest(const Block& block, BlockSelect& st, 
 OPQN_UNROLL
       for (int j = 0; j < kItems; ++j) {
         const uint64_t key = keys(tid, j);
-        if (key != kNoKey && ((key ^ s.prefix) & mask) == 0) {
-          count_in_bin(st.hist, static_cast<uint32_t>((key >> s.shift) & 0xFF));
-        }
+        const bool counted = key != kNoKey && ((key ^ s.prefix) & mask) == 0;
+        count_in_bin(st.hist, counted ? static_cast<uint32_t>((key >> s.shift) & 0xFF) : kNoBin);
       }
     });
     block.sync();

@@ -25,6 +25,7 @@ constexpr size_t kStackBytes = 256 * 1024;
 constexpr size_t kSharedLimit = 48 * 1024;          // without the opt-in
 constexpr size_t kSharedOptInLimit = 227 * 1024;    // sm_90's largest block shared memory
 constexpr int kWarpSize = 32;
+constexpr uint64_t kMaxSweeps = 100000;  // rounds of a block's scheduler before it counts as endless
 
 size_t page_bytes() { return static_cast<size_t>(sysconf(_SC_PAGESIZE)); }
 size_t round_up(size_t n, size_t to) { return (n + to - 1) / to * to; }
@@ -248,7 +249,13 @@ bool run_block() {
   std::iota(order.begin(), order.end(), 0);
   if (e.schedule == Schedule::kDescending) std::reverse(order.begin(), order.end());
   std::mt19937 rng(e.block.x + 65536u * (e.block.y + 65536u * e.block.z));
-  while (e.done < n) {
+  for (uint64_t sweep = 0; e.done < n; ++sweep) {
+    if (sweep == kMaxSweeps) {
+      e.error = "block (" + std::to_string(e.block.x) + "," + std::to_string(e.block.y) + "," +
+                std::to_string(e.block.z) + ") has not ended after " + std::to_string(kMaxSweeps) +
+                " rounds of synchronization: an endless loop?";
+      return false;
+    }
     const uint64_t before = e.progress;
     if (e.schedule == Schedule::kShuffled) std::shuffle(order.begin(), order.end(), rng);
     for (const int i : order) {
@@ -305,38 +312,47 @@ void sync_threads(const char* file, int line) {
   while (b.generation == generation) yield();
 }
 
-uint64_t shuffle_xor_bits(unsigned mask, uint64_t bits, int lane_mask, const char* file, int line) {
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_mask, const char* name,
+                         const char* file, int line) {
   Emulator& e = emu();
   const int lane = e.current->linear % kWarpSize;
   WarpState& w = e.warps[static_cast<size_t>(e.current->linear / kWarpSize)];
-  if (!(mask >> lane & 1u)) fail("calls __shfl_xor_sync (" + where(file, line) + ") with a mask without its lane");
+  const std::string call = std::string(name) + " (" + where(file, line) + ")";
+  if (!(mask >> lane & 1u)) fail("calls " + call + " with a mask without its lane");
   const int base = e.current->linear - lane;
   const int n = static_cast<int>(e.config.block.x * e.config.block.y * e.config.block.z);
   for (int l = 0; l < kWarpSize; ++l) {
-    if (!(mask >> l & 1u)) continue;
-    if (base + l >= n || e.fibers[static_cast<size_t>(base + l)].done) {
-      fail("__shfl_xor_sync (" + where(file, line) + ") names lane " + std::to_string(l) +
-           ", which does not exist or has exited");
+    if ((mask >> l & 1u) && (base + l >= n || e.fibers[static_cast<size_t>(base + l)].done)) {
+      fail(call + " names lane " + std::to_string(l) + ", which does not exist or has exited");
     }
   }
   const int source = lane ^ lane_mask;
-  if (source >= kWarpSize || !(mask >> source & 1u)) {
-    fail("__shfl_xor_sync (" + where(file, line) + ") reads lane " + std::to_string(source) + ", outside the mask");
+  if (op == WarpOp::kShuffleXor && (source >= kWarpSize || !(mask >> source & 1u))) {
+    fail(call + " reads lane " + std::to_string(source) + ", outside the mask");
   }
   if (w.arrived == 0) {
     w.mask = mask;
     w.file = file;
     w.line = line;
   } else if (w.mask != mask || w.line != line || std::strcmp(w.file, file) != 0) {
-    fail("__shfl_xor_sync at " + where(file, line) + " meets its warp at " + where(w.file, w.line));
+    fail(call + " meets its warp at " + where(w.file, w.line) + " with mask " + std::to_string(w.mask));
   }
-  w.values[lane] = bits;
+  w.values[lane] = value;
   w.sources[lane] = source;
   w.arrived |= 1u << lane;
   ++e.progress;
   if (w.arrived == mask) {
     for (int l = 0; l < kWarpSize; ++l) {
-      if (mask >> l & 1u) w.results[l] = w.values[w.sources[l]];
+      if (!(mask >> l & 1u)) continue;
+      if (op == WarpOp::kShuffleXor) {
+        w.results[l] = w.values[w.sources[l]];
+      } else {
+        unsigned peers = 0;
+        for (int o = 0; o < kWarpSize; ++o) {
+          if ((mask >> o & 1u) && w.values[o] == w.values[l]) peers |= 1u << o;
+        }
+        w.results[l] = peers;
+      }
     }
     w.arrived = 0;
     ++w.generation;

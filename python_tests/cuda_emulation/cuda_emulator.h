@@ -5,7 +5,8 @@
 // What it checks, beyond the results the tests compare:
 // - every thread of a block reaches the same __syncthreads, and none has exited while others wait;
 // - the lanes named in a warp collective's mask all reach the same collective;
-// - a deadlock (threads waiting that can never be released) is reported, not hung on;
+// - a deadlock (threads waiting that can never be released) is reported, not hung on, and so is a
+//   block that keeps synchronizing without end;
 // - shared memory fits the launch's limit (48 KiB, or the opt-in maximum when the host raises it);
 // - global buffers (DeviceBuffer) and shared memory end at a guard page, fiber stacks start at one:
 //   an access past their end is reported as an error of the launch, naming the buffer;
@@ -48,18 +49,36 @@ const dim3& grid_dim();
 
 void sync_threads(const char* file, int line);
 
-// __shfl_xor_sync on the value's bits: every lane of `mask` gets the bits of lane (lane ^ lane_mask).
-uint64_t shuffle_xor_bits(unsigned mask, uint64_t bits, int lane_mask, const char* file, int line);
+// A warp collective `name` over the lanes of `mask`, each passing `value`: kShuffleXor gives every
+// lane the value of lane (lane ^ lane_mask), kMatchAny the mask of the lanes whose value equals its own.
+enum class WarpOp { kShuffleXor, kMatchAny };
+uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int lane_mask, const char* name,
+                         const char* file, int line);
 
 template <class T>
 T shuffle_xor(unsigned mask, T value, int lane_mask, const char* file, int line) {
   static_assert(sizeof(T) <= sizeof(uint64_t));
   uint64_t bits = 0;
   std::memcpy(&bits, &value, sizeof(T));
-  bits = shuffle_xor_bits(mask, bits, lane_mask, file, line);
+  bits = warp_collective(WarpOp::kShuffleXor, mask, bits, lane_mask, "__shfl_xor_sync", file, line);
   T out;
   std::memcpy(&out, &bits, sizeof(T));
   return out;
+}
+
+template <class T>
+unsigned match_any(unsigned mask, T value, const char* file, int line) {
+  static_assert(sizeof(T) <= sizeof(uint64_t));
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  return static_cast<unsigned>(warp_collective(WarpOp::kMatchAny, mask, bits, 0, "__match_any_sync", file, line));
+}
+
+// Threads run one at a time between synchronization points: a read-modify-write is atomic.
+inline unsigned atomic_add(unsigned* address, unsigned value) {
+  const unsigned old = *address;
+  *address = old + value;
+  return old;
 }
 
 // The current block's shared variable number `id` of `bytes`, and its dynamic shared memory.
@@ -106,6 +125,10 @@ class DeviceBuffer {
 #define __syncthreads() ::opqn_emu::sync_threads(__FILE__, __LINE__)
 #define __shfl_xor_sync(mask, value, lane_mask) \
   ::opqn_emu::shuffle_xor(mask, value, lane_mask, __FILE__, __LINE__)
+#define __match_any_sync(mask, value) ::opqn_emu::match_any(mask, value, __FILE__, __LINE__)
+#define atomicAdd(address, value) ::opqn_emu::atomic_add(address, value)
+#define __ffs(x) __builtin_ffs(x)
+#define __popc(x) __builtin_popcount(x)
 #define OPQN_SHARED(type, name) \
   type& name = *static_cast<type*>(::opqn_emu::shared_variable(__COUNTER__, sizeof(type)))
 #define OPQN_DYNAMIC_SHARED(type, name) type* const name = static_cast<type*>(::opqn_emu::dynamic_shared())
