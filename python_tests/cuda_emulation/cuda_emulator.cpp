@@ -9,7 +9,6 @@
 #include <csignal>
 #include <cstdio>
 #include <map>
-#include <memory>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -133,10 +132,12 @@ Emulator& emu() {
 
 std::string where(const char* file, int line) { return std::string(file) + ":" + std::to_string(line); }
 
+std::string index_name(const dim3& i) {
+  return "(" + std::to_string(i.x) + "," + std::to_string(i.y) + "," + std::to_string(i.z) + ")";
+}
+
 std::string thread_name(const Fiber& f, const dim3& block) {
-  return "thread (" + std::to_string(f.index.x) + "," + std::to_string(f.index.y) + "," +
-         std::to_string(f.index.z) + ") of block (" + std::to_string(block.x) + "," +
-         std::to_string(block.y) + "," + std::to_string(block.z) + ")";
+  return "thread " + index_name(f.index) + " of block " + index_name(block);
 }
 
 // Back to the scheduler; returns when this fiber is next run.
@@ -251,8 +252,7 @@ bool run_block() {
   std::mt19937 rng(e.block.x + 65536u * (e.block.y + 65536u * e.block.z));
   for (uint64_t sweep = 0; e.done < n; ++sweep) {
     if (sweep == kMaxSweeps) {
-      e.error = "block (" + std::to_string(e.block.x) + "," + std::to_string(e.block.y) + "," +
-                std::to_string(e.block.z) + ") has not ended after " + std::to_string(kMaxSweeps) +
+      e.error = "block " + index_name(e.block) + " has not ended after " + std::to_string(kMaxSweeps) +
                 " rounds of synchronization: an endless loop?";
       return false;
     }
@@ -267,8 +267,7 @@ bool run_block() {
       if (!e.error.empty()) return false;
     }
     if (e.progress == before && e.done < n) {
-      e.error = "deadlock in block (" + std::to_string(e.block.x) + "," + std::to_string(e.block.y) + "," +
-                std::to_string(e.block.z) + "): " + describe_waits();
+      e.error = "deadlock in block " + index_name(e.block) + ": " + describe_waits();
       return false;
     }
   }
@@ -400,10 +399,10 @@ std::string run(const LaunchConfig& config, const std::function<void()>& body) {
   e.error.clear();
   e.progress = 0;
   static std::vector<char> signal_stack(64 * 1024);
-  stack_t alternate{};
+  stack_t alternate{}, previous_stack{};
   alternate.ss_sp = signal_stack.data();
   alternate.ss_size = signal_stack.size();
-  sigaltstack(&alternate, nullptr);
+  sigaltstack(&alternate, &previous_stack);
   struct sigaction action{}, previous{};
   action.sa_sigaction = on_fault;
   action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
@@ -425,6 +424,7 @@ std::string run(const LaunchConfig& config, const std::function<void()>& body) {
   e.running = false;
   e.current = nullptr;
   sigaction(SIGSEGV, &previous, nullptr);
+  sigaltstack(&previous_stack, nullptr);
   return e.error;
 }
 
