@@ -345,3 +345,38 @@ def test_adc_topk_pipeline_with_k_equal_to_n_and_one_code(cuda_emulator):
         scores, indices = emulated_topk(cuda_emulator, LAYOUT_WORDS, lut, device_codes, pairs, N, k, 1)
         expected_scores, expected_indices = opqn_ext.adc_topk(lut, codes, k)
         assert torch.equal(scores, expected_scores) and torch.equal(indices, expected_indices), (N, k)
+
+
+@pytest.mark.parametrize("layout,M", [(LAYOUT_BYTES, 3), (LAYOUT_WORDS, 8), (LAYOUT_PACKED4, 5)])
+@pytest.mark.parametrize("placement", list(PLACEMENTS))
+def test_every_code_value_stays_inside_the_padded_table(cuda_emulator, layout, M, placement):
+    """K = 3 words, codes of every value the layout can hold: each reads inside the table padded to
+    256 (or 16) entries per book, the padding adds 0. The table ends at a guard page in global and in
+    shared memory, so a read past it would be reported."""
+    nq, N, K = 2, 700, 3
+    gen = torch.Generator().manual_seed(M)
+    lut = torch.randint(1, 9, (nq, M, K), generator=gen).float()
+    stride = 16 if layout == LAYOUT_PACKED4 else 256
+    codes = torch.randint(0, stride, (N, M), generator=gen, dtype=torch.uint8)
+    codes[0] = stride - 1
+    padded = torch.zeros(nq, M, stride)
+    padded[:, :, :K] = lut
+    device_codes, pairs = codes, 0
+    if layout == LAYOUT_PACKED4:
+        packed = opqn_ext.pack_codes4(codes).data.contiguous()
+        device_codes, pairs = packed, packed.shape[1]
+    scores, _ = emulated_dense(cuda_emulator, layout, PLACEMENTS[placement], padded, device_codes, pairs, 0, N)
+    expected = padded.gather(2, codes.long().T.unsqueeze(0).expand(nq, M, N)).sum(1).numpy()
+    np.testing.assert_array_equal(scores, expected)
+
+
+def test_a_nan_sub_vector_spoils_only_its_own_outputs(cuda_emulator):
+    x, A, C = inputs(9, 3, 16, 8, torch.float32, seed=12)
+    x[4, 1, 5] = float("nan")
+    probs, quantized, entropy = emulated_forward(cuda_emulator, x, A, C, 2.0, True)
+    assert probs[4, 1].isnan().all() and quantized[4, 1].isnan().all() and entropy[4, 1].isnan()
+    clean = torch.ones(9, 3, dtype=torch.bool)
+    clean[4, 1] = False
+    expected = reference.soft_quantize(x.double(), A.double(), C.double(), scale=2.0, normalize=True)
+    for got, want in zip((probs, quantized, entropy), expected):
+        torch.testing.assert_close(got[clean].double(), want[clean], rtol=2e-5, atol=2e-5)
