@@ -71,9 +71,14 @@ def cuda_emulator(tmp_path_factory):
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DOPQN_CUDA_EMULATION",
              "-I", os.path.join(root, "csrc"), "-I", here]
     flags += [arg for path in include_paths() for arg in ("-isystem", path)]
+    # in the files that instantiate kernels, undefined behaviour traps (SIGILL): a launch error
+    trap_ub = ["-fsanitize=undefined", "-fsanitize-undefined-trap-on-error", "-fno-sanitize=vptr"]
+    with_kernels = ("kernels_entry.cpp", "emulator_selftest.cpp", "adc_topk_entry.cpp")
     objects = [out / (os.path.basename(source) + ".o") for source in sources]
-    builds = [subprocess.Popen([compiler, *flags, "-c", source, "-o", str(obj)], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True) for source, obj in zip(sources, objects)]
+    builds = [subprocess.Popen([compiler, *flags, *(trap_ub if os.path.basename(source) in with_kernels else []),
+                                "-c", source, "-o", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+              for source, obj in zip(sources, objects)]
     for build in builds:
         output = build.communicate(timeout=600)[0]
         assert build.returncode == 0, output

@@ -1,12 +1,14 @@
 // The CUDA emulator's scheduler (cuda_emulator.h): ucontext fibers, one per thread of the block being
 // run, switched only where a thread waits (a barrier or a warp collective) or ends, taken in the
 // order of the schedule; guard pages and a SIGSEGV handler turn out-of-bounds accesses into launch
-// errors.
+// errors, and a SIGILL handler the traps of undefined behaviour (the tests build the kernels with
+// -fsanitize=undefined -fsanitize-undefined-trap-on-error).
 #include "cuda_emulator.h"
 
 #include <algorithm>
 #include <csetjmp>
 #include <csignal>
+#include <iterator>
 #include <cstdio>
 #include <map>
 #include <numeric>
@@ -208,17 +210,26 @@ std::string region_at(const void* address) {
   return "outside every emulated buffer";
 }
 
-void on_fault(int, siginfo_t* info, void*) {
+constexpr int kFaultSignals[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE};
+
+void on_fault(int signal_number, siginfo_t* info, void*) {
   Emulator& e = emu();
   if (!e.running) {
-    signal(SIGSEGV, SIG_DFL);
+    signal(signal_number, SIG_DFL);
     return;
   }
   if (e.error.empty()) {
     char address[32];
     std::snprintf(address, sizeof address, "%p", info->si_addr);
-    e.error = (e.current != nullptr ? thread_name(*e.current, e.block) + ": " : std::string()) +
-              "invalid memory access at " + address + ", " + region_at(info->si_addr);
+    std::string what;
+    if (signal_number == SIGILL) {
+      what = std::string("undefined behaviour trapped (or an illegal instruction) at ") + address;
+    } else if (signal_number == SIGFPE) {
+      what = std::string("arithmetic fault (integer division by zero?) at ") + address;
+    } else {
+      what = std::string("invalid memory access at ") + address + ", " + region_at(info->si_addr);
+    }
+    e.error = (e.current != nullptr ? thread_name(*e.current, e.block) + ": " : std::string()) + what;
   }
   siglongjmp(e.fault_return, 1);
 }
@@ -403,10 +414,10 @@ std::string run(const LaunchConfig& config, const std::function<void()>& body) {
   alternate.ss_sp = signal_stack.data();
   alternate.ss_size = signal_stack.size();
   sigaltstack(&alternate, &previous_stack);
-  struct sigaction action{}, previous{};
+  struct sigaction action{}, previous[std::size(kFaultSignals)]{};
   action.sa_sigaction = on_fault;
   action.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
-  sigaction(SIGSEGV, &action, &previous);
+  for (size_t i = 0; i < std::size(kFaultSignals); ++i) sigaction(kFaultSignals[i], &action, &previous[i]);
   e.running = true;
   if (sigsetjmp(e.fault_return, 1) == 0) {
     for (unsigned z = 0; z < config.grid.z && e.error.empty(); ++z) {
@@ -423,7 +434,7 @@ std::string run(const LaunchConfig& config, const std::function<void()>& body) {
   }
   e.running = false;
   e.current = nullptr;
-  sigaction(SIGSEGV, &previous, nullptr);
+  for (size_t i = 0; i < std::size(kFaultSignals); ++i) sigaction(kFaultSignals[i], &previous[i], nullptr);
   sigaltstack(&previous_stack, nullptr);
   return e.error;
 }

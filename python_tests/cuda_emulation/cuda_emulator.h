@@ -11,7 +11,9 @@
 // - global buffers (DeviceBuffer) and shared memory end at a guard page, fiber stacks start at one:
 //   an access past their end is reported as an error of the launch, naming the buffer;
 // - shared memory starts filled with 0xFF bytes (NaN as floats), so reading it before writing it
-//   shows up in the results.
+//   shows up in the results;
+// - undefined behaviour in kernel code built with -fsanitize=undefined and traps (the tests build it
+//   so) is reported as an error of the launch, as are other SIGILL, SIGBUS and SIGFPE faults.
 // - threads run one after another between synchronization points, in ascending, descending or
 //   shuffled order (set_schedule): a kernel whose results change with the order has a data race.
 // What it does not model: true concurrency (a race that no order exposes stays hidden), the memory

@@ -1,5 +1,6 @@
 // Kernels with the mistakes the CUDA emulator must report, one per case, so the tests can check
 // that each check of the emulator fires (a check that cannot fail would prove nothing).
+#include <cstdint>
 #include <cstdio>
 #include <string>
 
@@ -49,6 +50,11 @@ __global__ void racy_kernel(float* out) {
   out[threadIdx.x] = buffer[(threadIdx.x + 1) % kThreads];
 }
 
+__global__ void shift_overflow_kernel(float* out, int extra) {
+  const uint64_t mask = ~uint64_t(0) << (56 + extra);  // extra = 8: a shift by the full width
+  out[threadIdx.x] = static_cast<float>(mask >> 60);
+}
+
 __global__ void warp_sum_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -93,6 +99,7 @@ int emu_selftest(int which, char* message, int capacity, float* out) {
       error = opqn_emu::launch(shared, racy_kernel, buffer.as<float>());
       break;
     }
+    case 9: error = opqn_emu::launch(config, shift_overflow_kernel, buffer.as<float>(), 8); break;
     default: error = "unknown case";
   }
   buffer.copy_to(out);
