@@ -7,7 +7,9 @@ Training setting: x ([B, M*d], like a BatchNorm'd feature: N(0, 1)) and assign_w
 and the loss reaches the op through `quantized` and `entropy`. Two regimes:
   dense  - scale 1: the soft assignments of a freshly initialized model (high entropy);
   peaked - scale 20: low-entropy assignments, as the entropy regularizer drives them in training.
-Correctness is checked against the reference before anything is timed.
+Correctness is checked against the reference before anything is timed. On CUDA, the fused op and
+the eager reference are also timed as one captured CUDA graph per step (columns "graph"): replaying
+it leaves out the host's dispatch and launch work, so those columns compare device time alone.
 
     python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH] [--flush-denormal]
 """
@@ -85,6 +87,43 @@ def time_ms(fn, device, repeats, warmup=5):
     return statistics.median(samples)
 
 
+def graph_replay(fn, scale, inputs):
+    """The training step of fn captured in a CUDA graph (after warm-up on a side stream, as
+    torch.cuda.graph asks); returns its replay, or the reason the capture failed."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step(fn, scale, *inputs)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            step(fn, scale, *inputs)
+    except RuntimeError as error:
+        return f"capture failed: {error}"
+    return graph.replay
+
+
+def add_graph_timings(rows, peers, device, repeats):
+    """Adds fused_graph_ms, eager_graph_ms and x_eager_graph (None where a capture failed) to every
+    row, and prints them."""
+    print("\nas CUDA graphs (device time without host overhead, ms):")
+    print(f"{'regime':>7} {'B':>4} {'M':>2} {'d':>4} {'K':>4} | {'fused':>7} {'eager':>7} | {'x eager':>7}")
+    for r in rows:
+        inputs = make_inputs(r["B"], r["M"], r["d"], r["K"], device, torch.float32)
+        for name in ("fused", "eager"):
+            replay = graph_replay(peers[name], r["scale"], inputs)
+            if isinstance(replay, str):
+                print(f"{name}: {replay}")
+            r[f"{name}_graph_ms"] = None if isinstance(replay, str) else time_ms(replay, device, repeats)
+        both = r["fused_graph_ms"] is not None and r["eager_graph_ms"] is not None
+        r["x_eager_graph"] = r["eager_graph_ms"] / r["fused_graph_ms"] if both else None
+        cells = [f"{v:>7.3f}" if v is not None else f"{'n/a':>7}"
+                 for v in (r["fused_graph_ms"], r["eager_graph_ms"], r["x_eager_graph"])]
+        print(f"{r['regime']:>7} {r['B']:>4} {r['M']:>2} {r['d']:>4} {r['K']:>4} | {cells[0]} {cells[1]} | {cells[2]}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -134,10 +173,17 @@ def main():
     name = f"soft_quantize_{device.type}{'_ftz' if args.flush_denormal else ''}.json"
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"device": where, "torch": torch.__version__, "dtype": "float32",
-                   "flush_denormal": args.flush_denormal, "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+
+    def write_json():
+        with open(path, "w") as f:
+            json.dump({"device": where, "torch": torch.__version__, "dtype": "float32",
+                       "flush_denormal": args.flush_denormal, "rows": rows}, f, indent=2)
+        print(f"wrote {path}")
+
+    write_json()
+    if device.type == "cuda":  # after the eager-mode results are out, in case a capture breaks CUDA
+        add_graph_timings(rows, peers, device, args.repeats)
+        write_json()
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ step build_info 30 python3 -c "import opqn_ext; print(opqn_ext.build_info())"
 PYTEST="python3 -m pytest -q -p no:cacheprovider"
 ADC_CUDA_SMALL="5-3-8 or 3-47-64 or 5000-1025 or unaligned"
 step cuda_tests 150 $PYTEST -n 8 python_tests -k "(cuda or Cuda) and not emulat"
-step bench_soft_quantize 60 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 \
+step bench_soft_quantize 90 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 \
   --json "$OUT/soft_quantize_cuda.json"
 step bench_adc 120 python3 benchmarks/bench_adc_cuda.py --repeats 3 --json "$OUT/adc_cuda.json"
 step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \
