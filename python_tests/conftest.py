@@ -90,5 +90,4 @@ def cuda_emulator(tmp_path_factory):
     assert link.returncode == 0, link.stderr
     lib = ctypes.CDLL(str(library))
     lib.emu_last_error.restype = ctypes.c_char_p
-    lib.emu_topk_last_error.restype = ctypes.c_char_p
     return lib

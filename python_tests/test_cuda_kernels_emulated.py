@@ -299,10 +299,8 @@ def emulated_topk(lib, layout, lut, device_codes, pairs, N, k, chunk_elements):
     nq, M, K = lut.shape
     scores = torch.empty(nq, k)
     indices = torch.empty(nq, k, dtype=torch.int64)
-    rc = lib.emu_adc_topk(layout, pointer(lut), i64(nq), i64(M), i64(K), pointer(device_codes), i64(pairs), i64(N),
-                          i64(k), i64(chunk_elements), pointer(scores), pointer(indices))
-    if rc != 0:
-        raise RuntimeError(lib.emu_topk_last_error().decode())
+    check(lib, lib.emu_adc_topk(layout, pointer(lut), i64(nq), i64(M), i64(K), pointer(device_codes), i64(pairs),
+                                i64(N), i64(k), i64(chunk_elements), pointer(scores), pointer(indices)))
     return scores, indices
 
 
@@ -337,6 +335,12 @@ def test_adc_topk_pipeline_equals_the_cpu_scan(cuda_emulator, layout, M, K, k, c
     expected_scores, expected_indices = opqn_ext.adc_topk(lut, codes, k)
     assert torch.equal(scores, expected_scores)
     assert torch.equal(indices, expected_indices)
+
+
+def test_adc_topk_pipeline_reports_the_host_codes_errors(cuda_emulator):
+    lut, codes, device_codes, pairs = topk_problem(1, 10, 4, 16, LAYOUT_BYTES, seed=0, ties=False)
+    with pytest.raises(RuntimeError, match="unknown code layout 7"):
+        emulated_topk(cuda_emulator, 7, lut, device_codes, pairs, 10, 3, 1)
 
 
 def test_adc_topk_pipeline_with_k_equal_to_n_and_one_code(cuda_emulator):

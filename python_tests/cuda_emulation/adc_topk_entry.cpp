@@ -8,10 +8,9 @@
 
 #include "adc_launch.h"
 #include "cuda/adc_scan_topk.h"
+#include "entry_error.h"
 
 namespace {
-
-std::string topk_error;
 
 void check(const std::string& error) {
   if (!error.empty()) throw std::runtime_error(error);
@@ -53,8 +52,6 @@ struct EmulatedLauncher {
 
 extern "C" {
 
-const char* emu_topk_last_error() { return topk_error.c_str(); }
-
 // lut: [nq, M, K] float32; codes: rows [N, M] (layout 0 bytes, 1 words) or pack_codes4's blocks
 // (layout 2, `pairs` book pairs) -> scores [nq, k], indices [nq, k], with chunks of at most
 // chunk_elements candidates or keys
@@ -75,11 +72,9 @@ int emu_adc_topk(int layout, const float* lut, int64_t nq, int64_t M, int64_t K,
     }
     at::from_blob(scores, {nq, k}, at::kFloat).copy_(std::get<0>(top));
     at::from_blob(indices, {nq, k}, at::kLong).copy_(std::get<1>(top));
-    topk_error.clear();
-    return 0;
+    return opqn_emu::report("");
   } catch (const std::exception& e) {
-    topk_error = e.what();
-    return 1;
+    return opqn_emu::report(e.what());
   }
 }
 

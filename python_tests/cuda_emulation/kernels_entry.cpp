@@ -13,18 +13,25 @@
 #include "cuda/encode_kernels.cuh"
 #include "cuda/soft_quantize_kernels.cuh"
 #include "adc_launch.h"
+#include "entry_error.h"
 
+namespace opqn_emu {
 namespace {
-
-using opqn_emu::DeviceBuffer;
-using opqn_emu::LaunchConfig;
-
 std::string last_error;
+}  // namespace
 
 int report(const std::string& error) {
   last_error = error;
   return error.empty() ? 0 : 1;
 }
+
+}  // namespace opqn_emu
+
+namespace {
+
+using opqn_emu::DeviceBuffer;
+using opqn_emu::LaunchConfig;
+using opqn_emu::report;
 
 // A guarded copy of host memory (or nullptr for a null input).
 std::unique_ptr<DeviceBuffer> upload(const char* name, const void* host, size_t bytes) {
@@ -71,7 +78,7 @@ std::string with_codes(int layout, const uint8_t* codes, int64_t M, int64_t pair
 
 extern "C" {
 
-const char* emu_last_error() { return last_error.c_str(); }
+const char* emu_last_error() { return opqn_emu::last_error.c_str(); }
 
 // 0 ascending, 1 descending, 2 shuffled (opqn_emu::Schedule)
 void emu_set_schedule(int schedule) { opqn_emu::set_schedule(static_cast<opqn_emu::Schedule>(schedule)); }
