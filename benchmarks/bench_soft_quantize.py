@@ -37,7 +37,7 @@ REGIMES = {"dense": 1.0, "peaked": 20.0}
 
 def per_book_loop(x, assign_weight, codebook, scale=1.0, normalize=False):
     """The formulation of the paper's released code: a Python loop over books."""
-    M, d, K = assign_weight.shape
+    d = assign_weight.shape[1]
     probs, quantized, entropy = [], [], []
     for m, xm in enumerate(torch.split(x, d, dim=1)):
         if normalize:

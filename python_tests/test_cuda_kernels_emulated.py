@@ -338,7 +338,7 @@ def test_adc_topk_pipeline_equals_the_cpu_scan(cuda_emulator, layout, M, K, k, c
 
 
 def test_adc_topk_pipeline_reports_the_host_codes_errors(cuda_emulator):
-    lut, codes, device_codes, pairs = topk_problem(1, 10, 4, 16, LAYOUT_BYTES, seed=0, ties=False)
+    lut, _, device_codes, pairs = topk_problem(1, 10, 4, 16, LAYOUT_BYTES, seed=0, ties=False)
     with pytest.raises(RuntimeError, match="unknown code layout 7"):
         emulated_topk(cuda_emulator, 7, lut, device_codes, pairs, 10, 3, 1)
 
