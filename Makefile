@@ -3,7 +3,8 @@
 # make test  : create .venv if missing, install opqn_ext with its dev extra, build, run the tests
 # make bench : the same install plus faiss-cpu, then the benchmarks (never part of make test)
 # make sanitize : the CPU kernels built with AddressSanitizer + UBSan (a copy under build/asan),
-#              then the tests that drive them, with the sanitizer runtimes preloaded
+#              then the tests that drive them, with the sanitizer runtimes preloaded; the CUDA
+#              emulator and the kernels it runs are built with AddressSanitizer there too
 PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -39,11 +40,13 @@ bench: build
 	$(PYTHON) benchmarks/bench_index.py
 
 # Python is not built with the sanitizers: its runtimes are preloaded, leak checks (Python never
-# frees everything) and the checks that torch's own libraries trip are off.
+# frees everything) and the checks that torch's own libraries trip are off. ASan leaves SIGSEGV to
+# the CUDA emulator, whose guard pages report out-of-bounds accesses through it.
 ASAN_DIR := build/asan
 SANITIZE_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
 SANITIZE_TESTS := test_adc_topk.py test_adc_topk4.py test_rank_stats.py test_encode.py test_soft_quantize.py \
-	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py
+	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py \
+	test_cuda_emulator.py test_cuda_kernels_emulated.py
 sanitize: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	cp -r setup.py pyproject.toml csrc python_tests $(ASAN_DIR)/
@@ -51,7 +54,8 @@ sanitize: $(STAMP)
 	cd $(ASAN_DIR) && OPQN_WITH_CUDA=0 MAX_JOBS=$(JOBS) CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" \
 		$(CURDIR)/$(PYTHON) setup.py -q build_ext --inplace > build.log 2>&1 || (tail -40 build.log; false)
 	cd $(ASAN_DIR) && LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
-		ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0 \
+		ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:handle_segv=0:allow_user_segv_handler=1 \
+		OPQN_SANITIZE_EMULATION=1 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		$(CURDIR)/$(PYTHON) -m pytest -q -p no:cacheprovider $(addprefix python_tests/,$(SANITIZE_TESTS))
 

@@ -74,6 +74,10 @@ def cuda_emulator(tmp_path_factory):
     # in the files that instantiate kernels, undefined behaviour traps (SIGILL): a launch error
     trap_ub = ["-fsanitize=undefined", "-fsanitize-undefined-trap-on-error", "-fno-sanitize=vptr"]
     with_kernels = ("kernels_entry.cpp", "emulator_selftest.cpp", "adc_topk_entry.cpp")
+    link_flags = []
+    if os.environ.get("OPQN_SANITIZE_EMULATION") == "1":  # make sanitize: AddressSanitizer too
+        flags += ["-fsanitize=address", "-fno-omit-frame-pointer"]
+        link_flags += ["-fsanitize=address"]
     objects = [out / (os.path.basename(source) + ".o") for source in sources]
     builds = [subprocess.Popen([compiler, *flags, *(trap_ub if os.path.basename(source) in with_kernels else []),
                                 "-c", source, "-o", str(obj)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -84,7 +88,7 @@ def cuda_emulator(tmp_path_factory):
         assert build.returncode == 0, output
     library = out / "libopqn_cuda_emulation.so"
     torch_lib = library_paths()[0]
-    link = subprocess.run([compiler, "-shared", *map(str, objects), "-o", str(library), "-L", torch_lib,
+    link = subprocess.run([compiler, "-shared", *link_flags, *map(str, objects), "-o", str(library), "-L", torch_lib,
                            f"-Wl,-rpath,{torch_lib}", "-lc10", "-ltorch_cpu"], capture_output=True, text=True,
                           timeout=120)
     assert link.returncode == 0, link.stderr
