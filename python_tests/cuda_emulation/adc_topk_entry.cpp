@@ -21,24 +21,15 @@ struct EmulatedLauncher {
   template <class Codes>
   void select(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, int64_t k,
               int64_t* candidates) const {
-    const auto launch = opqn_emu::adc_launch(opqn::cuda::select_grid(count, luts.size(0)),
-                                             luts.size(1) * luts.size(2), sizeof(opqn::cuda::BlockSelect),
-                                             opqn_emu::kAsTheHostDecides);
-    const auto kernel = launch.shared_lut ? opqn::cuda::adc_select_kernel<true, Codes>
-                                          : opqn::cuda::adc_select_kernel<false, Codes>;
-    check(opqn_emu::launch(launch.config, kernel, luts.const_data_ptr<float>(), codes, luts.size(1), first, count,
-                           static_cast<uint32_t>(k), candidates));
+    check(opqn_emu::launch_adc_select(opqn_emu::kAsTheHostDecides, luts.const_data_ptr<float>(), luts.size(0),
+                                      codes, luts.size(1), first, count, k, candidates));
   }
 
   template <class Codes>
   void dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
              int64_t* keys) const {
-    const auto launch = opqn_emu::adc_launch(opqn::cuda::dense_grid(count, luts.size(0)),
-                                             luts.size(1) * luts.size(2), 0, opqn_emu::kAsTheHostDecides);
-    const auto kernel =
-        launch.shared_lut ? opqn::cuda::adc_dense_kernel<true, Codes> : opqn::cuda::adc_dense_kernel<false, Codes>;
-    check(opqn_emu::launch(launch.config, kernel, luts.const_data_ptr<float>(), codes, luts.size(1), first, count,
-                           scores, keys));
+    check(opqn_emu::launch_adc_dense(opqn_emu::kAsTheHostDecides, luts.const_data_ptr<float>(), luts.size(0),
+                                     codes, luts.size(1), first, count, scores, keys));
   }
 
   void decode(const int64_t* top, int64_t n, int64_t first, float* scores, int64_t* indices) const {

@@ -172,11 +172,8 @@ int emu_adc_dense(int layout, int placement, const float* luts, int64_t nq, int6
   const std::string error = with_codes(layout, codes_d->as<uint8_t>(), M, pairs, [&](auto rows) {
     using Codes = decltype(rows);
     if (Codes::kLutStride != stride) return std::string("table stride does not match the code layout");
-    const auto launch = opqn_emu::adc_launch(opqn::cuda::dense_grid(count, nq), M * stride, 0, placement);
-    const auto kernel =
-        launch.shared_lut ? opqn::cuda::adc_dense_kernel<true, Codes> : opqn::cuda::adc_dense_kernel<false, Codes>;
-    return opqn_emu::launch(launch.config, kernel, lut_d->as<const float>(), rows, M, first, count,
-                            device_ptr<float>(scores_d), device_ptr<int64_t>(keys_d));
+    return opqn_emu::launch_adc_dense(placement, lut_d->as<const float>(), nq, rows, M, first, count,
+                                      device_ptr<float>(scores_d), device_ptr<int64_t>(keys_d));
   });
   download(scores_d, scores);
   download(keys_d, keys);
@@ -189,16 +186,13 @@ int emu_adc_select(int layout, int placement, const float* luts, int64_t nq, int
                    int64_t* candidates) {
   auto lut_d = upload("luts", luts, nq * M * stride * sizeof(float));
   auto codes_d = upload("codes", codes, code_bytes);
-  const dim3 grid = opqn::cuda::select_grid(count, nq);
-  auto out_d = std::make_unique<DeviceBuffer>("candidates", nq * grid.x * k * sizeof(int64_t));
+  const int64_t blocks = opqn::cuda::select_grid(count, nq).x;
+  auto out_d = std::make_unique<DeviceBuffer>("candidates", nq * blocks * k * sizeof(int64_t));
   const std::string error = with_codes(layout, codes_d->as<uint8_t>(), M, pairs, [&](auto rows) {
     using Codes = decltype(rows);
     if (Codes::kLutStride != stride) return std::string("table stride does not match the code layout");
-    const auto launch = opqn_emu::adc_launch(grid, M * stride, sizeof(opqn::cuda::BlockSelect), placement);
-    const auto kernel = launch.shared_lut ? opqn::cuda::adc_select_kernel<true, Codes>
-                                          : opqn::cuda::adc_select_kernel<false, Codes>;
-    return opqn_emu::launch(launch.config, kernel, lut_d->as<const float>(), rows, M, first, count,
-                            static_cast<uint32_t>(k), out_d->as<int64_t>());
+    return opqn_emu::launch_adc_select(placement, lut_d->as<const float>(), nq, rows, M, first, count, k,
+                                       out_d->as<int64_t>());
   });
   out_d->copy_to(candidates);
   return report(error);
