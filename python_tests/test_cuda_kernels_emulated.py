@@ -67,7 +67,10 @@ def inputs(B, M, d, K, dtype, seed):
     return x.to(dtype), A.to(dtype), C.to(dtype)
 
 
-SHAPES = [(1, 1, 1, 1), (9, 2, 64, 64), (5, 3, 33, 17), (8, 1, 256, 256), (3, 2, 256, 7)]
+# (B, M, d, K): tile products with 1, 2, 4 and 8 thread groups per sum, widths that are not whole
+# vectors, and a partial last tile of samples
+SHAPES = [(1, 1, 1, 1), (9, 2, 64, 64), (5, 3, 33, 17), (8, 1, 256, 256), (3, 2, 256, 7), (10, 2, 130, 129),
+          (7, 1, 128, 100)]
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -94,7 +97,7 @@ def reference_grads(x, A, C, gp, gq, gh, scale, normalize):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-@pytest.mark.parametrize("B,M,d,K", [(9, 2, 64, 64), (5, 3, 33, 17), (4, 1, 256, 256)])
+@pytest.mark.parametrize("B,M,d,K", [(9, 2, 64, 64), (5, 3, 33, 17), (4, 1, 256, 256), (10, 2, 130, 129), (7, 1, 128, 100)])
 @pytest.mark.parametrize("given", ["pqh", "p", "q", "h", "qh"])
 @pytest.mark.parametrize("normalize", [False, True])
 def test_soft_quantize_backward(cuda_emulator, dtype, B, M, d, K, given, normalize):
@@ -131,7 +134,7 @@ def emulated_encode(lib, x, A):
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-@pytest.mark.parametrize("B,M,d,K", [(1, 1, 1, 1), (11, 3, 20, 16), (9, 2, 1024, 256), (4, 1, 300, 255)])
+@pytest.mark.parametrize("B,M,d,K", [(1, 1, 1, 1), (11, 3, 20, 16), (9, 2, 1024, 256), (4, 1, 300, 255), (10, 2, 130, 100)])
 def test_encode_is_the_argmax(cuda_emulator, dtype, B, M, d, K):
     x, A, _ = inputs(B, M, d, min(K, d), dtype, seed=d + K)
     if A.shape[2] < K:

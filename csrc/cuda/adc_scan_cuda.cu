@@ -12,6 +12,7 @@
 #include "adc.h"
 #include "cuda/adc_scan_kernels.cuh"
 #include "cuda/adc_scan_topk.h"
+#include "cuda/shared_limit.h"
 
 namespace opqn::cuda {
 namespace {
@@ -27,10 +28,7 @@ void launch_variant(int64_t entries, size_t static_smem, SharedKernel shared_ker
     return;
   }
   const size_t smem = lut_shared_bytes(entries);
-  if (smem + static_smem > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(shared_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(smem)));
-  }
+  allow_shared_bytes(shared_kernel, smem, static_smem);
   launch(shared_kernel, smem);
 }
 

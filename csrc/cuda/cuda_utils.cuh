@@ -4,6 +4,7 @@
 // declarations below.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #if defined(OPQN_CUDA_EMULATION)
@@ -20,6 +21,7 @@ namespace opqn::cuda {
 constexpr int kWarp = 32;
 constexpr int kThreads = 256;  // threads per block of every kernel
 constexpr int kWarps = kThreads / kWarp;
+constexpr size_t kSharedWithoutOptIn = 48 * 1024;  // a block's shared memory unless the host raises it
 
 template <typename T>
 __device__ __forceinline__ T warp_sum(T v) {

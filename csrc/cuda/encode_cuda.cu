@@ -9,10 +9,13 @@
 #include <torch/library.h>
 
 #include "cuda/encode_kernels.cuh"
+#include "cuda/shared_limit.h"
 #include "encode.h"
 
 namespace opqn::cuda {
 namespace {
+
+static_assert(kMaxWords <= kThreads, "the tile product gives every word a thread");
 
 at::Tensor encode_cuda(const at::Tensor& x_in, const at::Tensor& assign_weight, bool normalize) {
   const auto dims = check_encode_args(x_in, assign_weight);
@@ -29,10 +32,7 @@ at::Tensor encode_cuda(const at::Tensor& x_in, const at::Tensor& assign_weight, 
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = encode_shared_bytes<acc_t>(d, K);
     const auto kernel = encode_kernel<scalar_t, acc_t>;
-    if (smem > 48 * 1024) {
-      C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-    }
+    allow_shared_bytes(kernel, smem);
     kernel<<<encode_grid(B, M), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), codes.mutable_data_ptr<uint8_t>(),
         B, M, d, K);

@@ -1,6 +1,7 @@
 // The CUDA kernel of encode (host side: encode_cuda.cu): a block stages kEncodeTile samples of one
-// book in shared memory, computes their similarities to every word (one thread per word, coalesced
-// assign_weight reads) and takes the argmax per sample with one warp (ties to the smaller word).
+// book in shared memory, computes their similarities to every word (column-form tile product,
+// tile_products.cuh: assign_weight read coalesced) and takes the argmax per sample with one warp
+// (ties to the smaller word).
 #pragma once
 
 #include <cstddef>
@@ -12,16 +13,18 @@
 namespace opqn::cuda {
 
 constexpr int kEncodeTile = 8;
-constexpr int64_t kEncodeMaxDim = 1024;  // d: shared memory holds kEncodeTile * (d + K) accumulators
+constexpr int64_t kEncodeMaxDim = 1024;  // d: shared memory holds the staged tile of samples
 
-// Grid (sample tiles, books) and dynamic shared memory of encode_kernel.
+// Grid (sample tiles, books) and dynamic shared memory of encode_kernel: xs [kEncodeTile, ds],
+// ls [kEncodeTile, K], the tile product's scratch.
 inline dim3 encode_grid(int64_t B, int64_t M) {
   return dim3(static_cast<unsigned>(ceil_div(B, kEncodeTile)), static_cast<unsigned>(M));
 }
 
 template <typename acc_t>
 size_t encode_shared_bytes(int64_t d, int64_t K) {
-  return static_cast<size_t>(kEncodeTile * (d + K)) * sizeof(acc_t);
+  const int64_t elements = kEncodeTile * (staged_stride<acc_t>(d) + K) + column_product_scratch<acc_t, kEncodeTile>(K);
+  return static_cast<size_t>(ceil_div(elements * int64_t{sizeof(acc_t)}, 16) * 16);
 }
 
 // x: [B, M, d]; A: [M, d, K] -> codes: [B, M]
@@ -30,22 +33,21 @@ __global__ void __launch_bounds__(kThreads)
 encode_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ A, uint8_t* __restrict__ codes,
               int64_t B, int64_t M, int64_t d, int64_t K) {
   OPQN_DYNAMIC_SHARED(unsigned char, smem_raw);
-  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // [kEncodeTile, d]
-  acc_t* ls = xs + kEncodeTile * d;                         // [kEncodeTile, K]
+  const int ds = static_cast<int>(staged_stride<acc_t>(d)), n_d = static_cast<int>(d);
+  acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // [kEncodeTile, ds], zero past d
+  acc_t* ls = xs + kEncodeTile * ds;                // [kEncodeTile, K]
+  acc_t* scratch = ls + kEncodeTile * K;
   const int64_t m = blockIdx.y;
   const int64_t b0 = static_cast<int64_t>(blockIdx.x) * kEncodeTile;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
-  for (int64_t i = tid; i < kEncodeTile * d; i += kThreads) {
-    const int64_t b = b0 + i / d;
-    xs[i] = b < B ? static_cast<acc_t>(x[(b * M + m) * d + i % d]) : acc_t(0);
+  for (int t = 0; t < kEncodeTile; ++t) {
+    const int64_t b = b0 + t;
+    for (int j = tid; j < ds; j += kThreads)
+      xs[t * ds + j] = b < B && j < n_d ? static_cast<acc_t>(x[(b * M + m) * d + j]) : acc_t(0);
   }
   __syncthreads();
-  for (int64_t k = tid; k < K; k += kThreads) {
-    acc_t acc[kEncodeTile];
-    rows_times_column<kEncodeTile>(xs, d, A + m * d * K, K, k, acc);
-#pragma unroll
-    for (int t = 0; t < kEncodeTile; ++t) ls[t * K + k] = acc[t];
-  }
+  block_rows_times_columns<kEncodeTile>(xs, n_d, A + m * d * K, static_cast<int>(K), scratch,
+                                        [&](int t, int k, acc_t v) { ls[t * K + k] = v; });
   __syncthreads();
   for (int t = warp; t < kEncodeTile; t += kWarps) {
     const int64_t b = b0 + t;

@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "cuda/shared_limit.h"
 #include "cuda/soft_quantize_kernels.cuh"
 #include "soft_quantize.h"
 
@@ -41,8 +42,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cuda(const at::Tens
     using acc_t = at::opmath_type<scalar_t>;
     constexpr int tile = tile_rows<acc_t>();
     const size_t smem = forward_shared_bytes<acc_t>(d, K);
-    soft_quantize_forward_kernel<scalar_t, acc_t, tile>
-        <<<soft_quantize_grid<acc_t>(B, M), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = soft_quantize_forward_kernel<scalar_t, acc_t, tile>;
+    allow_shared_bytes(kernel, smem);
+    kernel<<<soft_quantize_grid<acc_t>(B, M), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
             x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), C.const_data_ptr<scalar_t>(),
             probs.mutable_data_ptr<scalar_t>(), quantized.mutable_data_ptr<scalar_t>(),
             entropy.mutable_data_ptr<scalar_t>(), B, M, d, K, static_cast<acc_t>(scale), normalize);
@@ -76,8 +78,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cuda(
     constexpr int tile = tile_rows<acc_t>();
     const auto ptr = [](const at::Tensor& t) { return t.defined() ? t.const_data_ptr<scalar_t>() : nullptr; };
     const size_t smem = backward_shared_bytes<acc_t>(d, K);
-    soft_quantize_backward_kernel<scalar_t, acc_t, tile>
-        <<<soft_quantize_grid<acc_t>(B, M), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
+    const auto kernel = soft_quantize_backward_kernel<scalar_t, acc_t, tile>;
+    allow_shared_bytes(kernel, smem);
+    kernel<<<soft_quantize_grid<acc_t>(B, M), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
             ptr(in.grad_probs), ptr(in.grad_quantized), ptr(in.grad_entropy), x.const_data_ptr<scalar_t>(),
             in.assign_weight.const_data_ptr<scalar_t>(), in.codebook.const_data_ptr<scalar_t>(),
             in.probs.const_data_ptr<scalar_t>(), g.mutable_data_ptr<acc_t>(),

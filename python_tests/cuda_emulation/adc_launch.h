@@ -18,7 +18,7 @@ enum LutPlacement { kAsTheHostDecides = 0, kForceShared = 1, kForceGlobal = 2 };
 inline LaunchConfig adc_config(dim3 grid, int64_t entries, size_t static_smem, int placement, bool& shared) {
   shared = placement == kAsTheHostDecides ? opqn::cuda::lut_in_shared(entries) : placement == kForceShared;
   const size_t smem = shared ? static_cast<size_t>(entries) * sizeof(float) : 0;
-  return LaunchConfig{grid, dim3(opqn::cuda::kThreads), smem, smem + static_smem > 48 * 1024};
+  return LaunchConfig{grid, dim3(opqn::cuda::kThreads), smem, smem + static_smem > opqn::cuda::kSharedWithoutOptIn};
 }
 
 // adc_dense_kernel over luts [nq, M, Codes::kLutStride] and codes [first, first + count); "" or the error.

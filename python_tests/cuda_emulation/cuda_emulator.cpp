@@ -74,8 +74,13 @@ void unmap_guarded(GuardedRegion* r) {
   delete r;
 }
 
-// Usable bytes of a region, 8-byte aligned, ending as close to the guard page as that allows.
-void* data_start(const GuardedRegion* r, size_t bytes) { return r->guard - round_up(bytes, 8); }
+// Usable bytes of a region, `alignment`-byte aligned, ending as close to the guard page as that allows.
+void* data_start(const GuardedRegion* r, size_t bytes, size_t alignment = 8) {
+  return r->guard - round_up(bytes, alignment);
+}
+
+// Dynamic shared memory starts 16-byte aligned, as on the device (vector loads rely on it).
+constexpr size_t kDynamicSharedAlignment = 16;
 
 struct Fiber {
   ucontext_t context;
@@ -244,7 +249,8 @@ bool run_block() {
   e.warps.assign(static_cast<size_t>((n + kWarpSize - 1) / kWarpSize), WarpState{});
   // none given: the pointer is valid to form but any access faults, as on the device
   e.dynamic = map_guarded(e.config.dynamic_shared_bytes, "dynamic shared memory", false);
-  std::memset(data_start(e.dynamic, e.config.dynamic_shared_bytes), 0xFF, e.config.dynamic_shared_bytes);
+  std::memset(data_start(e.dynamic, e.config.dynamic_shared_bytes, kDynamicSharedAlignment), 0xFF,
+              e.config.dynamic_shared_bytes);
   for (int i = 0; i < n; ++i) {
     Fiber& f = e.fibers[static_cast<size_t>(i)];
     f.linear = i;
@@ -387,7 +393,7 @@ void* shared_variable(int id, size_t bytes) {
 
 void* dynamic_shared() {
   Emulator& e = emu();
-  return data_start(e.dynamic, e.config.dynamic_shared_bytes);
+  return data_start(e.dynamic, e.config.dynamic_shared_bytes, kDynamicSharedAlignment);
 }
 
 std::string run(const LaunchConfig& config, const std::function<void()>& body) {

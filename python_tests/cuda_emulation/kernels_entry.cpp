@@ -97,8 +97,9 @@ int emu_soft_quantize_forward(int dtype, const void* x, const void* A, const voi
     auto q_d = std::make_unique<DeviceBuffer>("quantized", B * M * d * s);
     auto h_d = std::make_unique<DeviceBuffer>("entropy", B * M * s);
     constexpr int tile = opqn::cuda::tile_rows<acc_t>();
-    LaunchConfig config{opqn::cuda::soft_quantize_grid<acc_t>(B, M), dim3(opqn::cuda::kThreads),
-                        opqn::cuda::forward_shared_bytes<acc_t>(d, K)};
+    const size_t smem = opqn::cuda::forward_shared_bytes<acc_t>(d, K);
+    LaunchConfig config{opqn::cuda::soft_quantize_grid<acc_t>(B, M), dim3(opqn::cuda::kThreads), smem,
+                        smem > opqn::cuda::kSharedWithoutOptIn};
     const std::string error = opqn_emu::launch(
         config, opqn::cuda::soft_quantize_forward_kernel<scalar_t, acc_t, tile>, device_ptr<const scalar_t>(x_d),
         device_ptr<const scalar_t>(A_d), device_ptr<const scalar_t>(C_d), p_d->as<scalar_t>(), q_d->as<scalar_t>(),
@@ -127,8 +128,9 @@ int emu_soft_quantize_backward(int dtype, const void* gp, const void* gq, const 
     std::unique_ptr<DeviceBuffer> gx_d;
     if (grad_x != nullptr) gx_d = std::make_unique<DeviceBuffer>("grad_x", B * M * d * s);
     constexpr int tile = opqn::cuda::tile_rows<acc_t>();
-    LaunchConfig config{opqn::cuda::soft_quantize_grid<acc_t>(B, M), dim3(opqn::cuda::kThreads),
-                        opqn::cuda::backward_shared_bytes<acc_t>(d, K)};
+    const size_t smem = opqn::cuda::backward_shared_bytes<acc_t>(d, K);
+    LaunchConfig config{opqn::cuda::soft_quantize_grid<acc_t>(B, M), dim3(opqn::cuda::kThreads), smem,
+                        smem > opqn::cuda::kSharedWithoutOptIn};
     const std::string error = opqn_emu::launch(
         config, opqn::cuda::soft_quantize_backward_kernel<scalar_t, acc_t, tile>, device_ptr<const scalar_t>(gp_d),
         device_ptr<const scalar_t>(gq_d), device_ptr<const scalar_t>(gh_d), device_ptr<const scalar_t>(x_d),
@@ -149,7 +151,7 @@ int emu_encode(int dtype, const void* x, const void* A, uint8_t* codes, int64_t 
     auto x_d = upload("x", x, B * M * d * s), A_d = upload("assign_weight", A, M * d * K * s);
     auto c_d = std::make_unique<DeviceBuffer>("codes", B * M);
     const size_t smem = opqn::cuda::encode_shared_bytes<acc_t>(d, K);
-    LaunchConfig config{opqn::cuda::encode_grid(B, M), dim3(opqn::cuda::kThreads), smem, smem > 48 * 1024};
+    LaunchConfig config{opqn::cuda::encode_grid(B, M), dim3(opqn::cuda::kThreads), smem, smem > opqn::cuda::kSharedWithoutOptIn};
     const std::string error =
         opqn_emu::launch(config, opqn::cuda::encode_kernel<scalar_t, acc_t>, device_ptr<const scalar_t>(x_d),
                          device_ptr<const scalar_t>(A_d), c_d->as<uint8_t>(), B, M, d, K);
