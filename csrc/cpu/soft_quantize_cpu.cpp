@@ -1,5 +1,5 @@
-// CPU kernels of soft_quantize. Each GEMM covers one book over the whole batch and runs on
-// ATen's BLAS, which parallelizes it; everything between the GEMMs is one fused pass over the
+// CPU kernels of soft_quantize. Each GEMM is one batched GEMM over the books (strided views of
+// the [B, M, *] tensors, no copies) on ATen's BLAS, which parallelizes it; everything between the GEMMs is one fused pass over the
 // [B*M] (sample, book) rows, parallel over rows, with the ISA-dispatched row kernels: softmax,
 // entropy and the norm clamp in the forward; entropy, softmax and norm-clamp gradients in the
 // backward. The similarity GEMM writes straight into the probs output and the reconstruction
@@ -9,10 +9,10 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/addmm.h>
+#include <ATen/ops/baddbmm.h>
+#include <ATen/ops/bmm.h>
 #include <ATen/ops/copy.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include "cpu/row_kernels.h"
@@ -26,8 +26,11 @@ void check_cpu_dtype(const at::Tensor& x) {
               "soft_quantize on CPU supports x of dtype float32 or float64, got ", x.scalar_type());
 }
 
-// out = a @ b, written through the (strided) view `out`.
-void mm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::mm_out(out, a, b); }
+// out = a @ b per batch entry, written through the (strided) view `out`.
+void bmm_into(at::Tensor out, const at::Tensor& a, const at::Tensor& b) { at::bmm_out(out, a, b); }
+
+// [B, M, n] seen as [M, B, n]: one book's rows per batch entry.
+at::Tensor by_book(const at::Tensor& t) { return t.transpose(0, 1); }
 
 // Runs fn(first_row, rows) over [0, total) rows of `width` elements, in parallel chunks.
 template <typename Fn>
@@ -62,7 +65,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
       });
     }
     // logits[b, m] = x[b, m] @ A[m], written into probs: [B, K] per book, row stride M*K
-    for (int64_t m = 0; m < M; ++m) mm_into(probs.select(1, m), x.select(1, m), A[m]);
+    bmm_into(by_book(probs), by_book(x), A);
     scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
     scalar_t* h_ptr = entropy.mutable_data_ptr<scalar_t>();
     for_rows(B * M, K, [&](int64_t r0, int64_t rows) {
@@ -70,7 +73,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
                                    norms_ptr != nullptr ? norms_ptr + r0 : nullptr, h_ptr + r0);
     });
     // quantized[b, m] = probs[b, m] @ C[m]^T
-    for (int64_t m = 0; m < M; ++m) mm_into(quantized.select(1, m), probs.select(1, m), C[m].t());
+    bmm_into(by_book(quantized), by_book(probs), C.transpose(1, 2));
   });
   return {probs, quantized, entropy};
 }
@@ -99,9 +102,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
   }
   if (gp.defined()) g.copy_(gp);
   else if (!gq.defined()) g.zero_();
-  for (int64_t m = 0; gq.defined() && m < M; ++m) {  // dL/dprobs[b, m] += grad_quantized[b, m] @ C[m]
-    if (gp.defined()) g.select(1, m).addmm_(gq.select(1, m), in.codebook[m]);
-    else mm_into(g.select(1, m), gq.select(1, m), in.codebook[m]);
+  if (gq.defined()) {  // dL/dprobs[b, m] += grad_quantized[b, m] @ C[m]
+    if (gp.defined()) by_book(g).baddbmm_(by_book(gq), in.codebook);
+    else bmm_into(by_book(g), by_book(gq), in.codebook);
   }
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "soft_quantize_backward_cpu", [&] {
     const auto& kernels = row_kernels<scalar_t>();
@@ -118,7 +121,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
                                     norms_ptr != nullptr ? norms_ptr + r0 : nullptr);
     });
     if (!need_x) return;
-    for (int64_t m = 0; m < M; ++m) mm_into(grad_x.select(1, m), g.select(1, m), in.assign_weight[m].t());
+    bmm_into(by_book(grad_x), by_book(g), in.assign_weight.transpose(1, 2));
     if (!normalize) return;
     scalar_t* gx_ptr = grad_x.mutable_data_ptr<scalar_t>();
     for_rows(B * M, d, [&](int64_t r0, int64_t rows) {
