@@ -64,10 +64,18 @@ __device__ __forceinline__ Vec16<T> load_vec16(const T* p) {
   return *reinterpret_cast<const Vec16<T>*>(p);
 }
 
-// The groups' partial sums acc (this thread: group grp, output col) -> emit(t, col, sum over groups)
+// This thread's sums acc (group grp, output col) -> emit(t, col, the sum over the groups): directly
+// with one group, else through scratch, added in group order.
 template <int kTile, typename acc_t, typename Emit>
-__device__ __forceinline__ void add_group_partials(const acc_t (&acc)[kTile], int outputs, int groups,
-                                                   int grp, int col, acc_t* scratch, Emit& emit) {
+__device__ __forceinline__ void emit_sums(const acc_t (&acc)[kTile], int outputs, int groups, int grp, int col,
+                                          acc_t* scratch, Emit& emit) {
+  if (groups == 1) {
+    if (col < outputs) {
+#pragma unroll
+      for (int t = 0; t < kTile; ++t) emit(t, col, acc[t]);
+    }
+    return;
+  }
   const int per_group = kThreads / groups;
 #pragma unroll
   for (int t = 0; t < kTile; ++t) scratch[(grp * kTile + t) * per_group + col] = acc[t];
@@ -118,14 +126,7 @@ __device__ __forceinline__ void block_rows_times_columns(const acc_t* rows, int 
       for (int t = 0; t < kTile; ++t) acc[t] += rows[t * stride + j] * wj;
     }
   }
-  if (groups == 1) {
-    if (k < K) {
-#pragma unroll
-      for (int t = 0; t < kTile; ++t) emit(t, k, acc[t]);
-    }
-    return;
-  }
-  add_group_partials<kTile>(acc, K, groups, grp, k, scratch, emit);
+  emit_sums<kTile>(acc, K, groups, grp, k, scratch, emit);
 }
 
 // rows: [kTile, staged_stride(K)] (shared); w: [n, K] -> emit(t, j, sum_k rows[t, k] w[j, k])
@@ -167,14 +168,7 @@ __device__ __forceinline__ void block_rows_times_rows(const acc_t* rows, int K, 
     }
     __syncthreads();
   }
-  if (groups == 1) {
-    if (j < n) {
-#pragma unroll
-      for (int t = 0; t < kTile; ++t) emit(t, j, acc[t]);
-    }
-    return;
-  }
-  add_group_partials<kTile>(acc, n, groups, grp, j, scratch, emit);
+  emit_sums<kTile>(acc, n, groups, grp, j, scratch, emit);
 }
 
 }  // namespace opqn::cuda
