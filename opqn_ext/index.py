@@ -39,6 +39,21 @@ class IndexFileError(ValueError):
     """An index file that is missing, truncated, corrupted or of another format version."""
 
 
+def _append_rows(current: torch.Tensor, buffer: torch.Tensor | None, rows: torch.Tensor):
+    """``(current ++ rows, the buffer behind it)``, in amortized O(len(rows)): ``current`` is kept as
+    the prefix of a buffer with spare room, which the rows go into; when it is not that buffer's
+    prefix or the room runs out, a new buffer with room for half as many rows again takes over."""
+    n, need = current.shape[0], current.shape[0] + rows.shape[0]
+    fits = (buffer is not None and buffer.device == current.device and need <= buffer.shape[0]
+            and (n == 0 or current.data_ptr() == buffer.data_ptr()))
+    if not fits:
+        buffer = torch.empty((need if n == 0 else max(need, n + n // 2), *current.shape[1:]),
+                             dtype=current.dtype, device=current.device)
+        buffer[:n] = current
+    buffer[n:need] = rows
+    return buffer[:need], buffer
+
+
 def _crc32(array: np.ndarray) -> int:
     flat = array.reshape(-1).view(np.uint8)
     crc = 0
@@ -76,6 +91,7 @@ class OPQNIndex:
         self.ids = torch.zeros(0, dtype=torch.int64)  # [N], increasing
         self.labels = torch.zeros(0, dtype=torch.int64)  # [N], -1 = none
         self.mapped_codes: np.memmap | None = None  # the file mapping behind codes after load(mmap=True)
+        self._buffers: dict[str, torch.Tensor] = {}  # codes, ids, labels: prefixes of these (_append_rows)
         self._packed_codes: PackedCodes4 | None = None  # 4-bit layout for fast_scan, rebuilt after changes
 
     @classmethod
@@ -120,7 +136,11 @@ class OPQNIndex:
 
     def add_codes(self, codes: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
         """Add precomputed codes ``[B, M]`` uint8 (every value < K); ids default to the next free
-        ones; duplicate ids (within the call or with the index) are rejected."""
+        ones; duplicate ids (within the call or with the index) are rejected.
+
+        Ids above every id in the index (the default) are appended in amortized O(B): the per-item
+        arrays keep spare room, grown by half when full. Other ids are looked up in the index
+        (O(B log N)) and sorted in (O(N log N))."""
         if codes.dim() != 2 or codes.shape[1] != self.num_books or codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8 [B, {self.num_books}], got {codes.dtype} {list(codes.shape)}")
         n = codes.shape[0]
@@ -137,14 +157,16 @@ class OPQNIndex:
             raise ValueError(f"labels must be {n} integers, got {labels.dtype} {list(labels.shape)}")
         if len(ids.unique()) != n:
             raise ValueError("ids must be unique: the batch repeats an id")
-        clash = torch.isin(ids, self.ids)
-        if bool(clash.any()):
-            raise ValueError(f"ids already in the index: {ids[clash][:10].tolist()}")
-        self.codes = torch.cat([self.codes, codes.to(self.device)])
+        in_order = n == 0 or (int(ids.min()) > last and bool((ids[1:] > ids[:-1]).all()))
+        if not in_order and len(self):  # self.ids is sorted: look the new ids up in it
+            clash = self.ids[torch.searchsorted(self.ids, ids).clamp(max=len(self) - 1)] == ids
+            if bool(clash.any()):
+                raise ValueError(f"ids already in the index: {ids[clash][:10].tolist()}")
+        for name, rows in (("codes", codes.to(self.device)), ("ids", ids), ("labels", labels.long())):
+            value, self._buffers[name] = _append_rows(getattr(self, name), self._buffers.get(name), rows)
+            setattr(self, name, value)
         self.mapped_codes, self._packed_codes = None, None
-        self.ids = torch.cat([self.ids, ids])
-        self.labels = torch.cat([self.labels, labels.long()])
-        if n and (int(ids.min()) <= last or not bool((ids[1:] > ids[:-1]).all())):
+        if not in_order:
             self._sort_by_id()
         return ids
 
@@ -157,7 +179,10 @@ class OPQNIndex:
     def remove(self, ids) -> int:
         """Remove the items with these ids; returns how many were present."""
         ids = torch.as_tensor(ids).cpu().long().reshape(-1)
-        gone = torch.isin(self.ids, ids)
+        gone = torch.zeros(len(self), dtype=torch.bool)
+        if len(self) and len(ids):  # self.ids is sorted: look the requested ids up in it
+            pos = torch.searchsorted(self.ids, ids).clamp(max=len(self) - 1)
+            gone[pos[self.ids[pos] == ids]] = True
         removed = int(gone.sum())
         if removed:
             keep = ~gone

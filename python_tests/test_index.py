@@ -98,6 +98,44 @@ def test_add_and_remove_match_a_fresh_index():
     assert all(torch.equal(a, b) for a, b in zip(index.search(q, 50), fresh.search(q, 50)))
 
 
+def test_small_adds_fill_spare_room_without_copying_and_earlier_views_keep_their_rows(device):
+    index, _ = make_index()
+    index.to(device)
+    codes = torch.randint(0, K, (400, M), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.arange(400) % 13
+    index.add_codes(codes[:100], labels=labels[:100])
+    first = index.codes
+    index.add_codes(codes[100:101], labels=labels[100:101])  # full: the rows move to a buffer half as large again
+    moved = index.codes.data_ptr()
+    for i in range(101, 150):  # these fit in its spare room: appended in place, nothing copied
+        index.add_codes(codes[i:i + 1], labels=labels[i:i + 1])
+        assert index.codes.data_ptr() == moved
+    assert torch.equal(first.cpu(), codes[:100])
+    index.add_codes(codes[150:], labels=labels[150:])
+    assert torch.equal(index.codes.cpu(), codes) and torch.equal(index.labels, labels)
+    assert torch.equal(index.ids, torch.arange(400))
+    fresh, _ = make_index()
+    fresh.to(device)
+    fresh.add_codes(codes)
+    q = features(5, 9)
+    assert all(torch.equal(a, b) for a, b in zip(index.search(q, 20), fresh.search(q, 20)))
+
+
+def test_out_of_order_ids_after_small_adds_are_looked_up_and_sorted_in():
+    index, _ = make_index()
+    codes = torch.randint(0, K, (60, M), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    for i in range(0, 40, 4):
+        index.add_codes(codes[i:i + 4], ids=torch.arange(i, i + 4) * 10)
+    with pytest.raises(ValueError, match=r"ids already in the index: \[390, 0\]"):
+        index.add_codes(codes[40:43], ids=[395, 390, 0])
+    assert len(index) == 40
+    index.add_codes(codes[40:43], ids=[395, 5, 1000])
+    assert index.ids.tolist() == sorted(list(range(0, 400, 10)) + [395, 5, 1000])
+    assert torch.equal(index.codes[index.ids.tolist().index(5)], codes[41])
+    assert index.remove([5, 5, 7, 1000, 390]) == 3  # repeats and absent ids count once or not at all
+    assert 5 not in index.ids.tolist() and len(index) == 40
+
+
 @pytest.mark.parametrize("mmap", [True, False])
 def test_save_load_gives_identical_results(tmp_path, mmap):
     index, _ = make_index()
