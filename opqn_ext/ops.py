@@ -57,8 +57,10 @@ def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True)
     """Database codes: ``codes[b, m] = argmax_k xhat[b, m] @ assign_weight[m]`` (ties to the smaller k).
 
     Args:
-        x: ``[B, M*d]`` or ``[B, M, d]`` features, finite (a NaN has no argmax: error).
-        assign_weight: ``[M, d, K]`` with ``K <= 256``, same dtype and device as ``x``.
+        x: ``[B, M*d]`` or ``[B, M, d]`` features, finite.
+        assign_weight: ``[M, d, K]`` with ``K <= 256``, same dtype and device as ``x``, finite.
+            A NaN has no argmax: non-finite values in either are an error, found on the
+            similarities during the argmax (no extra pass over ``x``; on CUDA, one sync).
         normalize: L2-normalize sub-vectors first; a positive scale per row, so it never changes
             the codes (kept for symmetry with :func:`soft_quantize`).
 

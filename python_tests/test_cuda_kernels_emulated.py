@@ -125,11 +125,13 @@ def test_soft_quantize_backward_without_grad_x(cuda_emulator):
     torch.testing.assert_close(torch.einsum("bmd,bmk->mdk", x.double(), g.double()), grad_a, rtol=1e-4, atol=1e-5)
 
 
-def emulated_encode(lib, x, A):
+def emulated_encode(lib, x, A, expect_finite=True):
     B, M, d = x.shape
     codes = torch.empty(B, M, dtype=torch.uint8)
-    check(lib, lib.emu_encode(DTYPES[x.dtype], pointer(x), pointer(A), pointer(codes), i64(B), i64(M), i64(d),
-                              i64(A.shape[2])))
+    nonfinite = torch.zeros(1, dtype=torch.int32)
+    check(lib, lib.emu_encode(DTYPES[x.dtype], pointer(x), pointer(A), pointer(codes), pointer(nonfinite), i64(B),
+                              i64(M), i64(d), i64(A.shape[2])))
+    assert bool(nonfinite.item() == 0) == expect_finite, "the kernel's verdict on the similarities' finiteness"
     return codes
 
 
@@ -153,6 +155,18 @@ def test_encode_ties_go_to_the_smaller_word(cuda_emulator):
     x[:, :, :] = A[:, :, 1].unsqueeze(0) * 5  # word 1 (and its copies) win
     codes = emulated_encode(cuda_emulator, x, A)
     assert torch.equal(codes.long(), torch.full((9, 2), 1))
+
+
+@pytest.mark.parametrize("where", ["nan in x", "inf in x", "nan in assign_weight", "inf in assign_weight"])
+def test_encode_flags_non_finite_inputs(cuda_emulator, where):
+    x, A, _ = inputs(11, 3, 20, 16, torch.float32, seed=2)
+    value = float("nan") if where.startswith("nan") else float("inf")
+    if where.endswith("in x"):
+        x[9, 2, 7] = value
+    else:
+        A[1, 19, 3] = value
+    emulated_encode(cuda_emulator, x, A, expect_finite=False)
+    emulated_encode(cuda_emulator, x[:9] if where.endswith("in x") else x[:, :1], A if where.endswith("in x") else A[:1])
 
 
 # ADC: the layouts of the kernels' code readers (RowCodes<bytes>, RowCodes<words>, PackedCodes4)

@@ -1,7 +1,11 @@
 // CPU kernel of encode: codes[b, m] = argmax_k x[b, m] @ assign_weight[m] (ties to the smaller k).
 // Rows go in blocks of kRowsPerBlock: one BLAS GEMM per book into a [rows, K] scratch (bounded
-// memory whatever B is), then a parallel argmax over its rows. normalize scales each row by a
-// positive factor, which leaves the argmax as it is, so it needs no work here.
+// memory whatever B is), then a parallel argmax over its rows, which also checks that every
+// similarity is finite (encode.h). normalize scales each row by a positive factor, which leaves
+// the argmax as it is, so it needs no work here.
+#include <atomic>
+#include <cmath>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,10 +20,16 @@ namespace {
 
 constexpr int64_t kRowsPerBlock = 4096;
 
+// The first largest of l [K]; finite becomes false where an entry is NaN or infinite.
 template <typename T>
-uint8_t argmax_row(const T* l, int64_t K) {
+uint8_t argmax_row(const T* l, int64_t K, bool& finite) {
   int64_t best = 0;
-  for (int64_t k = 1; k < K; ++k) best = l[k] > l[best] ? k : best;
+  bool all_finite = std::isfinite(l[0]);
+  for (int64_t k = 1; k < K; ++k) {
+    all_finite = all_finite && std::isfinite(l[k]);
+    best = l[k] > l[best] ? k : best;
+  }
+  finite = finite && all_finite;
   return static_cast<uint8_t>(best);
 }
 
@@ -34,6 +44,7 @@ at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, b
   at::Tensor codes = at::empty({B, M}, x.options().dtype(at::kByte));
   at::Tensor logits = at::empty({std::min(B, kRowsPerBlock), K}, x.options());
   uint8_t* out = codes.mutable_data_ptr<uint8_t>();
+  std::atomic<bool> all_finite{true};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "encode_cpu", [&] {
     for (int64_t r0 = 0; r0 < B; r0 += kRowsPerBlock) {
       const int64_t rows = std::min(kRowsPerBlock, B - r0);
@@ -42,11 +53,14 @@ at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, b
         at::mm_out(l, x.select(1, m).narrow(0, r0, rows), A[m]);  // [rows, K]
         const scalar_t* lp = l.const_data_ptr<scalar_t>();
         at::parallel_for(0, rows, 256, [&](int64_t begin, int64_t end) {
-          for (int64_t r = begin; r < end; ++r) out[(r0 + r) * M + m] = argmax_row(lp + r * K, K);
+          bool finite = true;
+          for (int64_t r = begin; r < end; ++r) out[(r0 + r) * M + m] = argmax_row(lp + r * K, K, finite);
+          if (!finite) all_finite.store(false, std::memory_order_relaxed);
         });
       }
     }
   });
+  check_similarities_finite(all_finite.load());
   return codes;
 }
 

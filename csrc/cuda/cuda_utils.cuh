@@ -44,6 +44,13 @@ __device__ __forceinline__ float log_of(float x) { return logf(x); }
 __device__ __forceinline__ double log_of(double x) { return log(x); }
 __device__ __forceinline__ float sqrt_of(float x) { return sqrtf(x); }
 __device__ __forceinline__ double sqrt_of(double x) { return sqrt(x); }
+#if defined(OPQN_CUDA_EMULATION)
+template <typename T>
+__device__ __forceinline__ bool finite_of(T x) { return std::isfinite(x); }
+#else
+template <typename T>
+__device__ __forceinline__ bool finite_of(T x) { return isfinite(x); }
+#endif
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 

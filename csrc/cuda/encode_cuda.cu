@@ -3,6 +3,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -28,6 +29,7 @@ at::Tensor encode_cuda(const at::Tensor& x_in, const at::Tensor& assign_weight, 
   const at::Tensor A = assign_weight.contiguous();
   at::Tensor codes = at::empty({B, M}, x.options().dtype(at::kByte));
   if (B == 0) return codes;
+  at::Tensor nonfinite = at::zeros({1}, x.options().dtype(at::kInt));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "encode_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const size_t smem = encode_shared_bytes<acc_t>(d, K);
@@ -35,9 +37,10 @@ at::Tensor encode_cuda(const at::Tensor& x_in, const at::Tensor& assign_weight, 
     allow_shared_bytes(kernel, smem);
     kernel<<<encode_grid(B, M), kThreads, smem, c10::cuda::getCurrentCUDAStream()>>>(
         x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), codes.mutable_data_ptr<uint8_t>(),
-        B, M, d, K);
+        nonfinite.mutable_data_ptr<int>(), B, M, d, K);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+  check_similarities_finite(nonfinite.item<int>() == 0);  // waits for the kernel
   return codes;
 }
 

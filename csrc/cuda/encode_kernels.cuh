@@ -1,7 +1,7 @@
 // The CUDA kernel of encode (host side: encode_cuda.cu): a block stages kEncodeTile samples of one
 // book in shared memory, computes their similarities to every word (column-form tile product,
 // tile_products.cuh: assign_weight read coalesced) and takes the argmax per sample with one warp
-// (ties to the smaller word).
+// (ties to the smaller word), flagging any similarity that is NaN or infinite (encode.h).
 #pragma once
 
 #include <cstddef>
@@ -27,11 +27,11 @@ size_t encode_shared_bytes(int64_t d, int64_t K) {
   return static_cast<size_t>(ceil_div(elements * int64_t{sizeof(acc_t)}, 16) * 16);
 }
 
-// x: [B, M, d]; A: [M, d, K] -> codes: [B, M]
+// x: [B, M, d]; A: [M, d, K] -> codes: [B, M]; *nonfinite set to 1 where a similarity is not finite
 template <typename scalar_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
 encode_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ A, uint8_t* __restrict__ codes,
-              int64_t B, int64_t M, int64_t d, int64_t K) {
+              int* __restrict__ nonfinite, int64_t B, int64_t M, int64_t d, int64_t K) {
   OPQN_DYNAMIC_SHARED(unsigned char, smem_raw);
   const int ds = static_cast<int>(staged_stride<acc_t>(d)), n_d = static_cast<int>(d);
   acc_t* xs = reinterpret_cast<acc_t*>(smem_raw);  // [kEncodeTile, ds], zero past d
@@ -54,12 +54,15 @@ encode_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ A, ui
     if (b >= B) continue;
     acc_t best = ls[t * K];
     int best_k = 0;
+    bool finite = true;
     for (int64_t k = lane; k < K; k += kWarp) {
+      finite = finite && finite_of(ls[t * K + k]);
       if (ls[t * K + k] > best) {
         best = ls[t * K + k];
         best_k = static_cast<int>(k);
       }
     }
+    if (!finite) *nonfinite = 1;
     for (int offset = kWarp / 2; offset > 0; offset /= 2) {
       const acc_t other = __shfl_xor_sync(0xffffffffu, best, offset);
       const int other_k = __shfl_xor_sync(0xffffffffu, best_k, offset);

@@ -142,20 +142,24 @@ int emu_soft_quantize_backward(int dtype, const void* gp, const void* gq, const 
   });
 }
 
-// x: [B, M, d]; A: [M, d, K] -> codes [B, M] uint8
-int emu_encode(int dtype, const void* x, const void* A, uint8_t* codes, int64_t B, int64_t M, int64_t d, int64_t K) {
+// x: [B, M, d]; A: [M, d, K] -> codes [B, M] uint8, *nonfinite 1 where a similarity is not finite (else as given)
+int emu_encode(int dtype, const void* x, const void* A, uint8_t* codes, int* nonfinite, int64_t B, int64_t M,
+               int64_t d, int64_t K) {
   return with_dtype(dtype, [&](auto zero) {
     using scalar_t = decltype(zero);
     using acc_t = acc_type<scalar_t>;
     const size_t s = sizeof(scalar_t);
     auto x_d = upload("x", x, B * M * d * s), A_d = upload("assign_weight", A, M * d * K * s);
     auto c_d = std::make_unique<DeviceBuffer>("codes", B * M);
+    auto flag_d = upload("nonfinite", nonfinite, sizeof(int));
     const size_t smem = opqn::cuda::encode_shared_bytes<acc_t>(d, K);
-    LaunchConfig config{opqn::cuda::encode_grid(B, M), dim3(opqn::cuda::kThreads), smem, smem > opqn::cuda::kSharedWithoutOptIn};
+    LaunchConfig config{opqn::cuda::encode_grid(B, M), dim3(opqn::cuda::kThreads), smem,
+                        smem > opqn::cuda::kSharedWithoutOptIn};
     const std::string error =
         opqn_emu::launch(config, opqn::cuda::encode_kernel<scalar_t, acc_t>, device_ptr<const scalar_t>(x_d),
-                         device_ptr<const scalar_t>(A_d), c_d->as<uint8_t>(), B, M, d, K);
+                         device_ptr<const scalar_t>(A_d), c_d->as<uint8_t>(), flag_d->as<int>(), B, M, d, K);
     c_d->copy_to(codes);
+    flag_d->copy_to(nonfinite);
     return report(error);
   });
 }
