@@ -1,7 +1,9 @@
 // CPU rank_stats: each query's whole ranking of the database (score descending, ties to the smaller
 // index) by a stable radix sort of its scores, then one walk down the ranking that accumulates the
-// average precision and the hits and precision sums at every cutoff. Parallel over queries.
+// average precision and the hits and precision sums at every cutoff. Parallel over queries. The
+// scores are checked finite while their sort keys are made (no pass of its own over [nq, N]).
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <numeric>
@@ -10,7 +12,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/isfinite.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -38,8 +39,6 @@ void check_rank_stats_args(const at::Tensor& scores, const at::Tensor& query_lab
   }
   for (int64_t c : cutoffs)
     TORCH_CHECK(c >= 1 && c <= N, "cutoffs must be in [1, N=", N, "], got ", c);
-  TORCH_CHECK(scores.numel() == 0 || at::isfinite(scores).all().item<bool>(),
-              "scores must be finite: they contain NaN or infinite values");
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank_stats_cpu(
@@ -70,11 +69,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank_stats_cpu(
   double* psum_ptr = precision_sums.mutable_data_ptr<double>();
   int64_t* rel_ptr = num_relevant.mutable_data_ptr<int64_t>();
 
+  std::atomic<bool> all_finite{true};
   at::parallel_for(0, nq, 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys(static_cast<size_t>(N)), scratch;  // [N]: score key << 32 | index
     for (int64_t q = begin; q < end; ++q) {
       const float* row = score_ptr + q * N;
-      for (int64_t i = 0; i < N; ++i) keys[i] = (uint64_t(descending_score_key(row[i])) << 32) | uint64_t(i);
+      bool finite = true;
+      for (int64_t i = 0; i < N; ++i) {
+        finite &= std::isfinite(row[i]);
+        keys[i] = (uint64_t(descending_score_key(row[i])) << 32) | uint64_t(i);
+      }
+      if (!finite) {
+        all_finite.store(false, std::memory_order_relaxed);
+        continue;
+      }
       radix_sort(keys, scratch, 32);  // stable on the score: equal scores stay in index order
       const int64_t label = qlabel[q];
       int64_t found = 0, next = 0;
@@ -93,6 +101,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rank_stats_cpu(
       ap[q] = found > 0 ? psum / double(found) : 0.0;
     }
   });
+  TORCH_CHECK(all_finite.load(), "scores must be finite: they contain NaN or infinite values");
   return {average_precision, hits, precision_sums, num_relevant};
 }
 
