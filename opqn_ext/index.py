@@ -92,7 +92,7 @@ class OPQNIndex:
         self.labels = torch.zeros(0, dtype=torch.int64)  # [N], -1 = none
         self.mapped_codes: np.memmap | None = None  # the file mapping behind codes after load(mmap=True)
         self._buffers: dict[str, torch.Tensor] = {}  # codes, ids, labels: prefixes of these (_append_rows)
-        self._packed_codes: PackedCodes4 | None = None  # 4-bit layout for fast_scan, rebuilt after changes
+        self._packed_codes: PackedCodes4 | None = None  # 4-bit layout of (a prefix of) the codes, for fast_scan
 
     @classmethod
     def from_head(cls, head, settings: dict | None = None) -> "OPQNIndex":
@@ -165,9 +165,9 @@ class OPQNIndex:
         for name, rows in (("codes", codes.to(self.device)), ("ids", ids), ("labels", labels.long())):
             value, self._buffers[name] = _append_rows(getattr(self, name), self._buffers.get(name), rows)
             setattr(self, name, value)
-        self.mapped_codes, self._packed_codes = None, None
+        self.mapped_codes = None
         if not in_order:
-            self._sort_by_id()
+            self._sort_by_id()  # the packed layout no longer describes a prefix of the codes
         return ids
 
     def _sort_by_id(self) -> None:
@@ -231,8 +231,19 @@ class OPQNIndex:
                             fast_scan, rerank)
 
     def _packed(self) -> PackedCodes4:
-        if self._packed_codes is None or self._packed_codes.num_codes != len(self):
-            self._packed_codes = pack_codes4(self.codes)
+        """The 4-bit layout of the codes. Codes appended since it was made are packed onto it (its
+        whole blocks of 32 codes stay as they are), so a growing index is never packed anew."""
+        packed = self._packed_codes
+        if packed is not None and packed.num_codes == len(self):
+            return packed
+        if packed is None:
+            self._buffers.pop("packed", None)
+            kept = torch.zeros(0, (self.num_books + 1) // 2, 32, dtype=torch.uint8, device=self.device)
+        else:
+            kept = packed.data[:packed.num_codes // 32]
+        tail = pack_codes4(self.codes[kept.shape[0] * 32:])
+        data, self._buffers["packed"] = _append_rows(kept, self._buffers.get("packed"), tail.data)
+        self._packed_codes = PackedCodes4(data, len(self), self.num_books)
         return self._packed_codes
 
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2):

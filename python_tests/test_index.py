@@ -136,6 +136,27 @@ def test_out_of_order_ids_after_small_adds_are_looked_up_and_sorted_in():
     assert 5 not in index.ids.tolist() and len(index) == 40
 
 
+def test_the_fast_scan_layout_grows_with_the_index_and_is_redone_after_reordering(device):
+    index, _ = make_index()
+    index.to(device)
+    codes = torch.randint(0, K, (300, M), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    q, start = features(4, 6), 0
+    for n in (45, 7, 100, 1, 31, 64):  # partial last blocks of 32 codes, whole ones, one code
+        index.add_codes(codes[start:start + n])
+        start += n
+        index.search(q, 3, fast_scan=True)
+        assert torch.equal(index._packed().data, opqn_ext.pack_codes4(index.codes).data)
+        assert index._packed().num_codes == len(index)
+    index.add_codes(codes[start:start + 2], ids=[-5, 1000])  # sorted in: the layout is made anew
+    index.remove([3, 77])
+    fresh, _ = make_index()
+    fresh.to(device)
+    fresh.add_codes(index.codes, ids=index.ids)
+    for a, b in zip(index.search(q, 40, fast_scan=True), fresh.search(q, 40, fast_scan=True)):
+        assert torch.equal(a, b)
+    assert torch.equal(index._packed().data, opqn_ext.pack_codes4(index.codes).data)
+
+
 @pytest.mark.parametrize("mmap", [True, False])
 def test_save_load_gives_identical_results(tmp_path, mmap):
     index, _ = make_index()
