@@ -134,7 +134,9 @@ class OrthoPQHead(nn.Module):
     def _track_feature_norm(self, x: torch.Tensor) -> None:
         """Running mean of ``||x_m||`` over the (global, under torch.distributed) batch."""
         norms = x.norm(dim=-1)
-        stats = torch.stack([norms.sum(), torch.tensor(float(norms.numel()), device=x.device, dtype=norms.dtype)])
+        # the count is filled on the device: a tensor made from a Python number would be a host copy,
+        # and a host copy waits for the GPU once per step
+        stats = torch.stack([norms.sum(), norms.new_full((), float(norms.numel()))])
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(stats)
         self.feature_norm.lerp_((stats[0] / stats[1]).to(self.feature_norm.dtype), 0.01)

@@ -97,6 +97,24 @@ def test_feature_norm_tracks_training_features():
     assert float(head.feature_norm) == pytest.approx(3.0 * math.sqrt(8), rel=0.1)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_training_step_of_the_head_on_cuda_never_waits_for_the_gpu():
+    head = OrthoPQHead(512, 1000, 8, 64).cuda()
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    features = torch.randn(256, 512, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 1000, (256,), device="cuda")
+    for sync_mode in ("default", "error"):  # the first step warms up; the second raises on any sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode(sync_mode)
+        try:
+            out = head(features, labels)
+            out.loss.backward()
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out.loss).item()
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
