@@ -57,8 +57,11 @@ step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \
   -k "cuda and (reference_float64 or ties or outside or encode_is or adc_scores)"
 step memcheck_adc 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
 step racecheck_adc 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
+# shapes whose tile products split sums over 8, 4, 2 and 1 thread groups, and one above 48 KiB of shared memory
+SQ_SMALL="(reference_float64 and scalar and (33-3-17-9 or 129-5-100-100 or 5-16-256-7 or 257-2-256-256))"
 step racecheck_soft_quantize 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST \
-  python_tests/test_soft_quantize.py python_tests/test_encode.py -k "cuda and (reference_float64 or encode_is)"
+  python_tests/test_soft_quantize.py python_tests/test_encode.py \
+  -k "cuda and ($SQ_SMALL or (encode_is and (37-3-16-16 or 500-8-64-64)))"
 
 step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
