@@ -24,12 +24,10 @@ constexpr int64_t kRowsPerBlock = 4096;
 template <typename T>
 uint8_t argmax_row(const T* l, int64_t K, bool& finite) {
   int64_t best = 0;
-  bool all_finite = std::isfinite(l[0]);
-  for (int64_t k = 1; k < K; ++k) {
-    all_finite = all_finite && std::isfinite(l[k]);
+  for (int64_t k = 0; k < K; ++k) {
+    finite &= std::isfinite(l[k]);
     best = l[k] > l[best] ? k : best;
   }
-  finite = finite && all_finite;
   return static_cast<uint8_t>(best);
 }
 

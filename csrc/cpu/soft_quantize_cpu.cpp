@@ -1,9 +1,10 @@
 // CPU kernels of soft_quantize. Each GEMM is one batched GEMM over the books (strided views of
-// the [B, M, *] tensors, no copies) on ATen's BLAS, which parallelizes it; everything between the GEMMs is one fused pass over the
-// [B*M] (sample, book) rows, parallel over rows, with the ISA-dispatched row kernels: softmax,
-// entropy and the norm clamp in the forward; entropy, softmax and norm-clamp gradients in the
-// backward. The similarity GEMM writes straight into the probs output and the reconstruction
-// GEMM reads from it, so the forward allocates nothing beyond its outputs (and [B, M] norms).
+// the [B, M, *] tensors, no copies) on ATen's BLAS, which parallelizes it; everything between the
+// GEMMs is one fused pass over the [B*M] (sample, book) rows, parallel over rows, with the
+// ISA-dispatched row kernels: softmax, entropy and the norm clamp in the forward; entropy, softmax
+// and norm-clamp gradients in the backward. The similarity GEMM writes straight into the probs
+// output and the reconstruction GEMM reads from it, so the forward allocates nothing beyond its
+// outputs (and [B, M] norms).
 // (Blocks of samples doing their GEMMs inside the parallel region, single-threaded BLAS each,
 // measured no faster at the benchmark shapes.)
 #include <ATen/core/Tensor.h>

@@ -23,8 +23,7 @@ inline dim3 encode_grid(int64_t B, int64_t M) {
 
 template <typename acc_t>
 size_t encode_shared_bytes(int64_t d, int64_t K) {
-  const int64_t elements = kEncodeTile * (staged_stride<acc_t>(d) + K) + column_product_scratch<acc_t, kEncodeTile>(K);
-  return static_cast<size_t>(ceil_div(elements * int64_t{sizeof(acc_t)}, 16) * 16);
+  return shared_bytes<acc_t>(kEncodeTile * (staged_stride<acc_t>(d) + K) + column_product_scratch<acc_t, kEncodeTile>(K));
 }
 
 // x: [B, M, d]; A: [M, d, K] -> codes: [B, M]; *nonfinite set to 1 where a similarity is not finite

@@ -30,8 +30,6 @@ dim3 soft_quantize_grid(int64_t B, int64_t M) {
   return dim3(static_cast<unsigned>(ceil_div(B, tile_rows<acc_t>())), static_cast<unsigned>(M));
 }
 
-constexpr int64_t larger(int64_t a, int64_t b) { return a > b ? a : b; }
-
 // Shared memory of the forward kernel, offsets in acc_t elements: xs [kTile, ds] (x), ps [kTile, ks]
 // (logits, then probs), the tile products' scratch, row_scale [kTile].
 template <typename acc_t>
@@ -40,8 +38,7 @@ struct ForwardShared {
   int64_t ds, ks, ps, scratch, row_scale, elements;
   constexpr ForwardShared(int64_t d, int64_t K)
       : ds(staged_stride<acc_t>(d)), ks(staged_stride<acc_t>(K)), ps(kTile * ds), scratch(ps + kTile * ks),
-        row_scale(scratch + larger(column_product_scratch<acc_t, kTile>(K), row_product_scratch<acc_t, kTile>(d))),
-        elements(row_scale + kTile) {}
+        row_scale(scratch + products_scratch<acc_t, kTile>(d, K)), elements(row_scale + kTile) {}
 };
 
 // Shared memory of the backward kernel: xs [kTile, ds] (x, normalize only), vs [kTile, ds]
@@ -54,20 +51,20 @@ struct BackwardShared {
   constexpr BackwardShared(int64_t d, int64_t K)
       : ds(staged_stride<acc_t>(d)), ks(staged_stride<acc_t>(K)), vs(kTile * ds), ps(vs + kTile * ds),
         gs(ps + kTile * ks), scratch(gs + kTile * ks),
-        row_scale(scratch + larger(column_product_scratch<acc_t, kTile>(K), row_product_scratch<acc_t, kTile>(d))),
-        row_norm(row_scale + kTile), elements(row_norm + kTile) {}
+        row_scale(scratch + products_scratch<acc_t, kTile>(d, K)), row_norm(row_scale + kTile),
+        elements(row_norm + kTile) {}
 };
 
 // Dynamic shared memory of the forward and the backward kernel (over 48 KiB at the largest d and K:
 // the host raises the kernels' limit, shared_limit.h).
 template <typename acc_t>
 size_t forward_shared_bytes(int64_t d, int64_t K) {
-  return static_cast<size_t>(ceil_div(ForwardShared<acc_t>(d, K).elements * int64_t{sizeof(acc_t)}, 16) * 16);
+  return shared_bytes<acc_t>(ForwardShared<acc_t>(d, K).elements);
 }
 
 template <typename acc_t>
 size_t backward_shared_bytes(int64_t d, int64_t K) {
-  return static_cast<size_t>(ceil_div(BackwardShared<acc_t>(d, K).elements * int64_t{sizeof(acc_t)}, 16) * 16);
+  return shared_bytes<acc_t>(BackwardShared<acc_t>(d, K).elements);
 }
 
 // Warp-cooperative: the norm n of one staged sub-vector xs [d] and its softmax scale

@@ -54,6 +54,19 @@ constexpr int64_t row_product_scratch(int64_t n) {
   return chunk > partials ? chunk : partials;
 }
 
+// Shared scratch (acc_t elements) for both forms over [d, K] weights, used one after the other.
+template <typename acc_t, int kTile>
+constexpr int64_t products_scratch(int64_t d, int64_t K) {
+  const int64_t column = column_product_scratch<acc_t, kTile>(K), row = row_product_scratch<acc_t, kTile>(d);
+  return column > row ? column : row;
+}
+
+// Dynamic shared memory bytes of `elements` acc_t values, whole 16-byte vectors.
+template <typename acc_t>
+size_t shared_bytes(int64_t elements) {
+  return static_cast<size_t>(ceil_div(elements * int64_t{sizeof(acc_t)}, 16) * 16);
+}
+
 template <typename T>
 struct alignas(16) Vec16 {
   T v[kVec<T>];
