@@ -8,7 +8,8 @@ codes. That is checked first (scores equal within float rounding, the same top-k
 near-ties), then everything is timed. Peers: FAISS IndexPQ (8-bit, M = 8), FAISS IndexPQFastScan
 (4-bit, M = 16: its own 8-bit quantized tables; shown for reference until opqn_ext's 4-bit scanner
 lands) and a naive torch gather + topk. Bandwidth: codes bytes scanned per second against a
-measured DRAM read rate.
+measured DRAM read rate. Where the active CPU path is AVX-512, the 8-bit scan is also timed on
+the AVX2 path (`avx2 8b`), in the same run.
 
     python benchmarks/bench_adc.py [--sizes 1000000 8000000] [--json PATH]
 """
@@ -78,6 +79,16 @@ def check_same_ranking(ours, theirs, k):
     return float(differ.float().mean())
 
 
+def on_isa(isa, fn):
+    """fn() with the CPU kernel path `isa`, restoring the active one."""
+    before = opqn_ext._C.active_cpu_isa()
+    opqn_ext._C.set_cpu_isa(isa)
+    try:
+        return fn()
+    finally:
+        opqn_ext._C.set_cpu_isa(before)
+
+
 def recall(found, exact):
     """Mean fraction of the exact top-k ids that were found."""
     return float(sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel())
@@ -90,6 +101,7 @@ def main():
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     bandwidth = dram_read_gbps()
+    with_avx2 = opqn_ext._C.active_cpu_isa() == "avx512"
     M, d, K = 8, 256, 256
     M4, d4, K4 = 16, 16, 16
     rows = []
@@ -113,6 +125,10 @@ def main():
                     torch.set_num_threads(threads)
                     faiss.omp_set_num_threads(threads)
                     t_ours = median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k), args.repeats)
+                    t_avx2 = None
+                    if with_avx2:
+                        t_avx2 = on_isa("avx2", lambda: median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k),
+                                                                       args.repeats))
                     t_pq = median_seconds(lambda: pq.search(queries.numpy(), k), args.repeats)
                     t_fast = median_seconds(lambda: fast.search(queries4.numpy(), k), args.repeats)
                     t_ours4 = median_seconds(lambda: opqn_ext.adc_topk4(lut4, packed4, k), args.repeats)
@@ -123,6 +139,7 @@ def main():
                     row = {
                         "N": N, "nq": nq, "k": k, "threads": threads,
                         "opqn_gcodes_s": scanned / t_ours / 1e9,
+                        "opqn_avx2_gcodes_s": scanned / t_avx2 / 1e9 if t_avx2 else None,
                         "faiss_pq_gcodes_s": scanned / t_pq / 1e9,
                         "faiss_fastscan_gcodes_s": scanned / t_fast / 1e9,
                         "opqn4_gcodes_s": scanned / t_ours4 / 1e9,
@@ -142,7 +159,8 @@ def main():
     where = f"{platform.machine()} CPU, FAISS {faiss.__version__} ({faiss.get_compile_options().strip()}), torch {torch.__version__}, ISA {opqn_ext.build_info()['active_cpu_isa']}"
     print(f"\nADC top-k scan, Gcodes/s (codes x queries per second); {where}; DRAM read {bandwidth:.1f} GB/s")
     print("8-bit: M=8 x 256 words; 4-bit: M=16 x 16 words; recall@k against exact ADC; BW frac: nq=1 code bytes/s over DRAM read")
-    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'faiss PQ':>8} {'x PQ':>6} {'naive':>7} {'x naive':>7}"
+    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'avx2 8b':>8} {'faiss PQ':>8} {'x PQ':>6}"
+            f" {'naive':>7} {'x naive':>7}"
             f" {'BW frac':>7} | {'opqn 4b':>8} {'fast4':>7} {'x fast4':>7} {'recall':>6} {'f.recall':>8}")
     print(head)
     print("-" * len(head))
@@ -150,7 +168,8 @@ def main():
         naive = f"{r['naive_torch_gcodes_s']:>7.3f}" if r["naive_torch_gcodes_s"] else f"{'-':>7}"
         xn = f"{r['x_naive_torch']:>7.1f}" if r["x_naive_torch"] else f"{'-':>7}"
         bw = f"{r['bandwidth_fraction']:>7.2f}" if r["bandwidth_fraction"] is not None else f"{'-':>7}"
-        print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} "
+        avx2 = f"{r['opqn_avx2_gcodes_s']:>8.3f}" if r["opqn_avx2_gcodes_s"] else f"{'-':>8}"
+        print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} {avx2} "
               f"{r['faiss_pq_gcodes_s']:>8.3f} {r['x_faiss_pq']:>6.2f} {naive} {xn} {bw} | "
               f"{r['opqn4_gcodes_s']:>8.3f} {r['faiss_fastscan_gcodes_s']:>7.3f} {r['x4_faiss_fastscan']:>7.2f} "
               f"{r['recall_opqn4']:>6.3f} {r['recall_faiss_fastscan']:>8.3f}")

@@ -54,7 +54,7 @@ def test_unknown_cpu_isa_is_rejected():
     proc = subprocess.run([sys.executable, "-c", "import opqn_ext, torch; x = torch.zeros(1, 2);"
                            "c = opqn_ext.orthonormal_codebooks(1, 2, 2); opqn_ext.soft_quantize(x, c, c)"],
                           capture_output=True, text=True, env=env)
-    assert proc.returncode != 0 and "OPQN_CPU_ISA must be 'scalar' or 'avx2'" in proc.stderr
+    assert proc.returncode != 0 and "OPQN_CPU_ISA must be 'scalar', 'avx2' or 'avx512'" in proc.stderr
     try:
         opqn_ext._C.set_cpu_isa("sse9")
     except ValueError as err:

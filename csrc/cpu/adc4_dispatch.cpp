@@ -21,7 +21,7 @@ namespace opqn::cpu {
 
 Scan4Fn scanner4() {
 #if defined(__x86_64__) || defined(__i386__)
-  if (active_cpu_isa() == CpuIsa::Avx2) return &avx2::scan4;
+  if (active_cpu_isa() >= CpuIsa::Avx2) return &avx2::scan4;  // no AVX-512 version
 #endif
   return &scalar::scan4;
 }

@@ -14,6 +14,7 @@ namespace opqn::cpu {
 
 AdcScanFn adc_scanner() {
 #if defined(__x86_64__) || defined(__i386__)
+  if (active_cpu_isa() == CpuIsa::Avx512) return &avx512::adc_scan;
   if (active_cpu_isa() == CpuIsa::Avx2) return &avx2::adc_scan;
 #endif
   return &scalar::adc_scan;

@@ -1,6 +1,6 @@
 // ADC scanners: score codes against padded lookup tables and offer them to per-query top-k heaps.
-// One implementation per instruction set (adc_scan_scalar.cpp, adc_scan_avx2.cpp), chosen by
-// adc_scanner() for the active ISA (cpu_isa.h). Tables are padded to 256 entries per book, so no
+// One implementation per instruction set (adc_scan_scalar.cpp, adc_scan_avx2.cpp,
+// adc_scan_avx512.cpp), chosen by adc_scanner() for the active ISA (cpu_isa.h). Tables are padded to 256 entries per book, so no
 // uint8 code can index outside them; every path adds a code's M entries in book order, so all
 // paths give bit-identical scores.
 #pragma once
@@ -22,6 +22,10 @@ void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, in
               int64_t first, int64_t end, TopK* tops);
 }
 namespace avx2 {
+void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, int64_t M,
+              int64_t first, int64_t end, TopK* tops);
+}
+namespace avx512 {
 void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, int64_t M,
               int64_t first, int64_t end, TopK* tops);
 }

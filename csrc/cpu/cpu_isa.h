@@ -1,5 +1,8 @@
 // Which CPU instruction-set path the kernels run: chosen once at first use from what the CPU
-// supports, or forced with OPQN_CPU_ISA=scalar|avx2; tests switch paths with set_cpu_isa.
+// supports (the best one), or forced with OPQN_CPU_ISA=scalar|avx2|avx512; tests switch paths with
+// set_cpu_isa. The paths are ordered: a kernel without a version for the active path runs its
+// best version below it (only the 8-bit ADC scan has an AVX-512 version; "avx512" means
+// AVX-512 F, BW and VBMI, as on Ice Lake, Sapphire Rapids and Zen 4 or later).
 #pragma once
 
 #include <string>
@@ -7,7 +10,7 @@
 
 namespace opqn::cpu {
 
-enum class CpuIsa { Scalar, Avx2 };
+enum class CpuIsa { Scalar, Avx2, Avx512 };
 
 // Paths this machine can run, best last ("scalar" is always there).
 std::vector<std::string> available_cpu_isas();

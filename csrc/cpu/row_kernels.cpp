@@ -14,7 +14,7 @@ namespace avx2 {
 extern const RowKernels<float> kRowKernelsFloat;
 extern const RowKernels<double> kRowKernelsDouble;
 }  // namespace avx2
-#define OPQN_PICK(name) (active_cpu_isa() == CpuIsa::Avx2 ? avx2::name : scalar::name)
+#define OPQN_PICK(name) (active_cpu_isa() >= CpuIsa::Avx2 ? avx2::name : scalar::name)
 #else
 #define OPQN_PICK(name) (scalar::name)
 #endif
