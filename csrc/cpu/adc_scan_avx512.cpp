@@ -8,7 +8,8 @@
 // threshold, and only codes above it are scored in float, in book order as the scalar scanner
 // does, and offered to the top-k when they beat its threshold. The byte threshold is conservative
 // (adc_filter.h), so every code that a full float scan would offer is offered, in the same id
-// order: results are bit-identical to the other paths. M > 16 goes to the AVX2 scanner.
+// order: results are bit-identical to the other paths. M > 16, and ranges of at most 2k codes (where
+// every code passes), go to the AVX2 scanner.
 #if defined(__x86_64__) || defined(__i386__)
 #include <algorithm>
 #include <cstdint>
@@ -28,6 +29,7 @@ constexpr int64_t kGroupCodes = 64;
 constexpr int64_t kMaxBooks = 16;      // transposes cost M * M permutes per group
 constexpr int64_t kBlockGroups = 16;   // 1024 codes transposed per block: [16, M, 64] bytes <= 16 KB
 constexpr int64_t kChunkQueries = 64;  // queries whose byte tables stay in cache together
+constexpr int64_t kPrefetchCodes = kBlockGroups * kGroupCodes;  // codes read ahead: one block
 
 // How a group's M 64-byte windows (bytes 64w..64w+63 of its 64 * M) become M word vectors.
 // Any M: for book m and window w, which lanes i take their byte from this window (codes whose word
@@ -178,6 +180,8 @@ void scan_chunk(const float* luts, int64_t nq, const uint8_t* codes, int64_t m_r
     const int64_t groups = (b1 - b0 + kGroupCodes - 1) / kGroupCodes;
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t g0 = b0 + g * kGroupCodes;
+      const uint8_t* ahead = codes + (g0 + kPrefetchCodes) * M;  // past the end: harmless
+      for (int64_t line = 0; line < M * kGroupCodes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
       transpose_group<kM, kRegs>(codes + g0 * M, std::min(kGroupCodes, b1 - g0), M, plan,
                                  words + g * M * 64, beyond + g * M);
     }
@@ -232,7 +236,9 @@ void scan_chunk_regs(int regs, const float* luts, int64_t nq, const uint8_t* cod
 
 void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, int64_t M,
               int64_t first, int64_t end, TopK* tops) {
-  if (M > kMaxBooks) return avx2::adc_scan(luts, nq, codes, N, M, first, end, tops);
+  // Until 2k codes are in, every code passes: a range that short is better scanned in float.
+  const bool short_range = nq > 0 && 2 * tops[0].k >= end - first;
+  if (M > kMaxBooks || short_range) return avx2::adc_scan(luts, nq, codes, N, M, first, end, tops);
   GroupTranspose plan;
   plan_transpose(M, plan);
   FilterTables tables;
