@@ -89,6 +89,30 @@ void store_words(__m512i w, int64_t m, uint8_t* words, __mmask64* beyond) {
   beyond[m] = _mm512_test_epi8_mask(w, _mm512_set1_epi8(static_cast<char>(kRegs == 1 ? 0xC0 : 0x80)));
 }
 
+// The stages of a power-of-two transpose from `kBooks` books per register down to 1, unrolled so
+// that the registers stay registers.
+template <int64_t kM, int64_t kBooks>
+[[gnu::always_inline]] inline void transpose_stages(__m512i (&r)[kM], const GroupTranspose& plan, int stage) {
+  if constexpr (kBooks > 1) {
+    const __m512i low = _mm512_load_si512(plan.stages[stage][0]);
+    const __m512i high = _mm512_load_si512(plan.stages[stage][1]);
+    constexpr int64_t kHalf = kBooks / 2;  // code ranges per book group: kBooks in, kHalf out
+    __m512i next[kM];
+#pragma GCC unroll 16
+    for (int64_t g = 0; g < kM / kBooks; ++g) {
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < kHalf; ++i) {
+        const __m512i a = r[g * kBooks + 2 * i], b = r[g * kBooks + 2 * i + 1];
+        next[2 * g * kHalf + i] = _mm512_permutex2var_epi8(a, low, b);
+        next[(2 * g + 1) * kHalf + i] = _mm512_permutex2var_epi8(a, high, b);
+      }
+    }
+#pragma GCC unroll 16
+    for (int64_t j = 0; j < kM; ++j) r[j] = next[j];
+    transpose_stages<kM, kHalf>(r, plan, stage + 1);
+  }
+}
+
 // Transposes a group of `codes` (<= 64) codes into words [M, 64] (see GroupTranspose).
 template <int64_t kM, int kRegs>
 void transpose_group(const uint8_t* group, int64_t codes, int64_t m_runtime, const GroupTranspose& plan,
@@ -96,22 +120,16 @@ void transpose_group(const uint8_t* group, int64_t codes, int64_t m_runtime, con
   const int64_t M = kM > 0 ? kM : m_runtime;
   const int64_t bytes = codes * M;
   if constexpr (kM > 0 && is_power_of_two(kM)) {
-    __m512i r[kM], next[kM];  // [book group, code range]
-    for (int64_t w = 0; w < kM; ++w) r[w] = load_window(group, bytes, w);
-    int stage = 0;
-    for (int64_t books = kM; books > 1; books /= 2, ++stage) {
-      const __m512i low = _mm512_load_si512(plan.stages[stage][0]);
-      const __m512i high = _mm512_load_si512(plan.stages[stage][1]);
-      const int64_t ranges = books, half = books / 2;  // code ranges per book group, in and out
-      for (int64_t g = 0; g < kM / books; ++g) {
-        for (int64_t i = 0; i < half; ++i) {
-          const __m512i a = r[g * ranges + 2 * i], b = r[g * ranges + 2 * i + 1];
-          next[2 * g * half + i] = _mm512_permutex2var_epi8(a, low, b);
-          next[(2 * g + 1) * half + i] = _mm512_permutex2var_epi8(a, high, b);
-        }
-      }
-      for (int64_t j = 0; j < kM; ++j) r[j] = next[j];
+    __m512i r[kM];  // [book group, code range]
+    if (codes == kGroupCodes) {
+#pragma GCC unroll 16
+      for (int64_t w = 0; w < kM; ++w) r[w] = _mm512_loadu_si512(group + 64 * w);
+    } else {
+#pragma GCC unroll 16
+      for (int64_t w = 0; w < kM; ++w) r[w] = load_window(group, bytes, w);
     }
+    transpose_stages<kM, kM>(r, plan, 0);
+#pragma GCC unroll 16
     for (int64_t m = 0; m < kM; ++m) store_words<kRegs>(r[m], m, words, beyond);
   } else {
     for (int64_t m = 0; m < M; ++m) {
