@@ -3,7 +3,8 @@
 // looked-up bytes are summed without widening: added as int16 lanes (even code + 256 * odd code)
 // and, shifted right by 8, as the odd codes alone; even sums come out by subtraction at the end,
 // and the two books' lanes are added by two lane permutes. Two compares per 32 codes against the
-// query's threshold (kept as int16 per query); only codes above it reach the heap.
+// query's threshold (kept as int16 per query); only codes above it reach the heap. Queries go
+// two at a time, so each load of words and its nibble masks serves both.
 #if defined(__x86_64__) || defined(__i386__)
 #include <cstdint>
 #include <vector>
@@ -48,12 +49,60 @@ __m256i add_lanes(__m256i x, __m256i y) {
   return _mm256_add_epi16(_mm256_permute2x128_si256(x, y, 0x20), _mm256_permute2x128_si256(x, y, 0x31));
 }
 
+// The int16 sums of one block's 32 codes for kQueries queries at once (their tables kQueries * pairs
+// * 32 bytes apart), so that each 32-byte load of words and its two nibble masks serve them all:
+// even[j][i] = sum of code 2i, odd[j][i] = sum of code 2i + 1 (codes 0..15 in lanes 0-7, 16..31 in
+// 8-15), for query j.
+template <int64_t kPairs, int kQueries>
+void block_sums(const uint8_t* codes, const uint8_t* tables, int64_t pairs_runtime, __m256i (&even)[kQueries],
+                __m256i (&odd)[kQueries]) {
+  const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
+  const __m256i nibble = _mm256_set1_epi8(0x0F);
+  // int16 lanes: "all" adds (even code + 256 * odd code), "odd" the odd codes alone
+  __m256i low_all[kQueries], low_odd[kQueries];    // codes 0..15
+  __m256i high_all[kQueries], high_odd[kQueries];  // codes 16..31
+  for (int j = 0; j < kQueries; ++j)
+    low_all[j] = low_odd[j] = high_all[j] = high_odd[j] = _mm256_setzero_si256();
+  for (int64_t p = 0; p < pairs; ++p) {
+    const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
+    const __m256i low_words = _mm256_and_si256(words, nibble);
+    const __m256i high_words = _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble);
+    for (int j = 0; j < kQueries; ++j) {
+      const __m256i lut = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(tables + (j * pairs + p) * 32));
+      const __m256i low = _mm256_shuffle_epi8(lut, low_words);
+      const __m256i high = _mm256_shuffle_epi8(lut, high_words);
+      low_all[j] = _mm256_add_epi16(low_all[j], low);
+      low_odd[j] = _mm256_add_epi16(low_odd[j], _mm256_srli_epi16(low, 8));
+      high_all[j] = _mm256_add_epi16(high_all[j], high);
+      high_odd[j] = _mm256_add_epi16(high_odd[j], _mm256_srli_epi16(high, 8));
+    }
+  }
+  for (int j = 0; j < kQueries; ++j) {
+    even[j] = add_lanes(_mm256_sub_epi16(low_all[j], _mm256_slli_epi16(low_odd[j], 8)),
+                        _mm256_sub_epi16(high_all[j], _mm256_slli_epi16(high_odd[j], 8)));
+    odd[j] = add_lanes(low_odd[j], high_odd[j]);
+  }
+}
+
+// Compares a block's sums for query q with its threshold; offers the codes above it.
+void compare_and_offer(__m256i even, __m256i odd, int64_t first_id, int64_t num_codes, int16_t& threshold16,
+                       TopK& top) {
+  const __m256i threshold = _mm256_set1_epi16(threshold16);
+  const __m256i even_pass = _mm256_cmpgt_epi16(even, threshold);
+  const __m256i odd_pass = _mm256_cmpgt_epi16(odd, threshold);
+  const __m256i pass = _mm256_or_si256(even_pass, odd_pass);
+  if (_mm256_testz_si256(pass, pass)) return;
+  offer_block(even, odd, _mm256_movemask_epi8(even_pass), _mm256_movemask_epi8(odd_pass), first_id, num_codes,
+              top);
+  threshold16 = threshold_of(top);
+}
+
 // kPairs > 0: the number of book pairs as a compile-time constant (the loop over them unrolls).
+// Queries go two at a time (block_sums), an odd last one alone.
 template <int64_t kPairs>
 void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs_runtime,
                  int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
   const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
-  const __m256i nibble = _mm256_set1_epi8(0x0F);
   std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
   for (int64_t q = 0; q < nq; ++q) thresholds[q] = threshold_of(tops[q]);
   for (int64_t block = first_block; block < end_block; ++block) {
@@ -61,33 +110,17 @@ void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64
     const int64_t first_id = block * kBlockCodes4;
     for (int64_t line = 0; line < pairs * 32; line += 64)
       _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBlocks * pairs * 32 + line), _MM_HINT_T0);
-    for (int64_t q = 0; q < nq; ++q) {
-      const uint8_t* table = tables + q * pairs * 32;
-      // int16 lanes: "all" adds (even code + 256 * odd code), "odd" the odd codes alone
-      __m256i low_all = _mm256_setzero_si256(), low_odd = _mm256_setzero_si256();    // codes 0..15
-      __m256i high_all = _mm256_setzero_si256(), high_odd = _mm256_setzero_si256();  // codes 16..31
-      for (int64_t p = 0; p < pairs; ++p) {
-        const __m256i words = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + p * 32));
-        const __m256i lut = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(table + p * 32));
-        const __m256i low = _mm256_shuffle_epi8(lut, _mm256_and_si256(words, nibble));
-        const __m256i high = _mm256_shuffle_epi8(lut, _mm256_and_si256(_mm256_srli_epi16(words, 4), nibble));
-        low_all = _mm256_add_epi16(low_all, low);
-        low_odd = _mm256_add_epi16(low_odd, _mm256_srli_epi16(low, 8));
-        high_all = _mm256_add_epi16(high_all, high);
-        high_odd = _mm256_add_epi16(high_odd, _mm256_srli_epi16(high, 8));
-      }
-      // even[j] = sum of code 2j, odd[j] = sum of code 2j + 1 (codes 0..15 in lanes 0-7, 16..31 in 8-15)
-      const __m256i even = add_lanes(_mm256_sub_epi16(low_all, _mm256_slli_epi16(low_odd, 8)),
-                                     _mm256_sub_epi16(high_all, _mm256_slli_epi16(high_odd, 8)));
-      const __m256i odd = add_lanes(low_odd, high_odd);
-      const __m256i threshold = _mm256_set1_epi16(thresholds[q]);
-      const __m256i even_pass = _mm256_cmpgt_epi16(even, threshold);
-      const __m256i odd_pass = _mm256_cmpgt_epi16(odd, threshold);
-      const __m256i pass = _mm256_or_si256(even_pass, odd_pass);
-      if (_mm256_testz_si256(pass, pass)) continue;
-      offer_block(even, odd, _mm256_movemask_epi8(even_pass), _mm256_movemask_epi8(odd_pass), first_id,
-                  num_codes, tops[q]);
-      thresholds[q] = threshold_of(tops[q]);
+    int64_t q = 0;
+    for (; q + 2 <= nq; q += 2) {
+      __m256i even[2], odd[2];
+      block_sums<kPairs, 2>(codes, tables + q * pairs * 32, pairs, even, odd);
+      compare_and_offer(even[0], odd[0], first_id, num_codes, thresholds[q], tops[q]);
+      compare_and_offer(even[1], odd[1], first_id, num_codes, thresholds[q + 1], tops[q + 1]);
+    }
+    if (q < nq) {
+      __m256i even[1], odd[1];
+      block_sums<kPairs, 1>(codes, tables + q * pairs * 32, pairs, even, odd);
+      compare_and_offer(even[0], odd[0], first_id, num_codes, thresholds[q], tops[q]);
     }
   }
 }
