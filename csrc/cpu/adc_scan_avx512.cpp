@@ -2,7 +2,7 @@
 // for the few codes that pass. Per block of codes, each group of 64 codes is transposed once into
 // one 64-byte vector per book (byte i = the word of code i), with masked byte permutes (VBMI) from
 // the group's M 64-byte windows. Per query, each book's word vector indexes the query's byte table
-// (adc_filter.h) held in 1, 2 or 4 registers (vpermb / vpermi2b): 64 lookups in one or three
+// (adc_filter.h) held in 1, 2 or 4 registers (vpermb / vpermi2b): 64 lookups in one to three
 // instructions. The bytes are summed in int16 lanes without widening (even code + 256 * odd code,
 // and the odd codes alone; the even sums come out by subtraction), compared with the query's byte
 // threshold, and only codes above it are scored in float, in book order as the scalar scanner
@@ -199,7 +199,8 @@ void scan_chunk(const float* luts, int64_t nq, const uint8_t* codes, int64_t m_r
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t g0 = b0 + g * kGroupCodes;
       const uint8_t* ahead = codes + (g0 + kPrefetchCodes) * M;  // past the end: harmless
-      for (int64_t line = 0; line < M * kGroupCodes; line += 64) _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
+      for (int64_t line = 0; line < M * kGroupCodes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(ahead + line), _MM_HINT_T0);
       transpose_group<kM, kRegs>(codes + g0 * M, std::min(kGroupCodes, b1 - g0), M, plan,
                                  words + g * M * 64, beyond + g * M);
     }
@@ -221,7 +222,8 @@ void scan_chunk(const float* luts, int64_t nq, const uint8_t* codes, int64_t m_r
         const uint32_t odd_pass = _mm512_cmpgt_epi16_mask(odd, threshold);
         if ((even_pass | odd_pass) == 0) continue;
         // bit i: code g0 + i passed, in id order
-        uint64_t pass = _pdep_u64(even_pass, 0x5555555555555555ull) | _pdep_u64(odd_pass, 0xAAAAAAAAAAAAAAAAull);
+        uint64_t pass =
+            _pdep_u64(even_pass, 0x5555555555555555ull) | _pdep_u64(odd_pass, 0xAAAAAAAAAAAAAAAAull);
         const int64_t g0 = b0 + g * kGroupCodes;
         const float before = top.threshold;
         while (pass != 0) {

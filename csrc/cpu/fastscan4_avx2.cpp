@@ -54,7 +54,7 @@ __m256i add_lanes(__m256i x, __m256i y) {
 // even[j][i] = sum of code 2i, odd[j][i] = sum of code 2i + 1 (codes 0..15 in lanes 0-7, 16..31 in
 // 8-15), for query j.
 template <int64_t kPairs, int kQueries>
-void block_sums(const uint8_t* codes, const uint8_t* tables, int64_t pairs_runtime, __m256i (&even)[kQueries],
+[[gnu::always_inline]] inline void block_sums(const uint8_t* codes, const uint8_t* tables, int64_t pairs_runtime, __m256i (&even)[kQueries],
                 __m256i (&odd)[kQueries]) {
   const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
@@ -85,8 +85,8 @@ void block_sums(const uint8_t* codes, const uint8_t* tables, int64_t pairs_runti
 }
 
 // Compares a block's sums for query q with its threshold; offers the codes above it.
-void compare_and_offer(__m256i even, __m256i odd, int64_t first_id, int64_t num_codes, int16_t& threshold16,
-                       TopK& top) {
+[[gnu::always_inline]] inline void compare_and_offer(__m256i even, __m256i odd, int64_t first_id, int64_t num_codes,
+                                                     int16_t& threshold16, TopK& top) {
   const __m256i threshold = _mm256_set1_epi16(threshold16);
   const __m256i even_pass = _mm256_cmpgt_epi16(even, threshold);
   const __m256i odd_pass = _mm256_cmpgt_epi16(odd, threshold);
