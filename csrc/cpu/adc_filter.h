@@ -22,9 +22,6 @@ struct FilterTables {
   std::vector<double> slack;   // [nq]: bound on |float score - exact score| of any code
 };
 
-// M <= kMaxFilterBooks keeps every byte sum (<= 255 M) exact in int16 lanes.
-constexpr int64_t kMaxFilterBooks = 128;
-
 // luts: [nq, M, 256] padded float tables.
 void build_filter_tables(const float* luts, int64_t nq, int64_t M, FilterTables& out);
 

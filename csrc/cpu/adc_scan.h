@@ -1,8 +1,8 @@
 // ADC scanners: score codes against padded lookup tables and offer them to per-query top-k heaps.
 // One implementation per instruction set (adc_scan_scalar.cpp, adc_scan_avx2.cpp,
-// adc_scan_avx512.cpp), chosen by adc_scanner() for the active ISA (cpu_isa.h). Tables are padded to 256 entries per book, so no
-// uint8 code can index outside them; every path adds a code's M entries in book order, so all
-// paths give bit-identical scores.
+// adc_scan_avx512.cpp), chosen by adc_scanner() for the active ISA (cpu_isa.h). Tables are padded
+// to 256 entries per book, so no uint8 code can index outside them; every path adds a code's M
+// entries in book order, so all paths give bit-identical scores.
 #pragma once
 
 #include <cstdint>

@@ -27,6 +27,7 @@ namespace {
 
 constexpr int64_t kGroupCodes = 64;
 constexpr int64_t kMaxBooks = 16;      // transposes cost M * M permutes per group
+static_assert(kMaxBooks * 255 <= 32767, "byte sums must stay exact in int16 lanes");
 constexpr int64_t kBlockGroups = 16;   // 1024 codes transposed per block: [16, M, 64] bytes <= 16 KB
 constexpr int64_t kChunkQueries = 64;  // queries whose byte tables stay in cache together
 constexpr int64_t kPrefetchCodes = kBlockGroups * kGroupCodes;  // codes read ahead: one block
@@ -34,7 +35,7 @@ constexpr int64_t kPrefetchCodes = kBlockGroups * kGroupCodes;  // codes read ah
 // How a group's M 64-byte windows (bytes 64w..64w+63 of its 64 * M) become M word vectors.
 // Any M: for book m and window w, which lanes i take their byte from this window (codes whose word
 // of book m lies there) and at which offset: M * M masked permutes. M a power of two: log2(M)
-// stages of two-register permutes instead (M log2 M in all); each stage pairs registers that hold
+// stages of two-register permutes instead (M log2 M in all; see `staged`); each stage pairs registers that hold
 // the same books for adjacent code ranges and splits the books between its two outputs, which hold
 // them book-major (a book's codes in a row, ascending). The stage-1 inputs are the windows
 // themselves, code-major.
@@ -44,21 +45,25 @@ struct GroupTranspose {
   alignas(64) uint8_t stages[4][2][64];  // [stage, low/high books half]: vpermi2b indices
 };
 
-constexpr bool is_power_of_two(int64_t M) { return (M & (M - 1)) == 0; }
+// M = 2, 4, 8, 16 take the staged transpose; any other M (1 included) the masked permutes.
+constexpr bool staged(int64_t M) { return M >= 2 && (M & (M - 1)) == 0; }
 
+// Fills the half of `plan` that M's transpose uses.
 void plan_transpose(int64_t M, GroupTranspose& plan) {
-  for (int64_t m = 0; m < M; ++m) {
-    for (int64_t w = 0; w < M; ++w) {
-      plan.lanes[m * M + w] = 0;
-      std::fill(plan.index[m * M + w], plan.index[m * M + w] + 64, uint8_t(0));
+  if (!staged(M)) {
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t w = 0; w < M; ++w) {
+        plan.lanes[m * M + w] = 0;
+        std::fill(plan.index[m * M + w], plan.index[m * M + w] + 64, uint8_t(0));
+      }
+      for (int64_t i = 0; i < kGroupCodes; ++i) {
+        const int64_t byte = i * M + m, w = byte / 64;
+        plan.index[m * M + w][i] = static_cast<uint8_t>(byte % 64);
+        plan.lanes[m * M + w] |= __mmask64(1) << i;
+      }
     }
-    for (int64_t i = 0; i < kGroupCodes; ++i) {
-      const int64_t byte = i * M + m, w = byte / 64;
-      plan.index[m * M + w][i] = static_cast<uint8_t>(byte % 64);
-      plan.lanes[m * M + w] |= __mmask64(1) << i;
-    }
+    return;
   }
-  if (!is_power_of_two(M)) return;
   int stage = 0;
   for (int64_t books_in = M; books_in > 1; books_in /= 2, ++stage) {
     const int64_t books_out = books_in / 2, codes_in = 64 / books_in, codes_out = 2 * codes_in;
@@ -119,7 +124,7 @@ void transpose_group(const uint8_t* group, int64_t codes, int64_t m_runtime, con
                      uint8_t* words, __mmask64* beyond) {
   const int64_t M = kM > 0 ? kM : m_runtime;
   const int64_t bytes = codes * M;
-  if constexpr (kM > 0 && is_power_of_two(kM)) {
+  if constexpr (staged(kM)) {
     __m512i r[kM];  // [book group, code range]
     if (codes == kGroupCodes) {
 #pragma GCC unroll 16

@@ -54,8 +54,8 @@ __m256i add_lanes(__m256i x, __m256i y) {
 // even[j][i] = sum of code 2i, odd[j][i] = sum of code 2i + 1 (codes 0..15 in lanes 0-7, 16..31 in
 // 8-15), for query j.
 template <int64_t kPairs, int kQueries>
-[[gnu::always_inline]] inline void block_sums(const uint8_t* codes, const uint8_t* tables, int64_t pairs_runtime, __m256i (&even)[kQueries],
-                __m256i (&odd)[kQueries]) {
+[[gnu::always_inline]] inline void block_sums(const uint8_t* codes, const uint8_t* tables, int64_t pairs_runtime,
+                                              __m256i (&even)[kQueries], __m256i (&odd)[kQueries]) {
   const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
   const __m256i nibble = _mm256_set1_epi8(0x0F);
   // int16 lanes: "all" adds (even code + 256 * odd code), "odd" the odd codes alone
