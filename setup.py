@@ -66,7 +66,9 @@ sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 # same soname, already loaded.)
 # -Wno-psabi: the row kernels' 32-byte vector helpers are internal and inlined, so the ABI note GCC
 # gives for them in the baseline (non-AVX) build does not apply.
-cxx_flags = ["-O3", "-fvisibility=hidden", "-fopenmp", "-Wno-psabi"]
+# -std=c++20 named here: the sources are C++20 (as CMakeLists.txt says); older torch (2.11, the GPU
+# machines' torch, for one) would otherwise compile them as C++17.
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-Wno-psabi"]
 link_flags = ["-fopenmp"]
 macros = []
 if with_cuda:
@@ -76,7 +78,7 @@ if with_cuda:
         # No visible GPU to take the architecture from: build for Hopper, plus PTX for newer cards.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
     extension = cpp_extension.CUDAExtension
-    extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+    extra = {"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]}
 else:
     extension = cpp_extension.CppExtension
     extra = {"cxx": cxx_flags}
