@@ -5,9 +5,9 @@ configuration 8 x 256), uniform random database codes, queries = soft-quantized 
 features. FAISS IndexPQ (inner product) gets the OPQN codewords as centroids and our codes as its
 codes; queried with s, its tables are <s_m, c_mk> = probs (orthonormality), so both rank the same
 codes. That is checked first (scores equal within float rounding, the same top-k apart from
-near-ties), then everything is timed. Peers: FAISS IndexPQ (8-bit, M = 8), FAISS IndexPQFastScan
-(4-bit, M = 16: its own 8-bit quantized tables; shown for reference until opqn_ext's 4-bit scanner
-lands) and a naive torch gather + topk. Bandwidth: codes bytes scanned per second against a
+near-ties), then everything is timed. Peers: FAISS IndexPQ (8-bit, M = 8) for adc_topk, FAISS
+IndexPQFastScan (4-bit, M = 16 books of 16 words, its own 8-bit quantized tables) for adc_topk4 on
+the packed codes (recall@k of both against the exact 4-bit ranking), and a naive torch gather + topk. Bandwidth: codes bytes scanned per second against a
 measured DRAM read rate. Where the active CPU path is AVX-512, the 8-bit scan is also timed on
 the AVX2 path (`avx2 8b`), in the same run.
 

@@ -3,6 +3,7 @@
 #include "cpu/radix_sort.h"
 
 #include <algorithm>
+#include <array>
 #include <limits>
 #include <vector>
 
@@ -56,15 +57,55 @@ void topk_init(TopK& top, ScoredId* storage, int64_t k) {
   top = {storage, k, 0, none, none.score};
 }
 
+namespace {
+
+// Keeps the best k of the 2k entries. The k-th best score is found by a radix selection on
+// descending_score_key, one 8-bit digit per pass, counting only the keys that share the digits
+// found so far (no branch on the data, unlike a comparison selection of scores this close
+// together); of the entries with that score, the smallest ids stay. The same pairs stay, and the
+// same bound results, as from a selection in result order.
+void compact(TopK& top) {
+  thread_local std::vector<uint32_t> keys;
+  thread_local std::vector<int64_t> tie_ids;
+  const int64_t n = top.size;
+  keys.resize(static_cast<size_t>(n));
+  tie_ids.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) keys[i] = descending_score_key(top.entries[i].score);
+  uint32_t kth = 0, known = 0;  // the digits of the k-th smallest key found so far, and their mask
+  int64_t rank = top.k;          // its rank among the keys that share those digits
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    std::array<int64_t, 256> count{};
+    for (int64_t i = 0; i < n; ++i) count[(keys[i] >> shift) & 0xFFu] += (keys[i] & known) == kth;
+    uint32_t digit = 0;
+    for (; count[digit] < rank; ++digit) rank -= count[digit];
+    kth |= digit << shift;
+    known |= 0xFFu << shift;
+  }
+  int64_t ties = 0;  // the ids of the entries whose key is kth; the `rank` smallest of them stay
+  for (int64_t i = 0; i < n; ++i) {
+    tie_ids[ties] = top.entries[i].id;
+    ties += keys[i] == kth;
+  }
+  if (ties > rank) std::nth_element(tie_ids.begin(), tie_ids.begin() + (rank - 1), tie_ids.begin() + ties);
+  const int64_t last_tie = *std::max_element(tie_ids.begin(), tie_ids.begin() + rank);
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const ScoredId e = top.entries[i];
+    top.entries[kept] = e;
+    kept += (keys[i] < kth) | ((keys[i] == kth) & (e.id <= last_tie));
+  }
+  top.size = kept;
+  top.bound = {score_of_descending_key(kth), last_tie};
+  top.threshold = top.bound.score;
+}
+
+}  // namespace
+
 void topk_offer(TopK& top, float score, int64_t id) {
   const ScoredId item{score, id};
   if (!before(item, top.bound)) return;
   top.entries[top.size++] = item;
-  if (top.size < 2 * top.k) return;
-  std::nth_element(top.entries, top.entries + top.k - 1, top.entries + top.size, before);
-  top.size = top.k;
-  top.bound = top.entries[top.k - 1];
-  top.threshold = top.bound.score;
+  if (top.size == 2 * top.k) compact(top);
 }
 
 void topk_finish(TopK& top) {

@@ -1,6 +1,7 @@
 // The k best (score, id) pairs of a scan. Result order: higher score first, then smaller id.
 // A reservoir: pairs that beat the current bound are appended; when 2k have gathered, the best k
-// are kept (nth_element) and the k-th of them becomes the new bound. Amortized O(1) per kept pair.
+// are kept (a radix selection of the k-th score) and the k-th of them becomes the new bound.
+// Amortized O(1) per kept pair.
 // A plain struct with out-of-line functions (topk_heap.cpp, baseline ISA): the AVX2 scanners read
 // `threshold` directly and call topk_offer, so no inline code is shared between ISA builds.
 #pragma once
