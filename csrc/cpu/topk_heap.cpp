@@ -11,9 +11,13 @@ namespace opqn::cpu {
 
 namespace {
 
-inline bool before(const ScoredId& a, const ScoredId& b) {
-  return a.score > b.score || (a.score == b.score && a.id < b.id);
-}
+// Result order, as a function object so that the sorts and selections inline it.
+struct Before {
+  bool operator()(const ScoredId& a, const ScoredId& b) const {
+    return a.score > b.score || (a.score == b.score && a.id < b.id);
+  }
+};
+constexpr Before before{};
 
 // Below this many pairs a comparison sort beats the radix passes.
 constexpr int64_t kRadixMinPairs = 4096;
@@ -65,11 +69,14 @@ namespace {
 // together); of the entries with that score, the smallest ids stay. The same pairs stay, and the
 // same bound results, as from a selection in result order.
 void compact(TopK& top) {
-  thread_local std::vector<uint32_t> keys;
-  thread_local std::vector<int64_t> tie_ids;
+  constexpr int64_t kStackEntries = 512;  // scratch on the stack up to here (k <= 256), else on the heap
   const int64_t n = top.size;
-  keys.resize(static_cast<size_t>(n));
-  tie_ids.resize(static_cast<size_t>(n));
+  uint32_t stack_keys[kStackEntries];
+  int64_t stack_ids[kStackEntries];
+  std::vector<uint32_t> heap_keys(n > kStackEntries ? n : 0);
+  std::vector<int64_t> heap_ids(n > kStackEntries ? n : 0);
+  uint32_t* keys = n > kStackEntries ? heap_keys.data() : stack_keys;
+  int64_t* tie_ids = n > kStackEntries ? heap_ids.data() : stack_ids;
   for (int64_t i = 0; i < n; ++i) keys[i] = descending_score_key(top.entries[i].score);
   uint32_t kth = 0, known = 0;  // the digits of the k-th smallest key found so far, and their mask
   int64_t rank = top.k;          // its rank among the keys that share those digits
@@ -86,8 +93,8 @@ void compact(TopK& top) {
     tie_ids[ties] = top.entries[i].id;
     ties += keys[i] == kth;
   }
-  if (ties > rank) std::nth_element(tie_ids.begin(), tie_ids.begin() + (rank - 1), tie_ids.begin() + ties);
-  const int64_t last_tie = *std::max_element(tie_ids.begin(), tie_ids.begin() + rank);
+  if (ties > rank) std::nth_element(tie_ids, tie_ids + (rank - 1), tie_ids + ties);
+  const int64_t last_tie = *std::max_element(tie_ids, tie_ids + rank);
   int64_t kept = 0;
   for (int64_t i = 0; i < n; ++i) {
     const ScoredId e = top.entries[i];
@@ -109,8 +116,7 @@ void topk_offer(TopK& top, float score, int64_t id) {
 }
 
 void topk_finish(TopK& top) {
-  keep_best_in_result_order(top.entries, top.size, top.k);
-  top.size = std::min(top.size, top.k);
+  if (top.size > top.k) compact(top);
 }
 
 }  // namespace opqn::cpu

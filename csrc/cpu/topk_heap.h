@@ -35,7 +35,7 @@ void topk_init(TopK& top, ScoredId* storage, int64_t k);
 // Keeps (score, id) if it ranks before the bound.
 void topk_offer(TopK& top, float score, int64_t id);
 
-// Leaves the best min(size, k) pairs in entries[0, size), in result order.
+// Leaves the best min(size, k) pairs in entries[0, size), in the order they were offered.
 void topk_finish(TopK& top);
 
 }  // namespace opqn::cpu
