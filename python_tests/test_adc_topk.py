@@ -148,9 +148,9 @@ def test_long_scan_releases_the_gil():
     t.start()
     time.sleep(0.01)
     try:
-        # twice the queries until one scan lasts 0.1 s: the AVX-512 scanner on many cores does 64
-        # queries over 1M codes in a few milliseconds
-        for _ in range(10):
+        # twice the queries until one scan lasts 0.1 s (at most 16384 queries, a 134 MB table): the
+        # AVX-512 scanner on many cores does 64 queries over 1M codes in a few milliseconds
+        for _ in range(9):
             start = time.perf_counter()
             opqn_ext.adc_topk(lut, codes, 10)
             end = time.perf_counter()
