@@ -69,6 +69,26 @@ def test_rescoring_every_code_gives_exact_adc(cpu_isa):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+@pytest.mark.parametrize("k", [1, 10, 100, 1024])
+def test_rerank_1_is_exact_where_the_8_bit_tables_are_exact(k):
+    # Integer tables 0..255 in every book with the full range: the scanner's 8-bit tables are the
+    # float ones minus a constant, so the approximate ranking is the exact one and rerank=1 must
+    # give exact ADC, ties included. The best codes sit at the start of each part, where the AVX2
+    # scanner samples its first threshold: one a single step too high drops codes that belong.
+    g = torch.Generator().manual_seed(k)
+    M, K, N, nq = 16, 16, 40000, 3
+    lut = torch.randint(1, 255, (nq, M, K), generator=g).float()
+    lut[:, :, 0], lut[:, :, K - 1] = 0.0, 255.0
+    codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+    for start in (0, N // 2):  # the parts of a 2-thread scan start at 0 and N / 2
+        codes[start:start + 4096] = torch.randint(K - 4, K, (4096, M), generator=g, dtype=torch.uint8)
+    packed = opqn_ext.pack_codes4(codes)
+    for queries in (lut[:1], lut):  # one query: two parts on two threads; three: split queries
+        want = opqn_ext.adc_topk(queries, codes, k)
+        for got in results_on_every_path(lambda: opqn_ext.adc_topk4(queries, packed, k, rerank=1)):
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 def test_paths_and_thread_counts_agree():
     lut, codes = problem(3, 16, 16, 600000, seed=2)
     packed = opqn_ext.pack_codes4(codes)

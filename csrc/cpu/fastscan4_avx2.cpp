@@ -4,8 +4,10 @@
 // and, shifted right by 8, as the odd codes alone; even sums come out by subtraction at the end,
 // and the two books' lanes are added by two lane permutes. Two compares per 32 codes against the
 // query's threshold (kept as int16 per query); only codes above it reach the heap. Queries go
-// two at a time, so each load of words and its nibble masks serves both.
+// two at a time, so each load of words and its nibble masks serves both. Each query's threshold
+// starts from a sample of the range (its first 4096 codes) rather than from nothing.
 #if defined(__x86_64__) || defined(__i386__)
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
@@ -97,14 +99,57 @@ template <int64_t kPairs, int kQueries>
   threshold16 = threshold_of(top);
 }
 
+constexpr int64_t kSampleBlocks = 128;  // 4096 codes: where a query's first threshold comes from
+
+// A first threshold for query q (its tables at `tables`) from the sample blocks [first_block,
+// first_block + kSampleBlocks), which must hold no missing code: the largest t, a multiple of 8,
+// such that at least k of their codes score t or more, minus 1 (-1 where fewer than k do). The final
+// k-th best score of the range can only be higher, so starting the scan there drops no code that
+// belongs, and spares the reservoir the offers of a threshold that starts at nothing.
+int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs, int64_t first_block, int64_t k) {
+  constexpr int kBinShift = 3;
+  uint16_t bins[32768 >> kBinShift] = {};  // counts of scores >> kBinShift; sums are 0..32767
+  int top_bin = 0;
+  for (int64_t block = first_block; block < first_block + kSampleBlocks; ++block) {
+    __m256i even[1], odd[1];
+    block_sums<0, 1>(packed + block * pairs * 32, tables, pairs, even, odd);
+    alignas(32) int16_t sums[2][16];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), even[0]);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), odd[0]);
+    for (const int16_t* row : sums) {
+      for (int j = 0; j < 16; ++j) {
+        const int bin = row[j] >> kBinShift;
+        ++bins[bin];
+        top_bin = std::max(top_bin, bin);
+      }
+    }
+  }
+  int64_t at_least = 0;  // codes of the sample in bins [bin, top_bin]
+  for (int bin = top_bin; bin >= 0; --bin) {
+    at_least += bins[bin];
+    if (at_least >= k) return (bin << kBinShift) - 1;
+  }
+  return -1;
+}
+
 // kPairs > 0: the number of book pairs as a compile-time constant (the loop over them unrolls).
-// Queries go two at a time (block_sums), an odd last one alone.
+// Queries go two at a time (block_sums), an odd last one alone. Where the range is long and k a
+// small share of a sample, each query starts from the sample's threshold (sample_threshold).
 template <int64_t kPairs>
 void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs_runtime,
                  int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
   const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
   std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
-  for (int64_t q = 0; q < nq; ++q) thresholds[q] = threshold_of(tops[q]);
+  // the sample holds no missing code: missing ones exist only in the last block of all
+  const bool sampled = end_block - first_block >= 4 * kSampleBlocks && nq > 0 &&
+                       4 * tops[0].k <= kSampleBlocks * kBlockCodes4;
+  for (int64_t q = 0; q < nq; ++q) {
+    if (sampled) {
+      const int floor = sample_threshold(tables + q * pairs * 32, packed, pairs, first_block, tops[q].k);
+      if (floor >= 0) topk_set_floor(tops[q], static_cast<float>(floor));
+    }
+    thresholds[q] = threshold_of(tops[q]);
+  }
   for (int64_t block = first_block; block < end_block; ++block) {
     const uint8_t* codes = packed + block * pairs * 32;
     const int64_t first_id = block * kBlockCodes4;

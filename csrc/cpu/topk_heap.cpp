@@ -61,6 +61,11 @@ void topk_init(TopK& top, ScoredId* storage, int64_t k) {
   top = {storage, k, 0, none, none.score};
 }
 
+void topk_set_floor(TopK& top, float floor) {
+  top.bound = {floor, std::numeric_limits<int64_t>::min()};
+  top.threshold = floor;
+}
+
 namespace {
 
 // Keeps the best k of the 2k entries. The k-th best score is found by a radix selection on

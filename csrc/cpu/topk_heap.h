@@ -32,6 +32,10 @@ void keep_best_in_result_order(ScoredId* pairs, int64_t n, int64_t k);
 // Starts an empty top-k over storage [2k].
 void topk_init(TopK& top, ScoredId* storage, int64_t k);
 
+// From now on only pairs scoring above `floor` are kept. Valid (the kept pairs stay the best k) only
+// while no pair has been offered yet and at least k of the pairs to come score above it.
+void topk_set_floor(TopK& top, float floor);
+
 // Keeps (score, id) if it ranks before the bound.
 void topk_offer(TopK& top, float score, int64_t id);
 
