@@ -44,7 +44,7 @@ bench: build
 # the CUDA emulator, whose guard pages report out-of-bounds accesses through it.
 ASAN_DIR := build/asan
 SANITIZE_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
-SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_rank_stats.py test_encode.py test_soft_quantize.py \
+SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_topk_heap.py test_rank_stats.py test_encode.py test_soft_quantize.py \
 	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py \
 	test_cuda_emulator.py test_cuda_kernels_emulated.py
 sanitize: $(STAMP)

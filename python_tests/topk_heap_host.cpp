@@ -3,8 +3,8 @@
 // signed zeros, infinities and one-ulp neighbours, k from 1 to past the selection's stack scratch.
 // After topk_finish and a sort, the kept pairs must be the first k of a full sort in result order
 // (higher score first, then smaller id), and while offering, the bound must never drop a pair that
-// belongs there. Built and run by test_topk_heap.py; prints "ok: N cases" and exits 0 when every
-// case passes.
+// belongs there. Built and run by test_topk_heap.py (with AddressSanitizer and UBSan under make
+// sanitize); prints "ok: N cases" and exits 0 when every case passes.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
