@@ -20,13 +20,20 @@
 namespace opqn::cpu::avx2 {
 namespace {
 
+// The int16 sums of a block's codes as two rows: rows[0][j] of code 2j, rows[1][j] of code 2j+1.
+struct BlockSums {
+  alignas(32) int16_t rows[2][16];
+  BlockSums(__m256i even, __m256i odd) {
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[0]), even);
+    _mm256_store_si256(reinterpret_cast<__m256i*>(rows[1]), odd);
+  }
+};
+
 // Offers the codes of a 32-code block that passed: even[j] holds the sum of code 2j, odd[j] that
 // of code 2j+1; the masks have two bits per lane (movemasks of int16 compares).
 void offer_block(__m256i even, __m256i odd, uint32_t even_mask, uint32_t odd_mask, int64_t first_id,
                  int64_t num_codes, TopK& top) {
-  alignas(32) int16_t sums[2][16];
-  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), even);
-  _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), odd);
+  const BlockSums sums(even, odd);
   uint32_t mask = (even_mask & 0x55555555u) | (odd_mask & 0xAAAAAAAAu);  // bit 2j: even, 2j+1: odd
   while (mask != 0) {
     const int bit = __builtin_ctz(mask);
@@ -34,7 +41,7 @@ void offer_block(__m256i even, __m256i odd, uint32_t even_mask, uint32_t odd_mas
     const int j = bit / 2, odd_code = bit % 2;
     const int64_t id = first_id + 2 * j + odd_code;
     if (id >= num_codes) continue;
-    const float s = static_cast<float>(sums[odd_code][j]);
+    const float s = static_cast<float>(sums.rows[odd_code][j]);
     if (s > top.threshold) topk_offer(top, s, id);
   }
 }
@@ -113,10 +120,8 @@ int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs
   for (int64_t block = first_block; block < first_block + kSampleBlocks; ++block) {
     __m256i even[1], odd[1];
     block_sums<0, 1>(packed + block * pairs * 32, tables, pairs, even, odd);
-    alignas(32) int16_t sums[2][16];
-    _mm256_store_si256(reinterpret_cast<__m256i*>(sums[0]), even[0]);
-    _mm256_store_si256(reinterpret_cast<__m256i*>(sums[1]), odd[0]);
-    for (const int16_t* row : sums) {
+    const BlockSums sums(even[0], odd[0]);
+    for (const int16_t* row : sums.rows) {
       for (int j = 0; j < 16; ++j) {
         const int bin = row[j] >> kBinShift;
         ++bins[bin];
