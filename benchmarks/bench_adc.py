@@ -8,8 +8,10 @@ codes. That is checked first (scores equal within float rounding, the same top-k
 near-ties), then everything is timed. Peers: FAISS IndexPQ (8-bit, M = 8) for adc_topk, FAISS
 IndexPQFastScan (4-bit, M = 16 books of 16 words, its own 8-bit quantized tables) for adc_topk4 on
 the packed codes (recall@k of both against the exact 4-bit ranking), and a naive torch gather + topk. Bandwidth: codes bytes scanned per second against a
-measured DRAM read rate. Where the active CPU path is AVX-512, the 8-bit scan is also timed on
-the AVX2 path (`avx2 8b`), in the same run.
+measured DRAM read rate. Where the active CPU path is AVX-512, both scans are also timed on the
+AVX2 path, in the same run, against FAISS on its AVX2 path too where its dynamic dispatch allows
+(`faiss.SIMDConfig`): what a CPU without AVX-512 runs (`avx2 8b`, `PQ avx2`, `avx2 4b`, `f4 avx2`,
+and their ratios `x avx2`).
 
     python benchmarks/bench_adc.py [--sizes 1000000 8000000] [--json PATH]
 """
@@ -89,6 +91,23 @@ def on_isa(isa, fn):
         opqn_ext._C.set_cpu_isa(before)
 
 
+def on_faiss_avx2(fn):
+    """fn() with FAISS dispatching to its AVX2 kernels, restoring its level; None where it cannot."""
+    config = getattr(faiss, "SIMDConfig", None)
+    if config is None or not config.has_dynamic_dispatch() or not config.is_simd_level_available(faiss.SIMDLevel_AVX2):
+        return None
+    before = config.get_level()
+    config.set_level(faiss.SIMDLevel_AVX2)
+    try:
+        return fn()
+    finally:
+        config.set_level(before)
+
+
+def ratio(peer, ours):
+    return peer / ours if peer and ours else None
+
+
 def recall(found, exact):
     """Mean fraction of the exact top-k ids that were found."""
     return float(sum(len(set(f.tolist()) & set(e.tolist())) for f, e in zip(found, exact)) / exact.numel())
@@ -125,13 +144,19 @@ def main():
                     torch.set_num_threads(threads)
                     faiss.omp_set_num_threads(threads)
                     t_ours = median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k), args.repeats)
-                    t_avx2 = None
-                    if with_avx2:
-                        t_avx2 = on_isa("avx2", lambda: median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k),
-                                                                       args.repeats))
                     t_pq = median_seconds(lambda: pq.search(queries.numpy(), k), args.repeats)
                     t_fast = median_seconds(lambda: fast.search(queries4.numpy(), k), args.repeats)
                     t_ours4 = median_seconds(lambda: opqn_ext.adc_topk4(lut4, packed4, k), args.repeats)
+                    t_avx2 = t_pq_avx2 = t_avx2_4 = t_fast_avx2 = None
+                    if with_avx2:
+                        t_avx2 = on_isa("avx2", lambda: median_seconds(lambda: opqn_ext.adc_topk(lut, codes, k),
+                                                                       args.repeats))
+                        t_avx2_4 = on_isa("avx2", lambda: median_seconds(
+                            lambda: opqn_ext.adc_topk4(lut4, packed4, k), args.repeats))
+                        t_pq_avx2 = on_faiss_avx2(lambda: median_seconds(lambda: pq.search(queries.numpy(), k),
+                                                                         args.repeats))
+                        t_fast_avx2 = on_faiss_avx2(lambda: median_seconds(
+                            lambda: fast.search(queries4.numpy(), k), args.repeats))
                     t_naive = None
                     if N * nq <= 100_000_000:
                         t_naive = median_seconds(lambda: reference.adc_scores(lut, codes).topk(k, dim=1), 1)
@@ -140,10 +165,15 @@ def main():
                         "N": N, "nq": nq, "k": k, "threads": threads,
                         "opqn_gcodes_s": scanned / t_ours / 1e9,
                         "opqn_avx2_gcodes_s": scanned / t_avx2 / 1e9 if t_avx2 else None,
+                        "faiss_pq_avx2_gcodes_s": scanned / t_pq_avx2 / 1e9 if t_pq_avx2 else None,
+                        "x_avx2_faiss_pq_avx2": ratio(t_pq_avx2, t_avx2),
                         "faiss_pq_gcodes_s": scanned / t_pq / 1e9,
                         "faiss_fastscan_gcodes_s": scanned / t_fast / 1e9,
                         "opqn4_gcodes_s": scanned / t_ours4 / 1e9,
                         "x4_faiss_fastscan": t_fast / t_ours4,
+                        "opqn4_avx2_gcodes_s": scanned / t_avx2_4 / 1e9 if t_avx2_4 else None,
+                        "faiss_fastscan_avx2_gcodes_s": scanned / t_fast_avx2 / 1e9 if t_fast_avx2 else None,
+                        "x4_avx2_faiss_fastscan_avx2": ratio(t_fast_avx2, t_avx2_4),
                         "recall_opqn4": recall_ours4,
                         "recall_faiss_fastscan": recall_fast4,
                         "naive_torch_gcodes_s": scanned / t_naive / 1e9 if t_naive else None,
@@ -156,23 +186,31 @@ def main():
                     rows.append(row)
                     print({key: (round(v, 4) if isinstance(v, float) else v) for key, v in row.items()}, flush=True)
     torch.set_num_threads(2)
-    where = f"{platform.machine()} CPU, FAISS {faiss.__version__} ({faiss.get_compile_options().strip()}), torch {torch.__version__}, ISA {opqn_ext.build_info()['active_cpu_isa']}"
+    faiss_level = faiss.SIMDConfig.get_level_name() if hasattr(faiss, "SIMDConfig") else "static"
+    where = (f"{platform.machine()} CPU, FAISS {faiss.__version__} ({faiss.get_compile_options().strip()}; level "
+             f"{faiss_level}), torch {torch.__version__}, ISA {opqn_ext.build_info()['active_cpu_isa']}")
     print(f"\nADC top-k scan, Gcodes/s (codes x queries per second); {where}; DRAM read {bandwidth:.1f} GB/s")
     print("8-bit: M=8 x 256 words; 4-bit: M=16 x 16 words; recall@k against exact ADC; BW frac: nq=1 code bytes/s over DRAM read")
-    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'avx2 8b':>8} {'faiss PQ':>8} {'x PQ':>6}"
-            f" {'naive':>7} {'x naive':>7}"
-            f" {'BW frac':>7} | {'opqn 4b':>8} {'fast4':>7} {'x fast4':>7} {'recall':>6} {'f.recall':>8}")
+    head = (f"{'N':>9} {'nq':>4} {'k':>4} {'thr':>3} | {'opqn 8b':>8} {'faiss PQ':>8} {'x PQ':>6}"
+            f" {'avx2 8b':>8} {'PQ avx2':>8} {'x avx2':>6} {'naive':>7} {'x naive':>7} {'BW frac':>7} |"
+            f" {'opqn 4b':>8} {'fast4':>7} {'x fast4':>7} {'avx2 4b':>8} {'f4 avx2':>8} {'x avx2':>6}"
+            f" {'recall':>6} {'f.recall':>8}")
     print(head)
     print("-" * len(head))
+
+    def cell(value, width, digits):
+        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
     for r in rows:
-        naive = f"{r['naive_torch_gcodes_s']:>7.3f}" if r["naive_torch_gcodes_s"] else f"{'-':>7}"
-        xn = f"{r['x_naive_torch']:>7.1f}" if r["x_naive_torch"] else f"{'-':>7}"
-        bw = f"{r['bandwidth_fraction']:>7.2f}" if r["bandwidth_fraction"] is not None else f"{'-':>7}"
-        avx2 = f"{r['opqn_avx2_gcodes_s']:>8.3f}" if r["opqn_avx2_gcodes_s"] else f"{'-':>8}"
-        print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} {avx2} "
-              f"{r['faiss_pq_gcodes_s']:>8.3f} {r['x_faiss_pq']:>6.2f} {naive} {xn} {bw} | "
-              f"{r['opqn4_gcodes_s']:>8.3f} {r['faiss_fastscan_gcodes_s']:>7.3f} {r['x4_faiss_fastscan']:>7.2f} "
-              f"{r['recall_opqn4']:>6.3f} {r['recall_faiss_fastscan']:>8.3f}")
+        print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} "
+              f"{r['faiss_pq_gcodes_s']:>8.3f} {r['x_faiss_pq']:>6.2f} {cell(r['opqn_avx2_gcodes_s'], 8, 3)} "
+              f"{cell(r['faiss_pq_avx2_gcodes_s'], 8, 3)} {cell(r['x_avx2_faiss_pq_avx2'], 6, 2)} "
+              f"{cell(r['naive_torch_gcodes_s'], 7, 3)} {cell(r['x_naive_torch'], 7, 1)} "
+              f"{cell(r['bandwidth_fraction'], 7, 2)} | {r['opqn4_gcodes_s']:>8.3f} "
+              f"{r['faiss_fastscan_gcodes_s']:>7.3f} {r['x4_faiss_fastscan']:>7.2f} "
+              f"{cell(r['opqn4_avx2_gcodes_s'], 8, 3)} {cell(r['faiss_fastscan_avx2_gcodes_s'], 8, 3)} "
+              f"{cell(r['x4_avx2_faiss_fastscan_avx2'], 6, 2)} {r['recall_opqn4']:>6.3f} "
+              f"{r['recall_faiss_fastscan']:>8.3f}")
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adc_cpu.json")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:

@@ -89,10 +89,14 @@ def test_rerank_1_is_exact_where_the_8_bit_tables_are_exact(k):
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
-def test_paths_and_thread_counts_agree():
-    lut, codes = problem(3, 16, 16, 600000, seed=2)
+@pytest.mark.parametrize("M,N", [(16, 600000), (3, 40000), (5, 40000), (8, 40000), (13, 40000), (32, 40000)])
+def test_paths_and_thread_counts_agree(M, N):
+    # M: every unrolled pair count and the generic loop, odd pair counts (a last pair alone in the
+    # AVX-512 scanner); nq: one query, and groups of 4, 2 and 1 queries per pass; N: parts long
+    # enough to start from a sampled threshold
+    lut, codes = problem(7, M, 16, N, seed=M)
     packed = opqn_ext.pack_codes4(codes)
-    runs = results_on_every_path(lambda: [opqn_ext.adc_topk4(lut[:nq], packed, 20) for nq in (1, 3)])
+    runs = results_on_every_path(lambda: [opqn_ext.adc_topk4(lut[:nq], packed, 20) for nq in (1, 3, 7)])
     for run in runs[1:]:
         for (s, i), (s0, i0) in zip(run, runs[0]):
             assert torch.equal(s, s0) and torch.equal(i, i0)

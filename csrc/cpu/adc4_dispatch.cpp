@@ -21,8 +21,7 @@ namespace opqn::cpu {
 
 Scan4Fn scanner4() {
 #if defined(__x86_64__) || defined(__i386__)
-  // With AVX-512 too: a 512-bit version measured only 1.04-1.3x faster (vpshufb on 512 bits
-  // issues on one port, on 256 bits on two), not worth a second copy of the scanner.
+  if (active_cpu_isa() >= CpuIsa::Avx512) return &avx512::scan4;
   if (active_cpu_isa() >= CpuIsa::Avx2) return &avx2::scan4;
 #endif
   return &scalar::scan4;

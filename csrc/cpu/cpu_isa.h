@@ -1,7 +1,7 @@
 // Which CPU instruction-set path the kernels run: chosen once at first use from what the CPU
 // supports (the best one), or forced with OPQN_CPU_ISA=scalar|avx2|avx512; tests switch paths with
 // set_cpu_isa. The paths are ordered: a kernel without a version for the active path runs its
-// best version below it (only the 8-bit ADC scan has an AVX-512 version; "avx512" means
+// best version below it (only the 8-bit and 4-bit ADC scans have AVX-512 versions; "avx512" means
 // AVX-512 F, BW and VBMI, as on Ice Lake, Sapphire Rapids and Zen 4 or later).
 #pragma once
 

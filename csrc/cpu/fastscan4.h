@@ -6,7 +6,7 @@
 // byte j holds code 32b+j in its low nibble and code 32b+16+j in its high nibble. Missing codes and
 // books (N not a multiple of 32, M odd) are 0.
 //
-// One scanner per instruction set; both compute the same integer approximations, so they keep
+// One scanner per instruction set; all compute the same integer approximations, so they keep
 // the same candidates and give identical results.
 #pragma once
 
@@ -29,6 +29,10 @@ void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pai
            int64_t first_block, int64_t end_block, TopK* tops);
 }
 namespace avx2 {
+void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs, int64_t num_codes,
+           int64_t first_block, int64_t end_block, TopK* tops);
+}
+namespace avx512 {
 void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs, int64_t num_codes,
            int64_t first_block, int64_t end_block, TopK* tops);
 }

@@ -1,0 +1,161 @@
+// The 4-bit scan loop shared by the AVX2 and AVX-512 scanners, generic over how a block's sums are
+// computed (a `Sums` policy, below). Per block of 32 codes: the int16 sums of every query (a group
+// of Sums::kQueriesPerPass queries per pass, so that each load of words serves them all), two
+// compares per query against its threshold (kept as int16), and only codes above it reach the
+// heap. Each query's threshold starts from a sample of the range (its first 4096 codes) rather than
+// from nothing.
+//
+// A Sums policy has
+// - `Block`: the 32 int16 sums of one block for one query, in registers;
+// - `static constexpr int kQueriesPerPass` (a power of two);
+// - `template <int64_t kPairs, int kQueries> static void block(codes, tables, pairs, sums)`: the
+//   Blocks of kQueries queries (tables pairs * 32 bytes apart), sums[j] of query j; kPairs > 0 is
+//   the number of book pairs as a compile-time constant (the loop over them unrolls);
+// - `static uint32_t passing(const Block&, int16_t threshold)`: bit c set where code c's sum is
+//   above the threshold;
+// - `static void store(const Block&, int16_t (&rows)[2][16])`: rows[c % 2][c / 2] = code c's sum.
+//
+// Include only from fastscan4_<isa>.cpp, after its target_begin header, with OPQN_ISA defined (the
+// namespace of that build); that file includes the headers below before its target_begin header,
+// so that none of their inline code is built for the target. Everything here has internal linkage.
+#ifndef OPQN_ISA
+#error "define OPQN_ISA before including fastscan4_scan.h"
+#endif
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include <immintrin.h>
+
+#include "cpu/fastscan4.h"
+
+namespace opqn::cpu::OPQN_ISA {
+namespace {
+
+// The int16 sums of a block's codes as two rows: rows[c % 2][c / 2] = the sum of code c.
+template <class Sums>
+struct BlockRows {
+  alignas(64) int16_t rows[2][16];
+  explicit BlockRows(const typename Sums::Block& sums) { Sums::store(sums, rows); }
+};
+
+// Offers the codes of a 32-code block that passed (bit c of mask: code c).
+template <class Sums>
+void offer_block(const typename Sums::Block& sums, uint32_t mask, int64_t first_id, int64_t num_codes, TopK& top) {
+  const BlockRows<Sums> block(sums);
+  while (mask != 0) {
+    const int c = __builtin_ctz(mask);
+    mask &= mask - 1;
+    const int64_t id = first_id + c;
+    if (id >= num_codes) continue;
+    const float s = static_cast<float>(block.rows[c % 2][c / 2]);
+    if (s > top.threshold) topk_offer(top, s, id);
+  }
+}
+
+constexpr int64_t kPrefetchBlocks = 16;  // blocks ahead of the scan (reads past the end are harmless)
+
+// Sums are 0..32767 and a threshold an integer or -inf: int16 compares are exact.
+int16_t threshold_of(const TopK& top) {
+  return top.threshold < 0.0f ? int16_t(-1) : static_cast<int16_t>(top.threshold);
+}
+
+// Compares a block's sums for one query with its threshold; offers the codes above it.
+template <class Sums>
+[[gnu::always_inline]] inline void compare_and_offer(const typename Sums::Block& sums, int64_t first_id,
+                                                     int64_t num_codes, int16_t& threshold16, TopK& top) {
+  const uint32_t mask = Sums::passing(sums, threshold16);
+  if (mask == 0) return;
+  offer_block<Sums>(sums, mask, first_id, num_codes, top);
+  threshold16 = threshold_of(top);
+}
+
+constexpr int64_t kSampleBlocks = 128;  // 4096 codes: where a query's first threshold comes from
+
+// A first threshold for query q (its tables at `tables`) from the sample blocks [first_block,
+// first_block + kSampleBlocks), which must hold no missing code: the largest t, a multiple of 8,
+// such that at least k of their codes score t or more, minus 1 (-1 where fewer than k do). The final
+// k-th best score of the range can only be higher, so starting the scan there drops no code that
+// belongs, and spares the reservoir the offers of a threshold that starts at nothing.
+template <class Sums>
+int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs, int64_t first_block, int64_t k) {
+  constexpr int kBinShift = 3;
+  uint16_t bins[32768 >> kBinShift] = {};  // counts of scores >> kBinShift; sums are 0..32767
+  int top_bin = 0;
+  for (int64_t block = first_block; block < first_block + kSampleBlocks; ++block) {
+    typename Sums::Block sums[1];
+    Sums::template block<0, 1>(packed + block * pairs * 32, tables, pairs, sums);
+    const BlockRows<Sums> rows(sums[0]);
+    for (const int16_t* row : rows.rows) {
+      for (int j = 0; j < 16; ++j) {
+        const int bin = row[j] >> kBinShift;
+        ++bins[bin];
+        top_bin = std::max(top_bin, bin);
+      }
+    }
+  }
+  int64_t at_least = 0;  // codes of the sample in bins [bin, top_bin]
+  for (int bin = top_bin; bin >= 0; --bin) {
+    at_least += bins[bin];
+    if (at_least >= k) return (bin << kBinShift) - 1;
+  }
+  return -1;
+}
+
+// One block for queries [q, nq): groups of kQueries, the rest in groups half as large.
+template <class Sums, int64_t kPairs, int kQueries>
+[[gnu::always_inline]] inline void scan_block(const uint8_t* codes, const uint8_t* tables, int64_t pairs,
+                                              int64_t q, int64_t nq, int64_t first_id, int64_t num_codes,
+                                              int16_t* thresholds, TopK* tops) {
+  for (; q + kQueries <= nq; q += kQueries) {
+    typename Sums::Block sums[kQueries];
+    Sums::template block<kPairs, kQueries>(codes, tables + q * pairs * 32, pairs, sums);
+    for (int j = 0; j < kQueries; ++j)
+      compare_and_offer<Sums>(sums[j], first_id, num_codes, thresholds[q + j], tops[q + j]);
+  }
+  if constexpr (kQueries > 1)
+    scan_block<Sums, kPairs, kQueries / 2>(codes, tables, pairs, q, nq, first_id, num_codes, thresholds, tops);
+}
+
+// Where the range is long and k a small share of a sample, each query starts from the sample's
+// threshold (sample_threshold).
+template <class Sums, int64_t kPairs>
+void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs_runtime,
+                 int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
+  const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
+  std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
+  // the sample holds no missing code: missing ones exist only in the last block of all
+  const bool sampled = end_block - first_block >= 4 * kSampleBlocks && nq > 0 &&
+                       4 * tops[0].k <= kSampleBlocks * kBlockCodes4;
+  for (int64_t q = 0; q < nq; ++q) {
+    if (sampled) {
+      const int floor = sample_threshold<Sums>(tables + q * pairs * 32, packed, pairs, first_block, tops[q].k);
+      if (floor >= 0) topk_set_floor(tops[q], static_cast<float>(floor));
+    }
+    thresholds[q] = threshold_of(tops[q]);
+  }
+  for (int64_t block = first_block; block < end_block; ++block) {
+    const uint8_t* codes = packed + block * pairs * 32;
+    for (int64_t line = 0; line < pairs * 32; line += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(codes + kPrefetchBlocks * pairs * 32 + line), _MM_HINT_T0);
+    scan_block<Sums, kPairs, Sums::kQueriesPerPass>(codes, tables, pairs, 0, nq, block * kBlockCodes4, num_codes,
+                                                    thresholds.data(), tops);
+  }
+}
+
+// scan4 (fastscan4.h) with the common book-pair counts unrolled.
+template <class Sums>
+void scan4_with(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs, int64_t num_codes,
+                int64_t first_block, int64_t end_block, TopK* tops) {
+  switch (pairs) {
+    case 2: return scan4_pairs<Sums, 2>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    case 4: return scan4_pairs<Sums, 4>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    case 8: return scan4_pairs<Sums, 8>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    case 16: return scan4_pairs<Sums, 16>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+    default: return scan4_pairs<Sums, 0>(tables, nq, packed, pairs, num_codes, first_block, end_block, tops);
+  }
+}
+
+}  // namespace
+}  // namespace opqn::cpu::OPQN_ISA
