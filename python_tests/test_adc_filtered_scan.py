@@ -1,9 +1,10 @@
-"""The AVX-512 8-bit scan filters codes on byte tables and scores only the codes that pass in
-float (csrc/cpu/adc_filter.h). Its results must equal a full float scan's bit for bit, whatever the
-tables: these cases aim at the filter's bound (wide and narrow books, huge and tiny magnitudes,
-scores a rounding apart, overflow to inf, constant tables) and its layout (every M up to 17, table
+"""The AVX2 and AVX-512 8-bit scans filter codes on byte tables and score only the codes that pass
+in float (csrc/cpu/adc_filter.h). Their results must equal a full float scan's bit for bit, whatever
+the tables: these cases aim at the filter's bound (wide and narrow books, huge and tiny magnitudes,
+scores a rounding apart, overflow to inf, constant tables) and its layouts (every M up to 17, table
 widths around 64 and 128 words, group and block tails). Every path runs them, with 1 and 2 threads,
-and must agree with numpy."""
+with the case's few queries (the AVX-512 transposed scan, AVX2's interleaved tables) and with 40
+variants of them (AVX-512's interleaved tables too), and must agree with numpy."""
 import numpy as np
 import pytest
 import torch
@@ -13,12 +14,21 @@ from conftest import results_on_every_path
 from test_adc_topk import numpy_topk
 
 
+def variants(lut, nq=40):
+    """nq queries from lut's: its queries with the words of each copy permuted (the same values, so
+    the same edge cases, in different lanes of the interleaved tables)."""
+    K = lut.shape[2]
+    copies = [lut] + [lut[:, :, torch.randperm(K, generator=gen(100 + j))] for j in range(nq // lut.shape[0])]
+    return torch.cat(copies)[:nq].contiguous()
+
+
 def agree_everywhere(lut, codes, k):
-    runs = results_on_every_path(lambda: opqn_ext.adc_topk(lut, codes, k))
-    want_s, want_i = numpy_topk(lut, codes, k)
-    for s, i in runs:
-        assert np.array_equal(i.numpy(), want_i)
-        assert np.array_equal(s.numpy(), want_s, equal_nan=False)
+    for tables in (lut, variants(lut)):
+        runs = results_on_every_path(lambda: opqn_ext.adc_topk(tables, codes, k))
+        want_s, want_i = numpy_topk(tables, codes, k)
+        for s, i in runs:
+            assert np.array_equal(i.numpy(), want_i)
+            assert np.array_equal(s.numpy(), want_s, equal_nan=False)
 
 
 def gen(seed):
@@ -101,3 +111,22 @@ def test_more_queries_than_one_chunk_of_byte_tables():
     # 130 queries: the scanner quantizes the tables of 64 queries at a time
     lut = torch.softmax(torch.randn(130, 8, 256, generator=gen(8)), dim=-1)
     agree_everywhere(lut, random_codes(5000, 8, seed=8), 10)
+
+
+def test_most_of_the_top_k_score_the_minimum():
+    # only word 0 scores: most codes, and most of the top 1000, have the smallest byte sum (0), which
+    # must pass the first threshold of a scan
+    lut = torch.zeros(3, 8, 256)
+    lut[:, :, 0] = 1.0
+    agree_everywhere(lut, random_codes(3000, 8, seed=9), 1000)
+
+
+@pytest.mark.parametrize("M", [127, 128, 129])
+def test_the_largest_byte_sums(M):
+    # every seventh code takes each book's best word: byte sums of M * 255, the most an int16 lane
+    # holds at M = 128 (M = 129 is scanned in float)
+    lut = torch.rand(2, M, 256, generator=gen(M)) * 0.01
+    lut[:, :, 255] = 1.0
+    codes = random_codes(3000, M, seed=M)
+    codes[::7] = 255
+    agree_everywhere(lut, codes, 50)

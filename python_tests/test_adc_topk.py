@@ -50,10 +50,13 @@ def test_matches_reference_and_numpy(nq, M, K, N, k, cpu_isa, device):
     check(lut.to(device), codes.to(device), k)
 
 
-@pytest.mark.parametrize("M", [1, 2, 5, 8, 13, 16, 31, 32])
+@pytest.mark.parametrize("M", [1, 2, 5, 8, 13, 16, 31, 32, 128, 129])
 @pytest.mark.parametrize("K", [2, 16, 64, 256])
-def test_every_book_count_and_word_count(M, K, cpu_isa):
-    lut, codes = problem(3, M, K, 2051, seed=M * K)
+@pytest.mark.parametrize("nq", [3, 40])
+def test_every_book_count_and_word_count(nq, M, K, cpu_isa):
+    # 40 queries: groups of interleaved tables (32 + 8 on AVX-512, 16 + 16 + 8 on AVX2); M = 128 is
+    # the most books whose byte sums fit their int16 lanes, 129 goes to the scalar scanner
+    lut, codes = problem(nq, M, K, 2051, seed=M * K)
     check(lut, codes, 25)
 
 
@@ -69,17 +72,21 @@ def test_ties_are_broken_by_smaller_index(cpu_isa, device):
 def test_paths_and_thread_counts_give_identical_results():
     lut, codes = problem(9, 8, 64, 300001, seed=5, high=4)
     lut = lut + torch.rand(lut.shape, generator=torch.Generator().manual_seed(1))  # non-integer sums
-    # 1 query: the database is split; 3 and 9: the queries are; 9: the AVX2 gather path
-    runs = results_on_every_path(lambda: [opqn_ext.adc_topk(lut[:nq], codes, 64) for nq in (1, 3, 9)])
+    # 1 query: the database is split; more: the queries are; the interleaved tables take groups of 16
+    # (AVX2) or 32 (AVX-512), on AVX-512 a last group under 12 queries goes to the transposed scan
+    lut = torch.cat([lut, torch.rand(36, 8, 64, generator=torch.Generator().manual_seed(2))])
+    runs = results_on_every_path(lambda: [opqn_ext.adc_topk(lut[:nq], codes, 64) for nq in (1, 3, 9, 40, 45)])
     for run in runs[1:]:
         for (s, i), (s0, i0) in zip(run, runs[0]):
             assert torch.equal(s, s0) and torch.equal(i, i0)
 
 
-def test_codes_at_or_above_k_never_read_outside_the_table(cpu_isa, device):
+@pytest.mark.parametrize("nq", [1, 9, 40])
+def test_codes_at_or_above_k_never_read_outside_the_table(nq, cpu_isa, device):
     # K = 5 but codes take every byte value: entries past K count as 0, nothing reads past the table
-    lut, codes = problem(9, 6, 5, 3000, code_high=256, seed=3)  # 9 queries: the gather path too
-    scores, idx = check(lut.to(device), codes.to(device), 30)
+    # (9 and 40 queries: the interleaved tables of AVX2 and AVX-512)
+    lut, codes = problem(nq, 6, 5, 3000, code_high=256, seed=3)
+    check(lut.to(device), codes.to(device), 30)
     assert (codes >= 5).any()
 
 

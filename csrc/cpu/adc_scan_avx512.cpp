@@ -8,8 +8,10 @@
 // threshold, and only codes above it are scored in float, in book order as the scalar scanner
 // does, and offered to the top-k when they beat its threshold. The byte threshold is conservative
 // (adc_filter.h), so every code that a full float scan would offer is offered, in the same id
-// order: results are bit-identical to the other paths. M > 16, and ranges of at most 2k codes (where
-// every code passes), go to the AVX2 scanner.
+// order: results are bit-identical to the other paths. This transposed scan is for few queries:
+// from 8 queries on, the interleaved-table scan (adc_interleaved_scan.h) with 32 queries per
+// register is faster; M > 16 with fewer queries goes to the AVX2 scanner, and ranges of at most 2k
+// codes (where every code passes) to the scalar one.
 #if defined(__x86_64__) || defined(__i386__)
 #include <algorithm>
 #include <cstdint>
@@ -22,6 +24,9 @@
 
 #include "cpu/avx512_target_begin.h"
 
+#define OPQN_ISA avx512
+#include "cpu/adc_interleaved_scan.h"
+
 namespace opqn::cpu::avx512 {
 namespace {
 
@@ -31,6 +36,21 @@ static_assert(kMaxBooks * 255 <= 32767, "byte sums must stay exact in int16 lane
 constexpr int64_t kBlockGroups = 16;   // 1024 codes transposed per block: [16, M, 64] bytes <= 16 KB
 constexpr int64_t kChunkQueries = 64;  // queries whose byte tables stay in cache together
 constexpr int64_t kPrefetchCodes = kBlockGroups * kGroupCodes;  // codes read ahead: one block
+constexpr int64_t kInterleavedMinQueries = 12;  // from here on (per group) the interleaved tables are faster
+
+// The interleaved-table scan's 32 lanes (adc_interleaved_scan.h): a row of 32 bytes widened by
+// vpmovzxbw to one register per code and book.
+struct Lanes {
+  static constexpr int64_t kLanes = 32;
+  static constexpr int kMaskBitsPerLane = 1;
+  using Vec = __m512i;
+  static Vec zero() { return _mm512_setzero_si512(); }
+  static Vec add_row(Vec sums, const uint8_t* row) {
+    return _mm512_add_epi16(sums, _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row))));
+  }
+  static Vec load(const int16_t* thresholds) { return _mm512_loadu_si512(thresholds); }
+  static uint32_t passing(Vec sums, Vec thresholds) { return _mm512_cmpgt_epi16_mask(sums, thresholds); }
+};
 
 // How a group's M 64-byte windows (bytes 64w..64w+63 of its 64 * M) become M word vectors.
 // Any M: for book m and window w, which lanes i take their byte from this window (codes whose word
@@ -182,14 +202,6 @@ int regs_needed(const FilterTables& tables, int64_t nq) {
   return regs;
 }
 
-template <int64_t kM>
-float exact_score(const float* lut, const uint8_t* code, int64_t m_runtime) {
-  const int64_t M = kM > 0 ? kM : m_runtime;
-  float s = 0.0f;
-  for (int64_t m = 0; m < M; ++m) s += lut[m * kLutStride + code[m]];
-  return s;
-}
-
 template <int64_t kM, int kRegs>
 void scan_chunk(const float* luts, int64_t nq, const uint8_t* codes, int64_t m_runtime, int64_t first,
                 int64_t end, const FilterTables& tables, const GroupTranspose& plan, TopK* tops) {
@@ -257,13 +269,9 @@ void scan_chunk_regs(int regs, const float* luts, int64_t nq, const uint8_t* cod
   }
 }
 
-}  // namespace
-
-void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, int64_t M,
-              int64_t first, int64_t end, TopK* tops) {
-  // Until 2k codes are in, every code passes: a range that short is better scanned in float.
-  const bool short_range = nq > 0 && 2 * tops[0].k >= end - first;
-  if (M > kMaxBooks || short_range) return avx2::adc_scan(luts, nq, codes, N, M, first, end, tops);
+// The transposed scan (M <= kMaxBooks) of queries [0, nq), in chunks of kChunkQueries.
+void scan_transposed(const float* luts, int64_t nq, const uint8_t* codes, int64_t M, int64_t first, int64_t end,
+                     TopK* tops) {
   GroupTranspose plan;
   plan_transpose(M, plan);
   FilterTables tables;
@@ -280,6 +288,29 @@ void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, in
       default: scan_chunk_regs<0>(regs, chunk_luts, n, codes, M, first, end, tables, plan, tops + q0);
     }
   }
+}
+
+}  // namespace
+
+// Queries go in groups of 32 to the interleaved scan; a last group of fewer than
+// kInterleavedMinQueries, or all of them when that few, to the transposed scan (M <= 16) or the
+// AVX2 scanner. A group costs the same however many of its lanes are used.
+void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, int64_t M,
+              int64_t first, int64_t end, TopK* tops) {
+  // Until 2k codes are in, every code passes: a range that short is better scanned in float.
+  const bool short_range = nq > 0 && 2 * tops[0].k >= end - first;
+  if (short_range) return scalar::adc_scan(luts, nq, codes, N, M, first, end, tops);
+  int64_t interleaved = 0;  // queries [0, interleaved) by interleaved tables
+  if (M <= kInterleavedMaxBooks) {
+    const int64_t rest = nq % Lanes::kLanes;
+    interleaved = nq - (rest < kInterleavedMinQueries ? rest : 0);
+  }
+  if (interleaved > 0) scan_interleaved<Lanes>(luts, interleaved, codes, M, first, end, tops);
+  const int64_t left = nq - interleaved;
+  if (left == 0) return;
+  const float* left_luts = luts + interleaved * M * kLutStride;
+  if (M > kMaxBooks) return avx2::adc_scan(left_luts, left, codes, N, M, first, end, tops + interleaved);
+  scan_transposed(left_luts, left, codes, M, first, end, tops + interleaved);
 }
 
 }  // namespace opqn::cpu::avx512
