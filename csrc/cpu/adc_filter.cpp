@@ -2,8 +2,27 @@
 
 #include <algorithm>
 #include <cmath>
+#include <vector>
 
 namespace opqn::cpu {
+
+namespace {
+
+// The smallest and largest of a book's 256 entries (finite: the ops reject NaN), in loops the
+// compiler vectorizes.
+struct Range {
+  float lo, hi;
+};
+Range range_of(const float* row) {
+  float lo = row[0], hi = row[0];
+  for (int64_t w = 1; w < 256; ++w) {
+    lo = row[w] < lo ? row[w] : lo;
+    hi = row[w] > hi ? row[w] : hi;
+  }
+  return {lo, hi};
+}
+
+}  // namespace
 
 void build_filter_tables(const float* luts, int64_t nq, int64_t M, FilterTables& out) {
   out.M = M;
@@ -14,22 +33,29 @@ void build_filter_tables(const float* luts, int64_t nq, int64_t M, FilterTables&
   for (int64_t q = 0; q < nq; ++q) {
     const float* lut = luts + q * M * 256;
     double widest = 0.0, magnitude = 0.0;  // max over books of (max - min), sum of max |entry|
+    std::vector<float> highest(static_cast<size_t>(M));
     for (int64_t m = 0; m < M; ++m) {
-      const auto [lo, hi] = std::minmax_element(lut + m * 256, lut + (m + 1) * 256);
-      widest = std::max(widest, double(*hi) - double(*lo));
-      magnitude += std::max(std::fabs(double(*lo)), std::fabs(double(*hi)));
+      const auto [lo, hi] = range_of(lut + m * 256);
+      highest[m] = hi;
+      widest = std::max(widest, double(hi) - double(lo));
+      magnitude += std::max(std::fabs(double(lo)), std::fabs(double(hi)));
     }
     const double step = widest > 0.0 ? widest / 255.0 : (magnitude > 0.0 ? magnitude : 1.0);
+    const double per_step = 1.0 / step;
     double low_sum = 0.0;
     for (int64_t m = 0; m < M; ++m) {
       const float* row = lut + m * 256;
       uint8_t* bytes = out.bytes.data() + (q * M + m) * 256;
-      const double low = double(*std::max_element(row, row + 256)) - 255.0 * step;
+      const double low = double(highest[m]) - 255.0 * step;
       low_sum += low;
+      // a first guess (truncation of a clamped, non-negative value: its floor), then one raised
+      // wherever rounding left it low
+      int32_t levels[256];
+      for (int64_t w = 0; w < 256; ++w)
+        levels[w] = static_cast<int32_t>(std::clamp((double(row[w]) - low) * per_step, 0.0, 255.0));
       for (int64_t w = 0; w < 256; ++w) {
-        const double v = row[w];
-        double level = std::clamp(std::floor((v - low) / step), 0.0, 255.0);
-        while (level < 255.0 && low + (level + 1.0) * step < v) level += 1.0;  // division rounding
+        int32_t level = levels[w];
+        while (level < 255 && low + double(level + 1) * step < double(row[w])) ++level;
         bytes[w] = static_cast<uint8_t>(level);
       }
     }

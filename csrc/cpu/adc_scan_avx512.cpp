@@ -36,7 +36,7 @@ static_assert(kMaxBooks * 255 <= 32767, "byte sums must stay exact in int16 lane
 constexpr int64_t kBlockGroups = 16;   // 1024 codes transposed per block: [16, M, 64] bytes <= 16 KB
 constexpr int64_t kChunkQueries = 64;  // queries whose byte tables stay in cache together
 constexpr int64_t kPrefetchCodes = kBlockGroups * kGroupCodes;  // codes read ahead: one block
-constexpr int64_t kInterleavedMinQueries = 12;  // from here on (per group) the interleaved tables are faster
+constexpr int64_t kInterleavedMinQueries = 8;  // from here on (per group) the interleaved tables are faster
 
 // The interleaved-table scan's 32 lanes (adc_interleaved_scan.h): a row of 32 bytes widened by
 // vpmovzxbw to one register per code and book.
