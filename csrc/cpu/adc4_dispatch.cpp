@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
     }
   };
   search_topk(
-      nq, blocks, kMinBlocksPerPart, candidates, k,
+      nq, 1, blocks, kMinBlocksPerPart, candidates, k,
       [&](int64_t q0, int64_t q1, int64_t b0, int64_t b1, TopK* tops) {
         scan(tables.data() + q0 * pairs * 32, q1 - q0, packed_ptr, pairs, num_codes, b0, b1, tops);
       },

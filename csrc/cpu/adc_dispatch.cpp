@@ -20,6 +20,13 @@ AdcScanFn adc_scanner() {
   return &scalar::adc_scan;
 }
 
+int64_t adc_query_granule(int64_t M) {
+  if (M > kInterleavedMaxBooks) return 1;
+  if (active_cpu_isa() == CpuIsa::Avx512) return kInterleavedLanesAvx512;
+  if (active_cpu_isa() == CpuIsa::Avx2) return kInterleavedLanesAvx2;
+  return 1;
+}
+
 namespace {
 
 constexpr int64_t kMinCodesPerPart = 16384;  // smaller database parts are not worth a thread
@@ -37,7 +44,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk_cpu(const at::Tensor& lut, const at:
   const float* lut_ptr = luts.const_data_ptr<float>();
   const uint8_t* code_ptr = codes.const_data_ptr<uint8_t>();
   search_topk(
-      nq, N, kMinCodesPerPart, k, k,
+      nq, adc_query_granule(M), N, kMinCodesPerPart, k, k,
       [&](int64_t q0, int64_t q1, int64_t r0, int64_t r1, TopK* tops) {
         scan(lut_ptr + q0 * M * kLutStride, q1 - q0, code_ptr, N, M, r0, r1, tops);
       },

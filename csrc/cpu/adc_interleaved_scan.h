@@ -31,7 +31,6 @@
 namespace opqn::cpu::OPQN_ISA {
 namespace {
 
-constexpr int64_t kInterleavedMaxBooks = 32767 / 255;  // byte sums of up to 128 books stay exact in int16
 constexpr int64_t kInterleavedBlockCodes = 2048;       // codes scanned by every group before the next block
 constexpr int16_t kNeverPasses = 32767;                // threshold of an empty lane: no sum exceeds it
 

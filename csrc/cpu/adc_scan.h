@@ -13,6 +13,12 @@ namespace opqn::cpu {
 
 constexpr int64_t kLutStride = 256;  // entries per book in a padded table
 
+// The interleaved-table scan (adc_interleaved_scan.h): its int16 byte sums hold up to 128 books;
+// queries per group on AVX2 and AVX-512.
+constexpr int64_t kInterleavedMaxBooks = 32767 / 255;
+constexpr int64_t kInterleavedLanesAvx2 = 16;
+constexpr int64_t kInterleavedLanesAvx512 = 32;
+
 // luts: [nq, M, 256]; codes: [N, M]; offers codes [first, end) of every query q to tops[q].
 using AdcScanFn = void (*)(const float* luts, int64_t nq, const uint8_t* codes, int64_t N,
                            int64_t M, int64_t first, int64_t end, TopK* tops);
@@ -31,5 +37,9 @@ void adc_scan(const float* luts, int64_t nq, const uint8_t* codes, int64_t N, in
 }
 
 AdcScanFn adc_scanner();
+
+// How many queries the active scanner handles at the cost of one, for M books (search_topk's
+// query_granule): the groups of its interleaved tables, 1 where it scans each query alone.
+int64_t adc_query_granule(int64_t M);
 
 }  // namespace opqn::cpu

@@ -23,7 +23,7 @@ namespace {
 constexpr int64_t kMinQueries = 2;  // one query: the scalar scanner is as fast
 
 struct Lanes {
-  static constexpr int64_t kLanes = 16;
+  static constexpr int64_t kLanes = kInterleavedLanesAvx2;
   static constexpr int kMaskBitsPerLane = 2;  // movemask of int16 compares
   using Vec = __m256i;
   static Vec zero() { return _mm256_setzero_si256(); }

@@ -1,17 +1,18 @@
-// The AVX-512 ADC scanner: a filter on byte tables looked up in registers, then exact float scores
-// for the few codes that pass. Per block of codes, each group of 64 codes is transposed once into
-// one 64-byte vector per book (byte i = the word of code i), with masked byte permutes (VBMI) from
-// the group's M 64-byte windows. Per query, each book's word vector indexes the query's byte table
-// (adc_filter.h) held in 1, 2 or 4 registers (vpermb / vpermi2b): 64 lookups in one to three
-// instructions. The bytes are summed in int16 lanes without widening (even code + 256 * odd code,
-// and the odd codes alone; the even sums come out by subtraction), compared with the query's byte
-// threshold, and only codes above it are scored in float, in book order as the scalar scanner
-// does, and offered to the top-k when they beat its threshold. The byte threshold is conservative
-// (adc_filter.h), so every code that a full float scan would offer is offered, in the same id
-// order: results are bit-identical to the other paths. This transposed scan is for few queries:
-// from 8 queries on, the interleaved-table scan (adc_interleaved_scan.h) with 32 queries per
-// register is faster; M > 16 with fewer queries goes to the AVX2 scanner, and ranges of at most 2k
-// codes (where every code passes) to the scalar one.
+// The AVX-512 ADC scanner. Groups of 8 or more queries (up to 32 per group) go to the
+// interleaved-table scan (adc_interleaved_scan.h), a row of 32 queries' bytes per code and book.
+// Fewer queries go to the transposed scan below: a filter on byte tables looked up in registers,
+// then exact float scores for the few codes that pass. Per block of codes, each group of 64 codes
+// is transposed once into one 64-byte vector per book (byte i = the word of code i), with masked
+// byte permutes (VBMI) from the group's M 64-byte windows. Per query, each book's word vector
+// indexes the query's byte table (adc_filter.h) held in 1, 2 or 4 registers (vpermb / vpermi2b):
+// 64 lookups in one to three instructions. The bytes are summed in int16 lanes without widening
+// (even code + 256 * odd code, and the odd codes alone; the even sums come out by subtraction),
+// compared with the query's byte threshold, and only codes above it are scored in float, in book
+// order as the scalar scanner does, and offered to the top-k when they beat its threshold. The
+// byte threshold is conservative (adc_filter.h), so every code that a full float scan would offer
+// is offered, in the same id order: results are bit-identical to the other paths. M > 16 with few
+// queries goes to the AVX2 scanner, and ranges of at most 2k codes (where every code passes) to the
+// scalar one.
 #if defined(__x86_64__) || defined(__i386__)
 #include <algorithm>
 #include <cstdint>
@@ -41,7 +42,7 @@ constexpr int64_t kInterleavedMinQueries = 8;  // from here on (per group) the i
 // The interleaved-table scan's 32 lanes (adc_interleaved_scan.h): a row of 32 bytes widened by
 // vpmovzxbw to one register per code and book.
 struct Lanes {
-  static constexpr int64_t kLanes = 32;
+  static constexpr int64_t kLanes = kInterleavedLanesAvx512;
   static constexpr int kMaskBitsPerLane = 1;
   using Vec = __m512i;
   static Vec zero() { return _mm512_setzero_si512(); }

@@ -1,8 +1,10 @@
 // The whole CPU top-k search shared by adc_topk and adc_topk4. Queries go in batches small enough
 // that their candidate lists stay under kMaxCandidateBytes; a batch is scanned on every thread:
-// with at least as many queries as threads, each thread takes a share of the queries over the
-// whole database; with fewer, the database is cut into parts (at least min_units_per_part units
-// each) so that even one query uses every core. Each query's candidates from all parts are then
+// with at least as many groups of query_granule queries as threads, each thread takes a share of
+// the groups over the whole database; with fewer, the database is cut into parts too (at least
+// min_units_per_part units each) so that even one query uses every core. query_granule is the
+// number of queries a scanner handles at the cost of one (its groups' width), so that no thread
+// pays for a group it only partly fills while another thread could share it. Each query's candidates from all parts are then
 // put in result order and its best k written out. The result order is total, so the output is
 // the same for every thread count.
 #pragma once
@@ -23,7 +25,7 @@ constexpr int64_t kMaxCandidateBytes = int64_t(256) << 20;
 // rescore(q, pairs, n): replaces the scores of query q's n candidates by their final scores (does
 // nothing when the scan scores exactly). scores, ids: [nq, k] outputs.
 template <typename Scan, typename Rescore>
-void search_topk(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t candidates,
+void search_topk(int64_t nq, int64_t query_granule, int64_t units, int64_t min_units_per_part, int64_t candidates,
                  int64_t k, Scan&& scan, Rescore&& rescore, float* scores, int64_t* ids) {
   const int64_t threads = at::get_num_threads();
   const int64_t per_query = threads * 2 * candidates * static_cast<int64_t>(sizeof(ScoredId));
@@ -32,14 +34,16 @@ void search_topk(int64_t nq, int64_t units, int64_t min_units_per_part, int64_t 
   std::vector<TopK> tops;  // [parts, queries of the batch]
   for (int64_t b0 = 0; b0 < nq; b0 += batch) {
     const int64_t nb = std::min(batch, nq - b0);
-    const int64_t parts = nb >= threads ? 1 : std::clamp<int64_t>(units / min_units_per_part, 1, threads);
-    const int64_t groups = std::min(nb, threads);
+    const int64_t granules = (nb + query_granule - 1) / query_granule;
+    const int64_t parts = granules >= threads ? 1 : std::clamp<int64_t>(units / min_units_per_part, 1, threads);
+    const int64_t groups = std::min(granules, threads);
     storage.resize(static_cast<size_t>(parts * nb * 2 * candidates));
     tops.resize(static_cast<size_t>(parts * nb));
     at::parallel_for(0, parts * groups, 1, [&](int64_t begin, int64_t end) {
       for (int64_t task = begin; task < end; ++task) {
         const int64_t part = task / groups, group = task % groups;
-        const int64_t q0 = nb * group / groups, q1 = nb * (group + 1) / groups;
+        const int64_t q0 = std::min(nb, granules * group / groups * query_granule);
+        const int64_t q1 = std::min(nb, granules * (group + 1) / groups * query_granule);
         TopK* part_tops = tops.data() + part * nb;
         for (int64_t q = q0; q < q1; ++q)
           topk_init(part_tops[q], storage.data() + (part * nb + q) * 2 * candidates, candidates);
