@@ -74,8 +74,9 @@ void scan_group(const uint8_t* rows, const float* luts, const FilterTables& tabl
       TopK& top = tops[lane];
       const float s = exact_score<kM>(luts + lane * M * kLutStride, code, M);
       if (!(s > top.threshold)) continue;
+      const float before = top.threshold;  // it changes when the reservoir is compacted
       topk_offer(top, s, i);
-      thresholds[lane] = threshold_bytes(tables, q0 + lane, top.threshold);
+      if (top.threshold != before) thresholds[lane] = threshold_bytes(tables, q0 + lane, top.threshold);
     }
     threshold = Lanes::load(thresholds);
   }
