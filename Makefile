@@ -36,6 +36,7 @@ bench: build
 	$(PYTHON) -m pytest benchmarks/test_op_timings.py --benchmark-only -q
 	$(PYTHON) benchmarks/bench_soft_quantize.py
 	$(PYTHON) benchmarks/bench_adc.py
+	$(PYTHON) benchmarks/bench_adc_books.py
 	$(PYTHON) benchmarks/bench_metrics.py
 	$(PYTHON) benchmarks/bench_index.py
 
