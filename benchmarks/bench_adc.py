@@ -104,6 +104,15 @@ def on_faiss_avx2(fn):
         config.set_level(before)
 
 
+def write_results(path, default_name, payload):
+    """Writes payload as JSON to path, or to benchmarks/results/default_name."""
+    path = path or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", default_name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+
+
 def ratio(peer, ours):
     return peer / ours if peer and ours else None
 
@@ -211,11 +220,7 @@ def main():
               f"{cell(r['opqn4_avx2_gcodes_s'], 8, 3)} {cell(r['faiss_fastscan_avx2_gcodes_s'], 8, 3)} "
               f"{cell(r['x4_avx2_faiss_fastscan_avx2'], 6, 2)} {r['recall_opqn4']:>6.3f} "
               f"{r['recall_faiss_fastscan']:>8.3f}")
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adc_cpu.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"device": where, "dram_read_gbps": bandwidth, "rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results(args.json, "adc_cpu.json", {"device": where, "dram_read_gbps": bandwidth, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ kernels where the CPU has them. Same top-k checked first, then timed.
     python benchmarks/bench_adc_books.py [--books 4 8 16 32] [--N 1000000] [--nq 100] [--k 10]
 """
 import argparse
-import json
-import os
 
 import faiss
 import torch
 
 import opqn_ext
-from bench_adc import check_same_ranking, faiss_pq, median_seconds, on_faiss_avx2, on_isa, opqn_queries
+from bench_adc import (check_same_ranking, faiss_pq, median_seconds, on_faiss_avx2, on_isa, opqn_queries,
+                       write_results)
 
 
 def main():
@@ -61,11 +60,7 @@ def main():
               f"{cell(r, 'faiss_pq_gcodes_s')} {cell(r, 'faiss_pq_avx2_gcodes_s')} | "
               f"{ratio(r, 'opqn_avx512_gcodes_s', 'faiss_pq_gcodes_s')} "
               f"{ratio(r, 'opqn_avx2_gcodes_s', 'faiss_pq_avx2_gcodes_s')}")
-    path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "adc_books.json")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"rows": rows}, f, indent=2)
-    print(f"wrote {path}")
+    write_results(args.json, "adc_books.json", {"rows": rows})
 
 
 if __name__ == "__main__":
