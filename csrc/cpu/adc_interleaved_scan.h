@@ -32,6 +32,7 @@ namespace opqn::cpu::OPQN_ISA {
 namespace {
 
 constexpr int64_t kInterleavedBlockCodes = 2048;       // codes scanned by every group before the next block
+constexpr int64_t kInterleavedChunkGroups = 8;         // groups whose tables are built at once
 constexpr int16_t kNeverPasses = 32767;                // threshold of an empty lane: no sum exceeds it
 
 // The groups' interleaved byte tables, [groups, M, 256, lanes] (missing queries' lanes zero), from
@@ -82,22 +83,29 @@ void scan_group(const uint8_t* rows, const float* luts, const FilterTables& tabl
   }
 }
 
+// Queries [0, nq) in chunks of kInterleavedChunkGroups groups, each chunk over the whole range, so
+// that the tables of one call stay bounded however many queries it has.
 template <class Lanes, int64_t kM>
 void scan_interleaved_books(const float* luts, int64_t nq, const uint8_t* codes, int64_t M, int64_t first,
                             int64_t end, TopK* tops) {
   constexpr int64_t kLanes = Lanes::kLanes;
   FilterTables tables;
-  build_filter_tables(luts, nq, M, tables);
-  const std::vector<uint8_t> rows = interleave(tables, nq, kLanes);
-  const int64_t groups = (nq + kLanes - 1) / kLanes;
-  std::vector<int16_t> thresholds(static_cast<size_t>(groups * kLanes), kNeverPasses);  // [groups, lanes]
-  for (int64_t q = 0; q < nq; ++q) thresholds[q] = threshold_bytes(tables, q, tops[q].threshold);
-  for (int64_t b0 = first; b0 < end; b0 += kInterleavedBlockCodes) {
-    const int64_t b1 = std::min(end, b0 + kInterleavedBlockCodes);
-    for (int64_t g = 0; g < groups; ++g) {
-      const int64_t q0 = g * kLanes;
-      scan_group<Lanes, kM>(rows.data() + g * M * 256 * kLanes, luts + q0 * M * kLutStride, tables, q0, codes, M,
-                            b0, b1, thresholds.data() + q0, tops + q0);
+  std::vector<int16_t> thresholds;  // [groups, lanes]
+  for (int64_t c0 = 0; c0 < nq; c0 += kInterleavedChunkGroups * kLanes) {
+    const int64_t n = std::min(kInterleavedChunkGroups * kLanes, nq - c0);
+    const float* chunk_luts = luts + c0 * M * kLutStride;
+    build_filter_tables(chunk_luts, n, M, tables);
+    const std::vector<uint8_t> rows = interleave(tables, n, kLanes);
+    const int64_t groups = (n + kLanes - 1) / kLanes;
+    thresholds.assign(static_cast<size_t>(groups * kLanes), kNeverPasses);
+    for (int64_t q = 0; q < n; ++q) thresholds[q] = threshold_bytes(tables, q, tops[c0 + q].threshold);
+    for (int64_t b0 = first; b0 < end; b0 += kInterleavedBlockCodes) {
+      const int64_t b1 = std::min(end, b0 + kInterleavedBlockCodes);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t q0 = g * kLanes;
+        scan_group<Lanes, kM>(rows.data() + g * M * 256 * kLanes, chunk_luts + q0 * M * kLutStride, tables, q0,
+                              codes, M, b0, b1, thresholds.data() + q0, tops + c0 + q0);
+      }
     }
   }
 }
