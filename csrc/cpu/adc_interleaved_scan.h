@@ -68,7 +68,7 @@ void scan_group(const uint8_t* rows, const float* luts, const FilterTables& tabl
     typename Lanes::Vec sums = Lanes::zero();
     for (int64_t m = 0; m < M; ++m) sums = Lanes::add_row(sums, rows + (m * 256 + code[m]) * Lanes::kLanes);
     auto mask = Lanes::passing(sums, threshold);
-    if (mask == 0) continue;
+    if (mask == 0) continue;  // the common case: no lane passes, the thresholds stay
     while (mask != 0) {
       const int64_t lane = __builtin_ctzll(mask) / Lanes::kMaskBitsPerLane;
       mask &= mask - 1;

@@ -30,7 +30,9 @@ struct Lanes {
   static Vec add_row(Vec sums, const uint8_t* row) {
     return _mm256_add_epi16(sums, _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row))));
   }
-  static Vec load(const int16_t* thresholds) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(thresholds)); }
+  static Vec load(const int16_t* thresholds) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(thresholds));
+  }
   static uint32_t passing(Vec sums, Vec thresholds) {
     const __m256i pass = _mm256_cmpgt_epi16(sums, thresholds);
     if (_mm256_testz_si256(pass, pass)) return 0;

@@ -1,8 +1,8 @@
 // The 4-bit scan loop shared by the AVX2 and AVX-512 scanners, generic over how a block's sums are
 // computed (a `Sums` policy, below). Per block of 32 codes: the int16 sums of every query (a group
-// of Sums::kQueriesPerPass queries per pass, so that each load of words serves them all), two
-// compares per query against its threshold (kept as int16), and only codes above it reach the
-// heap. Each query's threshold starts from a sample of the range (its first 4096 codes) rather than
+// of Sums::kQueriesPerPass queries per pass, so that each load of words serves them all), compared
+// with each query's threshold (kept as int16) in one or two instructions, and only codes above it
+// reach the heap. Each query's threshold starts from a sample of the range (its first 4096 codes) rather than
 // from nothing.
 //
 // A Sums policy has

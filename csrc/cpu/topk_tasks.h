@@ -4,9 +4,9 @@
 // the groups over the whole database; with fewer, the database is cut into parts too (at least
 // min_units_per_part units each) so that even one query uses every core. query_granule is the
 // number of queries a scanner handles at the cost of one (its groups' width), so that no thread
-// pays for a group it only partly fills while another thread could share it. Each query's candidates from all parts are then
-// put in result order and its best k written out. The result order is total, so the output is
-// the same for every thread count.
+// pays for a group it only partly fills while another thread could share it. Each query's
+// candidates from all parts are then put in result order and its best k written out. The result
+// order is total, so the output is the same for every thread count.
 #pragma once
 
 #include <algorithm>
@@ -25,8 +25,8 @@ constexpr int64_t kMaxCandidateBytes = int64_t(256) << 20;
 // rescore(q, pairs, n): replaces the scores of query q's n candidates by their final scores (does
 // nothing when the scan scores exactly). scores, ids: [nq, k] outputs.
 template <typename Scan, typename Rescore>
-void search_topk(int64_t nq, int64_t query_granule, int64_t units, int64_t min_units_per_part, int64_t candidates,
-                 int64_t k, Scan&& scan, Rescore&& rescore, float* scores, int64_t* ids) {
+void search_topk(int64_t nq, int64_t query_granule, int64_t units, int64_t min_units_per_part,
+                 int64_t candidates, int64_t k, Scan&& scan, Rescore&& rescore, float* scores, int64_t* ids) {
   const int64_t threads = at::get_num_threads();
   const int64_t per_query = threads * 2 * candidates * static_cast<int64_t>(sizeof(ScoredId));
   const int64_t batch = std::max(threads, kMaxCandidateBytes / per_query);
