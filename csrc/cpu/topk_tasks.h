@@ -1,12 +1,13 @@
 // The whole CPU top-k search shared by adc_topk and adc_topk4. Queries go in batches small enough
 // that their candidate lists stay under kMaxCandidateBytes; a batch is scanned on every thread:
-// with at least as many groups of query_granule queries as threads, each thread takes a share of
-// the groups over the whole database; with fewer, the database is cut into parts too (at least
-// min_units_per_part units each) so that even one query uses every core. query_granule is the
-// number of queries a scanner handles at the cost of one (its groups' width), so that no thread
-// pays for a group it only partly fills while another thread could share it. Each query's
-// candidates from all parts are then put in result order and its best k written out. The result
-// order is total, so the output is the same for every thread count.
+// where the groups of query_granule queries split evenly between the threads, each thread takes
+// its share of them over the whole database; otherwise (fewer groups than threads included) the
+// database is cut into parts too (at least min_units_per_part units each), a part per thread with
+// every group, so that the threads get equal work and even one query uses every core.
+// query_granule is the number of queries a scanner handles at the cost of one (its groups' width),
+// so that no thread pays for a group it only partly fills while another thread could share it.
+// Each query's candidates from all parts are then put in result order and its best k written out.
+// The result order is total, so the output is the same for every thread count.
 #pragma once
 
 #include <algorithm>
@@ -35,7 +36,8 @@ void search_topk(int64_t nq, int64_t query_granule, int64_t units, int64_t min_u
   for (int64_t b0 = 0; b0 < nq; b0 += batch) {
     const int64_t nb = std::min(batch, nq - b0);
     const int64_t granules = (nb + query_granule - 1) / query_granule;
-    const int64_t parts = granules >= threads ? 1 : std::clamp<int64_t>(units / min_units_per_part, 1, threads);
+    const bool even_split = granules % threads == 0;  // every thread gets as many groups
+    const int64_t parts = even_split ? 1 : std::clamp<int64_t>(units / min_units_per_part, 1, threads);
     const int64_t groups = std::min(granules, threads);
     storage.resize(static_cast<size_t>(parts * nb * 2 * candidates));
     tops.resize(static_cast<size_t>(parts * nb));
