@@ -81,6 +81,36 @@ def test_paths_and_thread_counts_give_identical_results():
             assert torch.equal(s, s0) and torch.equal(i, i0)
 
 
+@pytest.mark.parametrize("threads", [3, 5, 16])
+def test_thread_counts_past_this_machine_split_work_the_same(threads):
+    # Queries split in groups of the scanner's width (1, 16 or 32), and the database into a part per
+    # thread where the groups do not split evenly: thread counts other than this machine's 2 reach
+    # the other splits (16: the GPU machine's cores). Results must equal one thread's, both scans.
+    g = torch.Generator().manual_seed(11)
+    lut = torch.rand(70, 8, 64, generator=g)
+    codes = torch.randint(0, 64, (300000, 8), generator=g, dtype=torch.uint8)
+    lut4 = torch.rand(70, 16, 16, generator=g)
+    packed = opqn_ext.pack_codes4(torch.randint(0, 16, (300000, 16), generator=g, dtype=torch.uint8))
+    threads_before, isa_before = torch.get_num_threads(), opqn_ext._C.active_cpu_isa()
+
+    def run():
+        return [(opqn_ext.adc_topk(lut[:nq], codes, 20), opqn_ext.adc_topk4(lut4[:nq], packed, 20))
+                for nq in (1, 3, 7, 40, 70)]
+
+    try:
+        for isa in opqn_ext._C.available_cpu_isas():
+            opqn_ext._C.set_cpu_isa(isa)
+            torch.set_num_threads(1)
+            want = run()
+            torch.set_num_threads(threads)
+            for got_pair, want_pair in zip(run(), want):
+                for (s, i), (s0, i0) in zip(got_pair, want_pair):
+                    assert torch.equal(i, i0) and torch.equal(s, s0), (isa, threads)
+    finally:
+        torch.set_num_threads(threads_before)
+        opqn_ext._C.set_cpu_isa(isa_before)
+
+
 @pytest.mark.parametrize("nq", [1, 9, 40])
 def test_codes_at_or_above_k_never_read_outside_the_table(nq, cpu_isa, device):
     # K = 5 but codes take every byte value: entries past K count as 0, nothing reads past the table
