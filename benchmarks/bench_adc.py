@@ -7,11 +7,11 @@ codes; queried with s, its tables are <s_m, c_mk> = probs (orthonormality), so b
 codes. That is checked first (scores equal within float rounding, the same top-k apart from
 near-ties), then everything is timed. Peers: FAISS IndexPQ (8-bit, M = 8) for adc_topk, FAISS
 IndexPQFastScan (4-bit, M = 16 books of 16 words, its own 8-bit quantized tables) for adc_topk4 on
-the packed codes (recall@k of both against the exact 4-bit ranking), and a naive torch gather + topk. Bandwidth: codes bytes scanned per second against a
-measured DRAM read rate. Where the active CPU path is AVX-512, both scans are also timed on the
-AVX2 path, in the same run, against FAISS on its AVX2 path too where its dynamic dispatch allows
-(`faiss.SIMDConfig`): what a CPU without AVX-512 runs (`avx2 8b`, `PQ avx2`, `avx2 4b`, `f4 avx2`,
-and their ratios `x avx2`).
+the packed codes (recall@k of both against the exact 4-bit ranking), and a naive torch gather +
+topk. Bandwidth: codes bytes scanned per second against a measured DRAM read rate. Where the
+active CPU path is AVX-512, both scans are also timed on the AVX2 path, in the same run, against
+FAISS on its AVX2 path too where its dynamic dispatch allows (`faiss.SIMDConfig`): what a CPU
+without AVX-512 runs (`avx2 8b`, `PQ avx2`, `avx2 4b`, `f4 avx2`, and their ratios `x avx2`).
 
     python benchmarks/bench_adc.py [--sizes 1000000 8000000] [--json PATH]
 """
@@ -94,7 +94,8 @@ def on_isa(isa, fn):
 def on_faiss_avx2(fn):
     """fn() with FAISS dispatching to its AVX2 kernels, restoring its level; None where it cannot."""
     config = getattr(faiss, "SIMDConfig", None)
-    if config is None or not config.has_dynamic_dispatch() or not config.is_simd_level_available(faiss.SIMDLevel_AVX2):
+    if (config is None or not config.has_dynamic_dispatch()
+            or not config.is_simd_level_available(faiss.SIMDLevel_AVX2)):
         return None
     before = config.get_level()
     config.set_level(faiss.SIMDLevel_AVX2)
@@ -115,6 +116,11 @@ def write_results(path, default_name, payload):
 
 def ratio(peer, ours):
     return peer / ours if peer and ours else None
+
+
+def cell(value, width, digits):
+    """value right-aligned in width with digits decimals, or '-' where it is missing."""
+    return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
 
 def recall(found, exact):
@@ -206,9 +212,6 @@ def main():
             f" {'recall':>6} {'f.recall':>8}")
     print(head)
     print("-" * len(head))
-
-    def cell(value, width, digits):
-        return f"{value:>{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
 
     for r in rows:
         print(f"{r['N']:>9} {r['nq']:>4} {r['k']:>4} {r['threads']:>3} | {r['opqn_gcodes_s']:>8.3f} "

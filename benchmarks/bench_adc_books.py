@@ -10,8 +10,8 @@ import faiss
 import torch
 
 import opqn_ext
-from bench_adc import (check_same_ranking, faiss_pq, median_seconds, on_faiss_avx2, on_isa, opqn_queries,
-                       write_results)
+from bench_adc import (cell, check_same_ranking, faiss_pq, median_seconds, on_faiss_avx2, on_isa, opqn_queries,
+                       ratio, write_results)
 
 
 def main():
@@ -44,22 +44,15 @@ def main():
         rows.append(row)
         print(row, flush=True)
 
-    def cell(row, key, width=9):
-        value = row.get(key)
-        return f"{value:>{width}.3f}" if value else f"{'-':>{width}}"
-
-    def ratio(row, ours, theirs):
-        return f"{row[ours] / row[theirs]:>7.1f}" if row.get(ours) and row.get(theirs) else f"{'-':>7}"
-
     print(f"\n8-bit scan, Gcodes/s, N = {N}, nq = {nq}, k = {k}, {args.threads} thread(s); FAISS {faiss.__version__}")
     head = (f"{'M':>3} | {'avx512':>9} {'avx2':>9} | {'PQ':>9} {'PQ avx2':>9} | {'x PQ':>7} {'x avx2':>7}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['M']:>3} | {cell(r, 'opqn_avx512_gcodes_s')} {cell(r, 'opqn_avx2_gcodes_s')} | "
-              f"{cell(r, 'faiss_pq_gcodes_s')} {cell(r, 'faiss_pq_avx2_gcodes_s')} | "
-              f"{ratio(r, 'opqn_avx512_gcodes_s', 'faiss_pq_gcodes_s')} "
-              f"{ratio(r, 'opqn_avx2_gcodes_s', 'faiss_pq_avx2_gcodes_s')}")
+        ours, ours2 = r.get("opqn_avx512_gcodes_s"), r.get("opqn_avx2_gcodes_s")
+        print(f"{r['M']:>3} | {cell(ours, 9, 3)} {cell(ours2, 9, 3)} | {cell(r['faiss_pq_gcodes_s'], 9, 3)} "
+              f"{cell(r['faiss_pq_avx2_gcodes_s'], 9, 3)} | {cell(ratio(ours, r['faiss_pq_gcodes_s']), 7, 1)} "
+              f"{cell(ratio(ours2, r['faiss_pq_avx2_gcodes_s']), 7, 1)}")
     write_results(args.json, "adc_books.json", {"rows": rows})
 
 

@@ -108,8 +108,8 @@ def test_small_integer_tables_tie_at_the_threshold():
 
 
 def test_more_queries_than_one_chunk_of_byte_tables():
-    # 600 queries: the scanners quantize the tables of 64 (AVX-512, transposed), 128 (AVX2) or 256
-    # (AVX-512, interleaved) queries at a time, on each thread
+    # 600 queries: the interleaved scans quantize the tables of 128 (AVX2) or 256 (AVX-512) queries
+    # at a time, on each thread
     lut = torch.softmax(torch.randn(600, 8, 256, generator=gen(8)), dim=-1)
     agree_everywhere(lut, random_codes(5000, 8, seed=8), 10)
 

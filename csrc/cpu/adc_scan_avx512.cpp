@@ -35,7 +35,6 @@ constexpr int64_t kGroupCodes = 64;
 constexpr int64_t kMaxBooks = 16;      // transposes cost M * M permutes per group
 static_assert(kMaxBooks * 255 <= 32767, "byte sums must stay exact in int16 lanes");
 constexpr int64_t kBlockGroups = 16;   // 1024 codes transposed per block: [16, M, 64] bytes <= 16 KB
-constexpr int64_t kChunkQueries = 64;  // queries whose byte tables stay in cache together
 constexpr int64_t kPrefetchCodes = kBlockGroups * kGroupCodes;  // codes read ahead: one block
 constexpr int64_t kInterleavedMinQueries = 8;  // from here on (per group) the interleaved tables are faster
 
@@ -270,24 +269,21 @@ void scan_chunk_regs(int regs, const float* luts, int64_t nq, const uint8_t* cod
   }
 }
 
-// The transposed scan (M <= kMaxBooks) of queries [0, nq), in chunks of kChunkQueries.
+// The transposed scan (M <= kMaxBooks) of queries [0, nq): fewer than kInterleavedMinQueries, so
+// their byte tables stay in cache together.
 void scan_transposed(const float* luts, int64_t nq, const uint8_t* codes, int64_t M, int64_t first, int64_t end,
                      TopK* tops) {
   GroupTranspose plan;
   plan_transpose(M, plan);
   FilterTables tables;
-  for (int64_t q0 = 0; q0 < nq; q0 += kChunkQueries) {
-    const int64_t n = std::min(kChunkQueries, nq - q0);
-    const float* chunk_luts = luts + q0 * M * kLutStride;
-    build_filter_tables(chunk_luts, n, M, tables);
-    const int regs = regs_needed(tables, n);
-    switch (M) {
-      case 2: scan_chunk_regs<2>(regs, chunk_luts, n, codes, M, first, end, tables, plan, tops + q0); break;
-      case 4: scan_chunk_regs<4>(regs, chunk_luts, n, codes, M, first, end, tables, plan, tops + q0); break;
-      case 8: scan_chunk_regs<8>(regs, chunk_luts, n, codes, M, first, end, tables, plan, tops + q0); break;
-      case 16: scan_chunk_regs<16>(regs, chunk_luts, n, codes, M, first, end, tables, plan, tops + q0); break;
-      default: scan_chunk_regs<0>(regs, chunk_luts, n, codes, M, first, end, tables, plan, tops + q0);
-    }
+  build_filter_tables(luts, nq, M, tables);
+  const int regs = regs_needed(tables, nq);
+  switch (M) {
+    case 2: return scan_chunk_regs<2>(regs, luts, nq, codes, M, first, end, tables, plan, tops);
+    case 4: return scan_chunk_regs<4>(regs, luts, nq, codes, M, first, end, tables, plan, tops);
+    case 8: return scan_chunk_regs<8>(regs, luts, nq, codes, M, first, end, tables, plan, tops);
+    case 16: return scan_chunk_regs<16>(regs, luts, nq, codes, M, first, end, tables, plan, tops);
+    default: return scan_chunk_regs<0>(regs, luts, nq, codes, M, first, end, tables, plan, tops);
   }
 }
 
