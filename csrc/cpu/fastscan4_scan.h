@@ -72,35 +72,44 @@ template <class Sums>
 }
 
 constexpr int64_t kSampleBlocks = 128;  // 4096 codes: where a query's first threshold comes from
+constexpr int64_t kSampleCodes = kSampleBlocks * kBlockCodes4;
+
+// How many of sums [kSampleCodes] are at least t: int16 counts per lane of a block (at most
+// kSampleBlocks each), in loops the compiler vectorizes.
+inline int64_t count_at_least(const int16_t* sums, int16_t t) {
+  alignas(64) int16_t lanes[kBlockCodes4] = {};
+  for (int64_t i = 0; i < kSampleCodes; i += kBlockCodes4)
+    for (int64_t j = 0; j < kBlockCodes4; ++j) lanes[j] += sums[i + j] >= t;
+  int64_t count = 0;
+  for (const int16_t lane : lanes) count += lane;
+  return count;
+}
 
 // A first threshold for query q (its tables at `tables`) from the sample blocks [first_block,
-// first_block + kSampleBlocks), which must hold no missing code: the largest t, a multiple of 8,
-// such that at least k of their codes score t or more, minus 1 (-1 where fewer than k do). The final
-// k-th best score of the range can only be higher, so starting the scan there drops no code that
-// belongs, and spares the reservoir the offers of a threshold that starts at nothing.
+// first_block + kSampleBlocks), which must hold no missing code and at least k codes: the k-th
+// largest sum of the sample minus 1 (-1 where that is 0). The final k-th best score of the range
+// can only be higher, so starting the scan there drops no code that belongs, and spares the
+// reservoir the offers of a threshold that starts at nothing. The k-th largest is found by a
+// binary search on counts of sums at least t (sums are 0..32767), each a vector pass over the sample.
 template <class Sums>
 int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs, int64_t first_block, int64_t k) {
-  constexpr int kBinShift = 3;
-  uint16_t bins[32768 >> kBinShift] = {};  // counts of scores >> kBinShift; sums are 0..32767
-  int top_bin = 0;
-  for (int64_t block = first_block; block < first_block + kSampleBlocks; ++block) {
-    typename Sums::Block sums[1];
-    Sums::template block<0, 1>(packed + block * pairs * 32, tables, pairs, sums);
-    const BlockRows<Sums> rows(sums[0]);
-    for (const int16_t* row : rows.rows) {
-      for (int j = 0; j < 16; ++j) {
-        const int bin = row[j] >> kBinShift;
-        ++bins[bin];
-        top_bin = std::max(top_bin, bin);
-      }
-    }
+  alignas(64) int16_t sums[kSampleCodes];  // in the order of BlockRows, block by block
+  for (int64_t block = 0; block < kSampleBlocks; ++block) {
+    typename Sums::Block block_sums[1];
+    Sums::template block<0, 1>(packed + (first_block + block) * pairs * 32, tables, pairs, block_sums);
+    Sums::store(block_sums[0], *reinterpret_cast<int16_t(*)[2][16]>(sums + block * kBlockCodes4));
   }
-  int64_t at_least = 0;  // codes of the sample in bins [bin, top_bin]
-  for (int bin = top_bin; bin >= 0; --bin) {
-    at_least += bins[bin];
-    if (at_least >= k) return (bin << kBinShift) - 1;
+  int16_t top = 0;  // a reduction the compiler vectorizes (std::max_element's index it does not)
+  for (const int16_t sum : sums) top = std::max(top, sum);
+  int lo = 0, hi = top;  // count_at_least(lo) >= k throughout
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (count_at_least(sums, static_cast<int16_t>(mid)) >= k)
+      lo = mid;
+    else
+      hi = mid - 1;
   }
-  return -1;
+  return lo - 1;
 }
 
 // One block for queries [q, nq): groups of kQueries, the rest in groups half as large.
@@ -127,7 +136,7 @@ void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64
   std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
   // the sample holds no missing code: missing ones exist only in the last block of all
   const bool sampled = end_block - first_block >= 4 * kSampleBlocks && nq > 0 &&
-                       4 * tops[0].k <= kSampleBlocks * kBlockCodes4;
+                       4 * tops[0].k <= kSampleCodes;
   for (int64_t q = 0; q < nq; ++q) {
     if (sampled) {
       const int floor = sample_threshold<Sums>(tables + q * pairs * 32, packed, pairs, first_block, tops[q].k);
