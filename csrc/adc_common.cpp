@@ -1,11 +1,29 @@
 #include "adc.h"
 
+#include <cmath>
+#include <limits>
+
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 
 #include "checks.h"
 
 namespace opqn {
+
+namespace {
+
+// Whether every entry of lut is finite: a plain pass on the CPU (an isfinite tensor, its reduction
+// and their dispatch cost more than a small scan), a reduction and a sync on CUDA.
+bool all_finite(const at::Tensor& lut) {
+  if (!lut.is_cpu()) return at::isfinite(lut).all().item<bool>();
+  const at::Tensor values = lut.contiguous();
+  const float* v = values.const_data_ptr<float>();
+  bool finite = true;
+  for (int64_t i = 0; i < values.numel(); ++i) finite &= std::fabs(v[i]) <= std::numeric_limits<float>::max();
+  return finite;
+}
+
+}  // namespace
 
 void check_lut(const at::Tensor& lut, int64_t max_words, const char* codes) {
   check_defined(lut, "lut");
@@ -15,7 +33,7 @@ void check_lut(const at::Tensor& lut, int64_t max_words, const char* codes) {
               " books, got shape ", lut.sizes());
   TORCH_CHECK(lut.size(2) >= 1 && lut.size(2) <= max_words, "lut must have 1 <= K <= ", max_words,
               " words per book (", codes, "), got shape ", lut.sizes());
-  TORCH_CHECK(lut.numel() == 0 || at::isfinite(lut).all().item<bool>(),
+  TORCH_CHECK(all_finite(lut),
               "lut must be finite: it contains NaN or infinite values");
 }
 

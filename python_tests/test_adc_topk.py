@@ -168,6 +168,24 @@ def test_bad_arguments_raise_clear_errors(lut, codes, k, match):
         opqn_ext.adc_topk(lut, codes, k)
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("position", [0, 201, -1])
+def test_one_non_finite_entry_anywhere_is_rejected(value, position, device):
+    # one bad entry among 3 x 8 x 16 finite ones, at the start, inside and at the end; also read
+    # through a transposed (non-contiguous) view of the same values
+    lut = torch.rand(3, 8, 16)
+    lut.view(-1)[position] = value
+    codes = torch.randint(0, 16, (100, 8), dtype=torch.uint8).to(device)
+    for table in (lut, lut.transpose(1, 2).contiguous().transpose(1, 2)):
+        table = table.to(device)
+        with pytest.raises(RuntimeError, match="lut must be finite"):
+            opqn_ext.adc_topk(table, codes, 5)
+        with pytest.raises(RuntimeError, match="lut must be finite"):
+            opqn_ext.adc_scores(table, codes)
+        with pytest.raises(RuntimeError, match="lut must be finite"):
+            opqn_ext.adc_topk4(table, opqn_ext.pack_codes4(codes), 5)
+
+
 def test_long_scan_releases_the_gil():
     import threading
     import time
