@@ -89,6 +89,26 @@ def test_rerank_1_is_exact_where_the_8_bit_tables_are_exact(k):
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("N", [1000, 5000, 32760, 32768, 32800, 70000])
+def test_selection_and_reservoir_give_exact_adc_with_heavy_ties(N):
+    # Tables of the levels 0, 85, 170, 255 (0 and 255 in every book): the 8-bit tables are exact, so
+    # rerank=1 must give exact ADC, and the sums take few values, so nearly every result is a tie
+    # decided by the smaller index. Parts of up to 1024 blocks (32768 codes) are searched by
+    # selection over stored sums, longer ones by the reservoir scan: N and the thread counts put
+    # parts on both sides of that limit, the last block partial or full; k up to the whole part.
+    g = torch.Generator().manual_seed(N)
+    M, K, nq = 16, 16, 5
+    lut = (torch.randint(0, 4, (nq, M, K), generator=g) * 85).float()
+    lut[:, :, 0], lut[:, :, K - 1] = 0.0, 255.0
+    codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+    packed = opqn_ext.pack_codes4(codes)
+    for k in sorted({1, 10, 100, N // 2 + 1}):
+        want = opqn_ext.adc_topk(lut, codes, k)
+        for queries, expected in ((lut, want), (lut[:1], (want[0][:1], want[1][:1]))):
+            for got in results_on_every_path(lambda: opqn_ext.adc_topk4(queries, packed, k, rerank=1)):
+                assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
 @pytest.mark.parametrize("M,N", [(16, 600000), (3, 40000), (5, 40000), (8, 40000), (13, 40000), (32, 40000)])
 def test_paths_and_thread_counts_agree(M, N):
     # M: every unrolled pair count and the generic loop, odd pair counts (a last pair alone in the

@@ -30,6 +30,7 @@ Scan4Fn scanner4() {
 namespace {
 
 constexpr int64_t kMinBlocksPerPart = 512;  // 16384 codes
+constexpr int64_t kRescoreLanes = 8;         // candidates re-scored together
 
 // lut: [nq, M, K] -> [nq, pairs, 32] tables of integers: per book, entries minus the book's
 // minimum, times one scale per query chosen so that a code's sum never exceeds 32767.
@@ -70,21 +71,29 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
   const int64_t candidates = std::min(num_codes, rerank * k);
   const Scan4Fn scan = scanner4();
 
-  // Candidates are re-scored exactly: the float table, entries added in book order as adc_topk does.
-  // Their blocks are prefetched first, so the scattered reads overlap.
+  // Candidates are re-scored exactly: the float table, entries added in book order as adc_topk does,
+  // kRescoreLanes candidates at a time so that their chains of additions overlap. Their blocks are
+  // prefetched first, so the scattered reads overlap too.
   const auto exact = [&](int64_t q, ScoredId* candidates, int64_t n) {
     for (int64_t c = 0; c < n; ++c) {
       const uint8_t* block = packed_ptr + candidates[c].id / kBlockCodes4 * pairs * 32;
       for (int64_t line = 0; line < pairs * 32; line += 64) __builtin_prefetch(block + line);
     }
-    const float* l = lut_ptr + q * M * K;
-    for (int64_t c = 0; c < n; ++c) {
-      float s = 0.0f;
-      for (int64_t m = 0; m < M; ++m) {
-        const uint8_t word = packed_word(packed_ptr, pairs, candidates[c].id, m);
-        s += word < K ? l[m * K + word] : 0.0f;
+    std::vector<float> table(static_cast<size_t>(M * 16), 0.0f);  // [M, 16]: lut[q] padded with zeros
+    for (int64_t m = 0; m < M; ++m) std::copy_n(lut_ptr + (q * M + m) * K, K, table.begin() + m * 16);
+    for (int64_t c0 = 0; c0 < n; c0 += kRescoreLanes) {
+      const int64_t lanes = std::min(kRescoreLanes, n - c0);
+      const uint8_t* words[kRescoreLanes];  // byte of book m of lane i: words[i][16 m]
+      int shifts[kRescoreLanes];
+      float sums[kRescoreLanes] = {};
+      for (int64_t i = 0; i < kRescoreLanes; ++i) {
+        const int64_t id = candidates[c0 + std::min(i, lanes - 1)].id, j = id % kBlockCodes4;
+        words[i] = packed_ptr + id / kBlockCodes4 * pairs * 32 + j % 16;
+        shifts[i] = j < 16 ? 0 : 4;
       }
-      candidates[c].score = s;
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t i = 0; i < kRescoreLanes; ++i) sums[i] += table[m * 16 + ((words[i][16 * m] >> shifts[i]) & 15)];
+      for (int64_t i = 0; i < lanes; ++i) candidates[c0 + i].score = sums[i];
     }
   };
   search_topk(

@@ -39,11 +39,4 @@ void scan4(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pai
 
 Scan4Fn scanner4();
 
-// The 4-bit word of book m of code id in the packed layout.
-inline uint8_t packed_word(const uint8_t* packed, int64_t pairs, int64_t id, int64_t m) {
-  const int64_t block = id / kBlockCodes4, j = id % kBlockCodes4;
-  const uint8_t byte = packed[(block * pairs + m / 2) * 32 + (m % 2) * 16 + j % 16];
-  return j < 16 ? byte & 0x0F : byte >> 4;
-}
-
 }  // namespace opqn::cpu

@@ -78,6 +78,11 @@ struct Sums {
            (static_cast<uint32_t>(_mm256_movemask_epi8(odd_pass)) & 0xAAAAAAAAu);
   }
 
+  static Block load(const int16_t (&rows)[2][16]) {
+    return {_mm256_load_si256(reinterpret_cast<const __m256i*>(rows[0])),
+            _mm256_load_si256(reinterpret_cast<const __m256i*>(rows[1]))};
+  }
+
   static void store(const Block& sums, int16_t (&rows)[2][16]) {
     _mm256_store_si256(reinterpret_cast<__m256i*>(rows[0]), sums.even);
     _mm256_store_si256(reinterpret_cast<__m256i*>(rows[1]), sums.odd);

@@ -93,6 +93,8 @@ struct Sums {
     return _pdep_u32(lanes & 0xFFFFu, 0x55555555u) | _pdep_u32(lanes >> 16, 0xAAAAAAAAu);
   }
 
+  static Block load(const int16_t (&rows)[2][16]) { return _mm512_load_si512(rows); }
+
   static void store(const Block& sums, int16_t (&rows)[2][16]) { _mm512_store_si512(rows, sums); }
 };
 

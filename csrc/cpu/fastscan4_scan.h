@@ -13,7 +13,8 @@
 //   the number of book pairs as a compile-time constant (the loop over them unrolls);
 // - `static uint32_t passing(const Block&, int16_t threshold)`: bit c set where code c's sum is
 //   above the threshold;
-// - `static void store(const Block&, int16_t (&rows)[2][16])`: rows[c % 2][c / 2] = code c's sum.
+// - `static void store(const Block&, int16_t (&rows)[2][16])`: rows[c % 2][c / 2] = code c's sum
+//   (rows 64-byte aligned), and `static Block load(const int16_t (&rows)[2][16])` its inverse.
 //
 // Include only from fastscan4_<isa>.cpp, after its target_begin header, with OPQN_ISA defined (the
 // namespace of that build); that file includes the headers below before its target_begin header,
@@ -71,45 +72,107 @@ template <class Sums>
   threshold16 = threshold_of(top);
 }
 
-constexpr int64_t kSampleBlocks = 128;  // 4096 codes: where a query's first threshold comes from
-constexpr int64_t kSampleCodes = kSampleBlocks * kBlockCodes4;
-
-// How many of sums [kSampleCodes] are at least t: int16 counts per lane of a block (at most
-// kSampleBlocks each), in loops the compiler vectorizes.
-inline int64_t count_at_least(const int16_t* sums, int16_t t) {
+// How many of sums [n] (n a multiple of 32, at most 32767 * 32) are at least t: int16 counts per
+// lane of 32, in loops the compiler vectorizes.
+inline int64_t count_at_least(const int16_t* sums, int64_t n, int16_t t) {
   alignas(64) int16_t lanes[kBlockCodes4] = {};
-  for (int64_t i = 0; i < kSampleCodes; i += kBlockCodes4)
+  for (int64_t i = 0; i < n; i += kBlockCodes4)
     for (int64_t j = 0; j < kBlockCodes4; ++j) lanes[j] += sums[i + j] >= t;
   int64_t count = 0;
   for (const int16_t lane : lanes) count += lane;
   return count;
 }
 
-// A first threshold for query q (its tables at `tables`) from the sample blocks [first_block,
-// first_block + kSampleBlocks), which must hold no missing code and at least k codes: the k-th
-// largest sum of the sample minus 1 (-1 where that is 0). The final k-th best score of the range
-// can only be higher, so starting the scan there drops no code that belongs, and spares the
-// reservoir the offers of a threshold that starts at nothing. The k-th largest is found by a
-// binary search on counts of sums at least t (sums are 0..32767), each a vector pass over the sample.
-template <class Sums>
-int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs, int64_t first_block, int64_t k) {
-  alignas(64) int16_t sums[kSampleCodes];  // in the order of BlockRows, block by block
-  for (int64_t block = 0; block < kSampleBlocks; ++block) {
-    typename Sums::Block block_sums[1];
-    Sums::template block<0, 1>(packed + (first_block + block) * pairs * 32, tables, pairs, block_sums);
-    Sums::store(block_sums[0], *reinterpret_cast<int16_t(*)[2][16]>(sums + block * kBlockCodes4));
-  }
-  int16_t top = 0;  // a reduction the compiler vectorizes (std::max_element's index it does not)
-  for (const int16_t sum : sums) top = std::max(top, sum);
-  int lo = 0, hi = top;  // count_at_least(lo) >= k throughout
+// The k-th largest of sums [n] (as count_at_least), or 0 where fewer than k are 1 or more: a binary
+// search on count_at_least between 0 and their maximum (a reduction the compiler vectorizes, unlike
+// std::max_element's index).
+inline int kth_largest(const int16_t* sums, int64_t n, int64_t k) {
+  int16_t top = 0;
+  for (int64_t i = 0; i < n; ++i) top = std::max(top, sums[i]);
+  int lo = 0, hi = top;  // the answer lies in [lo, hi]; any lo > 0 has count_at_least(lo) >= k
   while (lo < hi) {
     const int mid = (lo + hi + 1) / 2;
-    if (count_at_least(sums, static_cast<int16_t>(mid)) >= k)
+    if (count_at_least(sums, n, static_cast<int16_t>(mid)) >= k)
       lo = mid;
     else
       hi = mid - 1;
   }
-  return lo - 1;
+  return lo;
+}
+
+// The sums of kQueries queries (tables pairs * 32 bytes apart) for blocks [first_block, end_block),
+// stored as BlockRows block after block: query j's at out + j * stride.
+template <class Sums, int64_t kPairs, int kQueries>
+void store_sums(const uint8_t* tables, const uint8_t* packed, int64_t pairs, int64_t first_block, int64_t end_block,
+                int16_t* out, int64_t stride) {
+  for (int64_t block = first_block; block < end_block; ++block) {
+    typename Sums::Block sums[kQueries];
+    Sums::template block<kPairs, kQueries>(packed + block * pairs * 32, tables, pairs, sums);
+    for (int j = 0; j < kQueries; ++j)
+      Sums::store(sums[j], *reinterpret_cast<int16_t(*)[2][16]>(out + j * stride + (block - first_block) * 32));
+  }
+}
+
+constexpr int64_t kSampleBlocks = 128;  // 4096 codes: where a query's first threshold comes from
+constexpr int64_t kSampleCodes = kSampleBlocks * kBlockCodes4;
+
+// A first threshold for query q (its tables at `tables`) from the sample blocks [first_block,
+// first_block + kSampleBlocks), which must hold no missing code and at least k codes: the k-th
+// largest sum of the sample minus 1 (-1 where that is 0). The final k-th best score of the range
+// can only be higher, so starting the scan there drops no code that belongs, and spares the
+// reservoir the offers of a threshold that starts at nothing.
+template <class Sums>
+int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs, int64_t first_block, int64_t k) {
+  alignas(64) int16_t sums[kSampleCodes];
+  store_sums<Sums, 0, 1>(tables, packed, pairs, first_block, first_block + kSampleBlocks, sums, 0);
+  return kth_largest(sums, kSampleCodes, k) - 1;
+}
+
+// Ranges of at most this many blocks are searched by selection (select4_pairs) rather than by a
+// scan through the reservoir: every sum is stored (int16 counts per lane hold their number).
+constexpr int64_t kSelectBlocks = 1024;  // 32768 codes
+static_assert(kSelectBlocks <= 32767);
+
+// Offers query top's best top.k codes of the stored sums [blocks * 32] of blocks from first_block
+// (missing codes' sums -1): the codes above the k-th largest sum, then as many of those equal to it
+// as are needed, smallest ids first; exactly what a scan by increasing id would keep.
+template <class Sums>
+void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& top) {
+  const int64_t n = blocks * kBlockCodes4;
+  const int kth = kth_largest(sums, n, top.k);
+  int64_t ties = top.k - count_at_least(sums, n, static_cast<int16_t>(kth + 1));  // of sum kth, to keep
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int16_t(&rows)[2][16] = *reinterpret_cast<const int16_t(*)[2][16]>(sums + block * kBlockCodes4);
+    uint32_t mask = Sums::passing(Sums::load(rows), static_cast<int16_t>(kth - 1));
+    while (mask != 0) {
+      const int c = __builtin_ctz(mask);
+      mask &= mask - 1;
+      const int16_t sum = rows[c % 2][c / 2];
+      if (sum == kth && ties-- <= 0) continue;
+      topk_offer(top, static_cast<float>(sum), (first_block + block) * kBlockCodes4 + c);
+    }
+  }
+}
+
+// Selection for short ranges: per group of queries, every code's sum is stored, then each query's
+// best codes are found in its sums (offer_best) without passing through the reservoir.
+template <class Sums, int64_t kPairs, int kQueries>
+void select_groups(const uint8_t* tables, int64_t q, int64_t nq, const uint8_t* packed, int64_t pairs,
+                   int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops, int16_t* sums) {
+  const int64_t blocks = end_block - first_block, stride = blocks * kBlockCodes4;
+  for (; q + kQueries <= nq; q += kQueries) {
+    store_sums<Sums, kPairs, kQueries>(tables + q * pairs * 32, packed, pairs, first_block, end_block, sums, stride);
+    for (int j = 0; j < kQueries; ++j) {
+      int16_t* query_sums = sums + j * stride;
+      // missing codes, only in the last block of all
+      int16_t(&last)[2][16] = *reinterpret_cast<int16_t(*)[2][16]>(query_sums + stride - kBlockCodes4);
+      for (int64_t c = num_codes - (end_block - 1) * kBlockCodes4; c < kBlockCodes4; ++c) last[c % 2][c / 2] = -1;
+      offer_best<Sums>(query_sums, blocks, first_block, tops[q + j]);
+    }
+  }
+  if constexpr (kQueries > 1)
+    select_groups<Sums, kPairs, kQueries / 2>(tables, q, nq, packed, pairs, num_codes, first_block, end_block, tops,
+                                              sums);
 }
 
 // One block for queries [q, nq): groups of kQueries, the rest in groups half as large.
@@ -133,6 +196,14 @@ template <class Sums, int64_t kPairs>
 void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs_runtime,
                  int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
   const int64_t pairs = kPairs > 0 ? kPairs : pairs_runtime;
+  if (end_block - first_block <= kSelectBlocks) {
+    // the sums of a group of queries, 64-byte aligned
+    std::vector<int16_t> buffer(static_cast<size_t>((Sums::kQueriesPerPass * (end_block - first_block) + 1) * 32));
+    int16_t* sums = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64 / sizeof(int16_t);
+    select_groups<Sums, kPairs, Sums::kQueriesPerPass>(tables, 0, nq, packed, pairs, num_codes, first_block,
+                                                       end_block, tops, sums);
+    return;
+  }
   std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
   // the sample holds no missing code: missing ones exist only in the last block of all
   const bool sampled = end_block - first_block >= 4 * kSampleBlocks && nq > 0 &&
