@@ -89,13 +89,14 @@ def test_rerank_1_is_exact_where_the_8_bit_tables_are_exact(k):
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
-@pytest.mark.parametrize("N", [1000, 5000, 32760, 32768, 32800, 70000])
+@pytest.mark.parametrize("N", [1000, 5000, 32760, 32800, 70000, 140000])
 def test_selection_and_reservoir_give_exact_adc_with_heavy_ties(N):
     # Tables of the levels 0, 85, 170, 255 (0 and 255 in every book): the 8-bit tables are exact, so
     # rerank=1 must give exact ADC, and the sums take few values, so nearly every result is a tie
-    # decided by the smaller index. Parts of up to 1024 blocks (32768 codes) are searched by
-    # selection over stored sums, longer ones by the reservoir scan: N and the thread counts put
-    # parts on both sides of that limit, the last block partial or full; k up to the whole part.
+    # decided by the smaller index. A part is searched by selection over its stored sums where it
+    # has under 512 blocks of 32 codes, or at most 24 k and 4096 blocks, and by the reservoir scan
+    # otherwise: N, k and the thread counts take both, the last block partial or full, k up to half
+    # the codes.
     g = torch.Generator().manual_seed(N)
     M, K, nq = 16, 16, 5
     lut = (torch.randint(0, 4, (nq, M, K), generator=g) * 85).float()
