@@ -114,16 +114,25 @@ void compact(TopK& top) {
   std::vector<int64_t> heap_ids(n > kStackEntries ? n : 0);
   uint32_t* keys = n > kStackEntries ? heap_keys.data() : stack_keys;
   int64_t* tie_ids = n > kStackEntries ? heap_ids.data() : stack_ids;
-  for (int64_t i = 0; i < n; ++i) keys[i] = descending_score_key(top.entries[i].score);
+  uint32_t varying = 0;  // the bits in which some key differs from the first
+  for (int64_t i = 0; i < n; ++i) {
+    keys[i] = descending_score_key(top.entries[i].score);
+    varying |= keys[i] ^ keys[0];
+  }
   uint32_t kth = 0, known = 0;  // the digits of the k-th smallest key found so far, and their mask
   int64_t rank = top.k;          // its rank among the keys that share those digits
   for (int shift = 24; shift >= 0; shift -= 8) {
+    known |= 0xFFu << shift;
+    if (((varying >> shift) & 0xFFu) == 0) {  // a digit every key shares (close scores share several)
+      kth |= keys[0] & (0xFFu << shift);
+      continue;
+    }
     std::array<int64_t, 256> count{};
-    for (int64_t i = 0; i < n; ++i) count[(keys[i] >> shift) & 0xFFu] += (keys[i] & known) == kth;
+    const uint32_t prefix = known & ~(0xFFu << shift);  // the digits found before this one
+    for (int64_t i = 0; i < n; ++i) count[(keys[i] >> shift) & 0xFFu] += (keys[i] & prefix) == kth;
     uint32_t digit = 0;
     for (; count[digit] < rank; ++digit) rank -= count[digit];
     kth |= digit << shift;
-    known |= 0xFFu << shift;
   }
   int64_t ties = 0;  // the ids of the entries whose key is kth; the `rank` smallest of them stay
   for (int64_t i = 0; i < n; ++i) {
