@@ -94,7 +94,7 @@ def test_selection_and_reservoir_give_exact_adc_with_heavy_ties(N):
     # Tables of the levels 0, 85, 170, 255 (0 and 255 in every book): the 8-bit tables are exact, so
     # rerank=1 must give exact ADC, and the sums take few values, so nearly every result is a tie
     # decided by the smaller index. A part is searched by selection over its stored sums where it
-    # has under 512 blocks of 32 codes, or at most 24 k and 4096 blocks, and by the reservoir scan
+    # has under 1024 blocks of 32 codes, or up to 4096 blocks and k >= 8, and by the reservoir scan
     # otherwise: N, k and the thread counts take both, the last block partial or full, k up to half
     # the codes.
     g = torch.Generator().manual_seed(N)
@@ -108,6 +108,25 @@ def test_selection_and_reservoir_give_exact_adc_with_heavy_ties(N):
         for queries, expected in ((lut, want), (lut[:1], (want[0][:1], want[1][:1]))):
             for got in results_on_every_path(lambda: opqn_ext.adc_topk4(queries, packed, k, rerank=1)):
                 assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+
+
+@pytest.mark.parametrize("k", [10, 100])
+def test_selection_recovers_from_a_sample_that_overstates_the_best(k):
+    # Selection takes a floor from every 8th block of a part: the sum that 2k/n of that sample reach.
+    # Here the only high codes (20 at the start of blocks 0, 8, 128 and 136: sampled blocks of both
+    # the whole and the 2-thread halves) fill the sample's top, so for k = 100 fewer than k codes
+    # reach the floor and the search must fall back to every sum; for k = 10 the floor holds.
+    g = torch.Generator().manual_seed(k)
+    M, K, N = 16, 16, 8192
+    lut = torch.randint(1, 255, (1, M, K), generator=g).float()
+    lut[:, :, 0], lut[:, :, K - 1] = 0.0, 255.0
+    codes = torch.randint(0, K // 2, (N, M), generator=g, dtype=torch.uint8)
+    for block in (0, 8, 128, 136):
+        codes[block * 32:block * 32 + 20] = K - 1
+    packed = opqn_ext.pack_codes4(codes)
+    want = opqn_ext.adc_topk(lut, codes, k)
+    for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, packed, k, rerank=1)):
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
 @pytest.mark.parametrize("M,N", [(16, 600000), (3, 40000), (5, 40000), (8, 40000), (13, 40000), (32, 40000)])

@@ -129,36 +129,87 @@ int sample_threshold(const uint8_t* tables, const uint8_t* packed, int64_t pairs
 }
 
 // Which search a part of `blocks` blocks gets, for k candidates a query: selection (select_groups)
-// costs about 13 passes over the stored sums whatever k is, the reservoir scan's offers and
-// compactions grow with k and, more slowly, with the part, and it samples its first threshold
-// only in parts of 4 * kSampleBlocks blocks or more. Measured (1 thread, 100 queries, AVX-512 and
-// AVX2 alike): selection is faster there wherever blocks <= 24 k, and in shorter parts whatever k
-// is. Parts longer than kSelectMaxBlocks always take the reservoir: selection's stored sums
-// (kQueriesPerPass * blocks * 64 bytes) stay under 1 MB, and int16 counts per lane hold their number.
+// costs a few passes over the stored sums whatever k is, the reservoir scan's offers and
+// compactions grow with k and, more slowly, with the part. Measured (1 thread, 100 queries,
+// AVX-512 and AVX2): selection is faster wherever k >= 20, and for k = 2 in parts under 1024
+// blocks, but 5-20% slower for k = 2 in longer ones. Parts longer than kSelectMaxBlocks always take
+// the reservoir: selection's stored sums (kQueriesPerPass * blocks * 64 bytes) stay under 1 MB, and
+// int16 counts per lane hold their number.
 constexpr int64_t kSelectMaxBlocks = 4096;  // 131072 codes
 static_assert(kSelectMaxBlocks <= 32767);
 
 inline bool use_selection(int64_t blocks, int64_t k) {
-  return blocks <= kSelectMaxBlocks && (blocks < 4 * kSampleBlocks || blocks <= 24 * k);
+  return blocks <= kSelectMaxBlocks && (blocks < 1024 || k >= 8);
+}
+
+// Scratch of offer_best, kept across the queries of a scan.
+struct SelectScratch {
+  std::vector<int16_t> sample;      // sums of every kSelectSampleStride-th block
+  std::vector<int16_t> candidates;  // sums of the codes at or above the floor, padded with -1
+  std::vector<int32_t> positions;   // their positions (block * 32 + code) in the part
+};
+
+constexpr int64_t kSelectSampleStride = 8;
+
+// Offers the codes of stored sums `rows` of one block at or above `least`, among which `ties` of
+// sum `kth` (the first ones): the rest of them are below the best k.
+inline void offer_kept(int16_t sum, int kth, int64_t& ties, int64_t id, TopK& top) {
+  if (sum == kth && ties-- <= 0) return;
+  topk_offer(top, static_cast<float>(sum), id);
 }
 
 // Offers query top's best top.k codes of the stored sums [blocks * 32] of blocks from first_block
 // (missing codes' sums -1): the codes above the k-th largest sum, then as many of those equal to it
 // as are needed, smallest ids first; exactly what a scan by increasing id would keep.
+// Finding the k-th largest sum by kth_largest over every sum takes a dozen passes over them. So
+// first a floor is taken from a sample (every kSelectSampleStride-th block): the sum that 2k / n of
+// the sample, and 8 codes more, reach. In one pass the codes at or above it are collected with
+// their positions; where at least k were (nearly always), the best k are among them, and the
+// k-th largest is found among those few. Otherwise, or where the sample is small, every sum is
+// searched.
 template <class Sums>
-void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& top) {
-  const int64_t n = blocks * kBlockCodes4;
-  const int kth = kth_largest(sums, n, top.k);
-  int64_t ties = top.k - count_at_least(sums, n, static_cast<int16_t>(kth + 1));  // of sum kth, to keep
+void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& top, SelectScratch& scratch) {
+  const int64_t n = blocks * kBlockCodes4, k = top.k, first_id = first_block * kBlockCodes4;
+  const int64_t sample_blocks = blocks / kSelectSampleStride, sample_n = sample_blocks * kBlockCodes4;
+  const int64_t rank = sample_n > 0 ? 2 * k * sample_n / n + 8 : 0;
+  if (sample_blocks >= 8 && 4 * rank <= sample_n) {
+    scratch.sample.resize(static_cast<size_t>(sample_n));
+    for (int64_t b = 0; b < sample_blocks; ++b)
+      std::copy_n(sums + b * kSelectSampleStride * kBlockCodes4, kBlockCodes4, scratch.sample.data() + b * kBlockCodes4);
+    const int floor = kth_largest(scratch.sample.data(), sample_n, rank);
+    scratch.candidates.clear();
+    scratch.positions.clear();
+    for (int64_t block = 0; block < blocks; ++block) {
+      const int16_t(&rows)[2][16] = *reinterpret_cast<const int16_t(*)[2][16]>(sums + block * kBlockCodes4);
+      uint32_t mask = Sums::passing(Sums::load(rows), static_cast<int16_t>(floor - 1));
+      while (mask != 0) {
+        const int c = __builtin_ctz(mask);
+        mask &= mask - 1;
+        scratch.candidates.push_back(rows[c % 2][c / 2]);
+        scratch.positions.push_back(static_cast<int32_t>(block * kBlockCodes4 + c));
+      }
+    }
+    const int64_t found = static_cast<int64_t>(scratch.candidates.size());
+    if (found >= k) {
+      scratch.candidates.resize(static_cast<size_t>((found + kBlockCodes4 - 1) / kBlockCodes4 * kBlockCodes4), -1);
+      const int16_t* found_sums = scratch.candidates.data();
+      const int64_t padded = static_cast<int64_t>(scratch.candidates.size());
+      const int kth = kth_largest(found_sums, padded, k);
+      int64_t ties = k - count_at_least(found_sums, padded, static_cast<int16_t>(kth + 1));
+      for (int64_t i = 0; i < found; ++i)
+        if (found_sums[i] >= kth) offer_kept(found_sums[i], kth, ties, first_id + scratch.positions[i], top);
+      return;
+    }
+  }
+  const int kth = kth_largest(sums, n, k);
+  int64_t ties = k - count_at_least(sums, n, static_cast<int16_t>(kth + 1));  // of sum kth, to keep
   for (int64_t block = 0; block < blocks; ++block) {
     const int16_t(&rows)[2][16] = *reinterpret_cast<const int16_t(*)[2][16]>(sums + block * kBlockCodes4);
     uint32_t mask = Sums::passing(Sums::load(rows), static_cast<int16_t>(kth - 1));
     while (mask != 0) {
       const int c = __builtin_ctz(mask);
       mask &= mask - 1;
-      const int16_t sum = rows[c % 2][c / 2];
-      if (sum == kth && ties-- <= 0) continue;
-      topk_offer(top, static_cast<float>(sum), (first_block + block) * kBlockCodes4 + c);
+      offer_kept(rows[c % 2][c / 2], kth, ties, first_id + block * kBlockCodes4 + c, top);
     }
   }
 }
@@ -167,7 +218,8 @@ void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& 
 // best codes are found in its sums (offer_best) without passing through the reservoir.
 template <class Sums, int64_t kPairs, int kQueries>
 void select_groups(const uint8_t* tables, int64_t q, int64_t nq, const uint8_t* packed, int64_t pairs,
-                   int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops, int16_t* sums) {
+                   int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops, int16_t* sums,
+                   SelectScratch& scratch) {
   const int64_t blocks = end_block - first_block, stride = blocks * kBlockCodes4;
   for (; q + kQueries <= nq; q += kQueries) {
     store_sums<Sums, kPairs, kQueries>(tables + q * pairs * 32, packed, pairs, first_block, end_block, sums, stride);
@@ -176,12 +228,12 @@ void select_groups(const uint8_t* tables, int64_t q, int64_t nq, const uint8_t* 
       // missing codes, only in the last block of all
       int16_t(&last)[2][16] = *reinterpret_cast<int16_t(*)[2][16]>(query_sums + stride - kBlockCodes4);
       for (int64_t c = num_codes - (end_block - 1) * kBlockCodes4; c < kBlockCodes4; ++c) last[c % 2][c / 2] = -1;
-      offer_best<Sums>(query_sums, blocks, first_block, tops[q + j]);
+      offer_best<Sums>(query_sums, blocks, first_block, tops[q + j], scratch);
     }
   }
   if constexpr (kQueries > 1)
     select_groups<Sums, kPairs, kQueries / 2>(tables, q, nq, packed, pairs, num_codes, first_block, end_block, tops,
-                                              sums);
+                                              sums, scratch);
 }
 
 // One block for queries [q, nq): groups of kQueries, the rest in groups half as large.
@@ -209,8 +261,9 @@ void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64
     // the sums of a group of queries, 64-byte aligned
     std::vector<int16_t> buffer(static_cast<size_t>((Sums::kQueriesPerPass * (end_block - first_block) + 1) * 32));
     int16_t* sums = buffer.data() + (64 - reinterpret_cast<uintptr_t>(buffer.data()) % 64) % 64 / sizeof(int16_t);
+    SelectScratch scratch;
     select_groups<Sums, kPairs, Sums::kQueriesPerPass>(tables, 0, nq, packed, pairs, num_codes, first_block,
-                                                       end_block, tops, sums);
+                                                       end_block, tops, sums, scratch);
     return;
   }
   std::vector<int16_t> thresholds(static_cast<size_t>(nq));  // tops[q].threshold as int16
