@@ -141,8 +141,10 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     """4-bit fast-scan top-k with exact re-scoring.
 
     CPU: the query tables are quantized to 8-bit integers and looked up in registers (vpshufb on
-    AVX2); the ``rerank * k`` best approximate scores per query are re-scored exactly with ``lut``,
-    and the best ``k`` of those are returned, as :func:`adc_topk` would order them. The result
+    AVX2 and AVX-512); the ``rerank * k`` best approximate scores per query (kept through a top-k
+    reservoir during the scan, or, in database parts of up to 131072 codes, selected among all
+    their stored sums) are re-scored exactly with ``lut``, and the best ``k`` of those are
+    returned, as :func:`adc_topk` would order them. The result
     equals exact ADC whenever every true top-k code survives the approximate stage (recall is
     measured in the tests and benchmarks; raise ``rerank`` for more).
     CUDA: every packed code is scored exactly with the float table (half the code bytes of
