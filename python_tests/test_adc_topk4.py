@@ -129,6 +129,25 @@ def test_selection_recovers_from_a_sample_that_overstates_the_best(k):
         assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("M", [255, 256])
+def test_largest_sums_at_the_most_books(M):
+    # 256 books: tables quantized to 0..127 a book, so sums reach 256 * 127 = 32512 of int16's 32767.
+    # Integer tables 0..127 with both ends in every book are quantized exactly, so rerank=1 must
+    # give exact ADC; a quarter of the codes take the highest word everywhere (tied maximal sums).
+    g = torch.Generator().manual_seed(M)
+    K, N = 16, 3000
+    lut = torch.randint(0, 128, (2, M, K), generator=g).float()
+    lut[:, :, 0], lut[:, :, K - 2] = 0.0, 127.0
+    lut[:, :, K - 1] = 127.0
+    codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+    codes[::4] = K - 1
+    packed = opqn_ext.pack_codes4(codes)
+    for k in (1, 100, 1000):
+        want = opqn_ext.adc_topk(lut, codes, k)
+        for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, packed, k, rerank=1)):
+            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 @pytest.mark.parametrize("M,N", [(16, 600000), (3, 40000), (5, 40000), (8, 40000), (13, 40000), (32, 40000)])
 def test_paths_and_thread_counts_agree(M, N):
     # M: every unrolled pair count and the generic loop, odd pair counts (a last pair alone in the

@@ -166,7 +166,8 @@ inline void offer_kept(int16_t sum, int kth, int64_t& ties, int64_t id, TopK& to
 // the sample, and 8 codes more, reach. In one pass the codes at or above it are collected with
 // their positions; where at least k were (nearly always), the best k are among them, and the
 // k-th largest is found among those few. Otherwise, or where the sample is small, every sum is
-// searched.
+// searched. (Sums are at most 32766, an even number of books times at most 32767 / that number:
+// kth + 1 fits in int16.)
 template <class Sums>
 void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& top, SelectScratch& scratch) {
   const int64_t n = blocks * kBlockCodes4, k = top.k, first_id = first_block * kBlockCodes4;
