@@ -1,9 +1,13 @@
 // The 4-bit scan loop shared by the AVX2 and AVX-512 scanners, generic over how a block's sums are
 // computed (a `Sums` policy, below). Per block of 32 codes: the int16 sums of every query (a group
-// of Sums::kQueriesPerPass queries per pass, so that each load of words serves them all), compared
-// with each query's threshold (kept as int16) in one or two instructions, and only codes above it
-// reach the heap. Each query's threshold starts from a sample of the range (its first 4096 codes) rather than
-// from nothing.
+// of Sums::kQueriesPerPass queries per pass, so that each load of words serves them all). A part
+// of the database is searched in one of two ways (use_selection):
+// - the reservoir scan: each block's sums compared with each query's threshold (kept as int16) in
+//   one or two instructions, only codes above it offered to the top-k reservoir; each query's
+//   threshold starts from a sample of the part (its first 4096 codes) rather than from nothing;
+// - selection, for short parts: every sum of a group of queries stored, then each query's best
+//   codes picked from its sums (offer_best), with no reservoir compactions.
+// Both keep the same codes: the best in result order (sum descending, then smaller id).
 //
 // A Sums policy has
 // - `Block`: the 32 int16 sums of one block for one query, in registers;
@@ -151,11 +155,26 @@ struct SelectScratch {
 
 constexpr int64_t kSelectSampleStride = 8;
 
-// Offers the codes of stored sums `rows` of one block at or above `least`, among which `ties` of
-// sum `kth` (the first ones): the rest of them are below the best k.
+// Offers code `id` of sum `sum` (at least kth) if it is among the best k: every code above kth,
+// and the first `ties` of those equal to it.
 inline void offer_kept(int16_t sum, int kth, int64_t& ties, int64_t id, TopK& top) {
   if (sum == kth && ties-- <= 0) return;
   topk_offer(top, static_cast<float>(sum), id);
+}
+
+// fn(sum, position) for each code of the stored sums [blocks * 32] whose sum is at least `least`,
+// in id order (position: block * 32 + code).
+template <class Sums, class Fn>
+void for_each_at_least(const int16_t* sums, int64_t blocks, int least, Fn&& fn) {
+  for (int64_t block = 0; block < blocks; ++block) {
+    const int16_t(&rows)[2][16] = *reinterpret_cast<const int16_t(*)[2][16]>(sums + block * kBlockCodes4);
+    uint32_t mask = Sums::passing(Sums::load(rows), static_cast<int16_t>(least - 1));
+    while (mask != 0) {
+      const int c = __builtin_ctz(mask);
+      mask &= mask - 1;
+      fn(rows[c % 2][c / 2], block * kBlockCodes4 + c);
+    }
+  }
 }
 
 // Offers query top's best top.k codes of the stored sums [blocks * 32] of blocks from first_block
@@ -180,16 +199,10 @@ void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& 
     const int floor = kth_largest(scratch.sample.data(), sample_n, rank);
     scratch.candidates.clear();
     scratch.positions.clear();
-    for (int64_t block = 0; block < blocks; ++block) {
-      const int16_t(&rows)[2][16] = *reinterpret_cast<const int16_t(*)[2][16]>(sums + block * kBlockCodes4);
-      uint32_t mask = Sums::passing(Sums::load(rows), static_cast<int16_t>(floor - 1));
-      while (mask != 0) {
-        const int c = __builtin_ctz(mask);
-        mask &= mask - 1;
-        scratch.candidates.push_back(rows[c % 2][c / 2]);
-        scratch.positions.push_back(static_cast<int32_t>(block * kBlockCodes4 + c));
-      }
-    }
+    for_each_at_least<Sums>(sums, blocks, floor, [&](int16_t sum, int64_t position) {
+      scratch.candidates.push_back(sum);
+      scratch.positions.push_back(static_cast<int32_t>(position));
+    });
     const int64_t found = static_cast<int64_t>(scratch.candidates.size());
     if (found >= k) {
       scratch.candidates.resize(static_cast<size_t>((found + kBlockCodes4 - 1) / kBlockCodes4 * kBlockCodes4), -1);
@@ -204,15 +217,9 @@ void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& 
   }
   const int kth = kth_largest(sums, n, k);
   int64_t ties = k - count_at_least(sums, n, static_cast<int16_t>(kth + 1));  // of sum kth, to keep
-  for (int64_t block = 0; block < blocks; ++block) {
-    const int16_t(&rows)[2][16] = *reinterpret_cast<const int16_t(*)[2][16]>(sums + block * kBlockCodes4);
-    uint32_t mask = Sums::passing(Sums::load(rows), static_cast<int16_t>(kth - 1));
-    while (mask != 0) {
-      const int c = __builtin_ctz(mask);
-      mask &= mask - 1;
-      offer_kept(rows[c % 2][c / 2], kth, ties, first_id + block * kBlockCodes4 + c, top);
-    }
-  }
+  for_each_at_least<Sums>(sums, blocks, kth, [&](int16_t sum, int64_t position) {
+    offer_kept(sum, kth, ties, first_id + position, top);
+  });
 }
 
 // Selection for short ranges: per group of queries, every code's sum is stored, then each query's
@@ -252,8 +259,9 @@ template <class Sums, int64_t kPairs, int kQueries>
     scan_block<Sums, kPairs, kQueries / 2>(codes, tables, pairs, q, nq, first_id, num_codes, thresholds, tops);
 }
 
-// Where the range is long and k a small share of a sample, each query starts from the sample's
-// threshold (sample_threshold).
+// Selection (select_groups) or the reservoir scan, as use_selection says. In the scan, where the
+// range is long and k a small share of a sample, each query starts from the sample's threshold
+// (sample_threshold).
 template <class Sums, int64_t kPairs>
 void scan4_pairs(const uint8_t* tables, int64_t nq, const uint8_t* packed, int64_t pairs_runtime,
                  int64_t num_codes, int64_t first_block, int64_t end_block, TopK* tops) {
