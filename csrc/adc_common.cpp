@@ -79,6 +79,7 @@ void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t nu
 }
 
 at::Tensor pad_lut(const at::Tensor& lut, int64_t width) {
+  if (lut.size(2) == width) return lut.contiguous();  // nothing to pad
   at::Tensor padded = at::zeros({lut.size(0), lut.size(1), width}, lut.options());
   padded.narrow(2, 0, lut.size(2)).copy_(lut);
   return padded;
