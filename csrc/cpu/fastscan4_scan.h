@@ -155,12 +155,22 @@ struct SelectScratch {
 
 constexpr int64_t kSelectSampleStride = 8;
 
-// Offers code `id` of sum `sum` (at least kth) if it is among the best k: every code above kth,
-// and the first `ties` of those equal to it.
-inline void offer_kept(int16_t sum, int kth, int64_t& ties, int64_t id, TopK& top) {
-  if (sum == kth && ties-- <= 0) return;
-  topk_offer(top, static_cast<float>(sum), id);
-}
+// The cut of the best k of some sums: every sum above kth is among them, and the first `ties` of
+// those equal to kth (in id order).
+struct BestCut {
+  int kth;
+  int64_t ties;
+
+  // sums [n]: as count_at_least
+  BestCut(const int16_t* sums, int64_t n, int64_t k)
+      : kth(kth_largest(sums, n, k)), ties(k - count_at_least(sums, n, static_cast<int16_t>(kth + 1))) {}
+
+  // Offers code `id` of sum `sum` (at least kth) if it is among the best k.
+  void offer(int16_t sum, int64_t id, TopK& top) {
+    if (sum == kth && ties-- <= 0) return;
+    topk_offer(top, static_cast<float>(sum), id);
+  }
+};
 
 // fn(sum, position) for each code of the stored sums [blocks * 32] whose sum is at least `least`,
 // in id order (position: block * 32 + code).
@@ -207,18 +217,15 @@ void offer_best(const int16_t* sums, int64_t blocks, int64_t first_block, TopK& 
     if (found >= k) {
       scratch.candidates.resize(static_cast<size_t>((found + kBlockCodes4 - 1) / kBlockCodes4 * kBlockCodes4), -1);
       const int16_t* found_sums = scratch.candidates.data();
-      const int64_t padded = static_cast<int64_t>(scratch.candidates.size());
-      const int kth = kth_largest(found_sums, padded, k);
-      int64_t ties = k - count_at_least(found_sums, padded, static_cast<int16_t>(kth + 1));
+      BestCut cut(found_sums, static_cast<int64_t>(scratch.candidates.size()), k);
       for (int64_t i = 0; i < found; ++i)
-        if (found_sums[i] >= kth) offer_kept(found_sums[i], kth, ties, first_id + scratch.positions[i], top);
+        if (found_sums[i] >= cut.kth) cut.offer(found_sums[i], first_id + scratch.positions[i], top);
       return;
     }
   }
-  const int kth = kth_largest(sums, n, k);
-  int64_t ties = k - count_at_least(sums, n, static_cast<int16_t>(kth + 1));  // of sum kth, to keep
-  for_each_at_least<Sums>(sums, blocks, kth, [&](int16_t sum, int64_t position) {
-    offer_kept(sum, kth, ties, first_id + position, top);
+  BestCut cut(sums, n, k);
+  for_each_at_least<Sums>(sums, blocks, cut.kth, [&](int16_t sum, int64_t position) {
+    cut.offer(sum, first_id + position, top);
   });
 }
 

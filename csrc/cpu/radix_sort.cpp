@@ -8,12 +8,14 @@
 namespace opqn::cpu {
 
 namespace {
-constexpr int kDigitBits = 11;
-constexpr uint64_t kDigitMask = (uint64_t(1) << kDigitBits) - 1;
-constexpr int kMaxDigits = (64 + kDigitBits - 1) / kDigitBits;
 
-template <int kDigits>
+// Below this many keys, 8-bit digits: their counts (1 KiB a digit) cost less to clear and scan
+// than 11-bit ones (8 KiB), which take fewer passes over many keys.
+constexpr size_t kWideDigitMinKeys = 4096;
+
+template <int kDigitBits, int kDigits>
 void radix_sort_digits(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratch, int first_bit) {
+  constexpr uint64_t kDigitMask = (uint64_t(1) << kDigitBits) - 1;
   const size_t n = keys.size();
   std::array<std::array<uint32_t, kDigitMask + 1>, kDigits> counts;
   for (auto& digit_counts : counts) digit_counts.fill(0);
@@ -39,12 +41,19 @@ void radix_sort_digits(std::vector<uint64_t>& keys, std::vector<uint64_t>& scrat
   }
 }
 
+// Bits [first_bit, 64) in digits of kDigitBits.
+template <int kDigitBits>
+void radix_sort_from(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratch, int first_bit) {
+  if (first_bit == 32) return radix_sort_digits<kDigitBits, (32 + kDigitBits - 1) / kDigitBits>(keys, scratch, 32);
+  radix_sort_digits<kDigitBits, (64 + kDigitBits - 1) / kDigitBits>(keys, scratch, 0);
+}
+
 }  // namespace
 
 void radix_sort(std::vector<uint64_t>& keys, std::vector<uint64_t>& scratch, int first_bit) {
-  if (first_bit == 32) return radix_sort_digits<(32 + kDigitBits - 1) / kDigitBits>(keys, scratch, 32);
-  TORCH_INTERNAL_ASSERT(first_bit == 0, "radix_sort sorts by bits [0, 64) or [32, 64)");
-  radix_sort_digits<kMaxDigits>(keys, scratch, 0);
+  TORCH_INTERNAL_ASSERT(first_bit == 0 || first_bit == 32, "radix_sort sorts by bits [0, 64) or [32, 64)");
+  if (keys.size() < kWideDigitMinKeys) return radix_sort_from<8>(keys, scratch, first_bit);
+  radix_sort_from<11>(keys, scratch, first_bit);
 }
 
 }  // namespace opqn::cpu

@@ -5,7 +5,6 @@
 #include <algorithm>
 #include <array>
 #include <limits>
-#include <utility>
 #include <vector>
 
 namespace opqn::cpu {
@@ -20,45 +19,30 @@ struct Before {
 };
 constexpr Before before{};
 
-// From this many pairs on, the 64-bit keys' radix sort (11-bit digits) beats the others.
+// From this many pairs on, a radix sort of 64-bit keys (score order, then id) beats std::sort.
 constexpr int64_t kRadixMinPairs = 4096;
-// From this many pairs in id order on, a stable sort by score alone (8-bit digits) beats std::sort,
-// whose comparisons of close scores mispredict about every other time.
+// From this many pairs in id order on, a stable radix sort by score alone beats std::sort, whose
+// comparisons of close scores mispredict about every other time.
 constexpr int64_t kScoreRadixMinPairs = 32;
 
 bool in_id_order(const ScoredId* pairs, int64_t n) {
   return std::is_sorted(pairs, pairs + n, [](const ScoredId& a, const ScoredId& b) { return a.id < b.id; });
 }
 
-// Sorts pairs [n] that are in id order into result order: a stable LSD radix sort of their
-// descending_score_keys, 8 bits a pass, a pass skipped where every key shares its digit. Items are
-// (key << 32 | position), so ids of any size are carried by position.
-void sort_by_score_stably(ScoredId* pairs, int64_t n) {
-  std::vector<uint64_t> items(static_cast<size_t>(n)), scratch(static_cast<size_t>(n));
-  std::array<std::array<uint32_t, 256>, 4> counts{};
-  for (int64_t i = 0; i < n; ++i) {
-    const uint32_t key = descending_score_key(pairs[i].score);
-    items[i] = (uint64_t(key) << 32) | uint64_t(i);
-    for (int d = 0; d < 4; ++d) ++counts[d][(key >> (8 * d)) & 0xFFu];
-  }
-  for (int d = 0; d < 4; ++d) {
-    auto& digit_counts = counts[d];
-    if (std::find(digit_counts.begin(), digit_counts.end(), uint32_t(n)) != digit_counts.end()) continue;
-    uint32_t offset = 0;
-    for (auto& c : digit_counts) offset += std::exchange(c, offset);
-    const int shift = 32 + 8 * d;
-    for (const uint64_t item : items) scratch[digit_counts[(item >> shift) & 0xFFu]++] = item;
-    items.swap(scratch);
-  }
-  const std::vector<ScoredId> copy(pairs, pairs + n);
-  for (int64_t i = 0; i < n; ++i) pairs[i] = copy[items[i] & 0xFFFFFFFFu];
-}
-
 }  // namespace
 
 void sort_in_result_order(ScoredId* pairs, int64_t n) {
-  const bool by_id = in_id_order(pairs, n);
-  if (by_id && n >= kScoreRadixMinPairs && n < kRadixMinPairs) return sort_by_score_stably(pairs, n);
+  std::vector<uint64_t> keys, scratch;
+  if (n >= kScoreRadixMinPairs && in_id_order(pairs, n)) {
+    // a stable sort by score keeps id order among equal scores; key: score order (high 32 bits),
+    // then position, so that ids of any size are carried by position
+    keys.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) keys[i] = (uint64_t(descending_score_key(pairs[i].score)) << 32) | uint64_t(i);
+    radix_sort(keys, scratch, 32);
+    const std::vector<ScoredId> copy(pairs, pairs + n);
+    for (int64_t i = 0; i < n; ++i) pairs[i] = copy[keys[i] & 0xffffffffu];
+    return;
+  }
   const bool ids_fit_32_bits = std::all_of(pairs, pairs + n, [](const ScoredId& p) {
     return p.id >= 0 && p.id <= int64_t(std::numeric_limits<uint32_t>::max());
   });
@@ -67,11 +51,10 @@ void sort_in_result_order(ScoredId* pairs, int64_t n) {
     return;
   }
   // key: score order (high 32 bits), then id
-  std::vector<uint64_t> keys(static_cast<size_t>(n)), scratch;
+  keys.resize(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i)
     keys[i] = (uint64_t(descending_score_key(pairs[i].score)) << 32) | uint64_t(pairs[i].id);
-  // pairs already in id order (a scan that kept everything) only need a stable sort by score
-  radix_sort(keys, scratch, by_id ? 32 : 0);
+  radix_sort(keys, scratch, 0);
   for (int64_t i = 0; i < n; ++i)
     pairs[i] = {score_of_descending_key(uint32_t(keys[i] >> 32)), int64_t(keys[i] & 0xffffffffu)};
 }
