@@ -42,9 +42,10 @@ bench: build
 
 # Python is not built with the sanitizers: its runtimes are preloaded, leak checks (Python never
 # frees everything) and the checks that torch's own libraries trip are off. ASan leaves SIGSEGV to
-# the CUDA emulator, whose guard pages report out-of-bounds accesses through it.
+# the CUDA emulator, whose guard pages report out-of-bounds accesses through it. Float-to-integer
+# conversions out of range are checked too (-fsanitize=undefined leaves them out).
 ASAN_DIR := build/asan
-SANITIZE_FLAGS := -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
+SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=undefined,float-cast-overflow
 SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_topk_heap.py test_rank_stats.py test_encode.py test_soft_quantize.py \
 	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py \
 	test_cuda_emulator.py test_cuda_kernels_emulated.py

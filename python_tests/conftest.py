@@ -71,8 +71,9 @@ def cuda_emulator(tmp_path_factory):
              f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}", "-DOPQN_CUDA_EMULATION",
              "-I", os.path.join(root, "csrc"), "-I", here]
     flags += [arg for path in include_paths() for arg in ("-isystem", path)]
-    # in the files that instantiate kernels, undefined behaviour traps (SIGILL): a launch error
-    trap_ub = ["-fsanitize=undefined", "-fsanitize-undefined-trap-on-error", "-fno-sanitize=vptr"]
+    # in the files that instantiate kernels, undefined behaviour traps (SIGILL): a launch error;
+    # float-to-integer conversions out of range too (not part of -fsanitize=undefined)
+    trap_ub = ["-fsanitize=undefined,float-cast-overflow", "-fsanitize-undefined-trap-on-error", "-fno-sanitize=vptr"]
     with_kernels = ("kernels_entry.cpp", "emulator_selftest.cpp", "adc_topk_entry.cpp")
     link_flags = []
     if os.environ.get("OPQN_SANITIZE_EMULATION") == "1":  # make sanitize: AddressSanitizer too

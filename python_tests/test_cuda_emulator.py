@@ -23,6 +23,7 @@ def run_case(lib, which):
     (4, "past the end of out"),
     (6, "over the limit"),
     (9, "undefined behaviour trapped"),
+    (10, "undefined behaviour trapped"),
 ])
 def test_each_mistake_is_reported(cuda_emulator, which, expected):
     error, _ = run_case(cuda_emulator, which)

@@ -55,6 +55,10 @@ __global__ void shift_overflow_kernel(float* out, int extra) {
   out[threadIdx.x] = static_cast<float>(mask >> 60);
 }
 
+__global__ void float_to_int_overflow_kernel(float* out, float scale) {
+  out[threadIdx.x] = static_cast<float>(static_cast<int32_t>(scale * 3e9f));  // scale = 1: past INT32_MAX
+}
+
 __global__ void warp_sum_kernel(float* out) {
   float v = static_cast<float>(threadIdx.x);
   for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
@@ -100,6 +104,7 @@ int emu_selftest(int which, char* message, int capacity, float* out) {
       break;
     }
     case 9: error = opqn_emu::launch(config, shift_overflow_kernel, buffer.as<float>(), 8); break;
+    case 10: error = opqn_emu::launch(config, float_to_int_overflow_kernel, buffer.as<float>(), 1.0f); break;
     default: error = "unknown case";
   }
   buffer.copy_to(out);
