@@ -94,6 +94,15 @@ def test_adc_topk4_is_the_exact_scan(nq, M, N, k):
     assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
 
 
+def test_more_queries_than_a_grid_holds():
+    # 65535 queries per launch (the grid's y limit): 70000 go in two groups, for both scans
+    lut, codes = problem(70_000, 4, 16, 300, seed=7, high=5)
+    same_as_cpu(lut, codes, 5)
+    got_s, got_i = opqn_ext.adc_topk4(lut.cuda(), opqn_ext.pack_codes4(codes.cuda()), 5)
+    want_s, want_i = opqn_ext.adc_topk(lut, codes, 5)
+    assert torch.equal(got_i.cpu(), want_i) and torch.equal(got_s.cpu(), want_s)
+
+
 def test_adc_topk4_rejects_packed_codes_on_another_device():
     lut, codes = problem(1, 4, 16, 100)
     with pytest.raises(RuntimeError, match="packed"):

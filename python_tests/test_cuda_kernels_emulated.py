@@ -312,12 +312,13 @@ def test_a_kernel_reading_past_its_codes_is_reported(cuda_emulator):
         emulated_dense(cuda_emulator, LAYOUT_WORDS, 0, padded, short, pairs, 0, 200)
 
 
-def emulated_topk(lib, layout, lut, device_codes, pairs, N, k, chunk_elements):
+def emulated_topk(lib, layout, lut, device_codes, pairs, N, k, chunk_elements, max_queries=65535):
     nq, M, K = lut.shape
     scores = torch.empty(nq, k)
     indices = torch.empty(nq, k, dtype=torch.int64)
     check(lib, lib.emu_adc_topk(layout, pointer(lut), i64(nq), i64(M), i64(K), pointer(device_codes), i64(pairs),
-                                i64(N), i64(k), i64(chunk_elements), pointer(scores), pointer(indices)))
+                                i64(N), i64(k), i64(chunk_elements), i64(max_queries), pointer(scores),
+                                pointer(indices)))
     return scores, indices
 
 
@@ -352,6 +353,18 @@ def test_adc_topk_pipeline_equals_the_cpu_scan(cuda_emulator, layout, M, K, k, c
     expected_scores, expected_indices = opqn_ext.adc_topk(lut, codes, k)
     assert torch.equal(scores, expected_scores)
     assert torch.equal(indices, expected_indices)
+
+
+@pytest.mark.parametrize("nq,max_queries", [(7, 3), (6, 3), (5, 1), (4, 4)])
+def test_adc_topk_pipeline_takes_queries_in_groups_a_grid_holds(cuda_emulator, nq, max_queries):
+    """More queries than one grid holds (65535 on a GPU, max_queries here) go in groups: the last one
+    partial or full, each group over several chunks; the results are the CPU's, row for row."""
+    N, k = 2 * 4096 + 77, 50
+    for layout, M, K in ((LAYOUT_WORDS, 8, 256), (LAYOUT_PACKED4, 6, 16)):
+        lut, codes, device_codes, pairs = topk_problem(nq, N, M, K, layout, seed=nq + max_queries, ties=True)
+        scores, indices = emulated_topk(cuda_emulator, layout, lut, device_codes, pairs, N, k, 1, max_queries)
+        expected_scores, expected_indices = opqn_ext.adc_topk(lut, codes, k)
+        assert torch.equal(scores, expected_scores) and torch.equal(indices, expected_indices), layout
 
 
 def test_adc_topk_pipeline_reports_the_host_codes_errors(cuda_emulator):

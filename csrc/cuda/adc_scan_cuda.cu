@@ -32,7 +32,7 @@ void launch_variant(int64_t entries, size_t static_smem, SharedKernel shared_ker
   launch(shared_kernel, smem);
 }
 
-// Scores codes [first, first + count) for every query of luts [nq <= 65535, M, stride] into scores
+// Scores codes [first, first + count) for every query of luts [nq <= kMaxGridQueries, M, stride] into scores
 // [nq, count] and/or signed rank keys [nq, count] (either may be null).
 template <class Codes>
 void launch_dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
@@ -106,7 +106,6 @@ at::Tensor adc_scores_cuda(const at::Tensor& lut, const at::Tensor& codes_in) {
   if (nq == 0 || N == 0) return scores;
   const at::Tensor luts = pad_lut(lut.contiguous());
   const at::Tensor codes = codes_in.contiguous();
-  constexpr int64_t kMaxGridQueries = 65535;
   with_row_codes(codes, [&](const auto& rows) {
     for (int64_t q0 = 0; q0 < nq; q0 += kMaxGridQueries) {
       const int64_t count = std::min(kMaxGridQueries, nq - q0);

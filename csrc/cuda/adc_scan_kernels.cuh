@@ -31,7 +31,9 @@ inline size_t lut_shared_bytes(int64_t entries) {
   return lut_in_shared(entries) ? static_cast<size_t>(entries) * sizeof(float) : 0;
 }
 
-// Grids over `count` codes for nq queries: one code per thread (dense), kBlockCodes per block (select).
+// Grids over `count` codes for nq <= kMaxGridQueries queries (the grid's y limit): one code per
+// thread (dense), kBlockCodes per block (select).
+constexpr int64_t kMaxGridQueries = 65535;
 inline dim3 dense_grid(int64_t count, int64_t nq) {
   return dim3(static_cast<unsigned>(ceil_div(count, kThreads)), static_cast<unsigned>(nq));
 }

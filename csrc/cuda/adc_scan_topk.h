@@ -1,6 +1,6 @@
-// The host side of the CUDA adc top-k: the database in chunks, each chunk's top-k from the blocks'
-// candidates (select path, k <= 1024) or from every code's rank key (dense path), merged into the
-// running top-k. Generic over the kernel launcher, so the tests' CUDA emulator runs this very code
+// The host side of the CUDA adc top-k: queries in groups that a grid holds, the database in
+// chunks, each chunk's top-k from the blocks' candidates (select path, k <= 1024) or from every
+// code's rank key (dense path), merged into the running top-k. Generic over the kernel launcher, so the tests' CUDA emulator runs this very code
 // on CPU tensors (python_tests/cuda_emulation); adc_scan_cuda.cu instantiates it with CUDA launches.
 // A Launcher has, for luts [nq, M, Codes::kLutStride] and codes [first, first + count):
 //   select(luts, codes, first, count, k, candidates [nq, blocks, k])   adc_select_kernel
@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -51,17 +53,13 @@ at::Tensor chunk_top_keys(const Launcher& launcher, const at::Tensor& luts, cons
   return std::get<0>(keys.topk(std::min(k, count), 1, true, true));
 }
 
-// The top-k of N codes for every query of lut [nq, M, K <= Codes::kLutStride] (validated): scores
-// [nq, k] descending, indices [nq, k], ties by smaller index.
+// The top-k of N codes for every query of lut [nq <= kMaxGridQueries, M, K <= Codes::kLutStride]
+// (validated): scores [nq, k] descending, indices [nq, k], ties by smaller index.
 template <class Launcher, class Codes>
-std::tuple<at::Tensor, at::Tensor> scan_topk(const Launcher& launcher, const at::Tensor& lut, const Codes& codes,
-                                             int64_t N, int64_t k, int64_t chunk_elements = kChunkElements) {
+std::tuple<at::Tensor, at::Tensor> scan_topk_queries(const Launcher& launcher, const at::Tensor& lut,
+                                                     const Codes& codes, int64_t N, int64_t k,
+                                                     int64_t chunk_elements) {
   const int64_t nq = lut.size(0);
-  TORCH_CHECK(nq <= 65535, "adc_topk on CUDA takes up to 65535 queries per call, got ", nq,
-              " (split the queries into batches)");
-  if (nq == 0) {
-    return {at::empty({0, k}, lut.options()), at::empty({0, k}, lut.options().dtype(at::kLong))};
-  }
   const at::Tensor luts = pad_lut(lut.contiguous(), Codes::kLutStride);  // [nq, M, stride]
   const int64_t chunk = chunk_codes(N, nq, k, chunk_elements);
   at::Tensor best_scores, best_indices;
@@ -86,6 +84,27 @@ std::tuple<at::Tensor, at::Tensor> scan_topk(const Launcher& launcher, const at:
     best_indices = all_indices.gather(1, order.narrow(1, 0, k));
   }
   return {best_scores, best_indices};
+}
+
+// scan_topk_queries for any number of queries, in groups of at most max_queries (the grids hold
+// one query per block row).
+template <class Launcher, class Codes>
+std::tuple<at::Tensor, at::Tensor> scan_topk(const Launcher& launcher, const at::Tensor& lut, const Codes& codes,
+                                             int64_t N, int64_t k, int64_t chunk_elements = kChunkElements,
+                                             int64_t max_queries = kMaxGridQueries) {
+  const int64_t nq = lut.size(0);
+  if (nq == 0) {
+    return {at::empty({0, k}, lut.options()), at::empty({0, k}, lut.options().dtype(at::kLong))};
+  }
+  if (nq <= max_queries) return scan_topk_queries(launcher, lut, codes, N, k, chunk_elements);
+  std::vector<at::Tensor> scores, indices;
+  for (int64_t q0 = 0; q0 < nq; q0 += max_queries) {
+    auto [s, i] = scan_topk_queries(launcher, lut.narrow(0, q0, std::min(max_queries, nq - q0)), codes, N, k,
+                                    chunk_elements);
+    scores.push_back(std::move(s));
+    indices.push_back(std::move(i));
+  }
+  return {at::cat(scores), at::cat(indices)};
 }
 
 }  // namespace opqn::cuda

@@ -16,11 +16,21 @@ void check(const std::string& error) {
   if (!error.empty()) throw std::runtime_error(error);
 }
 
-// The launcher of scan_topk over emulated kernels; luts, codes and outputs are host memory.
+// The launcher of scan_topk over emulated kernels; luts, codes and outputs are host memory. Its
+// grids hold at most max_queries queries (a GPU's: 65535), so a launch with more is an error.
 struct EmulatedLauncher {
+  int64_t max_queries;
+
+  void check_grid(const at::Tensor& luts) const {
+    if (luts.size(0) > max_queries)
+      throw std::runtime_error("a launch over " + std::to_string(luts.size(0)) + " queries, past the grid's " +
+                               std::to_string(max_queries));
+  }
+
   template <class Codes>
   void select(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, int64_t k,
               int64_t* candidates) const {
+    check_grid(luts);
     check(opqn_emu::launch_adc_select(opqn_emu::kAsTheHostDecides, luts.const_data_ptr<float>(), luts.size(0),
                                       codes, luts.size(1), first, count, k, candidates));
   }
@@ -28,6 +38,7 @@ struct EmulatedLauncher {
   template <class Codes>
   void dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
              int64_t* keys) const {
+    check_grid(luts);
     check(opqn_emu::launch_adc_dense(opqn_emu::kAsTheHostDecides, luts.const_data_ptr<float>(), luts.size(0),
                                      codes, luts.size(1), first, count, scores, keys));
   }
@@ -45,15 +56,15 @@ extern "C" {
 
 // lut: [nq, M, K] float32; codes: rows [N, M] (layout 0 bytes, 1 words) or pack_codes4's blocks
 // (layout 2, `pairs` book pairs) -> scores [nq, k], indices [nq, k], with chunks of at most
-// chunk_elements candidates or keys
+// chunk_elements candidates or keys and groups of at most max_queries queries
 int emu_adc_topk(int layout, const float* lut, int64_t nq, int64_t M, int64_t K, const uint8_t* codes, int64_t pairs,
-                 int64_t N, int64_t k, int64_t chunk_elements, float* scores, int64_t* indices) {
+                 int64_t N, int64_t k, int64_t chunk_elements, int64_t max_queries, float* scores, int64_t* indices) {
   try {
     const at::Tensor lut_t = at::from_blob(const_cast<float*>(lut), {nq, M, K}, at::kFloat);
-    const EmulatedLauncher launcher;
+    const EmulatedLauncher launcher{max_queries};
     std::tuple<at::Tensor, at::Tensor> top;
     const auto scan = [&](const auto& device_codes) {
-      return opqn::cuda::scan_topk(launcher, lut_t, device_codes, N, k, chunk_elements);
+      return opqn::cuda::scan_topk(launcher, lut_t, device_codes, N, k, chunk_elements, max_queries);
     };
     switch (layout) {
       case 0: top = scan(opqn::cuda::RowCodes<false>{codes, M}); break;
