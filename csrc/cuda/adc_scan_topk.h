@@ -1,7 +1,8 @@
 // The host side of the CUDA adc top-k: queries in groups that a grid holds, the database in
 // chunks, each chunk's top-k from the blocks' candidates (select path, k <= 1024) or from every
-// code's rank key (dense path), merged into the running top-k. Generic over the kernel launcher, so the tests' CUDA emulator runs this very code
-// on CPU tensors (python_tests/cuda_emulation); adc_scan_cuda.cu instantiates it with CUDA launches.
+// code's rank key (dense path), merged into the running top-k. Generic over the kernel launcher,
+// so the tests' CUDA emulator runs this very code on CPU tensors (python_tests/cuda_emulation);
+// adc_scan_cuda.cu instantiates it with CUDA launches.
 // A Launcher has, for luts [nq, M, Codes::kLutStride] and codes [first, first + count):
 //   select(luts, codes, first, count, k, candidates [nq, blocks, k])   adc_select_kernel
 //   dense(luts, codes, first, count, scores [nq, count] or null, keys [nq, count] or null)
