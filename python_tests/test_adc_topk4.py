@@ -89,6 +89,27 @@ def test_rerank_1_is_exact_where_the_8_bit_tables_are_exact(k):
             assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+@pytest.mark.parametrize("M,entries", [
+    (16, lambda v: v * 2.0 ** -140),          # subnormal entries: 255 / range overflows float
+    (1, lambda v: (2 * v - 255) * 2.0 ** 120),  # entries near +-FLT_MAX: their range overflows float
+], ids=["subnormal", "near_flt_max"])
+def test_tables_of_extreme_magnitude_quantize_exactly(M, entries):
+    # Integer levels 0..255 (both ends present) scaled by a power of two: the 8-bit tables are the
+    # levels themselves, so rerank=1 must give exact ADC. With the range or the scale in float, the
+    # tables came out all 255 (subnormal) or all 0 (wide), and the results were the first codes.
+    g = torch.Generator().manual_seed(M)
+    K, N, nq, k = 16, 5000, 3, 10
+    levels = torch.randint(0, 256, (nq, M, K), generator=g).float()
+    levels[:, :, 0], levels[:, :, K - 1] = 0.0, 255.0
+    lut = entries(levels)
+    assert torch.isfinite(lut).all() and lut.abs().max() > 0
+    codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
+    want = opqn_ext.adc_topk(lut, codes, k)
+    assert torch.equal(want[0], reference.adc_scores(lut, codes).topk(k, dim=1).values)  # sums exact here
+    for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, opqn_ext.pack_codes4(codes), k, rerank=1)):
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 @pytest.mark.parametrize("N", [1000, 5000, 32760, 32800, 70000, 140000])
 def test_selection_and_reservoir_give_exact_adc_with_heavy_ties(N):
     # Tables of the levels 0, 85, 170, 255 (0 and 255 in every book): the 8-bit tables are exact, so

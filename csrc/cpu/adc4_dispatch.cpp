@@ -33,23 +33,24 @@ constexpr int64_t kMinBlocksPerPart = 512;  // 16384 codes
 constexpr int64_t kRescoreLanes = 8;         // candidates re-scored together
 
 // lut: [nq, M, K] -> [nq, pairs, 32] tables of integers: per book, entries minus the book's
-// minimum, times one scale per query chosen so that a code's sum never exceeds 32767.
+// minimum, times one scale per query chosen so that a code's sum never exceeds 32767. In double:
+// a float range can overflow (entries near +-FLT_MAX) and so can the scale of a subnormal one.
 std::vector<uint8_t> quantize_tables(const float* lut, int64_t nq, int64_t M, int64_t K, int64_t pairs) {
   std::vector<uint8_t> tables(static_cast<size_t>(nq * pairs * 32), 0);
-  const float levels = static_cast<float>(std::min<int64_t>(255, 32767 / (2 * pairs)));
+  const double levels = static_cast<double>(std::min<int64_t>(255, 32767 / (2 * pairs)));
   for (int64_t q = 0; q < nq; ++q) {
     const float* l = lut + q * M * K;
-    float range = 0.0f;
+    double range = 0.0;
     for (int64_t m = 0; m < M; ++m) {
       const auto [lo, hi] = std::minmax_element(l + m * K, l + (m + 1) * K);
-      range = std::max(range, *hi - *lo);
+      range = std::max(range, double(*hi) - double(*lo));
     }
-    const float scale = range > 0.0f ? levels / range : 0.0f;
+    const double scale = range > 0.0 ? levels / range : 0.0;
     for (int64_t m = 0; m < M; ++m) {
-      const float bias = *std::min_element(l + m * K, l + (m + 1) * K);
+      const double bias = *std::min_element(l + m * K, l + (m + 1) * K);
       uint8_t* t = tables.data() + (q * pairs + m / 2) * 32 + (m % 2) * 16;
       for (int64_t k = 0; k < K; ++k)
-        t[k] = static_cast<uint8_t>(std::min(levels, std::nearbyint((l[m * K + k] - bias) * scale)));
+        t[k] = static_cast<uint8_t>(std::min(levels, std::nearbyint((double(l[m * K + k]) - bias) * scale)));
     }
   }
   return tables;
