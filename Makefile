@@ -37,6 +37,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_soft_quantize.py
 	$(PYTHON) benchmarks/bench_adc.py
 	$(PYTHON) benchmarks/bench_adc_books.py
+	$(PYTHON) benchmarks/bench_adc_books.py --bits 4 --books 8 16 32 64
 	$(PYTHON) benchmarks/bench_metrics.py
 	$(PYTHON) benchmarks/bench_index.py
 
