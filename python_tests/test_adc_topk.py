@@ -219,6 +219,35 @@ def test_long_scan_releases_the_gil():
     assert end - start > 0.1 and len(during) >= 10, (end - start, len(during))
 
 
+def test_concurrent_calls_from_python_threads_each_get_their_own_results():
+    # the scans release the GIL, so calls from several threads run at once in native code: any
+    # state they shared (buffers, thresholds, tables) would mix their results
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 256, (60_000, 8), generator=g, dtype=torch.uint8)
+    codes4 = torch.randint(0, 16, (60_000, 16), generator=g, dtype=torch.uint8)
+    packed = opqn_ext.pack_codes4(codes4)
+    luts = [torch.rand(nq, 8, 256, generator=g) for nq in (1, 3, 40)]
+    luts4 = [torch.rand(nq, 16, 16, generator=g) for nq in (1, 3, 40)]
+    want = [(opqn_ext.adc_topk(a, codes, 25), opqn_ext.adc_topk4(b, packed, 25)) for a, b in zip(luts, luts4)]
+    mismatches = []
+
+    def search(worker):
+        for r in range(6):
+            i = (worker + r) % len(luts)
+            got = opqn_ext.adc_topk(luts[i], codes, 25), opqn_ext.adc_topk4(luts4[i], packed, 25)
+            if not all(torch.equal(x, y) for pair in zip(got, want[i]) for x, y in zip(*pair)):
+                mismatches.append((worker, r))
+
+    threads = [threading.Thread(target=search, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not mismatches
+
+
 def test_adc_topk_under_compile():
     lut, codes = problem(3, 4, 16, 100)
     compiled = torch.compile(lambda l, c: opqn_ext.adc_topk(l, c, 7), fullgraph=True)
