@@ -55,7 +55,8 @@ def sharded(path: Path, n: int, k: int, tmp: Path) -> dict:
     out = tmp / "sharded.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                    str(HERE / "bench_index_shard_worker.py"), str(path), str(out), str(k)],
+                    "--log-dir", str(tmp / "torchrun_logs"), str(HERE / "bench_index_shard_worker.py"), str(path),
+                    str(out), str(k)],
                    check=True, env=env, timeout=1800)
     return json.loads(out.read_text())
 

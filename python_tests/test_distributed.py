@@ -16,16 +16,18 @@ from test_index import D, K, M, features
 HERE = Path(__file__).parent
 
 
-def torchrun(args, timeout=300):
+def torchrun(args, tmp_path, timeout=300):
     env = dict(os.environ, PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *args],
+    # its logs go under tmp_path: by default torchrun leaves a torchelastic_* folder in /tmp per run
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "--log-dir", str(tmp_path / "torchrun_logs"), *args],
                           capture_output=True, text=True, timeout=timeout, env=env, cwd=HERE)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
 
 def test_sharded_search_equals_one_index(tmp_path):
-    torchrun([str(HERE / "sharded_search_worker.py"), str(tmp_path / "out.pt"), str(tmp_path / "db.opqn")])
+    torchrun([str(HERE / "sharded_search_worker.py"), str(tmp_path / "out.pt"), str(tmp_path / "db.opqn")], tmp_path)
     got = torch.load(tmp_path / "out.pt", weights_only=False)
     head = OrthoPQHead(D, 5, M, K, seed=0)
     single = OPQNIndex.from_head(head)
@@ -55,7 +57,7 @@ def test_ddp_training_equals_one_process_in_float64(tmp_path):
     one = subprocess.run([sys.executable, worker, *TINY, "--out-dir", str(tmp_path / "one")], capture_output=True,
                          text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun([worker, *TINY, "--out-dir", str(tmp_path / "ddp")])
+    torchrun([worker, *TINY, "--out-dir", str(tmp_path / "ddp")], tmp_path)
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "ddp")
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert a["model"]["backbone.body.0.0.weight"].dtype == torch.float64
@@ -67,7 +69,7 @@ def test_ddp_training_equals_one_process_in_float64(tmp_path):
 def test_torchrun_entry_point_trains_with_rank0_outputs(tmp_path):
     single = train(TrainConfig(dataset="orl", width=4, epochs=2, batch_size=64, lr_step=20, seed=0, device="cpu",
                                out_dir=str(tmp_path / "one"), progress=False), evaluate_at_end=False)
-    proc = torchrun(["-m", "opqn_ext.train", *TINY, "--out-dir", str(tmp_path / "ddp")])
+    proc = torchrun(["-m", "opqn_ext.train", *TINY, "--out-dir", str(tmp_path / "ddp")], tmp_path)
     assert proc.stdout.count("trained 2 epochs") == 1 and proc.stdout.count("OPQN codes (32 bits)") == 1
     ddp = load_checkpoint(tmp_path / "ddp")
     assert ddp["world_size"] == 2 and ddp["epoch"] == 1
