@@ -32,8 +32,8 @@ void launch_variant(int64_t entries, size_t static_smem, SharedKernel shared_ker
   launch(shared_kernel, smem);
 }
 
-// Scores codes [first, first + count) for every query of luts [nq <= kMaxGridQueries, M, stride] into scores
-// [nq, count] and/or signed rank keys [nq, count] (either may be null).
+// Scores codes [first, first + count) for every query of luts [nq <= kMaxGridQueries, M, stride]
+// into scores [nq, count] and/or signed rank keys [nq, count] (either may be null).
 template <class Codes>
 void launch_dense(const at::Tensor& luts, const Codes& codes, int64_t first, int64_t count, float* scores,
                   int64_t* keys) {
