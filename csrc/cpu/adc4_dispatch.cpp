@@ -69,6 +69,8 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
   const float* lut_ptr = lut.const_data_ptr<float>();
   const uint8_t* packed_ptr = packed.const_data_ptr<uint8_t>();
   const std::vector<uint8_t> tables = quantize_tables(lut_ptr, nq, M, K, pairs);
+  const at::Tensor padded = pad_lut(lut, 16);  // [nq, M, 16]: missing words add 0
+  const float* padded_ptr = padded.const_data_ptr<float>();
   const int64_t candidates = std::min(num_codes, rerank * k);
   const Scan4Fn scan = scanner4();
 
@@ -80,8 +82,7 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4_cpu(const at::Tensor& lut_in, const
       const uint8_t* block = packed_ptr + candidates[c].id / kBlockCodes4 * pairs * 32;
       for (int64_t line = 0; line < pairs * 32; line += 64) __builtin_prefetch(block + line);
     }
-    std::vector<float> table(static_cast<size_t>(M * 16), 0.0f);  // [M, 16]: lut[q] padded with zeros
-    for (int64_t m = 0; m < M; ++m) std::copy_n(lut_ptr + (q * M + m) * K, K, table.begin() + m * 16);
+    const float* table = padded_ptr + q * M * 16;
     for (int64_t c0 = 0; c0 < n; c0 += kRescoreLanes) {
       const int64_t lanes = std::min(kRescoreLanes, n - c0);
       const uint8_t* words[kRescoreLanes];  // byte of book m of lane i: words[i][16 m]
