@@ -144,9 +144,9 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     AVX2 and AVX-512); the ``rerank * k`` best approximate scores per query (kept through a top-k
     reservoir during the scan, or, in database parts of up to 131072 codes, selected among all
     their stored sums) are re-scored exactly with ``lut``, and the best ``k`` of those are
-    returned, as :func:`adc_topk` would order them. The result
-    equals exact ADC whenever every true top-k code survives the approximate stage (recall is
-    measured in the tests and benchmarks; raise ``rerank`` for more).
+    returned, as :func:`adc_topk` would order them. The result equals exact ADC whenever every
+    true top-k code survives the approximate stage (recall is measured in the tests and
+    benchmarks; raise ``rerank`` for more).
     CUDA: every packed code is scored exactly with the float table (half the code bytes of
     :func:`adc_topk` to read), so the result is exact ADC's and ``rerank`` has no effect.
 
