@@ -8,6 +8,12 @@ from opqn_ext import reference
 from conftest import results_on_every_path
 
 
+def assert_rerank_1_exact(lut, packed, k, want):
+    """adc_topk4 with rerank=1 gives exactly `want` (exact ADC) on every path and thread count."""
+    for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, packed, k, rerank=1)):
+        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
 def problem(nq, M, K, N, seed=0):
     g = torch.Generator().manual_seed(seed)
     lut = torch.rand(nq, M, K, generator=g)
@@ -85,8 +91,7 @@ def test_rerank_1_is_exact_where_the_8_bit_tables_are_exact(k):
     packed = opqn_ext.pack_codes4(codes)
     for queries in (lut[:1], lut):  # one query: two parts on two threads; three: split queries
         want = opqn_ext.adc_topk(queries, codes, k)
-        for got in results_on_every_path(lambda: opqn_ext.adc_topk4(queries, packed, k, rerank=1)):
-            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert_rerank_1_exact(queries, packed, k, want)
 
 
 @pytest.mark.parametrize("M,entries", [
@@ -106,8 +111,7 @@ def test_tables_of_extreme_magnitude_quantize_exactly(M, entries):
     codes = torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8)
     want = opqn_ext.adc_topk(lut, codes, k)
     assert torch.equal(want[0], reference.adc_scores(lut, codes).topk(k, dim=1).values)  # sums exact here
-    for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, opqn_ext.pack_codes4(codes), k, rerank=1)):
-        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert_rerank_1_exact(lut, opqn_ext.pack_codes4(codes), k, want)
 
 
 @pytest.mark.parametrize("N", [1000, 5000, 32760, 32800, 70000, 140000])
@@ -127,8 +131,7 @@ def test_selection_and_reservoir_give_exact_adc_with_heavy_ties(N):
     for k in sorted({1, 10, 100, N // 2 + 1}):
         want = opqn_ext.adc_topk(lut, codes, k)
         for queries, expected in ((lut, want), (lut[:1], (want[0][:1], want[1][:1]))):
-            for got in results_on_every_path(lambda: opqn_ext.adc_topk4(queries, packed, k, rerank=1)):
-                assert torch.equal(got[1], expected[1]) and torch.equal(got[0], expected[0])
+            assert_rerank_1_exact(queries, packed, k, expected)
 
 
 @pytest.mark.parametrize("k", [10, 100])
@@ -146,8 +149,7 @@ def test_selection_recovers_from_a_sample_that_overstates_the_best(k):
         codes[block * 32:block * 32 + 20] = K - 1
     packed = opqn_ext.pack_codes4(codes)
     want = opqn_ext.adc_topk(lut, codes, k)
-    for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, packed, k, rerank=1)):
-        assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    assert_rerank_1_exact(lut, packed, k, want)
 
 
 @pytest.mark.parametrize("M", [255, 256])
@@ -165,8 +167,7 @@ def test_largest_sums_at_the_most_books(M):
     packed = opqn_ext.pack_codes4(codes)
     for k in (1, 100, 1000):
         want = opqn_ext.adc_topk(lut, codes, k)
-        for got in results_on_every_path(lambda: opqn_ext.adc_topk4(lut, packed, k, rerank=1)):
-            assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+        assert_rerank_1_exact(lut, packed, k, want)
 
 
 @pytest.mark.parametrize("M,N", [(16, 600000), (3, 40000), (5, 40000), (8, 40000), (13, 40000), (32, 40000)])
