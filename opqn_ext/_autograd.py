@@ -1,4 +1,5 @@
-"""Autograd formulas of the custom ops: backward passes call their fused backward ops."""
+"""Autograd formulas of the custom ops: soft_quantize's backward calls its fused backward op; the ADC
+scans' scores pass their gradients back to the table entries they summed."""
 import torch
 
 
@@ -23,4 +24,82 @@ def _soft_quantize_backward(ctx, grad_probs, grad_quantized, grad_entropy):
 
 torch.library.register_autograd(
     "opqn_ext::soft_quantize", _soft_quantize_backward, setup_context=_soft_quantize_setup_context
+)
+
+
+# The ADC scores are sums of table entries, score[q, i] = sum_m lut[q, m, codes[i, m]]: each
+# entry's gradient is the sum of the score gradients of the codes that pick it. A code value >= K
+# adds 0 to its score (the kernels pad the table), so it passes no gradient on. Indices have none.
+
+def _table_grad_from_shared_codes(grad_scores, codes, K):
+    """grad_scores [nq, N], codes [N, M] (the same codes for every query) -> grad_lut [nq, M, K]."""
+    nq, M = grad_scores.shape[0], codes.shape[1]
+    grad_lut = grad_scores.new_zeros(nq, M, K + 1)  # the last entry collects the codes >= K
+    words = codes.long().clamp(max=K)
+    for m in range(M):
+        grad_lut[:, m].index_add_(1, words[:, m], grad_scores)
+    return grad_lut[:, :, :K]
+
+
+def _table_grad_from_selected_codes(grad_scores, selected, K):
+    """grad_scores [nq, n], selected [nq, n, M] (the codes behind each score) -> grad_lut [nq, M, K]."""
+    nq, n, M = selected.shape
+    words = selected.long().clamp(max=K) + torch.arange(M, device=selected.device) * (K + 1)
+    grad_lut = grad_scores.new_zeros(nq, M * (K + 1))
+    grad_lut.scatter_add_(1, words.reshape(nq, n * M), grad_scores.unsqueeze(2).expand(nq, n, M).reshape(nq, n * M))
+    return grad_lut.view(nq, M, K + 1)[:, :, :K]
+
+
+def _adc_scores_setup_context(ctx, inputs, output):
+    lut, codes = inputs
+    ctx.save_for_backward(codes)
+    ctx.num_words = lut.shape[2]
+
+
+def _adc_scores_backward(ctx, grad_scores):
+    (codes,) = ctx.saved_tensors
+    return _table_grad_from_shared_codes(grad_scores, codes, ctx.num_words), None
+
+
+def _adc_topk_setup_context(ctx, inputs, output):
+    lut, codes, _ = inputs
+    ctx.save_for_backward(codes, output[1])
+    ctx.num_words = lut.shape[2]
+
+
+def _adc_topk_backward(ctx, grad_scores, _grad_indices):
+    codes, indices = ctx.saved_tensors
+    return _table_grad_from_selected_codes(grad_scores, codes[indices], ctx.num_words), None, None
+
+
+def _codes4_at(packed, indices, num_books):
+    """The codes [nq, n, M] behind indices [nq, n] from a pack_codes4 layout (csrc/cpu/fastscan4.h):
+    code i of book m is in block i // 32, pair m // 2, byte (m % 2) * 16 + i % 16, low nibble for
+    i % 32 < 16, high nibble otherwise."""
+    books = torch.arange(num_books, device=packed.device)
+    i = indices.unsqueeze(2)
+    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16]
+    return torch.where(i % 32 < 16, byte & 15, byte >> 4)
+
+
+def _adc_topk4_setup_context(ctx, inputs, output):
+    lut, packed, _, _, _ = inputs
+    ctx.save_for_backward(packed, output[1])
+    ctx.num_books, ctx.num_words = lut.shape[1], lut.shape[2]
+
+
+def _adc_topk4_backward(ctx, grad_scores, _grad_indices):
+    packed, indices = ctx.saved_tensors
+    selected = _codes4_at(packed, indices, ctx.num_books)
+    return _table_grad_from_selected_codes(grad_scores, selected, ctx.num_words), None, None, None, None
+
+
+torch.library.register_autograd(
+    "opqn_ext::adc_scores", _adc_scores_backward, setup_context=_adc_scores_setup_context
+)
+torch.library.register_autograd(
+    "opqn_ext::adc_topk", _adc_topk_backward, setup_context=_adc_topk_setup_context
+)
+torch.library.register_autograd(
+    "opqn_ext::adc_topk4", _adc_topk4_backward, setup_context=_adc_topk4_setup_context
 )

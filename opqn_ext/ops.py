@@ -65,7 +65,7 @@ def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True)
             the codes (kept for symmetry with :func:`soft_quantize`).
 
     Returns:
-        ``codes [B, M]`` uint8.
+        ``codes [B, M]`` uint8 (no gradient; inputs may require grad).
     """
     return torch.ops.opqn_ext.encode(x, assign_weight, bool(normalize))
 
@@ -83,6 +83,8 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
     Returns:
         ``(scores [nq, k] float32, indices [nq, k] int64)``: scores descending, equal scores in
         increasing index order; identical on every code path, CPU instruction set and thread count.
+        The scores are differentiable in ``lut`` (each entry gets the gradients of the scores
+        that summed it).
     """
     scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, int(k))
     return scores, indices
@@ -96,7 +98,7 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     (evaluation); for search, ``adc_topk`` never materializes ``[nq, N]``.
 
     Returns:
-        ``scores [nq, N]`` float32.
+        ``scores [nq, N]`` float32, differentiable in ``lut``.
     """
     return torch.ops.opqn_ext.adc_scores(lut, codes)
 
@@ -157,7 +159,8 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         rerank: candidates re-scored per result (>= 1).
 
     Returns:
-        ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index.
+        ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index;
+        the scores are differentiable in ``lut``.
     """
     if packed.num_books != lut.shape[1]:
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
