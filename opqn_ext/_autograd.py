@@ -1,6 +1,9 @@
-"""Autograd formulas of the custom ops: soft_quantize's backward calls its fused backward op; the ADC
-scans' scores pass their gradients back to the table entries they summed."""
+"""Autograd formulas of the custom ops: soft_quantize's backward calls its fused backward op (or,
+to be differentiated again, runs through the reference); the ADC scans' scores pass their
+gradients back to the table entries they summed."""
 import torch
+
+from . import reference
 
 
 def _soft_quantize_setup_context(ctx, inputs, output):
@@ -11,9 +14,25 @@ def _soft_quantize_setup_context(ctx, inputs, output):
     ctx.normalize = normalize
 
 
+def _differentiable_soft_quantize_backward(ctx, mask, grads):
+    """The gradients as a graph of ordinary torch ops through the reference, so that they can be
+    differentiated again (``create_graph=True``: gradient penalties, Hessian-vector products)."""
+    inputs = ctx.saved_tensors[:3]
+    with torch.enable_grad():
+        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
+        outputs = reference.soft_quantize(*leaves, ctx.scale, ctx.normalize)
+        given = [(o, g) for o, g in zip(outputs, grads) if g is not None]
+        wanted = [t for t, need in zip(leaves, mask) if need]
+        found = iter(torch.autograd.grad([o for o, _ in given], wanted, [g for _, g in given],
+                                         create_graph=True, allow_unused=True, materialize_grads=True))
+    return tuple(next(found) if need else None for need in mask) + (None, None)
+
+
 def _soft_quantize_backward(ctx, grad_probs, grad_quantized, grad_entropy):
     x, assign_weight, codebook, probs = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    if torch.is_grad_enabled():  # backward with create_graph=True
+        return _differentiable_soft_quantize_backward(ctx, mask, (grad_probs, grad_quantized, grad_entropy))
     grad_x, grad_a, grad_c = torch.ops.opqn_ext.soft_quantize_backward(
         grad_probs, grad_quantized, grad_entropy, x, assign_weight, codebook, probs,
         ctx.scale, ctx.normalize, mask,

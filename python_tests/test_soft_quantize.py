@@ -107,6 +107,36 @@ def test_gradcheck_float64(device):
         assert torch.autograd.gradcheck(lambda *t: opqn_ext.soft_quantize(*t, 1.5, normalize), inputs)
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_second_derivatives_float64(device, normalize):
+    """create_graph=True gives gradients that can be differentiated again (through the reference)."""
+    x, a, c = make_problem(4, 2, 6, 4, device=device, seed=int(normalize))
+    inputs = tuple(t.clone().requires_grad_() for t in (x, a, c))
+    assert torch.autograd.gradgradcheck(lambda *t: opqn_ext.soft_quantize(*t, 1.5, normalize), inputs)
+
+
+@pytest.mark.parametrize("wanted", [(True, True, False), (False, True, True), (True, False, False)])
+def test_create_graph_gradients_equal_the_fused_ones(device, wanted):
+    """A gradient penalty: the first gradients are the fused backward's; the outputs without a
+    gradient (here probs) and the inputs not asked for are left out as in the fused backward."""
+    x, a, c = make_problem(9, 3, 8, 5, device=device, dtype=torch.float32)
+    inputs = [t.clone().requires_grad_(w) for t, w in zip((x, a, c), wanted)]
+    asked = [t for t in inputs if t.requires_grad]
+
+    def loss():
+        _, q, h = opqn_ext.soft_quantize(*inputs, 2.0, True)
+        return q.square().sum() + h.sum()
+
+    fused = torch.autograd.grad(loss(), asked)
+    graphed = torch.autograd.grad(loss(), asked, create_graph=True)
+    for f, g in zip(fused, graphed):
+        assert g.requires_grad and g.shape == f.shape
+        torch.testing.assert_close(g, f, rtol=1e-4, atol=1e-6)
+    penalty = sum(g.square().sum() for g in graphed)
+    penalty.backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in asked)
+
+
 def test_opcheck(device):
     x, a, c = make_problem(7, 3, 8, 5, device=device)
     for normalize in (False, True):
