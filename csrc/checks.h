@@ -20,6 +20,11 @@ inline void check_floating(const at::Tensor& t, const char* name) {
               t.scalar_type());
 }
 
+// float16 or bfloat16: the CPU kernels compute these in float32.
+inline bool is_half_float(const at::Tensor& t) {
+  return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16;
+}
+
 inline void check_same_dtype(const at::Tensor& t, const at::Tensor& ref, const char* name,
                              const char* ref_name) {
   TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the dtype of ", ref_name, " (",

@@ -32,8 +32,8 @@ def soft_quantize(
     ``quantized = codebook[m] @ probs``, ``entropy = -sum probs * log(probs)``.
 
     Args:
-        x: ``[B, M*d]`` or ``[B, M, d]``, floating point (float32/float64; on CUDA also
-            float16/bfloat16, computed in float32). May be non-contiguous.
+        x: ``[B, M*d]`` or ``[B, M, d]``, floating point (float32/float64, or float16/bfloat16
+            computed in float32 and returned in their dtype). May be non-contiguous.
         assign_weight: ``[M, d, K]`` assignment weights, same dtype and device as ``x``.
         codebook: ``[M, d, K]`` codewords (columns orthonormal per book, ``K <= d``).
         scale: softmax temperature multiplier (finite).
@@ -57,7 +57,7 @@ def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True)
     """Database codes: ``codes[b, m] = argmax_k xhat[b, m] @ assign_weight[m]`` (ties to the smaller k).
 
     Args:
-        x: ``[B, M*d]`` or ``[B, M, d]`` features, finite.
+        x: ``[B, M*d]`` or ``[B, M, d]`` features, finite (float16/bfloat16 computed in float32).
         assign_weight: ``[M, d, K]`` with ``K <= 256``, same dtype and device as ``x``, finite.
             A NaN has no argmax: non-finite values in either are an error, found on the
             similarities during the argmax (no extra pass over ``x``; on CUDA, one sync).

@@ -62,8 +62,15 @@ def test_encode_errors():
         opqn_ext.encode(x[:, :15], a)
     with pytest.raises(RuntimeError, match="assign_weight must have the dtype of x"):
         opqn_ext.encode(x, a.double())
-    with pytest.raises(RuntimeError, match="encode on CPU supports x of dtype float32 or float64"):
-        opqn_ext.encode(x.half(), a.half())
+    with pytest.raises(RuntimeError, match="encode on CPU supports x of dtype float32, float64, float16 or bfloat16, got Float8"):
+        opqn_ext.encode(x.to(torch.float8_e4m3fn), a.to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_encode_half_inputs_in_float32(device, dtype):
+    x, a, _ = make_problem(300, 4, 16, 16, dtype=torch.float32, device=device, seed=4)
+    x, a = x.to(dtype), a.to(dtype)
+    assert torch.equal(opqn_ext.encode(x, a), reference.encode(x, a))
 
 
 def test_encode_under_compile():

@@ -44,9 +44,10 @@ def test_non_finite_scale_is_rejected():
             opqn_ext.soft_quantize(X, A, C, scale)
 
 
-def test_cpu_rejects_half_precision():
-    with pytest.raises(RuntimeError, match="soft_quantize on CPU supports x of dtype float32 or float64, got Half"):
-        opqn_ext.soft_quantize(X.half(), A.half(), C.half())
+def test_cpu_rejects_float8():
+    f8 = torch.float8_e4m3fn
+    with pytest.raises(RuntimeError, match="soft_quantize on CPU supports x of dtype float32, float64, float16 or bfloat16, got Float8_e4m3fn"):
+        opqn_ext.soft_quantize(X.to(f8), A.to(f8), C.to(f8))
 
 
 def test_backward_op_checks_gradient_shapes():

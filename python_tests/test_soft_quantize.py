@@ -228,16 +228,35 @@ def test_results_do_not_depend_on_thread_count():
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_half_inputs_accumulate_in_float32(dtype):
-    x, a, c = make_problem(64, 4, 64, 32, dtype=torch.float32, device="cuda")
+def test_half_inputs_accumulate_in_float32(device, dtype):
+    x, a, c = make_problem(64, 4, 64, 32, dtype=torch.float32, device=device)
     xs, as_, cs = x.to(dtype), a.to(dtype), c.to(dtype)
-    got = grads_of(opqn_ext.soft_quantize, xs, as_, cs, 2.0, True, [None, torch.ones(64, 4, 64, device="cuda", dtype=dtype), None])
-    want = grads_of(reference.soft_quantize, xs, as_, cs, 2.0, True, [None, torch.ones(64, 4, 64, device="cuda", dtype=dtype), None])
+    got = grads_of(opqn_ext.soft_quantize, xs, as_, cs, 2.0, True, [None, torch.ones(64, 4, 64, device=device, dtype=dtype), None])
+    want = grads_of(reference.soft_quantize, xs, as_, cs, 2.0, True, [None, torch.ones(64, 4, 64, device=device, dtype=dtype), None])
     for u, v in zip(got[0] + got[1][:2], want[0] + want[1][:2]):
         assert u.dtype == dtype
         torch.testing.assert_close(u.float(), v.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("given", [(True, True, True), (False, True, False), (True, False, True)])
+def test_cpu_half_inputs_are_the_float32_results_rounded(dtype, given):
+    """On the CPU, float16/bfloat16 inputs run the float32 kernels: forward and backward give the
+    float32 results of the same (rounded) inputs, rounded to the input dtype. The backward gets
+    probs as the forward returned them, rounded, as on CUDA."""
+    x, a, c = (t.to(dtype) for t in make_problem(33, 3, 16, 8, dtype=torch.float32, seed=2))
+    outputs = opqn_ext.soft_quantize(x, a, c, 1.5, True)
+    for u, v in zip(outputs, opqn_ext.soft_quantize(x.float(), a.float(), c.float(), 1.5, True)):
+        assert u.dtype == dtype and torch.equal(u, v.to(dtype))
+    g = torch.Generator().manual_seed(3)
+    grads = [torch.randn(o.shape, generator=g).to(dtype) if w else None for o, w in zip(outputs, given)]
+    backward = torch.ops.opqn_ext.soft_quantize_backward
+    got = backward(*grads, x, a, c, outputs.probs, 1.5, True, [True, True, True])
+    want = backward(*[t.float() if t is not None else None for t in grads], x.float(), a.float(), c.float(),
+                    outputs.probs.float(), 1.5, True, [True, True, True])
+    for u, v in zip(got, want):
+        assert u.dtype == dtype and torch.equal(u, v.to(dtype))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -13,6 +13,7 @@
 #include <ATen/ops/mm.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "encode.h"
 
 namespace opqn::cpu {
@@ -33,8 +34,10 @@ uint8_t argmax_row(const T* l, int64_t K, bool& finite) {
 
 at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, bool normalize) {
   const auto dims = check_encode_args(x_in, assign_weight);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble,
-              "encode on CPU supports x of dtype float32 or float64, got ", x_in.scalar_type());
+  TORCH_CHECK(x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kDouble || is_half_float(x_in),
+              "encode on CPU supports x of dtype float32, float64, float16 or bfloat16, got ",
+              x_in.scalar_type());
+  if (is_half_float(x_in)) return encode_cpu(x_in.to(at::kFloat), assign_weight.to(at::kFloat), normalize);
   (void)normalize;
   const auto [B, M, d, K] = dims;
   const at::Tensor x = x_in.contiguous().view({B, M, d});

@@ -16,6 +16,7 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "checks.h"
 #include "cpu/row_kernels.h"
 #include "soft_quantize.h"
 
@@ -23,8 +24,21 @@ namespace opqn::cpu {
 namespace {
 
 void check_cpu_dtype(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
-              "soft_quantize on CPU supports x of dtype float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble || is_half_float(x),
+              "soft_quantize on CPU supports x of dtype float32, float64, float16 or bfloat16, got ",
+              x.scalar_type());
+}
+
+at::Tensor to_float(const at::Tensor& t) { return t.defined() ? t.to(at::kFloat) : t; }
+
+c10::optional<at::Tensor> to_float(const c10::optional<at::Tensor>& t) {
+  return t.has_value() ? c10::optional<at::Tensor>(to_float(*t)) : t;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> to_dtype(std::tuple<at::Tensor, at::Tensor, at::Tensor> ts,
+                                                        at::ScalarType dtype) {
+  const auto cast = [dtype](const at::Tensor& t) { return t.defined() ? t.to(dtype) : t; };
+  return {cast(std::get<0>(ts)), cast(std::get<1>(ts)), cast(std::get<2>(ts))};
 }
 
 // out = a @ b per batch entry, written through the (strided) view `out`.
@@ -46,6 +60,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
                                                                  double scale, bool normalize) {
   const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
   check_cpu_dtype(x_in);
+  if (is_half_float(x_in)) {  // computed in float32, as on CUDA
+    return to_dtype(soft_quantize_cpu(x_in.to(at::kFloat), assign_weight.to(at::kFloat),
+                                      codebook.to(at::kFloat), scale, normalize),
+                    x_in.scalar_type());
+  }
   const auto [B, M, d, K] = dims;
   const at::Tensor x = x_in.contiguous().view({B, M, d});
   const at::Tensor A = assign_weight.contiguous();
@@ -87,6 +106,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
   const auto in = prepare_backward_inputs(grad_probs, grad_quantized, grad_entropy, x_in,
                                           assign_weight, codebook, probs_in, scale);
   check_cpu_dtype(x_in);
+  if (is_half_float(x_in)) {
+    return to_dtype(soft_quantize_backward_cpu(to_float(grad_probs), to_float(grad_quantized),
+                                               to_float(grad_entropy), x_in.to(at::kFloat),
+                                               assign_weight.to(at::kFloat), codebook.to(at::kFloat),
+                                               probs_in.to(at::kFloat), scale, normalize, output_mask),
+                    x_in.scalar_type());
+  }
   const auto [B, M, d, K] = in.dims;
   const bool need_x = output_mask[0], need_a = output_mask[1];
   const at::Tensor& x = in.x;
