@@ -5,7 +5,10 @@ Two settings: an MLP over precomputed 128-d embeddings (where the head is most o
 the paper's residual network on 32x32 images (where the backbone dominates). Both heads start
 from the same weights and must produce the same loss before anything is timed.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--steps 30] [--json PATH]
+With --autocast, the fused step also runs with the backbone under bfloat16 autocast (the OPQN ops
+compute in float32 inside it): the default on CUDA (TrainConfig.amp), opt-in on the CPU (cpu_amp).
+
+    python benchmarks/bench_train.py [--device cpu|cuda] [--steps 30] [--autocast] [--json PATH]
 """
 import argparse
 import json
@@ -39,11 +42,16 @@ def make(setting, M, K, device):
     return model, inputs.to(device), labels.to(device)
 
 
-def step_seconds(model, inputs, labels, steps, device):
+def loss_of(model, inputs, labels, autocast):
+    with torch.autocast(inputs.device.type, dtype=torch.bfloat16, enabled=autocast):
+        return model["head"](model["backbone"](inputs).float(), labels).loss
+
+
+def step_seconds(model, inputs, labels, steps, device, autocast=False):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss = model["head"](model["backbone"](inputs), labels).loss
+        loss = loss_of(model, inputs, labels, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -67,6 +75,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--autocast", action="store_true", help="also time the fused step under bfloat16 autocast")
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -78,17 +87,28 @@ def main():
                 opqn_nn.soft_quantize = fn
                 model, inputs, labels = make(setting, M, K, device)
                 with torch.no_grad():
-                    losses[name] = float(model["head"](model["backbone"](inputs), labels).loss)
+                    losses[name] = float(loss_of(model, inputs, labels, autocast=False))
                 times[name] = step_seconds(model, inputs, labels, steps, device)
             opqn_nn.soft_quantize = FUSED
             assert abs(losses["fused"] - losses["reference"]) < 1e-4 * abs(losses["reference"]), losses
-            rows.append({"setting": setting, "M": M, "K": K, "fused_ms": times["fused"] * 1e3,
-                         "reference_ms": times["reference"] * 1e3, "speedup": times["reference"] / times["fused"]})
+            row = {"setting": setting, "M": M, "K": K, "fused_ms": times["fused"] * 1e3,
+                   "reference_ms": times["reference"] * 1e3, "speedup": times["reference"] / times["fused"]}
+            if args.autocast:  # bfloat16 features: the loss moves by about their rounding, no more
+                model, inputs, labels = make(setting, M, K, device)
+                with torch.no_grad():
+                    mixed_loss = float(loss_of(model, inputs, labels, autocast=True))
+                assert abs(mixed_loss - losses["fused"]) < 2e-2 * abs(losses["fused"]), (mixed_loss, losses)
+                mixed = step_seconds(model, inputs, labels, steps, device, autocast=True)
+                row.update(autocast_ms=mixed * 1e3, autocast_speedup=times["fused"] / mixed)
+            rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nOPQN training step, B=256, D=512, 1000 classes, {device} ({torch.get_num_threads()} threads)")
-    print(f"{'backbone':>9} {'M x K':>7} {'fused ms':>9} {'reference ms':>13} {'speedup':>8}")
+    amp_head = f" {'bf16 autocast ms':>17} {'x fused':>8}" if args.autocast else ""
+    print(f"{'backbone':>9} {'M x K':>7} {'fused ms':>9} {'reference ms':>13} {'speedup':>8}{amp_head}")
     for r in rows:
-        print(f"{r['setting']:>9} {r['M']:>3} x {r['K']:<3} {r['fused_ms']:9.2f} {r['reference_ms']:13.2f} {r['speedup']:7.2f}x")
+        amp = f" {r['autocast_ms']:17.2f} {r['autocast_speedup']:7.2f}x" if args.autocast else ""
+        print(f"{r['setting']:>9} {r['M']:>3} x {r['K']:<3} {r['fused_ms']:9.2f} {r['reference_ms']:13.2f} "
+              f"{r['speedup']:7.2f}x{amp}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)

@@ -63,7 +63,7 @@ step racecheck_soft_quantize 45 compute-sanitizer --tool racecheck --error-exitc
   python_tests/test_soft_quantize.py python_tests/test_encode.py \
   -k "cuda and ($SQ_SMALL or (encode_is and (37-3-16-16 or 500-8-64-64)))"
 
-step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --json "$OUT/train_step_cuda.json"
+step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --autocast --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
   --no-progress --out-dir /tmp/orl_cuda --json "$OUT/orl_cuda.json"
 step all_tests 300 $PYTEST -n 8 python_tests -k "not emulat"  # the emulated kernels run in CI already

@@ -17,12 +17,11 @@ def _soft_quantize_setup_context(ctx, inputs, output):
 def _differentiable_soft_quantize_backward(ctx, mask, grads):
     """The gradients as a graph of ordinary torch ops through the reference, so that they can be
     differentiated again (``create_graph=True``: gradient penalties, Hessian-vector products)."""
-    inputs = ctx.saved_tensors[:3]
+    inputs = ctx.saved_tensors[:3]  # those in mask require grad
     with torch.enable_grad():
-        leaves = [t if t.requires_grad else t.detach().requires_grad_() for t in inputs]
-        outputs = reference.soft_quantize(*leaves, ctx.scale, ctx.normalize)
+        outputs = reference.soft_quantize(*inputs, ctx.scale, ctx.normalize)
         given = [(o, g) for o, g in zip(outputs, grads) if g is not None]
-        wanted = [t for t, need in zip(leaves, mask) if need]
+        wanted = [t for t, need in zip(inputs, mask) if need]
         found = iter(torch.autograd.grad([o for o, _ in given], wanted, [g for _, g in given],
                                          create_graph=True, allow_unused=True, materialize_grads=True))
     return tuple(next(found) if need else None for need in mask) + (None, None)

@@ -35,6 +35,8 @@ _HELP = {
     "out_dir": "where checkpoint.pt and log.jsonl go",
     "device": "auto, cpu, cuda or cuda:N",
     "eval_every": "evaluate every n epochs (0: at the end only)",
+    "amp": "bfloat16 autocast on CUDA",
+    "cpu_amp": "bfloat16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; slow elsewhere)",
 }
 
 

@@ -84,3 +84,12 @@ def test_config_errors(tmp_path, kw, match):
 def test_short_orl_run_on_cuda_with_mixed_precision(tmp_path, orl_seen):
     result = train(tiny(tmp_path, epochs=60, device="cuda", amp=True), prepared=orl_seen)
     assert result.evaluation.code_metrics.map > 0.45, result.evaluation.summary()
+
+
+def test_short_orl_run_with_cpu_mixed_precision(tmp_path, orl_seen):
+    """cpu_amp runs the backbone under bfloat16 autocast (the losses differ from float32's from the
+    first epoch on) and still learns to retrieve."""
+    mixed = train(tiny(tmp_path / "bf16", epochs=60, cpu_amp=True), prepared=orl_seen)
+    plain = train(tiny(tmp_path / "fp32", epochs=1), prepared=orl_seen, evaluate_at_end=False)
+    assert mixed.history[0]["loss"] != plain.history[0]["loss"]
+    assert mixed.evaluation.code_metrics.map > 0.45, mixed.evaluation.summary()
