@@ -6,6 +6,7 @@ import torch
 
 _FLOAT32_OPS = ("soft_quantize", "encode", "adc_topk", "adc_scores", "adc_topk4", "rank_stats")
 
-for _name in _FLOAT32_OPS:
-    for _device_type in ("cpu", "cuda"):
-        torch.library.register_autocast(f"opqn_ext::{_name}", _device_type, torch.float32)
+for _device_type in ("cpu", "cuda"):
+    if torch.amp.is_autocast_available(_device_type):
+        for _name in _FLOAT32_OPS:
+            torch.library.register_autocast(f"opqn_ext::{_name}", _device_type, torch.float32)
