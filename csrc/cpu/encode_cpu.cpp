@@ -2,7 +2,8 @@
 // Rows go in blocks of kRowsPerBlock: one BLAS GEMM per book into a [rows, K] scratch (bounded
 // memory whatever B is), then a parallel argmax over its rows, which also checks that every
 // similarity is finite (encode.h). normalize scales each row by a positive factor, which leaves
-// the argmax as it is, so it needs no work here.
+// the argmax as it is, so it needs no work here. float16/bfloat16 inputs are encoded from float32
+// copies.
 #include <atomic>
 #include <cmath>
 

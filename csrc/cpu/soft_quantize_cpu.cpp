@@ -4,7 +4,8 @@
 // ISA-dispatched row kernels: softmax, entropy and the norm clamp in the forward; entropy, softmax
 // and norm-clamp gradients in the backward. The similarity GEMM writes straight into the probs
 // output and the reconstruction GEMM reads from it, so the forward allocates nothing beyond its
-// outputs (and [B, M] norms).
+// outputs (and [B, M] norms). float16/bfloat16 inputs run the float32 kernels on float32 copies,
+// and their results are rounded back.
 // (Blocks of samples doing their GEMMs inside the parallel region, single-threaded BLAS each,
 // measured no faster at the benchmark shapes.)
 #include <ATen/core/Tensor.h>
