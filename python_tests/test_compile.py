@@ -23,3 +23,32 @@ def test_compile_fullgraph_matches_eager_forward_and_backward(device):
     got.backward()
     for e, g in zip(eager_in, comp_in):
         torch.testing.assert_close(g.grad, e.grad, rtol=1e-5, atol=1e-5)
+
+
+class Retrieval(torch.nn.Module):
+    """A model that ends in the ops: soft assignments, codes and a top-k scan of a fixed database."""
+
+    def __init__(self, M=4, d=16, K=16, N=300):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.features = torch.nn.Linear(32, M * d)
+        self.assign_weight = torch.nn.Parameter(torch.randn(M, d, K, generator=g))
+        self.register_buffer("codebook", opqn_ext.orthonormal_codebooks(M, d, K))
+        self.register_buffer("db_codes", torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8))
+
+    def forward(self, inputs):
+        x = self.features(inputs)
+        probs, _, entropy = opqn_ext.soft_quantize(x, self.assign_weight, self.codebook, 1.0, True)
+        scores, ids = opqn_ext.adc_topk(probs, self.db_codes, 5)
+        return opqn_ext.encode(x, self.assign_weight), entropy, scores, ids
+
+
+def test_export_with_a_dynamic_batch_matches_eager():
+    model = Retrieval().eval()
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(model, (torch.randn(8, 32),), dynamic_shapes={"inputs": {0: batch}})
+    calls = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"opqn_ext.soft_quantize.default", "opqn_ext.adc_topk.default", "opqn_ext.encode.default"} <= calls
+    inputs = torch.randn(13, 32)
+    for got, want in zip(exported.module()(inputs), model(inputs)):
+        assert torch.equal(got, want)
