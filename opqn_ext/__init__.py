@@ -22,7 +22,7 @@ except ImportError as err:  # the compiled library is missing or does not match 
         "`make test`, which creates .venv and builds it); set OPQN_WITH_CUDA=0 for a CPU-only build."
     ) from err
 
-from . import _autocast, _autograd, _fake  # noqa: F401  (registers autocast rules, fake kernels, autograd)
+from . import _autograd, _fake  # noqa: F401  (registers fake kernels and autograd formulas)
 from .codebooks import orthonormal_codebooks
 from .ops import (
     PackedCodes4,
