@@ -36,7 +36,7 @@ _HELP = {
     "device": "auto, cpu, cuda or cuda:N",
     "eval_every": "evaluate every n epochs (0: at the end only)",
     "amp": "bfloat16 autocast on CUDA",
-    "cpu_amp": "bfloat16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; slow elsewhere)",
+    "cpu_amp": "bfloat16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; many times slower elsewhere)",
 }
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,6 +105,14 @@ class TrainConfig:
     @property
     def cosface_scale(self) -> float:
         return self.scale or (20.0 if self.input_size <= 64 else 40.0)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), by torch's own CPU checks;
+    True where this torch has none of them."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    checks = [check for check in checks if check is not None]
+    return not checks or any(check() for check in checks)
 
 
 @dataclass
@@ -362,6 +371,9 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
         for record in history:
             log.write(json.dumps(record) + "\n")
     use_amp = cfg.amp if device.type == "cuda" else cfg.cpu_amp
+    if use_amp and device.type == "cpu" and not cpu_has_native_bfloat16():
+        warnings.warn("cpu_amp: this CPU has neither AVX512-BF16 nor AMX, so bfloat16 is emulated; a training "
+                      "step measured 14-18x slower than float32 that way (benchmarks/RESULTS.md)", stacklevel=2)
     start = time.perf_counter()
     n = len(train_labels)
     steps = max(1, math.ceil(n / cfg.batch_size))

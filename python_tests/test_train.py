@@ -93,3 +93,10 @@ def test_short_orl_run_with_cpu_mixed_precision(tmp_path, orl_seen):
     plain = train(tiny(tmp_path / "fp32", epochs=1), prepared=orl_seen, evaluate_at_end=False)
     assert mixed.history[0]["loss"] != plain.history[0]["loss"]
     assert mixed.evaluation.code_metrics.map > 0.45, mixed.evaluation.summary()
+
+
+def test_cpu_mixed_precision_warns_where_bfloat16_is_emulated(tmp_path, orl_seen, monkeypatch):
+    for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
+    with pytest.warns(UserWarning, match="bfloat16 is emulated"):
+        train(tiny(tmp_path, epochs=1, cpu_amp=True), prepared=orl_seen, evaluate_at_end=False)
