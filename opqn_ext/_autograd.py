@@ -14,10 +14,10 @@ def _soft_quantize_setup_context(ctx, inputs, output):
     ctx.normalize = normalize
 
 
-def _differentiable_soft_quantize_backward(ctx, mask, grads):
+def _differentiable_soft_quantize_backward(ctx, inputs, mask, grads):
     """The gradients as a graph of ordinary torch ops through the reference, so that they can be
-    differentiated again (``create_graph=True``: gradient penalties, Hessian-vector products)."""
-    inputs = ctx.saved_tensors[:3]  # those in mask require grad
+    differentiated again (``create_graph=True``: gradient penalties, Hessian-vector products).
+    inputs: (x, assign_weight, codebook), those in mask requiring grad."""
     with torch.enable_grad():
         outputs = reference.soft_quantize(*inputs, ctx.scale, ctx.normalize)
         given = [(o, g) for o, g in zip(outputs, grads) if g is not None]
@@ -31,7 +31,8 @@ def _soft_quantize_backward(ctx, grad_probs, grad_quantized, grad_entropy):
     x, assign_weight, codebook, probs = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:3]]
     if torch.is_grad_enabled():  # backward with create_graph=True
-        return _differentiable_soft_quantize_backward(ctx, mask, (grad_probs, grad_quantized, grad_entropy))
+        return _differentiable_soft_quantize_backward(ctx, (x, assign_weight, codebook), mask,
+                                                      (grad_probs, grad_quantized, grad_entropy))
     grad_x, grad_a, grad_c = torch.ops.opqn_ext.soft_quantize_backward(
         grad_probs, grad_quantized, grad_entropy, x, assign_weight, codebook, probs,
         ctx.scale, ctx.normalize, mask,

@@ -39,7 +39,6 @@ at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, b
               "encode on CPU supports x of dtype float32, float64, float16 or bfloat16, got ",
               x_in.scalar_type());
   if (is_half_float(x_in)) return encode_cpu(x_in.to(at::kFloat), assign_weight.to(at::kFloat), normalize);
-  (void)normalize;
   const auto [B, M, d, K] = dims;
   const at::Tensor x = x_in.contiguous().view({B, M, d});
   const at::Tensor A = assign_weight.contiguous();

@@ -62,8 +62,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
   const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
   check_cpu_dtype(x_in);
   if (is_half_float(x_in)) {  // computed in float32, as on CUDA
-    return to_dtype(soft_quantize_cpu(x_in.to(at::kFloat), assign_weight.to(at::kFloat),
-                                      codebook.to(at::kFloat), scale, normalize),
+    return to_dtype(soft_quantize_cpu(to_float(x_in), to_float(assign_weight), to_float(codebook), scale, normalize),
                     x_in.scalar_type());
   }
   const auto [B, M, d, K] = dims;
@@ -109,9 +108,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
   check_cpu_dtype(x_in);
   if (is_half_float(x_in)) {
     return to_dtype(soft_quantize_backward_cpu(to_float(grad_probs), to_float(grad_quantized),
-                                               to_float(grad_entropy), x_in.to(at::kFloat),
-                                               assign_weight.to(at::kFloat), codebook.to(at::kFloat),
-                                               probs_in.to(at::kFloat), scale, normalize, output_mask),
+                                               to_float(grad_entropy), to_float(x_in), to_float(assign_weight),
+                                               to_float(codebook), to_float(probs_in), scale, normalize,
+                                               output_mask),
                     x_in.scalar_type());
   }
   const auto [B, M, d, K] = in.dims;
