@@ -1,5 +1,6 @@
 """Orthonormal codebook constructions: [M, d, K] with C_m^T C_m = I_K (DESIGN.md section 1)."""
 import math
+import operator
 from typing import Optional
 
 import torch
@@ -33,6 +34,16 @@ def _generator(seed: Optional[int]) -> Optional[torch.Generator]:
     return g
 
 
+def _positive_integer(name: str, value) -> int:
+    try:
+        number = operator.index(value) if not isinstance(value, bool) else 0
+    except TypeError:
+        number = 0
+    if number < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return number
+
+
 def orthonormal_codebooks(
     num_books: int,
     dim: int,
@@ -54,12 +65,15 @@ def orthonormal_codebooks(
             Rademacher diagonal drawn from ``seed`` (0 when None), so books differ.
 
     Raises:
-        ValueError: non-positive sizes, ``num_words > dim``, an unknown ``kind``, or ``kind="hadamard"``
-            with ``dim`` not a power of two. Each message names the argument.
+        ValueError: sizes that are not positive integers (Python or numpy), ``num_words > dim``, an
+            unknown ``kind``, ``kind="hadamard"`` with ``dim`` not a power of two, or a ``dtype``
+            that is not a real floating-point type. Each message names the argument.
     """
-    for name, value in (("num_books", num_books), ("dim", dim), ("num_words", num_words)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    num_books, dim, num_words = (_positive_integer(name, value) for name, value in
+                                 (("num_books", num_books), ("dim", dim), ("num_words", num_words)))
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype must be a floating-point torch.dtype (orthonormal words are not integers), "
+                         f"got {dtype!r}")
     if num_words > dim:
         raise ValueError(
             f"num_words ({num_words}) must be <= dim ({dim}): at most dim orthonormal words fit in dim dimensions"

@@ -54,6 +54,21 @@ def _append_rows(current: torch.Tensor, buffer: torch.Tensor | None, rows: torch
     return buffer[:need], buffer
 
 
+def _is_integer(values: torch.Tensor) -> bool:
+    """Integer dtype, or empty (``torch.as_tensor([])`` is float32)."""
+    return values.numel() == 0 or not (values.dtype.is_floating_point or values.dtype.is_complex
+                                       or values.dtype == torch.bool)
+
+
+def _integer_ids(ids) -> torch.Tensor:
+    """``ids`` (a sequence, array or tensor of integers) as an int64 CPU tensor; floats and bools
+    are refused rather than truncated."""
+    ids = torch.as_tensor(ids).cpu()
+    if not _is_integer(ids):
+        raise ValueError(f"ids must be integers, got {ids.dtype}")
+    return ids.long()
+
+
 def _crc32(array: np.ndarray) -> int:
     flat = array.reshape(-1).view(np.uint8)
     crc = 0
@@ -149,11 +164,11 @@ class OPQNIndex:
         last = int(self.ids[-1]) if len(self) else -1
         start = last + 1
         ids = torch.arange(start, start + n) if ids is None else torch.as_tensor(ids).cpu()
-        if ids.dim() != 1 or len(ids) != n or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        if ids.dim() != 1 or len(ids) != n or not _is_integer(ids):
             raise ValueError(f"ids must be {n} integers, got {ids.dtype} {list(ids.shape)}")
         ids = ids.long()
         labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(labels).cpu()
-        if labels.dim() != 1 or len(labels) != n or labels.dtype.is_floating_point:
+        if labels.dim() != 1 or len(labels) != n or not _is_integer(labels):
             raise ValueError(f"labels must be {n} integers, got {labels.dtype} {list(labels.shape)}")
         if len(ids.unique()) != n:
             raise ValueError("ids must be unique: the batch repeats an id")
@@ -178,7 +193,7 @@ class OPQNIndex:
 
     def remove(self, ids) -> int:
         """Remove the items with these ids; returns how many were present."""
-        ids = torch.as_tensor(ids).cpu().long().reshape(-1)
+        ids = _integer_ids(ids).reshape(-1)
         gone = torch.zeros(len(self), dtype=torch.bool)
         if len(self) and len(ids):  # self.ids is sorted: look the requested ids up in it
             pos = torch.searchsorted(self.ids, ids).clamp(max=len(self) - 1)
@@ -193,7 +208,7 @@ class OPQNIndex:
 
     def labels_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Labels of items given by id (any shape); -1 for ids not in the index."""
-        ids = torch.as_tensor(ids).cpu()
+        ids = _integer_ids(ids)
         pos = torch.searchsorted(self.ids, ids.reshape(-1)).clamp(max=max(len(self) - 1, 0))
         found = (self.ids[pos] == ids.reshape(-1)) if len(self) else torch.zeros_like(pos, dtype=torch.bool)
         labels = torch.where(found, self.labels[pos] if len(self) else pos, -1)
@@ -397,7 +412,7 @@ class ShardedIndex:
 
     def _mine(self, ids, labels):
         """(mask, ids, labels) of the items of a batch that belong to this rank."""
-        ids = torch.as_tensor(ids).long()
+        ids = _integer_ids(ids)
         mine = torch.remainder(ids, self.world) == self.rank
         return mine, ids[mine], None if labels is None else torch.as_tensor(labels)[mine]
 

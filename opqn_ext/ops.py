@@ -1,7 +1,19 @@
 """Typed wrappers over torch.ops.opqn_ext.*, with the shapes they take and give."""
+import operator
 from typing import NamedTuple
 
 import torch
+
+
+def _integer(name: str, value) -> int:
+    """``value`` as an int (Python and numpy integers, integer 0-d tensors, SymInts), or a
+    ValueError naming the argument: a float such as 5.5 is never silently truncated."""
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
 class PackedCodes4(NamedTuple):
@@ -86,7 +98,7 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
         The scores are differentiable in ``lut`` (each entry gets the gradients of the scores
         that summed it).
     """
-    scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, int(k))
+    scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, _integer("k", k))
     return scores, indices
 
 
@@ -131,7 +143,8 @@ def rank_stats(scores: torch.Tensor, query_labels: torch.Tensor, db_labels: torc
         items among the first ``cutoffs[p]``), ``precision_sums [nq, P]`` (the sum of the precision
         at each of those hits, so ``precision_sums / hits`` is AP@cutoff) and ``num_relevant [nq]``.
     """
-    return RankStats(*torch.ops.opqn_ext.rank_stats(scores, query_labels, db_labels, [int(c) for c in cutoffs]))
+    cutoffs = [_integer("cutoffs", c) for c in cutoffs]
+    return RankStats(*torch.ops.opqn_ext.rank_stats(scores, query_labels, db_labels, cutoffs))
 
 
 def pack_codes4(codes: torch.Tensor) -> PackedCodes4:
@@ -162,6 +175,7 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index;
         the scores are differentiable in ``lut``.
     """
-    if packed.num_books != lut.shape[1]:
+    if lut.dim() == 3 and packed.num_books != lut.shape[1]:  # other ranks: the op's error names them
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
-    return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, int(k), int(rerank))
+    return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, _integer("k", k),
+                                        _integer("rerank", rerank))

@@ -168,6 +168,20 @@ def test_bad_arguments_raise_clear_errors(lut, codes, k, match):
         opqn_ext.adc_topk(lut, codes, k)
 
 
+@pytest.mark.parametrize("k", [5.5, 5.0, True, "5", torch.tensor(5.0)])
+def test_k_that_is_not_an_integer_is_refused_not_truncated(k):
+    lut, codes = problem(2, 4, 16, 10)
+    with pytest.raises(ValueError, match="k must be an integer, got"):
+        opqn_ext.adc_topk(lut, codes, k)
+
+
+def test_k_takes_numpy_and_tensor_integers():
+    lut, codes = problem(2, 4, 16, 10)
+    want = opqn_ext.adc_topk(lut, codes, 5)
+    for k in (np.int64(5), np.uint8(5), torch.tensor(5)):
+        assert all(torch.equal(u, v) for u, v in zip(opqn_ext.adc_topk(lut, codes, k), want))
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("position", [0, 201, -1])
 def test_one_non_finite_entry_anywhere_is_rejected(value, position, device):

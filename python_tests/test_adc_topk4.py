@@ -200,5 +200,11 @@ def test_errors():
         opqn_ext.adc_topk4(torch.full((1, 4, 16), float("nan")), packed, 5)
     with pytest.raises(ValueError, match="packed codes have 4 books but lut has M=6"):
         opqn_ext.adc_topk4(torch.rand(1, 6, 16), packed, 5)
+    with pytest.raises(RuntimeError, match="lut must have shape \\[nq, M, K\\]"):
+        opqn_ext.adc_topk4(torch.rand(16), packed, 5)
+    with pytest.raises(ValueError, match="rerank must be an integer, got 1.5"):
+        opqn_ext.adc_topk4(lut, packed, 5, rerank=1.5)
+    with pytest.raises(ValueError, match="k must be an integer, got 2.5"):
+        opqn_ext.adc_topk4(lut, packed, 2.5)
     with pytest.raises(RuntimeError, match="num_codes \\(200\\) does not match packed"):
         torch.ops.opqn_ext.adc_topk4(lut, packed.data, 200, 5, 2)

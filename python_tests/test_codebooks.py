@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -53,6 +54,11 @@ def test_dtype_and_device():
     assert c.dtype == torch.float16 and c.device.type == "cpu"
 
 
+def test_numpy_integer_sizes_are_accepted():
+    got = orthonormal_codebooks(np.int64(2), np.int32(8), np.uint8(4))
+    assert torch.equal(got, orthonormal_codebooks(2, 8, 4))
+
+
 @pytest.mark.parametrize(
     "args,kwargs,match",
     [
@@ -63,6 +69,10 @@ def test_dtype_and_device():
         ((2, 8.0, 4), {}, "dim"),
         ((2, 12, 4), {"kind": "hadamard"}, "dim must be a power of two"),
         ((2, 8, 4), {"kind": "pca"}, "kind must be one of"),
+        ((True, 8, 4), {}, "num_books must be a positive integer, got True"),
+        ((2, 8, 4), {"dtype": torch.int32}, "dtype must be a floating-point torch.dtype"),
+        ((2, 8, 4), {"dtype": torch.complex64}, "dtype must be a floating-point torch.dtype"),
+        ((2, 8, 4), {"dtype": "float32"}, "dtype must be a floating-point torch.dtype"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_them(args, kwargs, match):

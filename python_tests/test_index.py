@@ -74,6 +74,22 @@ def test_search_errors():
         index.search(torch.zeros(1, 10), 1)
 
 
+def test_ids_that_are_not_integers_are_refused_not_truncated():
+    index, _ = make_index()
+    index.add(features(5, 1))
+    for call in (lambda: index.remove([1.5]), lambda: index.labels_of(torch.tensor([2.0]))):
+        with pytest.raises(ValueError, match="ids must be integers, got torch.float32"):
+            call()
+    with pytest.raises(ValueError, match="labels must be 1 integers, got torch.bool"):
+        index.add_codes(torch.zeros(1, M, dtype=torch.uint8), labels=[True])
+    with pytest.raises(ValueError, match="k must be an integer, got 2.5"):
+        index.search(features(1, 2), 2.5)
+    assert len(index) == 5
+    assert index.remove([]) == 0  # an empty list is float32 to torch.as_tensor, and still fine
+    assert index.add_codes(torch.zeros(0, M, dtype=torch.uint8), ids=[], labels=[]).tolist() == []
+    assert index.labels_of(torch.tensor([1, 9], dtype=torch.int32)).tolist() == [-1, -1]
+
+
 def test_ties_go_to_the_smaller_id_whatever_the_insertion_order():
     index, _ = make_index()
     codes = torch.zeros(6, M, dtype=torch.uint8)  # identical codes: every score ties

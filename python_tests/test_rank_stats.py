@@ -144,6 +144,11 @@ def test_rank_stats_bad_arguments(scores, ql, dbl, cutoffs, match):
         opqn_ext.rank_stats(scores, ql, dbl, cutoffs)
 
 
+def test_rank_stats_refuses_cutoffs_that_are_not_integers():
+    with pytest.raises(ValueError, match="cutoffs must be an integer, got 2.5"):
+        opqn_ext.rank_stats(torch.rand(2, 5), torch.zeros(2, dtype=torch.long), torch.zeros(5, dtype=torch.long), [2.5])
+
+
 def test_rank_stats_opcheck():
     g = torch.Generator().manual_seed(0)
     args = (torch.randn(3, 50, generator=g), torch.randint(0, 3, (3,), generator=g), torch.randint(0, 3, (50,), generator=g), [5, 50])
