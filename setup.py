@@ -4,7 +4,9 @@ OPQN_WITH_CUDA=auto (default) | 0 (CPU only, for quick local loops) | 1 (fail un
 """
 import glob
 import os
+import re
 import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -39,6 +41,17 @@ def _nvcc_path():
     return shutil.which("nvcc")
 
 
+def _nvcc_release(nvcc):
+    """The release that ``nvcc --version`` names ("13.0" from "Cuda compilation tools, release 13.0,
+    V13.0.48"), or None."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+\.\d+)", out)
+    return found.group(1) if found else None
+
+
 def _want_cuda():
     mode = os.environ.get("OPQN_WITH_CUDA", "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
@@ -47,9 +60,19 @@ def _want_cuda():
     nvcc = _nvcc_path()
     if mode == "0":
         return False, "OPQN_WITH_CUDA=0"
-    if has_torch_cuda and nvcc:
-        return True, f"torch {torch.__version__} has CUDA {torch.version.cuda}, nvcc at {nvcc}"
-    why = "torch is a CPU-only build" if not has_torch_cuda else "nvcc was not found (set CUDA_HOME)"
+    release = _nvcc_release(nvcc) if has_torch_cuda and nvcc else None
+    torch_major = torch.version.cuda.split(".")[0] if has_torch_cuda else None
+    if release and release.split(".")[0] == torch_major:
+        return True, f"torch {torch.__version__} has CUDA {torch.version.cuda}, nvcc {release} at {nvcc}"
+    if not has_torch_cuda:
+        why = "torch is a CPU-only build"
+    elif not nvcc:
+        why = "nvcc was not found (set CUDA_HOME)"
+    elif not release:
+        why = f"{nvcc} --version gave no release number"
+    else:  # torch's cpp_extension refuses to build across CUDA major versions
+        why = (f"nvcc {release} at {nvcc} does not match the CUDA {torch.version.cuda} of torch {torch.__version__} "
+               f"(the major versions must agree: set CUDA_HOME to a CUDA {torch_major}.x toolkit)")
     if mode == "1":
         sys.exit(f"OPQN_WITH_CUDA=1 but CUDA kernels cannot be built: {why}")
     return False, why

@@ -1,6 +1,7 @@
 // pack_codes4 for every device: the packed layout of cpu/fastscan4.h built from ATen ops.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
 #include <torch/library.h>
 
 #include "checks.h"
@@ -17,6 +18,8 @@ at::Tensor pack_codes4(const at::Tensor& codes) {
   TORCH_CHECK(codes.numel() == 0 || codes.max().item<uint8_t>() < 16,
               "codes must all be < 16 to pack into 4 bits, got a code of ", codes.numel() ? codes.max().item<int>() : 0);
   const int64_t blocks = (N + 31) / 32, pairs = (M + 1) / 2;
+  // an empty [0, M] pads to nothing: torch 2.6 refuses to pad a dimension of size 0 at all
+  if (N == 0) return at::empty({0, pairs, 32}, codes.options());
   // [N, M] -> [blocks * 32, pairs * 2], zero padded
   const at::Tensor padded = at::constant_pad_nd(codes, {0, pairs * 2 - M, 0, blocks * 32 - N}, 0);
   // [block, half of the block (low/high nibble), j, pair, book parity] -> [block, pair, parity, j, half]

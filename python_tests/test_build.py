@@ -1,8 +1,10 @@
 import os
+import re
 import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import opqn_ext
@@ -17,11 +19,47 @@ def test_build_info_reports_build_and_machine():
     assert info["cuda_available"] == torch.cuda.is_available()
 
 
+def nvcc_major(nvcc):
+    out = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    found = re.search(r"release (\d+)\.", out)
+    return found.group(1) if found else None
+
+
 def test_cuda_kernels_are_built_whenever_they_can_be():
-    # CI machines have a CUDA torch and nvcc but no GPU: the .cu files must still be compiled.
-    can_build = torch.version.cuda is not None and shutil.which("nvcc") is not None
+    # CI machines have a CUDA torch and nvcc (of torch's CUDA major version) but no GPU: the .cu
+    # files must still be compiled.
+    nvcc = shutil.which("nvcc")
+    can_build = torch.version.cuda is not None and nvcc is not None and \
+        nvcc_major(nvcc) == torch.version.cuda.split(".")[0]
     if can_build and os.environ.get("OPQN_WITH_CUDA", "auto") != "0":
         assert opqn_ext.build_info()["cuda_built"]
+
+
+def fake_toolkit(tmp_path, release):
+    """A CUDA_HOME whose nvcc reports ``release`` (and does nothing else)."""
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.parent.mkdir(parents=True)
+    nvcc.write_text(f"#!/bin/sh\necho 'Cuda compilation tools, release {release}, V{release}.1'\n")
+    nvcc.chmod(0o755)
+    return nvcc.parent.parent
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="the check applies to a CUDA build of torch")
+@pytest.mark.parametrize("mode", ["auto", "1"])
+def test_build_skips_or_refuses_an_nvcc_of_another_cuda_major_version(tmp_path, mode):
+    # torch's cpp_extension fails the whole build when nvcc's major version differs from torch's;
+    # auto builds the CPU kernels and says why, 1 stops with the reason. `setup.py --name` runs the
+    # build decision without building anything.
+    other = f"{int(torch.version.cuda.split('.')[0]) + 1}.0"
+    env = dict(os.environ, CUDA_HOME=str(fake_toolkit(tmp_path, other)), OPQN_WITH_CUDA=mode)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True, env=env)
+    why = f"nvcc {other} at {env['CUDA_HOME']}/bin/nvcc does not match the CUDA {torch.version.cuda} of torch"
+    if mode == "auto":
+        assert proc.returncode == 0, proc.stderr
+        assert "CUDA kernels: no (" + why in proc.stdout
+    else:
+        assert proc.returncode != 0 and "OPQN_WITH_CUDA=1 but CUDA kernels cannot be built: " + why in proc.stderr
 
 
 def test_ops_are_registered_for_cpu_and_cuda_when_built():
