@@ -7,6 +7,7 @@ Multi-machine runs use torchrun's rendezvous as usual, e.g. on each of two hosts
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,19 @@ def init_from_env(device: torch.device) -> bool:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return True
+
+
+def destroy_process_group() -> None:
+    """``dist.destroy_process_group()`` once no gloo thread still holds a collective's tensor.
+
+    With torch 2.6 (seen one run in a few, under load), a gloo worker thread that drops the last
+    reference to a tensor made in Python waits for the GIL, while destroying the group joins that
+    thread holding the GIL: a deadlock. After a barrier every earlier collective has finished, and
+    sleeping releases the GIL so that such a thread can let go before the join.
+    """
+    dist.barrier()
+    time.sleep(0.1)
+    dist.destroy_process_group()
 
 
 def is_main_process() -> bool:

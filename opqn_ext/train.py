@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as datasets
-from .distributed import all_reduce_sum, convert_batchnorm, init_from_env
+from .distributed import all_reduce_sum, convert_batchnorm, destroy_process_group, init_from_env
 from .metrics import RetrievalMetrics, evaluate_codes, evaluate_features
 from .nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
 from .ops import adc_topk
@@ -455,11 +455,16 @@ def main(argv=None) -> int:
 
     from .cli import main as cli_main
 
+    code = 1
     try:
-        return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+        code = cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+        return code
     finally:
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+            if code == 0:
+                destroy_process_group()
+            else:  # no barrier: a rank that failed alone must exit (torchrun then stops the others)
+                dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from opqn_ext.distributed import destroy_process_group
 from opqn_ext.index import OPQNIndex, ShardedIndex
 from opqn_ext.nn import OrthoPQHead
 
@@ -29,4 +30,4 @@ results["after_remove"] = loaded.search(q, 40)
 if dist.get_rank() == 0:
     results["shard_sizes"] = all_sizes
     torch.save(results, sys.argv[1])
-dist.destroy_process_group()
+destroy_process_group()  # not dist.destroy_process_group(): see its docstring (torch 2.6)
