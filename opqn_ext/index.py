@@ -216,8 +216,9 @@ class OPQNIndex:
 
     # ---- search ----------------------------------------------------------------------------
 
+    @torch.no_grad()
     def query_lut(self, queries: torch.Tensor) -> torch.Tensor:
-        """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]``."""
+        """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient)."""
         if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
             raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
         sq = soft_quantize(queries.to(self.device, torch.float32), self.assign_weight, self.codebook,
@@ -229,7 +230,8 @@ class OPQNIndex:
         """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
         scores descending, ties to the smaller id; queries go in batches (bounded memory).
 
-        ``fast_scan`` (K <= 16): the 4-bit scan ``adc_topk4``; on the CPU, register lookups with
+        No gradient flows (for differentiable scores, call :func:`~opqn_ext.adc_topk` on tables
+        that require grad). ``fast_scan`` (K <= 16): the 4-bit scan ``adc_topk4``; on the CPU, register lookups with
         ``rerank * k`` candidates re-scored exactly: returned scores are exact, the result equals the
         exact scan whenever every true top-k item survives the approximate stage (recall measured in
         tests); on CUDA, an exact scan of the packed codes.
@@ -261,6 +263,7 @@ class OPQNIndex:
         self._packed_codes = PackedCodes4(data, len(self), self.num_books)
         return self._packed_codes
 
+    @torch.no_grad()  # queries straight from a model in training mode would keep every batch's graph
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2):
         if not 1 <= k <= len(self):
             raise ValueError(f"k must be in [1, len(index) = {len(self)}], got {k}")

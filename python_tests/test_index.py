@@ -90,6 +90,17 @@ def test_ids_that_are_not_integers_are_refused_not_truncated():
     assert index.labels_of(torch.tensor([1, 9], dtype=torch.int32)).tolist() == [-1, -1]
 
 
+def test_search_keeps_no_graph_of_queries_that_require_grad():
+    # features straight from a model in training mode: the results must not hold every batch's graph
+    index, _ = make_index()
+    index.add(features(50, 1))
+    queries = features(6, 2).requires_grad_()
+    for scores, _ in (index.search(queries, 5, batch_size=4), index.search_luts(index.query_lut(queries), 5),
+                      index.search_luts(torch.rand(3, M, K, requires_grad=True), 5)):
+        assert not scores.requires_grad and scores.grad_fn is None
+    assert not index.query_lut(queries).requires_grad
+
+
 def test_ties_go_to_the_smaller_id_whatever_the_insertion_order():
     index, _ = make_index()
     codes = torch.zeros(6, M, dtype=torch.uint8)  # identical codes: every score ties
