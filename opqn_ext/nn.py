@@ -117,8 +117,10 @@ class OrthoPQHead(nn.Module):
         return features.reshape(features.shape[0], self.num_books, self.dim)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> OPQNLoss:
-        """The OPQN loss of a batch: ``features [B, D]``, ``labels [B]`` in ``[0, num_classes)``."""
+        """The OPQN loss of a batch: ``features [B, D]``, ``labels [B]`` int64 in ``[0, num_classes)``
+        (the range is checked in eager mode on the CPU; on CUDA it would cost a sync per step)."""
         x = self._split(features)
+        self._check_labels(labels, x.shape[0])
         codebook = self.codebook.to(x.dtype)
         sq = soft_quantize(x, self.assignment_weight.to(x.dtype), codebook, self.assign_scale, False)
         if self.training:
@@ -129,6 +131,15 @@ class OrthoPQHead(nn.Module):
         entropy = sq.entropy.mean()
         loss = 0.5 * (original + quantized) + self.entropy_weight * entropy
         return OPQNLoss(loss, original.detach(), quantized.detach(), entropy.detach())
+
+    def _check_labels(self, labels: torch.Tensor, batch: int) -> None:
+        if labels.dtype != torch.int64 or labels.shape != (batch,):
+            raise ValueError(f"labels must be int64 [{batch}] (one class index per feature row), got "
+                             f"{labels.dtype} {list(labels.shape)}")
+        if (labels.device.type == "cpu" and batch and not torch.compiler.is_compiling()
+                and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes):
+            raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), got "
+                             f"[{int(labels.min())}, {int(labels.max())}]")
 
     @torch.no_grad()
     def _track_feature_norm(self, x: torch.Tensor) -> None:

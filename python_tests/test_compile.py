@@ -52,3 +52,20 @@ def test_export_with_a_dynamic_batch_matches_eager():
     inputs = torch.randn(13, 32)
     for got, want in zip(exported.module()(inputs), model(inputs)):
         assert torch.equal(got, want)
+
+
+def test_the_opqn_head_compiles_whole_and_matches_eager():
+    from opqn_ext.nn import OrthoPQHead
+
+    head = OrthoPQHead(64, 5, 4, 8, seed=0)
+    compiled = torch.compile(lambda f, y: head(f, y).loss, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    features, labels = torch.randn(8, 64, generator=g), torch.randint(0, 5, (8,), generator=g)
+    grads = []
+    for fn in (compiled, lambda f, y: head(f, y).loss):
+        head.zero_grad(set_to_none=True)
+        loss = fn(features, labels)
+        loss.backward()
+        grads.append((loss.detach(), head.assign_weight.grad.clone(), head.class_weight.grad.clone()))
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

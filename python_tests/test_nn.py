@@ -135,6 +135,21 @@ def test_head_rejects_wrong_feature_width():
         OrthoPQHead(64, 4, 4, 4)(torch.randn(2, 63), torch.tensor([0, 1]))
 
 
+@pytest.mark.parametrize(
+    "labels,match",
+    [
+        (torch.tensor([0, 1, 2]), r"labels must be int64 \[4\] \(one class index per feature row\), got torch.int64 \[3\]"),
+        (torch.tensor([0.0, 1.0, 2.0, 3.0]), r"labels must be int64 \[4\].*got torch.float32"),
+        (torch.tensor([0, 1, 2, 3], dtype=torch.int32), r"labels must be int64 \[4\].*got torch.int32"),
+        (torch.tensor([0, 1, 2, 5]), r"labels must lie in \[0, num_classes=5\), got \[0, 5\]"),
+        (torch.tensor([0, -1, 2, 3]), r"labels must lie in \[0, num_classes=5\), got \[-1, 3\]"),
+    ],
+)
+def test_head_rejects_bad_labels_naming_them(labels, match):
+    with pytest.raises(ValueError, match=match):
+        OrthoPQHead(64, 5, 4, 4)(torch.randn(4, 64), labels)
+
+
 @pytest.mark.parametrize("size,channels,spatial", [(32, 1, 4), (112, 3, 7), (28, 1, 4)])
 def test_face_resnet20_shapes_and_depth(size, channels, spatial):
     net = FaceResNet20(128, size, channels, width=4)
