@@ -146,12 +146,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def images_to_inputs(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 ``[N, C, H, W]`` -> float ``[N, C, size, size]`` in [-1, 1] (antialiased resize)."""
-    x = images.float().div_(127.5).sub_(1.0)
-    if x.shape[-2:] != (size, size):
-        x = torch.cat([F.interpolate(part, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-                       for part in x.split(4096)])
-    return x.contiguous()
+    """uint8 ``[N, C, H, W]`` -> uint8 ``[N, C, size, size]`` (antialiased resize, rounded back).
+
+    Images stay bytes in memory, a quarter of float32's (and of the host-to-GPU copies): the model
+    maps them to [-1, 1] batch by batch (:meth:`OPQNModel.features`)."""
+    if images.shape[-2:] == (size, size):
+        return images.contiguous()
+    return torch.cat([F.interpolate(part.float(), size=(size, size), mode="bilinear", antialias=True,
+                                    align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+                      for part in images.split(4096)])
 
 
 def load_dataset(cfg: TrainConfig):
@@ -191,17 +194,24 @@ def prepare_data(cfg: TrainConfig) -> PreparedData:
 
 
 class OPQNModel(nn.Module):
-    """Backbone + OPQN head; ``features(x)`` gives the [B, D] features the head quantizes."""
+    """Backbone + OPQN head; ``features(x)`` gives the [B, D] features the head quantizes. Image
+    inputs may be uint8 (mapped to [-1, 1] in the dtype of the backbone's weights) or already float."""
 
     def __init__(self, backbone: nn.Module, head: OrthoPQHead):
         super().__init__()
         self.backbone, self.head = backbone, head
 
+    def _float_inputs(self, inputs: torch.Tensor) -> torch.Tensor:
+        if inputs.dtype != torch.uint8:
+            return inputs
+        dtype = next(self.backbone.parameters()).dtype
+        return inputs.to(dtype).div_(127.5).sub_(1.0)
+
     def features(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.backbone(inputs)
+        return self.backbone(self._float_inputs(inputs))
 
     def forward(self, inputs: torch.Tensor, labels: torch.Tensor):
-        features = self.backbone(inputs)
+        features = self.features(inputs)
         if features.dtype in (torch.float16, torch.bfloat16):  # autocast: the head computes in float32
             features = features.float()
         return self.head(features, labels)
@@ -224,7 +234,7 @@ def augment(batch: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tens
     if batch.dim() != 4:
         return batch
     B, _, H, W = batch.shape
-    padded = F.pad(batch, (pad, pad, pad, pad), value=-1.0)
+    padded = F.pad(batch, (pad, pad, pad, pad), value=0 if batch.dtype == torch.uint8 else -1.0)  # black
     dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
     dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
     rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(B, batch.shape[1], H, W + 2 * pad)
@@ -339,9 +349,10 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     prepared = prepared or prepare_data(cfg)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    train_inputs = prepared.inputs[prepared.split.train]
+    train_items = prepared.split.train  # batches are gathered from prepared.inputs: no copy of the training set
+    input_shape = list(prepared.inputs.shape[1:])
     train_labels = prepared.train_labels
-    model = build_model(cfg, tuple(train_inputs.shape[1:]), prepared.num_train_classes)
+    model = build_model(cfg, tuple(input_shape), prepared.num_train_classes)
     if distributed:
         model = convert_batchnorm(model, device)
     model = model.to(device)
@@ -393,7 +404,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
                 if len(idx) < 2 * world:  # batch norm needs two samples
                     continue
-                batch = train_inputs[idx]
+                batch = prepared.inputs[train_items[idx]]
                 if cfg.augment:
                     batch = augment(batch, data_gen)
                 # this rank's slice of the global batch; the loss is scaled so that DDP's gradient
@@ -431,7 +442,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "model": model.state_dict(),
                               "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                               "data_rng": data_gen.get_state(), "torch_rng": torch.get_rng_state(),
-                              "history": history, "input_shape": list(train_inputs.shape[1:]),
+                              "history": history, "input_shape": input_shape,
                               "num_train_classes": prepared.num_train_classes, "classes": prepared.classes,
                               "world_size": world}, ckpt_path)
             if stop_after is not None and epoch + 1 >= stop_after:

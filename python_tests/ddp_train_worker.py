@@ -6,7 +6,5 @@ import torch
 
 import opqn_ext.train as train_module
 
-torch.set_default_dtype(torch.float64)
-to_inputs = train_module.images_to_inputs
-train_module.images_to_inputs = lambda images, size: to_inputs(images, size).double()
+torch.set_default_dtype(torch.float64)  # the model's weights; it maps the uint8 images to their dtype
 sys.exit(train_module.main(sys.argv[1:]))

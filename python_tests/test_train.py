@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from opqn_ext.train import TrainConfig, load_checkpoint, model_from_checkpoint, prepare_data, train
+from opqn_ext.train import (TrainConfig, augment, images_to_inputs, load_checkpoint, model_from_checkpoint,
+                            prepare_data, train)
 
 
 def tiny(tmp_path, **kw):
@@ -59,6 +60,31 @@ def test_checkpoint_rebuilds_the_model(tmp_path, orl_seen):
     x = orl_seen.inputs[:5]
     result.model.eval()
     assert torch.equal(model.features(x), result.model.features(x))
+
+
+def test_images_stay_bytes_and_the_model_maps_them_to_its_float_range(tmp_path, orl_seen):
+    assert orl_seen.inputs.dtype == torch.uint8 and orl_seen.inputs.shape[1:] == (1, 32, 32)
+    images = torch.randint(0, 256, (3, 1, 40, 36), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    resized = torch.nn.functional.interpolate(images.float(), size=(32, 32), mode="bilinear", antialias=True,
+                                              align_corners=False)
+    assert torch.equal(images_to_inputs(images, 32), resized.round().clamp(0, 255).to(torch.uint8))
+    square = images[..., :32, :32]
+    assert torch.equal(images_to_inputs(square, 32), square)  # already the input size: kept as they are
+    model = train(tiny(tmp_path, epochs=1), prepared=orl_seen, evaluate_at_end=False).model.eval()
+    x = orl_seen.inputs[:6]
+    as_float = x.float() / 127.5 - 1.0
+    torch.testing.assert_close(model.features(x), model.features(as_float), rtol=0, atol=1e-6)
+    model.double()  # the bytes follow the weights' dtype
+    assert model.features(x).dtype == torch.float64
+
+
+def test_augmenting_bytes_equals_augmenting_their_float_images():
+    images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    got = augment(images, torch.Generator().manual_seed(3))
+    want = augment(images.float() / 127.5 - 1.0, torch.Generator().manual_seed(3))
+    assert got.dtype == torch.uint8
+    torch.testing.assert_close(got.float() / 127.5 - 1.0, want, rtol=0, atol=1e-6)
+    assert (got == 0).any()  # crops reach into the black padding
 
 
 def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
