@@ -1,9 +1,10 @@
 """Orthonormal codebook constructions: [M, d, K] with C_m^T C_m = I_K (DESIGN.md section 1)."""
 import math
-import operator
 from typing import Optional
 
 import torch
+
+from .ops import _integer
 
 KINDS = ("dct", "random", "hadamard")
 
@@ -36,8 +37,8 @@ def _generator(seed: Optional[int]) -> Optional[torch.Generator]:
 
 def _positive_integer(name: str, value) -> int:
     try:
-        number = operator.index(value) if not isinstance(value, bool) else 0
-    except TypeError:
+        number = _integer(name, value)
+    except ValueError:
         number = 0
     if number < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
