@@ -25,6 +25,8 @@ _HELP = {
     "dataset": f"data set: {', '.join(DATASETS)}",
     "data_path": "image folder (root/<identity>/<image>) or feature file (.npy/.safetensors)",
     "grayscale": "read folder images as one gray channel",
+    "stream": "folder: decode images batch by batch (sets larger than memory) instead of reading them all first",
+    "workers": "processes decoding streamed images ahead of use",
     "protocol": "seen (queries are new images of training identities) or unseen (held-out identities)",
     "train_classes": "unseen protocol: identities used for training (0: three quarters)",
     "backbone": f"backbone: {', '.join(BACKBONES)} (mlp for feature files)",
@@ -106,10 +108,12 @@ def cmd_train(args) -> int:
 def _checkpoint_and_data(args):
     ckpt = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    for name in ("dataset", "data_path", "protocol"):
+    for name in ("dataset", "data_path", "protocol", "stream", "workers"):
         value = getattr(args, name, None)
-        if value:
+        if value is not None:
             setattr(cfg, name, value)
+    if getattr(args, "stream", None) is None and cfg.dataset != "folder":  # trained streaming, run on other data
+        cfg.stream = False
     cfg.grayscale = ckpt["input_shape"][0] == 1
     try:
         cfg.validate()
@@ -120,7 +124,7 @@ def _checkpoint_and_data(args):
 
 def cmd_eval(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
-    evaluation = evaluate(model, prepared, torch.device("cpu"))
+    evaluation = evaluate(model, prepared, torch.device("cpu"), cfg.workers)
     print(f"{cfg.dataset}, {prepared.split.protocol} protocol: {len(prepared.split.query)} queries, "
           f"{len(prepared.split.database)} database items")
     print(format_table(evaluation, cfg.feature_dim, cfg.code_bits))
@@ -138,7 +142,8 @@ def cmd_encode(args) -> int:
 
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
-    codes = model.head.encode(extract_features(model, prepared.inputs[idx], torch.device("cpu")))
+    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.workers)
+    codes = model.head.encode(features)
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
             "dataset": cfg.dataset, "part": args.part}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
@@ -179,7 +184,7 @@ def cmd_search(args) -> int:
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
     idx = _part(prepared, args.part)
-    features = extract_features(model, prepared.inputs[idx], torch.device("cpu"))
+    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.workers)
     start = time.perf_counter()
     scores, ids = index.search(features, args.k)
     ms = (time.perf_counter() - start) * 1e3
@@ -202,7 +207,8 @@ def cmd_index_build(args) -> int:
     idx = _part(prepared, args.part)
     index = OPQNIndex.from_head(model.head, settings={"config": dataclasses.asdict(cfg),
                                                       "checkpoint": str(Path(args.checkpoint).resolve())})
-    index.add(extract_features(model, prepared.inputs[idx], torch.device("cpu")), ids=idx, labels=prepared.labels[idx])
+    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.workers)
+    index.add(features, ids=idx, labels=prepared.labels[idx])
     index.save(args.output)
     print(f"indexed {len(index)} items of {cfg.dataset} ({args.part}) as {cfg.code_bits}-bit codes -> {args.output}")
     return 0
@@ -243,6 +249,9 @@ def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.Argume
     q.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
     q.add_argument("--data-path", dest="data_path", help="image folder or feature file")
     q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+    q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"{_HELP['stream']} (default: as in training)")
+    q.add_argument("--workers", type=int, help=f"{_HELP['workers']} (default: as in training)")
     return q
 
 

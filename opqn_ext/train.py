@@ -45,6 +45,8 @@ class TrainConfig:
     dataset: str = "orl"  # orl | fashion-mnist | folder | features
     data_path: str = ""  # image folder root or feature file, for "folder" / "features"
     grayscale: bool = False  # "folder": read images as one gray channel
+    stream: bool = False  # "folder": decode images batch by batch instead of holding the set in memory
+    workers: int = 4  # processes decoding streamed images ahead of use
     protocol: str = "seen"  # seen | unseen (identities held out of training)
     train_classes: int = 0  # unseen protocol: identities used for training (0: 3/4 of them)
     query_per_class: int = 3
@@ -84,6 +86,10 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.dataset in ("folder", "features") and not self.data_path:
             raise ValueError(f"dataset {self.dataset!r} needs data_path (--data-path)")
+        if self.stream and self.dataset != "folder":
+            raise ValueError(f"stream reads image folders (dataset 'folder'), not dataset {self.dataset!r}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0, got {self.workers}")
         if self.protocol not in ("seen", "unseen"):
             raise ValueError(f"protocol must be 'seen' or 'unseen', got {self.protocol!r}")
         if self.backbone not in BACKBONES:
@@ -117,9 +123,10 @@ def cpu_has_native_bfloat16() -> bool:
 
 @dataclass
 class PreparedData:
-    """Model-ready tensors: ``inputs`` are float images [N, C, H, W] in [-1, 1] or features [N, D]."""
+    """Model-ready data: ``inputs`` are uint8 images [N, C, H, W] at the input size (a tensor, or
+    :class:`~opqn_ext.data.ImageFiles` read batch by batch) or float features [N, D]."""
 
-    inputs: torch.Tensor
+    inputs: torch.Tensor | datasets.ImageFiles
     labels: torch.Tensor
     classes: list[str]
     split: datasets.RetrievalSplit
@@ -166,7 +173,9 @@ def load_dataset(cfg: TrainConfig):
         raw = datasets.LabeledImages(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
                                      train.classes)
     elif cfg.dataset == "folder":
-        raw = datasets.load_image_folder(cfg.data_path, size=(cfg.input_size, cfg.input_size), grayscale=cfg.grayscale)
+        raw = datasets.load_image_folder(cfg.data_path, size=(cfg.input_size, cfg.input_size), grayscale=cfg.grayscale,
+                                         stream=cfg.stream)
+        return raw.images, raw.labels, raw.classes  # read at the input size
     else:
         feats = datasets.load_features(cfg.data_path)
         return feats.features.float(), feats.labels, feats.classes
@@ -229,29 +238,37 @@ def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -
     return OPQNModel(backbone, head)
 
 
-def augment(batch: torch.Tensor, g: torch.Generator, pad: int = 4) -> torch.Tensor:
-    """Random crops of the 4-pixel zero-padded images and random horizontal flips (images only)."""
-    if batch.dim() != 4:
-        return batch
+def draw_augmentation(n: int, g: torch.Generator, pad: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The augmentation of ``n`` images: random crops of the ``pad``-pixel zero-padded images and
+    random horizontal flips, as (row shifts, column shifts, flips), [n] each."""
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=g)
+    return dy, dx, torch.rand(n, generator=g) < 0.5
+
+
+def apply_augmentation(batch: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
+                       pad: int = 4) -> torch.Tensor:
+    """``batch [B, C, H, W]`` cropped from its zero-padded images at shifts ``dy, dx [B]``, flipped where ``flip``."""
     B, _, H, W = batch.shape
     padded = F.pad(batch, (pad, pad, pad, pad), value=0 if batch.dtype == torch.uint8 else -1.0)  # black
-    dy = torch.randint(0, 2 * pad + 1, (B,), generator=g)
-    dx = torch.randint(0, 2 * pad + 1, (B,), generator=g)
     rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(B, batch.shape[1], H, W + 2 * pad)
     out = padded.gather(2, rows.to(batch.device))
     cols = (dx[:, None] + torch.arange(W))[:, None, None, :].expand(B, batch.shape[1], H, W)
     out = out.gather(3, cols.to(batch.device))
-    flip = torch.rand(B, generator=g) < 0.5
     out[flip.to(batch.device)] = out[flip.to(batch.device)].flip(-1)
     return out
 
 
 @torch.no_grad()
-def extract_features(model: OPQNModel, inputs: torch.Tensor, device: torch.device, batch: int = 512) -> torch.Tensor:
-    """Backbone features ``[N, D]`` float32 on the CPU, in eval mode."""
+def extract_features(model: OPQNModel, inputs: torch.Tensor | datasets.ImageFiles, device: torch.device,
+                     items: torch.Tensor | None = None, batch: int = 512, workers: int = 0) -> torch.Tensor:
+    """Backbone features ``[len(items), D]`` float32 on the CPU of ``inputs[items]`` (all inputs by
+    default), in eval mode; ``workers`` processes decode streamed images ahead of use."""
+    items = torch.arange(len(inputs)) if items is None else items
     was_training = model.training
     model.eval()
-    out = [model.features(inputs[i:i + batch].to(device)).float().cpu() for i in range(0, len(inputs), batch)]
+    batches = datasets.input_batches(inputs, items.split(batch), workers, pin_memory=device.type == "cuda")
+    out = [model.features(b.to(device, non_blocking=True)).float().cpu() for b in batches]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.head.num_books * model.head.dim)
 
@@ -269,11 +286,11 @@ class Evaluation:
 
 
 @torch.no_grad()
-def evaluate(model: OPQNModel, prepared: PreparedData, device: torch.device) -> Evaluation:
+def evaluate(model: OPQNModel, prepared: PreparedData, device: torch.device, workers: int = 0) -> Evaluation:
     """Float-feature (cosine) and OPQN-code retrieval under the prepared split."""
     split = prepared.split
-    db_feat = extract_features(model, prepared.inputs[split.database], device)
-    q_feat = extract_features(model, prepared.inputs[split.query], device)
+    db_feat = extract_features(model, prepared.inputs, device, split.database, workers=workers)
+    q_feat = extract_features(model, prepared.inputs, device, split.query, workers=workers)
     db_labels, q_labels = prepared.labels[split.database], prepared.labels[split.query]
     codes = model.head.encode(db_feat.to(device)).cpu()
     luts = model.head.query_lut(q_feat.to(device)).cpu()
@@ -297,6 +314,13 @@ def _atomic_save(obj, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers")  # how a run reads data and reports, not what it computes
+
+
+def _what_runs(config: dict) -> dict:
+    return {name: value for name, value in config.items() if name not in RUN_ONLY_FIELDS}
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> dict:
@@ -365,7 +389,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     ckpt_path = out_dir / CHECKPOINT_NAME
     if resume and ckpt_path.exists():
         ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt["config"] != dataclasses.asdict(cfg) | {"progress": ckpt["config"]["progress"], "out_dir": ckpt["config"]["out_dir"]}:
+        if _what_runs(ckpt["config"]) != _what_runs(dataclasses.asdict(cfg)):
             raise ValueError(f"{ckpt_path} was written by a run with a different configuration")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -390,26 +414,29 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     steps = max(1, math.ceil(n / cfg.batch_size))
     show = None if cfg.progress and main else True  # tqdm's None: shown on terminals only
     bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=show, dynamic_ncols=True)
+    images = len(input_shape) == 3
     evaluation = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
             model.train()
             order = torch.randperm(n, generator=data_gen)
+            # batch norm needs two samples a rank: a last batch with fewer is left out
+            global_batches = [(step, idx) for step, idx in enumerate(order.split(cfg.batch_size))
+                              if len(idx) >= 2 * world]
+            # this rank's slice of each global batch, read (or decoded, ahead of use) from prepared.inputs
+            mine = [idx.tensor_split(world)[rank] for _, idx in global_batches]
+            batches = datasets.input_batches(prepared.inputs, [train_items[part] for part in mine], cfg.workers)
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # kept on the device: no sync per step
             seen = 0
             t0 = time.perf_counter()
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
-            for step in range(steps):
+            bar.update(steps - len(global_batches))
+            for (step, idx), part, batch in zip(global_batches, mine, batches):
                 bar.update(1)
-                idx = order[step * cfg.batch_size:(step + 1) * cfg.batch_size]
-                if len(idx) < 2 * world:  # batch norm needs two samples
-                    continue
-                batch = prepared.inputs[train_items[idx]]
-                if cfg.augment:
-                    batch = augment(batch, data_gen)
-                # this rank's slice of the global batch; the loss is scaled so that DDP's gradient
-                # average is the gradient of the global batch mean
-                batch, labels = batch.tensor_split(world)[rank], train_labels[idx].tensor_split(world)[rank]
+                if cfg.augment and images:  # drawn for the global batch: every rank draws the same numbers
+                    batch = apply_augmentation(batch, *(t.tensor_split(world)[rank]
+                                                        for t in draw_augmentation(len(idx), data_gen)))
+                labels = train_labels[part]
                 if device.type == "cuda":  # a copy from pageable memory would wait for the GPU
                     batch, labels = batch.pin_memory(), labels.pin_memory()
                 batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
@@ -419,6 +446,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                     out = runner(batch, labels)
                 optimizer.zero_grad(set_to_none=True)
+                # scaled so that DDP's gradient average is the gradient of the global batch mean
                 (out.loss * (len(labels) * world / len(idx))).backward()
                 optimizer.step()
                 parts = torch.stack([out.loss.detach(), out.original, out.quantized, out.entropy])
@@ -434,7 +462,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                       "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
                       "seconds": time.perf_counter() - t0}
             if main and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                record["eval"] = evaluate(model, prepared, device).summary()
+                record["eval"] = evaluate(model, prepared, device, cfg.workers).summary()
             history.append(record)
             if main:
                 log.write(json.dumps(record) + "\n")
@@ -449,7 +477,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 break
         finished = not history or history[-1]["epoch"] == cfg.epochs
         if main and evaluate_at_end and finished:
-            evaluation = evaluate(model, prepared, device)
+            evaluation = evaluate(model, prepared, device, cfg.workers)
             log.write(json.dumps({"final": evaluation.summary()}) + "\n")
     finally:
         bar.close()

@@ -96,3 +96,21 @@ def cuda_emulator(tmp_path_factory):
     lib = ctypes.CDLL(str(library))
     lib.emu_last_error.restype = ctypes.c_char_p
     return lib
+
+
+@pytest.fixture(scope="session")
+def orl_folder(tmp_path_factory):
+    """ORL at the training input size of 32 x 32 written as an image folder, ``root/s01..s40/00..09.png``
+    (folder names that sort in ORL's identity order): read as gray images, it gives the bytes
+    and labels of ``prepare_data(TrainConfig(dataset="orl", input_size=32))``."""
+    from PIL import Image
+
+    from opqn_ext.train import TrainConfig, prepare_data
+
+    root = tmp_path_factory.mktemp("orl_folder")
+    prepared = prepare_data(TrainConfig(dataset="orl", input_size=32))
+    for i, (image, label) in enumerate(zip(prepared.inputs, prepared.labels.tolist())):
+        folder = root / f"s{label + 1:02d}"
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image[0].numpy()).save(folder / f"{i % 10:02d}.png")
+    return root

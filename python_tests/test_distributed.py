@@ -49,15 +49,18 @@ TINY = ["--dataset", "orl", "--width", "4", "--epochs", "2", "--batch-size", "64
         "--device", "cpu", "--no-progress"]
 
 
-def test_ddp_training_equals_one_process_in_float64(tmp_path):
+@pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
+def test_ddp_training_equals_one_process_in_float64(tmp_path, streamed, orl_folder):
     # float64 makes reduction-order differences negligible, so any difference in the data-parallel
-    # logic (batch slices, augmentation, loss scaling, global batch norm) would show
+    # logic (batch slices, augmentation, loss scaling, global batch norm) would show; streamed: each
+    # rank decodes its slices of the batches from ORL's bytes written as a folder, in a loader process
     worker = str(HERE / "ddp_train_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="2")
     one = subprocess.run([sys.executable, worker, *TINY, "--out-dir", str(tmp_path / "one")], capture_output=True,
                          text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    torchrun([worker, *TINY, "--out-dir", str(tmp_path / "ddp")], tmp_path)
+    data = ["--dataset", "folder", "--data-path", str(orl_folder), "--grayscale", "--stream", "--workers", "1"]
+    torchrun([worker, *TINY, *(data if streamed else []), "--out-dir", str(tmp_path / "ddp")], tmp_path)
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "ddp")
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert a["model"]["backbone.body.0.0.weight"].dtype == torch.float64

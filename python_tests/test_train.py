@@ -1,12 +1,14 @@
 """Training on ORL: a short run that learns (real mAP assertions), resume equal to an
 uninterrupted run, the JSON-lines log and checkpoint contents."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from opqn_ext.train import (TrainConfig, augment, images_to_inputs, load_checkpoint, model_from_checkpoint,
-                            prepare_data, train)
+from opqn_ext.data import ImageFiles
+from opqn_ext.train import (TrainConfig, apply_augmentation, draw_augmentation, extract_features, images_to_inputs, load_checkpoint,
+                            model_from_checkpoint, prepare_data, train)
 
 
 def tiny(tmp_path, **kw):
@@ -80,11 +82,22 @@ def test_images_stay_bytes_and_the_model_maps_them_to_its_float_range(tmp_path, 
 
 def test_augmenting_bytes_equals_augmenting_their_float_images():
     images = torch.randint(0, 256, (5, 1, 12, 12), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    got = augment(images, torch.Generator().manual_seed(3))
-    want = augment(images.float() / 127.5 - 1.0, torch.Generator().manual_seed(3))
+    draws = draw_augmentation(len(images), torch.Generator().manual_seed(3))
+    got = apply_augmentation(images, *draws)
+    want = apply_augmentation(images.float() / 127.5 - 1.0, *draws)
     assert got.dtype == torch.uint8
     torch.testing.assert_close(got.float() / 127.5 - 1.0, want, rtol=0, atol=1e-6)
     assert (got == 0).any()  # crops reach into the black padding
+
+
+def test_augmentation_crops_and_flips_each_image():
+    images = torch.arange(2 * 3 * 4, dtype=torch.uint8).reshape(2, 1, 3, 4) + 1
+    dy, dx, flip = torch.tensor([2, 4]), torch.tensor([4, 5]), torch.tensor([False, True])
+    got = apply_augmentation(images, dy, dx, flip)  # padded: 4 black rows and columns on every side
+    assert torch.equal(got[0, 0], torch.cat([torch.zeros(2, 4, dtype=torch.uint8), images[0, 0, :1]]))
+    assert torch.equal(got[1, 0], torch.cat([images[1, 0, :, 1:], torch.zeros(3, 1, dtype=torch.uint8)], 1).flip(-1))
+    dy, dx, flip = draw_augmentation(1000, torch.Generator().manual_seed(0))
+    assert dy.min() == dx.min() == 0 and dy.max() == dx.max() == 8 and 400 < int(flip.sum()) < 600
 
 
 def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
@@ -100,6 +113,8 @@ def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
     (dict(protocol="both"), "protocol must be"),
     (dict(dataset="folder"), "needs data_path"),
     (dict(epochs=0), "epochs must be >= 1"),
+    (dict(stream=True), "stream reads image folders \\(dataset 'folder'\\), not dataset 'orl'"),
+    (dict(workers=-1), "workers must be >= 0"),
 ])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -126,3 +141,40 @@ def test_cpu_mixed_precision_warns_where_bfloat16_is_emulated(tmp_path, orl_seen
         monkeypatch.setattr(torch.cpu, name, lambda: False, raising=False)
     with pytest.warns(UserWarning, match="bfloat16 is emulated"):
         train(tiny(tmp_path, epochs=1, cpu_amp=True), prepared=orl_seen, evaluate_at_end=False)
+
+
+def test_training_on_a_streamed_folder_equals_training_in_memory(tmp_path, orl_seen, orl_folder):
+    """The folder holds ORL's 32 x 32 training bytes: decoded batch by batch by two loader processes,
+    the run (batch order, augmentation, weights, evaluation) is the in-memory run."""
+    memory = train(tiny(tmp_path / "memory", epochs=2, dropout=0.2), prepared=orl_seen)
+    cfg = tiny(tmp_path / "stream", epochs=2, dropout=0.2, dataset="folder", data_path=str(orl_folder), grayscale=True,
+               stream=True, workers=2)
+    prepared = prepare_data(cfg)
+    assert isinstance(prepared.inputs, ImageFiles) and torch.equal(prepared.split.query, orl_seen.split.query)
+    streamed = train(cfg, prepared=prepared)
+    a, b = memory.model.state_dict(), streamed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [h["loss"] for h in streamed.history] == [h["loss"] for h in memory.history]
+    assert streamed.evaluation.code_metrics.map == memory.evaluation.code_metrics.map
+    assert streamed.evaluation.float_metrics.map == memory.evaluation.float_metrics.map
+
+
+def test_resume_may_change_how_data_is_read(tmp_path, orl_folder):
+    cfg = tiny(tmp_path, epochs=2, dropout=0.2, dataset="folder", data_path=str(orl_folder), grayscale=True)
+    first = train(cfg, stop_after=1, evaluate_at_end=False)
+    resumed = train(dataclasses.replace(cfg, stream=True, workers=1), resume=True, evaluate_at_end=False)
+    straight = train(dataclasses.replace(cfg, out_dir=str(tmp_path / "straight")), evaluate_at_end=False)
+    assert len(first.history) == 1 and [h["epoch"] for h in resumed.history] == [1, 2]
+    a, b = straight.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_extract_features_of_items_equals_features_of_their_inputs(tmp_path, orl_seen, orl_folder):
+    model = train(tiny(tmp_path, epochs=1), prepared=orl_seen, evaluate_at_end=False).model
+    items = torch.tensor([399, 3, 150, 3])
+    want = extract_features(model, orl_seen.inputs[items], torch.device("cpu"), batch=3)
+    files = prepare_data(tiny(tmp_path, dataset="folder", data_path=str(orl_folder), grayscale=True, stream=True)).inputs
+    for inputs, workers in ((orl_seen.inputs, 0), (files, 0), (files, 2)):
+        got = extract_features(model, inputs, torch.device("cpu"), items, batch=3, workers=workers)
+        assert torch.equal(got, want), (type(inputs), workers)
+    assert extract_features(model, files, torch.device("cpu"), items[:0]).shape == (0, 512)

@@ -3,12 +3,13 @@ files, and the seen/unseen-identity splits of DESIGN.md section 5."""
 from .datasets import LabeledFeatures, LabeledImages
 from .fashion_mnist import load_fashion_mnist, read_idx
 from .features import load_features, save_features
-from .folders import load_image_folder
+from .folders import load_image_folder, scan_image_folder
+from .image_files import ImageFiles, input_batches, read_image
 from .orl import ORL_FILE_BYTES, OrlDataError, load_orl, orl_root, repair_orl_file
 from .splits import RetrievalSplit, seen_split, unseen_split
 
 __all__ = [
-    "LabeledFeatures", "LabeledImages", "ORL_FILE_BYTES", "OrlDataError", "RetrievalSplit", "load_fashion_mnist",
-    "load_features", "load_image_folder", "load_orl", "orl_root", "read_idx", "repair_orl_file", "save_features",
-    "seen_split", "unseen_split",
+    "ImageFiles", "LabeledFeatures", "LabeledImages", "ORL_FILE_BYTES", "OrlDataError", "RetrievalSplit",
+    "input_batches", "load_fashion_mnist", "load_features", "load_image_folder", "load_orl", "orl_root", "read_idx",
+    "read_image", "repair_orl_file", "save_features", "scan_image_folder", "seen_split", "unseen_split",
 ]

@@ -5,25 +5,31 @@ from dataclasses import dataclass
 
 import torch
 
+from .image_files import ImageFiles
+
 
 @dataclass
 class LabeledImages:
-    """``images [N, C, H, W]`` uint8, ``labels [N]`` int64 in ``0..len(classes)-1``."""
+    """``images [N, C, H, W]`` uint8 (a tensor, or :class:`ImageFiles` read on access), ``labels [N]``
+    int64 in ``0..len(classes)-1``."""
 
-    images: torch.Tensor
+    images: torch.Tensor | ImageFiles
     labels: torch.Tensor
     classes: list[str]
 
     def __post_init__(self):
-        if self.images.dim() != 4 or self.images.dtype != torch.uint8:
+        if isinstance(self.images, torch.Tensor) and (self.images.dim() != 4 or self.images.dtype != torch.uint8):
             raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {list(self.images.shape)}")
+        if not isinstance(self.images, (torch.Tensor, ImageFiles)):
+            raise TypeError(f"images must be a tensor or ImageFiles, got {type(self.images).__name__}")
         _check_labels(self.labels, len(self.images), len(self.classes))
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, indices: torch.Tensor) -> "LabeledImages":
-        return LabeledImages(self.images[indices], self.labels[indices], self.classes)
+        images = self.images[indices] if isinstance(self.images, torch.Tensor) else self.images.subset(indices)
+        return LabeledImages(images, self.labels[indices], self.classes)
 
 
 @dataclass

@@ -2,49 +2,82 @@
 VGGFace2, CASIA-WebFace exports). Identities are the sorted sub-folder names."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .datasets import LabeledImages
+from .image_files import ImageFiles, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 
-def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, grayscale: bool = False) -> LabeledImages:
-    """Every image under ``root/<identity>/`` as ``[N, C, H, W]`` uint8 (C = 1 or 3).
-
-    ``size`` = (height, width) resizes every image (bilinear); without it all images must already
-    share one size. Unreadable images raise an error naming the file.
-    """
-    from PIL import Image, UnidentifiedImageError
-
+def scan_image_folder(root: str | Path) -> tuple[list[str], torch.Tensor, list[str]]:
+    """(image paths, int64 labels, identity names) of ``root/<identity>/<image>``, without reading
+    any image: identities and each one's files in sorted order."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
     if not classes:
         raise ValueError(f"{root} has no identity sub-folders (expected root/<identity>/<image>)")
-    arrays, labels = [], []
-    for label, name in enumerate(classes):
-        files = sorted(p for p in (root / name).iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        for path in files:
-            try:
-                with Image.open(path) as img:
-                    img = img.convert("L" if grayscale else "RGB")
-                    if size is not None:
-                        img = img.resize((size[1], size[0]), Image.BILINEAR)
-                    array = np.asarray(img, dtype=np.uint8)
-            except (OSError, UnidentifiedImageError) as err:
-                raise ValueError(f"{path}: unreadable image ({err})") from err
-            if arrays and array.shape != arrays[0].shape:
-                raise ValueError(f"{path} is {array.shape[:2]} but earlier images are {arrays[0].shape[:2]}: "
-                                 "pass size=(height, width) to resize them all")
-            arrays.append(array)
-            labels.append(label)
-    if not arrays:
+    paths, counts = [], []
+    for name in classes:
+        files = sorted(entry.path for entry in os.scandir(root / name)
+                       if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
+        paths += files
+        counts.append(len(files))
+    if not paths:
         raise ValueError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
-    images = np.stack(arrays)
-    images = images[:, None] if grayscale else images.transpose(0, 3, 1, 2)
-    return LabeledImages(torch.from_numpy(np.ascontiguousarray(images)), torch.tensor(labels, dtype=torch.int64), classes)
+    labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(counts))
+    return paths, labels, classes
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (MemAvailable of /proc/meminfo), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, grayscale: bool = False,
+                      stream: bool = False) -> LabeledImages:
+    """Every image under ``root/<identity>/`` as ``[N, C, H, W]`` uint8 (C = 1 or 3).
+
+    ``size`` = (height, width) resizes every image (bilinear); without it all images must already
+    share one size. ``stream=True`` reads no image here: ``images`` is then an :class:`ImageFiles`
+    that decodes them when a batch needs them (``size`` required), for sets larger than memory. A
+    set that would not fit in the memory available is refused with that advice before any image is
+    read. Unreadable images raise an error naming the file.
+    """
+    paths, labels, classes = scan_image_folder(root)
+    if stream:
+        if size is None:
+            raise ValueError("stream=True needs size=(height, width): every batch is resized to one size")
+        return LabeledImages(ImageFiles(paths, size, grayscale), labels, classes)
+    first = read_image(paths[0], size, grayscale)
+    _check_fits_in_memory(len(paths), first.nbytes, root)
+    images = np.empty((len(paths), *first.shape), dtype=np.uint8)
+    images[0] = first
+    for i, path in enumerate(paths[1:], 1):
+        array = read_image(path, size, grayscale)
+        if array.shape != first.shape:
+            raise ValueError(f"{path} is {array.shape[1:]} but earlier images are {first.shape[1:]}: "
+                             "pass size=(height, width) to resize them all")
+        images[i] = array
+    return LabeledImages(torch.from_numpy(images), labels, classes)
+
+
+def _check_fits_in_memory(count: int, image_bytes: int, root) -> None:
+    need, available = count * image_bytes, available_memory()
+    if available is not None and need > 0.8 * available:
+        raise ValueError(f"the {count} images of {root} take {need / 1e9:.1f} GB at this size, more than the "
+                         f"{available / 1e9:.1f} GB of memory available: read them batch by batch with "
+                         "stream=True (opqn train --stream)")
