@@ -4,8 +4,8 @@ The folder: ORL's 400 faces written as face crops of VGGFace2's size (upscaled b
 280 x 230, RGB JPEG, quality 90), five variants each (shifts and brightness), 2000 files under 40
 identities. Timed: one epoch of batches of 256 in random order through `input_batches` with 0, 1
 and 2 loader processes, against the loader a user would write (the same DataLoader, each image
-decoded in full then resized with PIL), and reading the folder into memory (`load_image_folder`),
-at the input sizes 112 and 32. The streamed batches are checked against the in-memory images first.
+decoded in full then resized with PIL), and reading the folder into memory (`load_image_folder`
+with 0 and 2 loader processes), at the input sizes 112 and 32. The streamed batches are checked against the in-memory images first.
 
     python benchmarks/bench_folder_loader.py [--files-dir /tmp/opqn_face_jpegs] [--json out.json]
 """
@@ -71,26 +71,27 @@ def main() -> None:
         files = streamed.images
         order = torch.randperm(len(files), generator=torch.Generator().manual_seed(0))
         batches = list(order.split(args.batch))
-        start = time.perf_counter()
-        loaded = data.load_image_folder(root, size=(size, size))
-        load_rate = len(files) / (time.perf_counter() - start)
+        row = {"size": size, "images": len(files)}
+        for workers in (0, 2):
+            start = time.perf_counter()
+            loaded = data.load_image_folder(root, size=(size, size), workers=workers)
+            row[f"memory_w{workers}"] = len(files) / (time.perf_counter() - start)
         first = next(data.input_batches(files, batches[:1], 2))
         assert torch.equal(first, loaded.images[batches[0]]), "streamed batch differs from the loaded images"
         peer = FullDecode([files.path(i) for i in range(len(files))], files.size)
         peer_first = next(data.input_batches(peer, batches[:1], 0)).float()
         assert (peer_first - first.float()).abs().mean() < 3, "the full decode is not the same picture"
-        row = {"size": size, "images": len(files), "load_into_memory": load_rate}
         for workers in (0, 1, 2):
             row[f"stream_w{workers}"] = max(epoch_rate(files, batches, workers) for _ in range(args.repeats))
         row["full_decode_w2"] = max(epoch_rate(peer, batches, 2) for _ in range(args.repeats))
         rows.append(row)
-    head = (f"{'size':>5s} {'images':>7s} | {'memory':>8s} {'stream w0':>10s} {'stream w1':>10s} {'stream w2':>10s} | "
+    head = (f"{'size':>5s} {'images':>7s} | {'memory w0':>9s} {'memory w2':>9s} {'stream w0':>10s} {'stream w1':>10s} {'stream w2':>10s} | "
             f"{'full w2':>8s} {'x full':>7s}")
     print(f"images/s, batches of {args.batch}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['size']:5d} {r['images']:7d} | {r['load_into_memory']:8.0f} {r['stream_w0']:10.0f} "
+        print(f"{r['size']:5d} {r['images']:7d} | {r['memory_w0']:9.0f} {r['memory_w2']:9.0f} {r['stream_w0']:10.0f} "
               f"{r['stream_w1']:10.0f} {r['stream_w2']:10.0f} | {r['full_decode_w2']:8.0f} "
               f"{r['stream_w2'] / r['full_decode_w2']:7.2f}")
     Path(args.json).write_text(json.dumps({"batch": args.batch, "cpus": os.cpu_count(), "rows": rows}, indent=2))

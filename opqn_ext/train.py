@@ -46,7 +46,7 @@ class TrainConfig:
     data_path: str = ""  # image folder root or feature file, for "folder" / "features"
     grayscale: bool = False  # "folder": read images as one gray channel
     stream: bool = False  # "folder": decode images batch by batch instead of holding the set in memory
-    workers: int = 4  # processes decoding streamed images ahead of use
+    workers: int = -1  # "folder": processes decoding images (streamed: ahead of use); -1: see loader_workers
     protocol: str = "seen"  # seen | unseen (identities held out of training)
     train_classes: int = 0  # unseen protocol: identities used for training (0: 3/4 of them)
     query_per_class: int = 3
@@ -88,8 +88,8 @@ class TrainConfig:
             raise ValueError(f"dataset {self.dataset!r} needs data_path (--data-path)")
         if self.stream and self.dataset != "folder":
             raise ValueError(f"stream reads image folders (dataset 'folder'), not dataset {self.dataset!r}")
-        if self.workers < 0:
-            raise ValueError(f"workers must be >= 0, got {self.workers}")
+        if self.workers < -1:
+            raise ValueError(f"workers must be >= 0, or -1 for one per CPU, got {self.workers}")
         if self.protocol not in ("seen", "unseen"):
             raise ValueError(f"protocol must be 'seen' or 'unseen', got {self.protocol!r}")
         if self.backbone not in BACKBONES:
@@ -103,6 +103,15 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lr_step", "width", "input_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def loader_workers(self) -> int:
+        """``workers``, or for -1 the CPUs this process may use shared among the processes of this
+        host (torchrun's LOCAL_WORLD_SIZE), between 1 and 8."""
+        if self.workers >= 0:
+            return self.workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
     @property
     def code_bits(self) -> int:
@@ -164,8 +173,9 @@ def images_to_inputs(images: torch.Tensor, size: int) -> torch.Tensor:
                       for part in images.split(4096)])
 
 
-def load_dataset(cfg: TrainConfig):
-    """(inputs, labels, classes, default split) of the configured data set, before any split."""
+def load_dataset(cfg: TrainConfig, progress: bool = False):
+    """(inputs, labels, classes) of the configured data set, before any split; ``progress``: a
+    progress bar while an image folder is read into memory."""
     if cfg.dataset == "orl":
         raw = datasets.load_orl()
     elif cfg.dataset == "fashion-mnist":
@@ -173,8 +183,8 @@ def load_dataset(cfg: TrainConfig):
         raw = datasets.LabeledImages(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
                                      train.classes)
     elif cfg.dataset == "folder":
-        raw = datasets.load_image_folder(cfg.data_path, size=(cfg.input_size, cfg.input_size), grayscale=cfg.grayscale,
-                                         stream=cfg.stream)
+        raw = datasets.load_image_folder(cfg.data_path, (cfg.input_size, cfg.input_size), cfg.grayscale, cfg.stream,
+                                         cfg.loader_workers, progress)
         return raw.images, raw.labels, raw.classes  # read at the input size
     else:
         feats = datasets.load_features(cfg.data_path)
@@ -182,10 +192,10 @@ def load_dataset(cfg: TrainConfig):
     return images_to_inputs(raw.images, cfg.input_size), raw.labels, raw.classes
 
 
-def prepare_data(cfg: TrainConfig) -> PreparedData:
+def prepare_data(cfg: TrainConfig, progress: bool = False) -> PreparedData:
     """Load the data set and split it by the configured protocol (Fashion-MNIST's seen protocol
     keeps its own 60k/10k train/test split)."""
-    inputs, labels, classes = load_dataset(cfg)
+    inputs, labels, classes = load_dataset(cfg, progress)
     if cfg.dataset == "features" and cfg.backbone != "mlp":
         raise ValueError("feature files need the mlp backbone (--backbone mlp)")
     if cfg.dataset != "features" and cfg.backbone == "mlp":
@@ -316,7 +326,8 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers")  # how a run reads data and reports, not what it computes
+# how a run reads its data and reports, not what it computes: may change when a run is resumed
+RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers")
 
 
 def _what_runs(config: dict) -> dict:
@@ -370,7 +381,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     if distributed and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    prepared = prepared or prepare_data(cfg)
+    prepared = prepared or prepare_data(cfg, progress=cfg.progress and main)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train_items = prepared.split.train  # batches are gathered from prepared.inputs: no copy of the training set
@@ -425,7 +436,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                               if len(idx) >= 2 * world]
             # this rank's slice of each global batch, read (or decoded, ahead of use) from prepared.inputs
             mine = [idx.tensor_split(world)[rank] for _, idx in global_batches]
-            batches = datasets.input_batches(prepared.inputs, [train_items[part] for part in mine], cfg.workers)
+            batches = datasets.input_batches(prepared.inputs, [train_items[p] for p in mine], cfg.loader_workers)
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # kept on the device: no sync per step
             seen = 0
             t0 = time.perf_counter()
@@ -462,7 +473,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                       "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
                       "seconds": time.perf_counter() - t0}
             if main and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                record["eval"] = evaluate(model, prepared, device, cfg.workers).summary()
+                record["eval"] = evaluate(model, prepared, device, cfg.loader_workers).summary()
             history.append(record)
             if main:
                 log.write(json.dumps(record) + "\n")
@@ -477,7 +488,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 break
         finished = not history or history[-1]["epoch"] == cfg.epochs
         if main and evaluate_at_end and finished:
-            evaluation = evaluate(model, prepared, device, cfg.workers)
+            evaluation = evaluate(model, prepared, device, cfg.loader_workers)
             log.write(json.dumps({"final": evaluation.summary()}) + "\n")
     finally:
         bar.close()

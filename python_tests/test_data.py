@@ -217,6 +217,8 @@ def test_streamed_folder_reads_the_bytes_of_the_loaded_one(tmp_path, suffix, gra
     assert streamed.labels.tolist() == loaded.labels.tolist() == [0, 0, 0, 1, 1]
     assert streamed.classes == loaded.classes == ["alice", "bob"]
     assert torch.equal(streamed.images.read(), loaded.images)
+    in_workers = data.load_image_folder(tmp_path, size=(24, 20), grayscale=grayscale, workers=2, progress=True)
+    assert torch.equal(in_workers.images, loaded.images) and torch.equal(in_workers.labels, loaded.labels)
     assert torch.equal(streamed.images[3], loaded.images[3]) and streamed.images.path(3).endswith(f"bob/0{suffix}")
     pick = torch.tensor([4, 0])
     assert torch.equal(streamed.subset(pick).images.read(), loaded.images[pick])

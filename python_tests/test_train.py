@@ -114,7 +114,7 @@ def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
     (dict(dataset="folder"), "needs data_path"),
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(stream=True), "stream reads image folders \\(dataset 'folder'\\), not dataset 'orl'"),
-    (dict(workers=-1), "workers must be >= 0"),
+    (dict(workers=-2), r"workers must be >= 0, or -1 for one per CPU, got -2"),
 ])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -178,3 +178,13 @@ def test_extract_features_of_items_equals_features_of_their_inputs(tmp_path, orl
         got = extract_features(model, inputs, torch.device("cpu"), items, batch=3, workers=workers)
         assert torch.equal(got, want), (type(inputs), workers)
     assert extract_features(model, files, torch.device("cpu"), items[:0]).shape == (0, 512)
+
+
+def test_loader_workers_default_to_the_cpus_shared_by_the_ranks_of_a_host(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(20)))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert TrainConfig().loader_workers == 8 and TrainConfig(workers=0).loader_workers == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert TrainConfig().loader_workers == 5 and TrainConfig(workers=12).loader_workers == 12
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert TrainConfig().loader_workers == 1

@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .datasets import LabeledImages
-from .image_files import ImageFiles, read_image
+from .image_files import ImageFiles, input_batches, read_image
 
+_READ_BATCH = 256  # images a loader process decodes at a time while a folder is read into memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -48,15 +48,18 @@ def available_memory() -> int | None:
 
 
 def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, grayscale: bool = False,
-                      stream: bool = False) -> LabeledImages:
+                      stream: bool = False, workers: int = 0, progress: bool = False) -> LabeledImages:
     """Every image under ``root/<identity>/`` as ``[N, C, H, W]`` uint8 (C = 1 or 3).
 
-    ``size`` = (height, width) resizes every image (bilinear); without it all images must already
-    share one size. ``stream=True`` reads no image here: ``images`` is then an :class:`ImageFiles`
+    ``size`` = (height, width) resizes every image (bilinear), decoded by ``workers`` DataLoader
+    processes (0: in this one); without it all images must already share one size and are read in
+    this process. ``stream=True`` reads no image here: ``images`` is then an :class:`ImageFiles`
     that decodes them when a batch needs them (``size`` required), for sets larger than memory. A
     set that would not fit in the memory available is refused with that advice before any image is
-    read. Unreadable images raise an error naming the file.
+    read. Unreadable images raise an error naming the file. ``progress``: a progress bar.
     """
+    from tqdm.auto import tqdm
+
     paths, labels, classes = scan_image_folder(root)
     if stream:
         if size is None:
@@ -64,15 +67,25 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
         return LabeledImages(ImageFiles(paths, size, grayscale), labels, classes)
     first = read_image(paths[0], size, grayscale)
     _check_fits_in_memory(len(paths), first.nbytes, root)
-    images = np.empty((len(paths), *first.shape), dtype=np.uint8)
-    images[0] = first
-    for i, path in enumerate(paths[1:], 1):
-        array = read_image(path, size, grayscale)
-        if array.shape != first.shape:
-            raise ValueError(f"{path} is {array.shape[1:]} but earlier images are {first.shape[1:]}: "
-                             "pass size=(height, width) to resize them all")
-        images[i] = array
-    return LabeledImages(torch.from_numpy(images), labels, classes)
+    images = torch.empty((len(paths), *first.shape), dtype=torch.uint8)
+    bar = tqdm(total=len(paths), desc=f"reading {Path(root).name}", unit="image", disable=None if progress else True)
+    if size is None:
+        images[0] = torch.from_numpy(first)
+        for i, path in enumerate(paths[1:], 1):
+            array = read_image(path, size, grayscale)
+            if array.shape != first.shape:
+                raise ValueError(f"{path} is {array.shape[1:]} but earlier images are {first.shape[1:]}: "
+                                 "pass size=(height, width) to resize them all")
+            images[i] = torch.from_numpy(array)
+            bar.update(1)
+        bar.update(1)
+    else:
+        parts = torch.arange(len(paths)).split(_READ_BATCH)
+        for part, batch in zip(parts, input_batches(ImageFiles(paths, size, grayscale), parts, workers)):
+            images[part[0]:part[0] + len(part)] = batch
+            bar.update(len(part))
+    bar.close()
+    return LabeledImages(images, labels, classes)
 
 
 def _check_fits_in_memory(count: int, image_bytes: int, root) -> None:
