@@ -26,7 +26,8 @@ _HELP = {
     "data_path": "image folder (root/<identity>/<image>) or feature file (.npy/.safetensors)",
     "grayscale": "read folder images as one gray channel",
     "stream": "folder: decode images batch by batch (sets larger than memory) instead of reading them all first",
-    "workers": "folder: processes decoding images (streamed: ahead of use); -1: one per CPU, at most 8",
+    "workers": "folder: processes decoding images (streamed: ahead of use); -1: none for a model on the CPU, "
+               "else one per CPU, at most 8",
     "protocol": "seen (queries are new images of training identities) or unseen (held-out identities)",
     "train_classes": "unseen protocol: identities used for training (0: three quarters)",
     "backbone": f"backbone: {', '.join(BACKBONES)} (mlp for feature files)",
@@ -124,7 +125,7 @@ def _checkpoint_and_data(args):
 
 def cmd_eval(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
-    evaluation = evaluate(model, prepared, torch.device("cpu"), cfg.loader_workers)
+    evaluation = evaluate(model, prepared, torch.device("cpu"), cfg.loader_workers("cpu"))
     print(f"{cfg.dataset}, {prepared.split.protocol} protocol: {len(prepared.split.query)} queries, "
           f"{len(prepared.split.database)} database items")
     print(format_table(evaluation, cfg.feature_dim, cfg.code_bits))
@@ -142,7 +143,7 @@ def cmd_encode(args) -> int:
 
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
-    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers)
+    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
     codes = model.head.encode(features)
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
             "dataset": cfg.dataset, "part": args.part}
@@ -184,7 +185,7 @@ def cmd_search(args) -> int:
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
     idx = _part(prepared, args.part)
-    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers)
+    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
     start = time.perf_counter()
     scores, ids = index.search(features, args.k)
     ms = (time.perf_counter() - start) * 1e3
@@ -207,7 +208,7 @@ def cmd_index_build(args) -> int:
     idx = _part(prepared, args.part)
     index = OPQNIndex.from_head(model.head, settings={"config": dataclasses.asdict(cfg),
                                                       "checkpoint": str(Path(args.checkpoint).resolve())})
-    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers)
+    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
     index.add(features, ids=idx, labels=prepared.labels[idx])
     index.save(args.output)
     print(f"indexed {len(index)} items of {cfg.dataset} ({args.part}) as {cfg.code_bits}-bit codes -> {args.output}")

@@ -104,12 +104,16 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
-    @property
-    def loader_workers(self) -> int:
-        """``workers``, or for -1 the CPUs this process may use shared among the processes of this
-        host (torchrun's LOCAL_WORLD_SIZE), between 1 and 8."""
+    def loader_workers(self, model_device: torch.device | None = None) -> int:
+        """``workers``; for -1, the loader processes to use while a model runs on ``model_device``
+        (None: none runs, as while a folder is read into memory): 0 for a model on the CPU, whose
+        threads the processes would compete with (a streamed epoch measured 3.0 s with 0, 4.0-4.2 s
+        with 1 or 2 on 2 vCPUs, benchmarks/RESULTS.md); else the CPUs this process may use shared
+        among the processes of this host (torchrun's LOCAL_WORLD_SIZE), between 1 and 8."""
         if self.workers >= 0:
             return self.workers
+        if model_device is not None and torch.device(model_device).type == "cpu":
+            return 0
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return max(1, min(8, cpus // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
@@ -184,7 +188,7 @@ def load_dataset(cfg: TrainConfig, progress: bool = False):
                                      train.classes)
     elif cfg.dataset == "folder":
         raw = datasets.load_image_folder(cfg.data_path, (cfg.input_size, cfg.input_size), cfg.grayscale, cfg.stream,
-                                         cfg.loader_workers, progress)
+                                         cfg.loader_workers(), progress)
         return raw.images, raw.labels, raw.classes  # read at the input size
     else:
         feats = datasets.load_features(cfg.data_path)
@@ -426,6 +430,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     show = None if cfg.progress and main else True  # tqdm's None: shown on terminals only
     bar = tqdm(total=(cfg.epochs - start_epoch) * steps, unit="step", disable=show, dynamic_ncols=True)
     images = len(input_shape) == 3
+    workers = cfg.loader_workers(device)
     evaluation = None
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -436,7 +441,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                               if len(idx) >= 2 * world]
             # this rank's slice of each global batch, read (or decoded, ahead of use) from prepared.inputs
             mine = [idx.tensor_split(world)[rank] for _, idx in global_batches]
-            batches = datasets.input_batches(prepared.inputs, [train_items[p] for p in mine], cfg.loader_workers)
+            batches = datasets.input_batches(prepared.inputs, [train_items[p] for p in mine], workers)
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # kept on the device: no sync per step
             seen = 0
             t0 = time.perf_counter()
@@ -473,7 +478,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                       "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
                       "seconds": time.perf_counter() - t0}
             if main and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
-                record["eval"] = evaluate(model, prepared, device, cfg.loader_workers).summary()
+                record["eval"] = evaluate(model, prepared, device, workers).summary()
             history.append(record)
             if main:
                 log.write(json.dumps(record) + "\n")
@@ -488,7 +493,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 break
         finished = not history or history[-1]["epoch"] == cfg.epochs
         if main and evaluate_at_end and finished:
-            evaluation = evaluate(model, prepared, device, cfg.loader_workers)
+            evaluation = evaluate(model, prepared, device, workers)
             log.write(json.dumps({"final": evaluation.summary()}) + "\n")
     finally:
         bar.close()
