@@ -208,11 +208,11 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> PreparedData:
         train = torch.arange(60000)
         split = datasets.RetrievalSplit("seen", train, train, torch.arange(60000, len(labels)))
     elif cfg.protocol == "seen":
-        split = datasets.seen_split(labels, cfg.query_per_class, cfg.split_seed)
+        split = datasets.seen_split(labels, cfg.query_per_class, cfg.split_seed, classes)
     else:
         n_classes = len(labels.unique())
         train_classes = cfg.train_classes or max(1, (3 * n_classes) // 4)
-        split = datasets.unseen_split(labels, train_classes, cfg.query_per_class, cfg.split_seed)
+        split = datasets.unseen_split(labels, train_classes, cfg.query_per_class, cfg.split_seed, classes)
     return PreparedData(inputs, labels, classes, split)
 
 

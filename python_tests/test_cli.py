@@ -156,3 +156,17 @@ def test_training_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
     a, b = load_checkpoint(tmp_path / "a"), load_checkpoint(run)
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert (tmp_path / "a" / "log.jsonl").read_text().count("epoch") == log.read_text().count("epoch")
+
+
+def test_a_folder_identity_too_small_for_the_split_is_named(tmp_path, orl_folder):
+    import shutil
+
+    for name in ("s01", "s02"):
+        shutil.copytree(orl_folder / name, tmp_path / "faces" / name)
+    for extra in sorted((tmp_path / "faces" / "s02").iterdir())[3:]:
+        extra.unlink()
+    proc = run_cli("train", "--dataset", "folder", "--data-path", str(tmp_path / "faces"), "--epochs", "1",
+                   "--no-progress", "--out-dir", str(tmp_path / "run"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert ("1 identity has no more than query_per_class=3 items, none left for the database: s02 (3); remove them "
+            "or lower query_per_class") in proc.stderr

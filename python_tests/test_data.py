@@ -107,10 +107,25 @@ def test_unseen_split_holds_identities_out_of_training():
 
 @pytest.mark.parametrize("kwargs,match", [(dict(train_classes=40), r"train_classes must be in \[1, 39\]"),
                                           (dict(train_classes=0), "train_classes"),
-                                          (dict(train_classes=5, query_per_class=10), "needs more than query_per_class")])
+                                          (dict(train_classes=5, query_per_class=10),
+                                           r"35 identities have no more than query_per_class=10 items")])
 def test_split_errors(kwargs, match):
     with pytest.raises(ValueError, match=match):
         data.unseen_split(torch.arange(40).repeat_interleave(10), **kwargs)
+
+
+def test_identities_too_small_for_the_split_are_named():
+    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 2 + [3] * 4)
+    names = ["ann", "bo", "cy", "di"]
+    with pytest.raises(ValueError, match=r"^2 identities have no more than query_per_class=3 items, none left for the "
+                                         r"database: bo \(3\), cy \(2\); remove them or lower query_per_class$"):
+        data.seen_split(labels, 3, class_names=names)
+    many = torch.arange(8).repeat_interleave(2)
+    with pytest.raises(ValueError, match=r": 0 \(2\), 1 \(2\), 2 \(2\), 3 \(2\), 4 \(2\), \.\.\.; remove"):
+        data.seen_split(many, 2)
+    with pytest.raises(ValueError, match=r"^1 identity has no more than query_per_class=2 items.*: cy \(2\); remove"):
+        data.seen_split(labels, 2, class_names=names)
+    assert len(data.seen_split(labels, 1, class_names=names).query) == 4
 
 
 def write_idx(path, array):
