@@ -296,5 +296,10 @@ def test_a_folder_larger_than_memory_is_refused_before_reading_it(tmp_path, monk
     with pytest.raises(ValueError, match=r"the 5 images of .* take 0\.0 GB .* stream=True \(opqn train --stream\)"):
         data.load_image_folder(tmp_path, size=(24, 20))
     assert len(data.load_image_folder(tmp_path, size=(24, 20), stream=True)) == 5
+    monkeypatch.setattr(data.folders, "available_memory", lambda: 5 * 3 * 24 * 20 * 2)
+    assert len(data.load_image_folder(tmp_path, size=(24, 20))) == 5
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two ranks of torchrun on this host read it at once
+    with pytest.raises(ValueError, match=r"take 0\.0 GB at this size \(2 processes on this host, one copy each\)"):
+        data.load_image_folder(tmp_path, size=(24, 20))
     monkeypatch.setattr(data.folders, "available_memory", lambda: None)  # unknown: no check
     assert len(data.load_image_folder(tmp_path, size=(24, 20))) == 5

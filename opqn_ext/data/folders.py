@@ -89,8 +89,12 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
 
 
 def _check_fits_in_memory(count: int, image_bytes: int, root) -> None:
-    need, available = count * image_bytes, available_memory()
+    """Refuses a set larger than 80% of the memory available, counting one copy per process of this
+    host when torchrun started several (LOCAL_WORLD_SIZE): each reads the set at the same time."""
+    copies = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    need, available = count * image_bytes * copies, available_memory()
     if available is not None and need > 0.8 * available:
-        raise ValueError(f"the {count} images of {root} take {need / 1e9:.1f} GB at this size, more than the "
+        each = f" ({copies} processes on this host, one copy each)" if copies > 1 else ""
+        raise ValueError(f"the {count} images of {root} take {need / 1e9:.1f} GB at this size{each}, more than the "
                          f"{available / 1e9:.1f} GB of memory available: read them batch by batch with "
                          "stream=True (opqn train --stream)")
