@@ -85,8 +85,8 @@ def main() -> None:
             row[f"stream_w{workers}"] = max(epoch_rate(files, batches, workers) for _ in range(args.repeats))
         row["full_decode_w2"] = max(epoch_rate(peer, batches, 2) for _ in range(args.repeats))
         rows.append(row)
-    head = (f"{'size':>5s} {'images':>7s} | {'memory w0':>9s} {'memory w2':>9s} {'stream w0':>10s} {'stream w1':>10s} {'stream w2':>10s} | "
-            f"{'full w2':>8s} {'x full':>7s}")
+    head = (f"{'size':>5s} {'images':>7s} | {'memory w0':>9s} {'memory w2':>9s} {'stream w0':>10s} {'stream w1':>10s} "
+            f"{'stream w2':>10s} | {'full w2':>8s} {'x full':>7s}")
     print(f"images/s, batches of {args.batch}, {os.cpu_count()} CPUs, torch {torch.__version__}")
     print(head)
     print("-" * len(head))
