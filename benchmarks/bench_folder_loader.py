@@ -5,7 +5,8 @@ The folder: ORL's 400 faces written as face crops of VGGFace2's size (upscaled b
 identities. Timed: one epoch of batches of 256 in random order through `input_batches` with 0, 1
 and 2 loader processes, against the loader a user would write (the same DataLoader, each image
 decoded in full then resized with PIL), and reading the folder into memory (`load_image_folder`
-with 0 and 2 loader processes), at the input sizes 112 and 32. The streamed batches are checked against the in-memory images first.
+with 0 and 2 loader processes), at the input sizes 112 and 32. The first streamed batch is checked
+against the in-memory images first.
 
     python benchmarks/bench_folder_loader.py [--files-dir /tmp/opqn_face_jpegs] [--json out.json]
 """
