@@ -278,8 +278,9 @@ def test_a_broken_file_is_named_when_its_batch_is_read(tmp_path, workers):
     (tmp_path / "bob" / "broken.jpg").write_bytes(b"not a jpeg")
     files = data.load_image_folder(tmp_path, size=(8, 8), stream=True).images  # nothing read yet
     assert len(files) == 6
-    with pytest.raises(ValueError, match=r"broken\.jpg: unreadable image"):
+    with pytest.raises(ValueError, match=r"broken\.jpg: unreadable image") as info:
         list(data.input_batches(files, [torch.tensor([0, 1]), torch.tensor([5])], workers))
+    assert str(info.value) == f"{files.path(5)}: unreadable image (cannot identify image file '{files.path(5)}')"
 
 
 def test_streaming_needs_a_size(tmp_path):

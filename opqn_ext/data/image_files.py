@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, Dataset
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
     """One image file as uint8 ``[C, H, W]`` (C = 1 or 3), resized to ``size`` = (height, width)
     (bilinear, antialiased) when given. JPEGs are decoded at the smallest of libjpeg's 1/2, 1/4,
-    1/8 scales that stays at least ``size`` (PIL's draft mode: 1.5x and 1.9x the images per second
-    of a full decode for 280 x 230 faces resized to 112 and 32 pixels, benchmarks/RESULTS.md). An
+    1/8 scales that stays at least ``size`` (PIL's draft mode: 1.4-1.5x and 1.9x the images per
+    second of a full decode for 280 x 230 faces resized to 112 and 32 pixels, benchmarks/RESULTS.md). An
     unreadable file raises ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
 
@@ -66,7 +66,7 @@ class ImageFiles(Dataset):
         return os.fsdecode(self._paths[i])
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(read_image(self._paths[i], self.size, self.grayscale))
+        return torch.from_numpy(read_image(self.path(i), self.size, self.grayscale))
 
     def read(self, indices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """The images at ``indices`` (all by default) as ``[n, C, H, W]``, decoded in this process."""
@@ -81,6 +81,41 @@ class ImageFiles(Dataset):
         picked = ImageFiles([], self.size, self.grayscale)
         picked._paths = self._paths[torch.as_tensor(indices, dtype=torch.int64).numpy()]
         return picked
+
+
+class _Unreadable:
+    """What a loader process sends back for a batch with an unreadable file: the error's message."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+class _BatchReader(Dataset):
+    """The dataset loader processes read: a whole batch a call, an unreadable file as its message
+    (raised in the training process as one line, not as a worker's wrapped traceback)."""
+
+    def __init__(self, files: ImageFiles):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor | _Unreadable:
+        try:
+            return self.files.read(indices)
+        except ValueError as err:
+            return _Unreadable(str(err))
+
+
+def _whole_batch(batch):
+    return batch
+
+
+def _raise_unreadable(batches: Iterator) -> Iterator[torch.Tensor]:
+    for batch in batches:
+        if isinstance(batch, _Unreadable):
+            raise ValueError(batch.message)
+        yield batch
 
 
 class _IndexLists:
@@ -113,7 +148,8 @@ def input_batches(inputs: torch.Tensor | ImageFiles, batches: Sequence[torch.Ten
         return iter(())
     # its own generator: the loader draws its workers' seeds from it, not from torch's global one,
     # which training uses (dropout) and checkpoints
-    loader = DataLoader(inputs, batch_sampler=_IndexLists(batches), num_workers=workers, collate_fn=inputs.stack,
-                        pin_memory=pin_memory, prefetch_factor=4 if workers else None, generator=torch.Generator())
-    return iter(loader)
+    loader = DataLoader(_BatchReader(inputs), batch_sampler=_IndexLists(batches), num_workers=workers,
+                        collate_fn=_whole_batch, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                        generator=torch.Generator())
+    return _raise_unreadable(iter(loader))
 
