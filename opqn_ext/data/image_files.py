@@ -20,7 +20,7 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None, grayscale:
     """One image file as uint8 ``[C, H, W]`` (C = 1 or 3), resized to ``size`` = (height, width)
     (bilinear, antialiased) when given. JPEGs are decoded at the smallest of libjpeg's 1/2, 1/4,
     1/8 scales that stays at least ``size`` (PIL's draft mode: 1.4-1.5x and 1.9x the images per
-    second of a full decode for 280 x 230 faces resized to 112 and 32 pixels, benchmarks/RESULTS.md). An
+    second of a full decode for 280 x 230 faces resized to 112 and 32 pixels, RESULTS.md). An
     unreadable file raises ValueError naming it."""
     from PIL import Image, UnidentifiedImageError
 
