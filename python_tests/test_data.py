@@ -242,6 +242,25 @@ def test_streamed_folder_reads_the_bytes_of_the_loaded_one(tmp_path, suffix, gra
     assert torch.equal(again.read([1]), loaded.images[1:2])
 
 
+def test_images_in_folders_below_an_identity_belong_to_it(tmp_path):
+    """The YouTube Faces layout, root/<identity>/<video>/<frame>, and a link to a folder elsewhere."""
+    from PIL import Image
+
+    frames = {"ann/v2/0.png": 1, "ann/v1/1.png": 2, "ann/v1/0.png": 3, "ann/top.png": 4, "bo/v1/0.png": 5}
+    for name, value in frames.items():
+        (tmp_path / "faces" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4), value, dtype=np.uint8)).save(tmp_path / "faces" / name)
+    (tmp_path / "elsewhere").mkdir()
+    Image.fromarray(np.full((4, 4), 6, dtype=np.uint8)).save(tmp_path / "elsewhere" / "0.png")
+    (tmp_path / "faces" / "bo" / "linked").symlink_to(tmp_path / "elsewhere")
+    paths, labels, classes = data.scan_image_folder(tmp_path / "faces")
+    assert classes == ["ann", "bo"] and labels.tolist() == [0, 0, 0, 0, 1, 1]
+    assert [p.split("faces/")[1] for p in paths] == ["ann/top.png", "ann/v1/0.png", "ann/v1/1.png", "ann/v2/0.png",
+                                                     "bo/linked/0.png", "bo/v1/0.png"]
+    images = data.load_image_folder(tmp_path / "faces", grayscale=True).images
+    assert images[:, 0, 0, 0].tolist() == [4, 3, 2, 1, 6, 5]
+
+
 def test_jpegs_are_decoded_at_a_reduced_scale_close_to_the_full_decode(tmp_path):
     from PIL import Image
 

@@ -1,5 +1,6 @@
 """Image folders in the layout face data sets come in: ``root/<identity>/<image>`` (FaceScrub,
-VGGFace2, CASIA-WebFace exports). Identities are the sorted sub-folder names."""
+VGGFace2, CASIA-WebFace exports), images possibly in folders below (YouTube Faces:
+``root/<identity>/<video>/<frame>``). Identities are the sorted sub-folder names of ``root``."""
 from __future__ import annotations
 
 import os
@@ -15,8 +16,9 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".t
 
 
 def scan_image_folder(root: str | Path) -> tuple[list[str], torch.Tensor, list[str]]:
-    """(image paths, int64 labels, identity names) of ``root/<identity>/<image>``, without reading
-    any image: identities and each one's files in sorted order."""
+    """(image paths, int64 labels, identity names) of ``root/<identity>/.../<image>``, without
+    reading any image: identities in sorted order, each one's images at any depth below its folder
+    (symbolic links followed), a folder's own files in sorted order before its sub-folders'."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {root} does not exist")
@@ -25,10 +27,12 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], torch.Tensor, list[s
         raise ValueError(f"{root} has no identity sub-folders (expected root/<identity>/<image>)")
     paths, counts = [], []
     for name in classes:
-        files = sorted(entry.path for entry in os.scandir(root / name)
-                       if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS)
-        paths += files
-        counts.append(len(files))
+        count = len(paths)
+        for folder, subfolders, files in os.walk(root / name, followlinks=True):
+            subfolders.sort()
+            paths += [os.path.join(folder, file) for file in sorted(files)
+                      if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS]
+        counts.append(len(paths) - count)
     if not paths:
         raise ValueError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
     labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(counts))
