@@ -216,14 +216,16 @@ def cmd_index_build(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from .data import load_image_folder, load_orl, save_features
-    from .data.face_embeddings import embed_faces
+    from .data import load_orl, save_features
+    from .data.face_embeddings import embed_faces, embed_image_folder
 
     if args.dataset == "folder" and not args.data_path:
         raise CliError("--dataset folder needs --data-path root/<identity>/<image>")
-    images = load_orl() if args.dataset == "orl" else load_image_folder(args.data_path)
     start = time.perf_counter()
-    feats = embed_faces(images, progress=args.progress)
+    if args.dataset == "orl":
+        feats = embed_faces(load_orl(), progress=args.progress)
+    else:  # one image at a time, each at its own size
+        feats = embed_image_folder(args.data_path, progress=args.progress)
     save_features(args.output, feats.features, feats.labels, feats.classes)
     print(f"embedded {len(feats)} images ({len(feats.classes)} identities) into 128-d dlib descriptors in "
           f"{time.perf_counter() - start:.0f} s -> {args.output}")

@@ -8,12 +8,15 @@ whole image when no face is found; 5-point landmarks; the 128-d descriptor of th
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .datasets import LabeledFeatures, LabeledImages
+from .folders import scan_image_folder
+from .image_files import read_image
 
 _MODEL_FILES = {"recognition": "dlib_face_recognition_resnet_model_v1.dat",
                 "landmarks": "shape_predictor_5_face_landmarks.dat"}
@@ -61,10 +64,22 @@ class FaceEmbedder:
 
 def embed_faces(images: LabeledImages, progress: bool = False) -> LabeledFeatures:
     """128-d dlib embeddings of every image of a data set, with its labels and classes."""
+    return LabeledFeatures(_embed_all(images.images, len(images), progress), images.labels.clone(),
+                           list(images.classes))
+
+
+def embed_image_folder(root: str | Path, progress: bool = False) -> LabeledFeatures:
+    """128-d dlib embeddings of every image of ``root/<identity>/`` (:func:`scan_image_folder`),
+    each read at its own size when its turn comes: any size, any number of images."""
+    paths, labels, classes = scan_image_folder(root)
+    images = (torch.from_numpy(read_image(path, None, grayscale=False)) for path in paths)
+    return LabeledFeatures(_embed_all(images, len(paths), progress), labels, classes)
+
+
+def _embed_all(images: Iterable[torch.Tensor], count: int, progress: bool) -> torch.Tensor:
     from tqdm.auto import tqdm
 
     embed = FaceEmbedder()
     show = None if progress else True  # tqdm's None: shown on terminals only
-    rows = [embed(img) for img in tqdm(images.images, desc="dlib face embeddings", disable=show)]
-    features = torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 128)
-    return LabeledFeatures(features, images.labels.clone(), list(images.classes))
+    rows = [embed(img) for img in tqdm(images, total=count, desc="dlib face embeddings", disable=show)]
+    return torch.from_numpy(np.stack(rows)) if rows else torch.zeros(0, 128)
