@@ -18,7 +18,7 @@ import torch
 
 from .data import OrlDataError
 from .index import IndexFileError
-from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, extract_features, load_checkpoint,
+from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, feature_chunks, load_checkpoint,
                     model_from_checkpoint, prepare_data, train)
 
 _HELP = {
@@ -133,6 +133,10 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _feature_chunks(model, cfg: TrainConfig, prepared, idx: torch.Tensor):
+    return feature_chunks(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
+
+
 def _part(prepared, part: str) -> torch.Tensor:
     split = prepared.split
     return {"database": split.database, "query": split.query, "all": torch.arange(len(prepared.labels))}[part]
@@ -143,8 +147,7 @@ def cmd_encode(args) -> int:
 
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
-    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
-    codes = model.head.encode(features)
+    codes = torch.cat([model.head.encode(features) for _, features in _feature_chunks(model, cfg, prepared, idx)])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
             "dataset": cfg.dataset, "part": args.part}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
@@ -185,10 +188,14 @@ def cmd_search(args) -> int:
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
     idx = _part(prepared, args.part)
-    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
-    start = time.perf_counter()
-    scores, ids = index.search(features, args.k)
-    ms = (time.perf_counter() - start) * 1e3
+    scores, ids, ms = [], [], 0.0
+    for _, features in _feature_chunks(model, cfg, prepared, idx):
+        start = time.perf_counter()
+        found = index.search(features, args.k)
+        ms += (time.perf_counter() - start) * 1e3
+        scores.append(found[0])
+        ids.append(found[1])
+    scores, ids = torch.cat(scores), torch.cat(ids)
     labels = index.labels_of(ids)
     results = [{"query_item": int(q), "query_label": int(prepared.labels[q]),
                 "results": [{"item": int(h), "label": int(lab), "score": float(s)}
@@ -208,8 +215,8 @@ def cmd_index_build(args) -> int:
     idx = _part(prepared, args.part)
     index = OPQNIndex.from_head(model.head, settings={"config": dataclasses.asdict(cfg),
                                                       "checkpoint": str(Path(args.checkpoint).resolve())})
-    features = extract_features(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
-    index.add(features, ids=idx, labels=prepared.labels[idx])
+    for part, features in _feature_chunks(model, cfg, prepared, idx):  # bounded memory: features of one chunk
+        index.add(features, ids=part, labels=prepared.labels[part])
     index.save(args.output)
     print(f"indexed {len(index)} items of {cfg.dataset} ({args.part}) as {cfg.code_bits}-bit codes -> {args.output}")
     return 0

@@ -16,6 +16,7 @@ import math
 import os
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -285,6 +286,15 @@ def extract_features(model: OPQNModel, inputs: torch.Tensor | datasets.ImageFile
     out = [model.features(b.to(device, non_blocking=True)).float().cpu() for b in batches]
     model.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, model.head.num_books * model.head.dim)
+
+
+def feature_chunks(model: OPQNModel, inputs: torch.Tensor | datasets.ImageFiles, device: torch.device,
+                   items: torch.Tensor, chunk: int = 65536,
+                   workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(items, their features) ``chunk`` items at a time (one chunk, empty, for no items): for sets
+    whose features do not fit in memory at once (3.3M x 512 float32 take 6.8 GB)."""
+    for part in items.split(chunk) if len(items) else [items]:
+        yield part, extract_features(model, inputs, device, part, workers=workers)
 
 
 @dataclass

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 
 from opqn_ext.cli import main
-from opqn_ext.train import load_checkpoint
+from opqn_ext.train import load_checkpoint, model_from_checkpoint
 
 SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build"]
 
@@ -133,7 +133,7 @@ def test_training_killed_mid_run_resumes_to_the_uninterrupted_result(tmp_path):
 
     import torch
 
-    from opqn_ext.train import load_checkpoint
+    from opqn_ext.train import load_checkpoint, model_from_checkpoint
 
     opts = ["--epochs", "6", "--width", "4", "--batch-size", "64", "--no-progress", "--dropout", "0.1"]
     env = dict(os.environ, OMP_NUM_THREADS="2")
@@ -170,3 +170,33 @@ def test_a_folder_identity_too_small_for_the_split_is_named(tmp_path, orl_folder
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert ("1 identity has no more than query_per_class=3 items, none left for the database: s02 (3); remove them "
             "or lower query_per_class") in proc.stderr
+
+
+def test_encode_search_and_index_build_in_chunks_give_the_whole_result(tmp_path, monkeypatch, capsys):
+    """The commands take features a chunk of items at a time (bounded memory for large sets):
+    chunks of 37 items give what one chunk gives."""
+    import functools
+
+    import opqn_ext.cli as cli
+    from opqn_ext.index import OPQNIndex
+
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    outputs = {}
+    for chunk in (65536, 37):
+        monkeypatch.setattr(cli, "feature_chunks", functools.partial(cli.feature_chunks, chunk=chunk))
+        out = tmp_path / str(chunk)
+        out.mkdir()
+        assert main(["encode", str(run), "-o", str(out / "db.safetensors")]) == 0
+        assert main(["index", "build", str(run), "-o", str(out / "db.opqn")]) == 0
+        assert main(["search", str(run), "--index", str(out / "db.opqn"), "-k", "5", "--json", str(out / "r.json")]) == 0
+        with safe_open(str(out / "db.safetensors"), framework="pt") as f:
+            index = OPQNIndex.load(out / "db.opqn")
+            outputs[chunk] = (f.get_tensor("codes"), index.codes, index.ids, json.loads((out / "r.json").read_text()))
+    (codes, index_codes, ids, results), (codes37, index_codes37, ids37, results37) = outputs.values()
+    assert codes.shape == (280, 8) and torch.equal(codes, codes37) and torch.equal(index_codes, index_codes37)
+    assert torch.equal(ids, ids37) and results == results37 and len(results) == 120
+    model, _ = model_from_checkpoint(load_checkpoint(run))
+    images = torch.zeros(3, 1, 32, 32, dtype=torch.uint8)
+    chunks = list(cli.feature_chunks(model, images, torch.device("cpu"), torch.arange(0)))
+    assert len(chunks) == 1 and chunks[0][1].shape == (0, 512)  # no items: one empty chunk
