@@ -8,7 +8,7 @@ decoded in full then resized with PIL), and reading the folder into memory (`loa
 with 0 and 2 loader processes), at the input sizes 112 and 32. The first streamed batch is checked
 against the in-memory images first.
 
-    python benchmarks/bench_folder_loader.py [--files-dir /tmp/opqn_face_jpegs] [--json out.json]
+    python benchmarks/bench_folder_loader.py [--files-dir /tmp/opqn_face_jpegs] [--json PATH]
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--files-dir", default="/tmp/opqn_face_jpegs")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="epochs timed per loader (the best is kept)")
-    parser.add_argument("--json", default="bench_folder_loader.json")
+    parser.add_argument("--json", default="benchmarks/results/folder_loader.json")
     args = parser.parse_args()
     root = write_folder(Path(args.files_dir))
     rows = []
@@ -95,6 +95,7 @@ def main() -> None:
         print(f"{r['size']:5d} {r['images']:7d} | {r['memory_w0']:9.0f} {r['memory_w2']:9.0f} {r['stream_w0']:10.0f} "
               f"{r['stream_w1']:10.0f} {r['stream_w2']:10.0f} | {r['full_decode_w2']:8.0f} "
               f"{r['stream_w2'] / r['full_decode_w2']:7.2f}")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"batch": args.batch, "cpus": os.cpu_count(), "rows": rows}, indent=2))
 
 
