@@ -75,6 +75,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
     bar = tqdm(total=len(paths), desc=f"reading {Path(root).name}", unit="image", disable=None if progress else True)
     if size is None:
         images[0] = torch.from_numpy(first)
+        bar.update(1)
         for i, path in enumerate(paths[1:], 1):
             array = read_image(path, size, grayscale)
             if array.shape != first.shape:
@@ -82,7 +83,6 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
                                  "pass size=(height, width) to resize them all")
             images[i] = torch.from_numpy(array)
             bar.update(1)
-        bar.update(1)
     else:
         parts = torch.arange(len(paths)).split(_READ_BATCH)
         for part, batch in zip(parts, input_batches(ImageFiles(paths, size, grayscale), parts, workers)):

@@ -71,10 +71,7 @@ class ImageFiles(Dataset):
     def read(self, indices: torch.Tensor | Sequence[int] | None = None) -> torch.Tensor:
         """The images at ``indices`` (all by default) as ``[n, C, H, W]``, decoded in this process."""
         indices = range(len(self)) if indices is None else torch.as_tensor(indices, dtype=torch.int64).tolist()
-        return self.stack([self[i] for i in indices])
-
-    def stack(self, images: list[torch.Tensor]) -> torch.Tensor:
-        """Images of this set as one ``[n, C, H, W]`` batch (``n`` = 0 included)."""
+        images = [self[i] for i in indices]
         return torch.stack(images) if images else torch.empty((0, *self.shape[1:]), dtype=torch.uint8)
 
     def subset(self, indices: torch.Tensor | Sequence[int]) -> "ImageFiles":
