@@ -1,5 +1,5 @@
 """The opqn command line: help for every subcommand, one-line errors, and train -> eval ->
-encode -> search end to end on a tiny ORL run."""
+encode -> search end to end on a tiny ORL run, in memory and from a streamed image folder."""
 import json
 import subprocess
 import sys

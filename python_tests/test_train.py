@@ -1,5 +1,6 @@
 """Training on ORL: a short run that learns (real mAP assertions), resume equal to an
-uninterrupted run, the JSON-lines log and checkpoint contents."""
+uninterrupted run, the JSON-lines log and checkpoint contents, augmentation, and runs on a
+streamed image folder equal to runs in memory."""
 import dataclasses
 import json
 
@@ -7,8 +8,8 @@ import pytest
 import torch
 
 from opqn_ext.data import ImageFiles
-from opqn_ext.train import (TrainConfig, apply_augmentation, draw_augmentation, extract_features, images_to_inputs, load_checkpoint,
-                            model_from_checkpoint, prepare_data, train)
+from opqn_ext.train import (TrainConfig, apply_augmentation, draw_augmentation, extract_features, images_to_inputs,
+                            load_checkpoint, model_from_checkpoint, prepare_data, train)
 
 
 def tiny(tmp_path, **kw):
@@ -173,7 +174,8 @@ def test_extract_features_of_items_equals_features_of_their_inputs(tmp_path, orl
     model = train(tiny(tmp_path, epochs=1), prepared=orl_seen, evaluate_at_end=False).model
     items = torch.tensor([399, 3, 150, 3])
     want = extract_features(model, orl_seen.inputs[items], torch.device("cpu"), batch=3)
-    files = prepare_data(tiny(tmp_path, dataset="folder", data_path=str(orl_folder), grayscale=True, stream=True)).inputs
+    streamed = tiny(tmp_path, dataset="folder", data_path=str(orl_folder), grayscale=True, stream=True)
+    files = prepare_data(streamed).inputs
     for inputs, workers in ((orl_seen.inputs, 0), (files, 0), (files, 2)):
         got = extract_features(model, inputs, torch.device("cpu"), items, batch=3, workers=workers)
         assert torch.equal(got, want), (type(inputs), workers)
