@@ -263,15 +263,18 @@ def draw_augmentation(n: int, g: torch.Generator, pad: int = 4) -> tuple[torch.T
 
 def apply_augmentation(batch: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, flip: torch.Tensor,
                        pad: int = 4) -> torch.Tensor:
-    """``batch [B, C, H, W]`` cropped from its zero-padded images at shifts ``dy, dx [B]``, flipped where ``flip``."""
-    B, _, H, W = batch.shape
+    """``batch [B, C, H, W]`` cropped from its zero-padded images at shifts ``dy, dx [B]``, flipped
+    where ``flip``: two gathers on the batch's device (the flip is in the column indices), with no
+    host synchronization, so a GPU batch is augmented on the GPU."""
+    B, C, H, W = batch.shape
+    device = batch.device
+    dy, dx, flip = dy.to(device), dx.to(device), flip.to(device)
     padded = F.pad(batch, (pad, pad, pad, pad), value=0 if batch.dtype == torch.uint8 else -1.0)  # black
-    rows = (dy[:, None] + torch.arange(H))[:, None, :, None].expand(B, batch.shape[1], H, W + 2 * pad)
-    out = padded.gather(2, rows.to(batch.device))
-    cols = (dx[:, None] + torch.arange(W))[:, None, None, :].expand(B, batch.shape[1], H, W)
-    out = out.gather(3, cols.to(batch.device))
-    out[flip.to(batch.device)] = out[flip.to(batch.device)].flip(-1)
-    return out
+    rows = dy[:, None] + torch.arange(H, device=device)  # [B, H]
+    out = padded.gather(2, rows[:, None, :, None].expand(B, C, H, W + 2 * pad))
+    columns = torch.arange(W, device=device)
+    cols = dx[:, None] + torch.where(flip[:, None], W - 1 - columns, columns)  # [B, W]
+    return out.gather(3, cols[:, None, None, :].expand(B, C, H, W))
 
 
 @torch.no_grad()
@@ -451,7 +454,8 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                               if len(idx) >= 2 * world]
             # this rank's slice of each global batch, read (or decoded, ahead of use) from prepared.inputs
             mine = [idx.tensor_split(world)[rank] for _, idx in global_batches]
-            batches = datasets.input_batches(prepared.inputs, [train_items[p] for p in mine], workers)
+            batches = datasets.input_batches(prepared.inputs, [train_items[p] for p in mine], workers,
+                                             pin_memory=device.type == "cuda")
             sums = torch.zeros(4, dtype=torch.float64, device=device)  # kept on the device: no sync per step
             seen = 0
             t0 = time.perf_counter()
@@ -459,13 +463,13 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             bar.update(steps - len(global_batches))
             for (step, idx), part, batch in zip(global_batches, mine, batches):
                 bar.update(1)
+                labels = train_labels[part]
+                if device.type == "cuda":  # a copy from pageable memory would wait for the GPU
+                    batch, labels = batch.pin_memory(), labels.pin_memory()  # (streamed batches come pinned)
+                batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if cfg.augment and images:  # drawn for the global batch: every rank draws the same numbers
                     batch = apply_augmentation(batch, *(t.tensor_split(world)[rank]
                                                         for t in draw_augmentation(len(idx), data_gen)))
-                labels = train_labels[part]
-                if device.type == "cuda":  # a copy from pageable memory would wait for the GPU
-                    batch, labels = batch.pin_memory(), labels.pin_memory()
-                batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
                     for group in optimizer.param_groups:
                         group["lr"] = cfg.lr * (epoch * steps + step + 1) / (cfg.warmup_epochs * steps)

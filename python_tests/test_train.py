@@ -101,6 +101,17 @@ def test_augmentation_crops_and_flips_each_image():
     assert dy.min() == dx.min() == 0 and dy.max() == dx.max() == 8 and 400 < int(flip.sum()) < 600
 
 
+def test_augmentation_on_the_batch_device_is_each_image_cropped_then_flipped(device):
+    images = torch.randint(0, 256, (32, 3, 10, 7), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    dy, dx, flip = draw_augmentation(32, torch.Generator().manual_seed(2))
+    got = apply_augmentation(images.to(device), dy, dx, flip)
+    assert got.device.type == device.type
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    for i in range(32):
+        crop = padded[i, :, dy[i]:dy[i] + 10, dx[i]:dx[i] + 7]
+        assert torch.equal(got[i].cpu(), crop.flip(-1) if flip[i] else crop), i
+
+
 def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
     prepared = prepare_data(tiny(tmp_path, protocol="unseen", train_classes=30))
     assert prepared.num_train_classes == 30 and len(prepared.split.train) == 300
