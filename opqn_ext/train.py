@@ -461,7 +461,11 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             t0 = time.perf_counter()
             bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}")
             bar.update(steps - len(global_batches))
-            for (step, idx), part, batch in zip(global_batches, mine, batches):
+            waited = 0.0  # in the loader: read (or decoded) batches not ready when a step wanted one
+            for (step, idx), part in zip(global_batches, mine):
+                wait = time.perf_counter()
+                batch = next(batches)
+                waited += time.perf_counter() - wait
                 bar.update(1)
                 labels = train_labels[part]
                 if device.type == "cuda":  # a copy from pageable memory would wait for the GPU
@@ -490,7 +494,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             sums /= n
             record = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "loss": sums[0].item(),
                       "loss_original": sums[1].item(), "loss_quantized": sums[2].item(), "entropy": sums[3].item(),
-                      "seconds": time.perf_counter() - t0}
+                      "seconds": time.perf_counter() - t0, "data_wait_seconds": waited}
             if main and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
                 record["eval"] = evaluate(model, prepared, device, workers).summary()
             history.append(record)

@@ -33,7 +33,8 @@ def test_short_orl_run_learns_to_retrieve(tmp_path, orl_seen):
     assert result.history[-1]["loss"] < 0.75 * result.history[0]["loss"]
     lines = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [line["epoch"] for line in lines[:-1]] == list(range(1, 61))
-    assert {"loss", "loss_original", "loss_quantized", "entropy", "lr"} <= set(lines[0])
+    assert {"loss", "loss_original", "loss_quantized", "entropy", "lr", "data_wait_seconds"} <= set(lines[0])
+    assert all(0 <= line["data_wait_seconds"] < line["seconds"] for line in lines[:-1])
     assert lines[-1]["final"]["opqn"]["mAP"] == pytest.approx(ev.code_metrics.map)
 
 
@@ -169,6 +170,8 @@ def test_training_on_a_streamed_folder_equals_training_in_memory(tmp_path, orl_s
     assert [h["loss"] for h in streamed.history] == [h["loss"] for h in memory.history]
     assert streamed.evaluation.code_metrics.map == memory.evaluation.code_metrics.map
     assert streamed.evaluation.float_metrics.map == memory.evaluation.float_metrics.map
+    # each epoch's first batch waits for the loader processes to start and decode it
+    assert all(s["data_wait_seconds"] > m["data_wait_seconds"] for s, m in zip(streamed.history, memory.history))
 
 
 def test_resume_may_change_how_data_is_read(tmp_path, orl_folder):
