@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,7 +97,11 @@ def cmd_train(args) -> int:
     from .distributed import is_main_process
 
     cfg = _config_from_args(args)
-    result = train(cfg, resume=args.resume)
+    first = int(os.environ.get("RANK", "0")) == 0  # torchrun's rank: train() joins the process group later
+    prepared = prepare_data(cfg, progress=cfg.progress and first)
+    if first:
+        print(describe_data(cfg, prepared), flush=True)
+    result = train(cfg, resume=args.resume, prepared=prepared)
     if not is_main_process():
         return 0
     print(f"trained {len(result.history)} epochs in {result.seconds:.1f} s -> {Path(cfg.out_dir) / 'checkpoint.pt'}")
@@ -104,6 +109,21 @@ def cmd_train(args) -> int:
         print(format_table(result.evaluation, cfg.feature_dim, cfg.code_bits))
         _write_json(args.json, result.evaluation.summary())
     return 0
+
+
+def describe_data(cfg: TrainConfig, prepared) -> str:
+    """One line: what the data set holds, how it is read, and the split."""
+    split, inputs = prepared.split, prepared.inputs
+    what = "images" if len(inputs.shape) == 4 else "feature vectors"
+    if isinstance(inputs, torch.Tensor):
+        size = inputs.numel() * inputs.element_size()
+        how = f"in memory ({size / 1e9:.1f} GB)" if size >= 1e9 else f"in memory ({size / 1e6:.1f} MB)"
+    else:
+        how = f"streamed from their files at {inputs.shape[2]}x{inputs.shape[3]}"
+    source = cfg.dataset + (f" {cfg.data_path}" if cfg.data_path else "")
+    return (f"{source}: {len(prepared.labels)} {what} of {len(prepared.classes)} classes, {how}; {split.protocol} "
+            f"protocol: training on {len(split.train)} items of {prepared.num_train_classes} classes, "
+            f"{len(split.database)} database items, {len(split.query)} queries")
 
 
 def _checkpoint_and_data(args):

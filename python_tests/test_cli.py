@@ -55,6 +55,8 @@ def test_train_eval_encode_search(tmp_path, capsys):
             "--json", str(tmp_path / "train.json")]
     assert main(args) == 0
     out = capsys.readouterr().out
+    assert out.startswith("orl: 400 images of 40 classes, in memory (0.4 MB); seen protocol: training on 280 items "
+                          "of 40 classes, 280 database items, 120 queries\n")
     assert "OPQN codes (32 bits)" in out and "float features (512-d" in out
     assert json.loads((tmp_path / "train.json").read_text())["opqn"]["queries"] == 120
 
@@ -88,6 +90,8 @@ def test_a_streamed_folder_from_training_to_search(tmp_path, capsys, orl_folder)
     assert main(["train", *folder, "--stream", "--workers", "2", "--epochs", "2", "--width", "4", "--out-dir", str(run),
                  "--no-progress", "--json", str(tmp_path / "train.json")]) == 0
     assert load_checkpoint(run)["config"]["stream"] is True
+    assert f"folder {orl_folder}: 400 images of 40 classes, streamed from their files at 32x32; seen" in \
+        capsys.readouterr().out
     trained = json.loads((tmp_path / "train.json").read_text())
     for how in (["--no-stream"], ["--workers", "0"], []):  # in memory; decoded here; by the 2 workers of training
         assert main(["eval", str(run), *how, "--json", str(tmp_path / "eval.json")]) == 0
