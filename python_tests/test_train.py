@@ -3,6 +3,7 @@ uninterrupted run, the JSON-lines log and checkpoint contents, augmentation, and
 streamed image folder equal to runs in memory."""
 import dataclasses
 import json
+import time
 
 import pytest
 import torch
@@ -170,8 +171,21 @@ def test_training_on_a_streamed_folder_equals_training_in_memory(tmp_path, orl_s
     assert [h["loss"] for h in streamed.history] == [h["loss"] for h in memory.history]
     assert streamed.evaluation.code_metrics.map == memory.evaluation.code_metrics.map
     assert streamed.evaluation.float_metrics.map == memory.evaluation.float_metrics.map
-    # each epoch's first batch waits for the loader processes to start and decode it
-    assert all(s["data_wait_seconds"] > m["data_wait_seconds"] for s, m in zip(streamed.history, memory.history))
+
+
+def test_the_log_gives_the_time_spent_waiting_for_batches(tmp_path, orl_seen, monkeypatch):
+    import opqn_ext.train as train_module
+
+    real = train_module.datasets.input_batches
+
+    def slow_batches(*args, **kwargs):  # a loader that keeps every step waiting 50 ms
+        for batch in real(*args, **kwargs):
+            time.sleep(0.05)
+            yield batch
+
+    monkeypatch.setattr(train_module.datasets, "input_batches", slow_batches)
+    history = train(tiny(tmp_path, epochs=2, batch_size=64), prepared=orl_seen, evaluate_at_end=False).history
+    assert all(0.05 * 5 <= h["data_wait_seconds"] < h["seconds"] for h in history)  # 280 items: 5 batches of 64
 
 
 def test_resume_may_change_how_data_is_read(tmp_path, orl_folder):
