@@ -3,6 +3,7 @@ VGGFace2, CASIA-WebFace exports), images possibly in folders below (YouTube Face
 ``root/<identity>/<video>/<frame>``). Identities are the sorted sub-folder names of ``root``."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -69,9 +70,13 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
         if size is None:
             raise ValueError("stream=True needs size=(height, width): every batch is resized to one size")
         return LabeledImages(ImageFiles(paths, size, grayscale), labels, classes)
-    first = read_image(paths[0], size, grayscale)
-    _check_fits_in_memory(len(paths), first.nbytes, root)
-    images = torch.empty((len(paths), *first.shape), dtype=torch.uint8)
+    if size is None:  # the first image's size is every image's
+        first = read_image(paths[0], None, grayscale)
+        shape = first.shape
+    else:
+        shape = (1 if grayscale else 3, *size)
+    _check_fits_in_memory(len(paths), math.prod(shape), root)
+    images = torch.empty((len(paths), *shape), dtype=torch.uint8)
     bar = tqdm(total=len(paths), desc=f"reading {Path(root).name}", unit="image", disable=None if progress else True)
     if size is None:
         images[0] = torch.from_numpy(first)
