@@ -29,6 +29,8 @@ _HELP = {
     "stream": "folder: decode images batch by batch (sets larger than memory) instead of reading them all first",
     "workers": "folder: processes decoding images (streamed: ahead of use); -1: none for a model on the CPU, "
                "else one per CPU, at most 8",
+    "cache_dir": "folder: decode the images once into a file in this folder, which every later run and process "
+                 "maps (one copy per host; a folder that changed is decoded again)",
     "protocol": "seen (queries are new images of training identities) or unseen (held-out identities)",
     "train_classes": "unseen protocol: identities used for training (0: three quarters)",
     "backbone": f"backbone: {', '.join(BACKBONES)} (mlp for feature files)",
@@ -117,7 +119,8 @@ def describe_data(cfg: TrainConfig, prepared) -> str:
     what = "images" if len(inputs.shape) == 4 else "feature vectors"
     if isinstance(inputs, torch.Tensor):
         size = inputs.numel() * inputs.element_size()
-        how = f"in memory ({size / 1e9:.1f} GB)" if size >= 1e9 else f"in memory ({size / 1e6:.1f} MB)"
+        size = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        how = f"mapped from {cfg.cache_dir} ({size})" if cfg.cache_dir else f"in memory ({size})"
     else:
         how = f"streamed from their files at {inputs.shape[2]}x{inputs.shape[3]}"
     source = cfg.dataset + (f" {cfg.data_path}" if cfg.data_path else "")
@@ -129,12 +132,16 @@ def describe_data(cfg: TrainConfig, prepared) -> str:
 def _checkpoint_and_data(args):
     ckpt = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    for name in ("dataset", "data_path", "protocol", "stream", "workers"):
+    for name in ("dataset", "data_path", "protocol", "stream", "workers", "cache_dir"):
         value = getattr(args, name, None)
         if value is not None:
             setattr(cfg, name, value)
-    if getattr(args, "stream", None) is None and cfg.dataset != "folder":  # trained streaming, run on other data
+    # how training read its folder, unless this run reads other data or says otherwise
+    stream, cache_dir = getattr(args, "stream", None), getattr(args, "cache_dir", None)
+    if stream is None and (cfg.dataset != "folder" or cache_dir):
         cfg.stream = False
+    if cache_dir is None and (cfg.dataset != "folder" or stream is not None):
+        cfg.cache_dir = ""
     cfg.grayscale = ckpt["input_shape"][0] == 1
     try:
         cfg.validate()
@@ -282,6 +289,7 @@ def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.Argume
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help=f"{_HELP['stream']} (default: as in training)")
     q.add_argument("--workers", type=int, help=f"{_HELP['workers']} (default: as in training)")
+    q.add_argument("--cache-dir", dest="cache_dir", help=f"{_HELP['cache_dir']} (default: as in training; '': none)")
     return q
 
 

@@ -48,6 +48,7 @@ class TrainConfig:
     grayscale: bool = False  # "folder": read images as one gray channel
     stream: bool = False  # "folder": decode images batch by batch instead of holding the set in memory
     workers: int = -1  # "folder": processes decoding images (streamed: ahead of use); -1: see loader_workers
+    cache_dir: str = ""  # "folder": decode the images once into a file here, mapped by later runs and processes
     protocol: str = "seen"  # seen | unseen (identities held out of training)
     train_classes: int = 0  # unseen protocol: identities used for training (0: 3/4 of them)
     query_per_class: int = 3
@@ -87,8 +88,11 @@ class TrainConfig:
             raise ValueError(f"unknown dataset {self.dataset!r}: choose one of {', '.join(DATASETS)}")
         if self.dataset in ("folder", "features") and not self.data_path:
             raise ValueError(f"dataset {self.dataset!r} needs data_path (--data-path)")
-        if self.stream and self.dataset != "folder":
-            raise ValueError(f"stream reads image folders (dataset 'folder'), not dataset {self.dataset!r}")
+        for name in ("stream", "cache_dir"):
+            if getattr(self, name) and self.dataset != "folder":
+                raise ValueError(f"{name} reads image folders (dataset 'folder'), not dataset {self.dataset!r}")
+        if self.stream and self.cache_dir:
+            raise ValueError("stream decodes the images batch by batch, cache_dir maps them decoded once: choose one")
         if self.workers < -1:
             raise ValueError(f"workers must be >= 0, or -1 for one per CPU, got {self.workers}")
         if self.protocol not in ("seen", "unseen"):
@@ -189,7 +193,7 @@ def load_dataset(cfg: TrainConfig, progress: bool = False):
                                      train.classes)
     elif cfg.dataset == "folder":
         raw = datasets.load_image_folder(cfg.data_path, (cfg.input_size, cfg.input_size), cfg.grayscale, cfg.stream,
-                                         cfg.loader_workers(), progress)
+                                         cfg.loader_workers(), progress, cfg.cache_dir or None)
         return raw.images, raw.labels, raw.classes  # read at the input size
     else:
         feats = datasets.load_features(cfg.data_path)
@@ -344,7 +348,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 # how a run reads its data and reports, not what it computes: may change when a run is resumed
-RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers")
+RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers", "cache_dir")
 
 
 def _what_runs(config: dict) -> dict:

@@ -107,6 +107,26 @@ def test_a_streamed_folder_from_training_to_search(tmp_path, capsys, orl_folder)
     assert "stream reads image folders (dataset 'folder'), not dataset 'orl'" in capsys.readouterr().err
 
 
+def test_a_cached_folder_from_training_to_eval(tmp_path, capsys, orl_folder):
+    """--cache-dir: training decodes the folder once into the cache; eval maps it (as training did),
+    or reads the folder another way when told."""
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    folder = ["--dataset", "folder", "--data-path", str(orl_folder), "--grayscale"]
+    assert main(["train", *folder, "--cache-dir", str(cache), "--epochs", "2", "--width", "4", "--out-dir", str(run),
+                 "--no-progress", "--json", str(tmp_path / "train.json")]) == 0
+    assert f"folder {orl_folder}: 400 images of 40 classes, mapped from {cache} (0.4 MB); seen" in capsys.readouterr().out
+    assert load_checkpoint(run)["config"]["cache_dir"] == str(cache) and len(list(cache.glob("*.npy"))) == 1
+    trained = json.loads((tmp_path / "train.json").read_text())
+    for how in ([], ["--stream"], ["--no-stream"], ["--cache-dir", str(tmp_path / "other")]):
+        assert main(["eval", str(run), *how, "--json", str(tmp_path / "eval.json")]) == 0
+        assert json.loads((tmp_path / "eval.json").read_text())["opqn"]["mAP"] == trained["opqn"]["mAP"], how
+    assert len(list((tmp_path / "other").glob("*.npy"))) == 1
+    assert main(["eval", str(run), "--dataset", "orl"]) == 0  # trained from a cache, evaluated on ORL in memory
+    assert main(["train", *folder, "--stream", "--cache-dir", str(cache), "--out-dir", str(run)]) == 2
+    assert "stream decodes the images batch by batch, cache_dir maps them decoded once: choose one" in \
+        capsys.readouterr().err
+
+
 def test_index_build_and_search_the_index(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0

@@ -215,7 +215,7 @@ def write_faces(root, size=(60, 50), count=(3, 2), suffix=".jpg"):
 
     rng = np.random.default_rng(1)
     for who, n in zip(("alice", "bob"), count):
-        (root / who).mkdir()
+        (root / who).mkdir(parents=True)
         for i in range(n):
             small = rng.integers(0, 256, (size[0] // 5, size[1] // 5, 3), dtype=np.uint8)
             Image.fromarray(small).resize(size[::-1], Image.BICUBIC).save(root / who / f"{i}{suffix}")

@@ -49,18 +49,22 @@ TINY = ["--dataset", "orl", "--width", "4", "--epochs", "2", "--batch-size", "64
         "--device", "cpu", "--no-progress"]
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["memory", "streamed"])
-def test_ddp_training_equals_one_process_in_float64(tmp_path, streamed, orl_folder):
+@pytest.mark.parametrize("read", ["memory", "streamed", "cached"])
+def test_ddp_training_equals_one_process_in_float64(tmp_path, read, orl_folder):
     # float64 makes reduction-order differences negligible, so any difference in the data-parallel
     # logic (batch slices, augmentation, loss scaling, global batch norm) would show; streamed: each
-    # rank decodes its slices of the batches from ORL's bytes written as a folder, in a loader process
+    # rank decodes its slices of the batches from ORL's bytes written as a folder, in a loader process;
+    # cached: LOCAL_RANK 0 decodes that folder into a cache file while rank 1 waits, both map it
     worker = str(HERE / "ddp_train_worker.py")
     env = dict(os.environ, OMP_NUM_THREADS="2")
     one = subprocess.run([sys.executable, worker, *TINY, "--out-dir", str(tmp_path / "one")], capture_output=True,
                          text=True, timeout=300, env=env)
     assert one.returncode == 0, one.stderr[-3000:]
-    data = ["--dataset", "folder", "--data-path", str(orl_folder), "--grayscale", "--stream", "--workers", "1"]
-    torchrun([worker, *TINY, *(data if streamed else []), "--out-dir", str(tmp_path / "ddp")], tmp_path)
+    data = {"memory": [], "streamed": ["--stream", "--workers", "1"], "cached": ["--cache-dir", str(tmp_path / "c")]}
+    folder = ["--dataset", "folder", "--data-path", str(orl_folder), "--grayscale"] if data[read] else []
+    torchrun([worker, *TINY, *folder, *data[read], "--out-dir", str(tmp_path / "ddp")], tmp_path)
+    if read == "cached":
+        assert [p.suffix for p in sorted((tmp_path / "c").iterdir())] == [".json", ".npy"]
     a, b = load_checkpoint(tmp_path / "one"), load_checkpoint(tmp_path / "ddp")
     assert a["world_size"] == 1 and b["world_size"] == 2
     assert a["model"]["backbone.body.0.0.weight"].dtype == torch.float64

@@ -128,6 +128,8 @@ def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
     (dict(dataset="folder"), "needs data_path"),
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(stream=True), "stream reads image folders \\(dataset 'folder'\\), not dataset 'orl'"),
+    (dict(cache_dir="c"), "cache_dir reads image folders \\(dataset 'folder'\\), not dataset 'orl'"),
+    (dict(dataset="folder", data_path="f", stream=True, cache_dir="c"), "stream decodes .* cache_dir maps .*: choose one"),
     (dict(workers=-2), r"workers must be >= 0, or -1 for one per CPU, got -2"),
 ])
 def test_config_errors(tmp_path, kw, match):
@@ -157,14 +159,18 @@ def test_cpu_mixed_precision_warns_where_bfloat16_is_emulated(tmp_path, orl_seen
         train(tiny(tmp_path, epochs=1, cpu_amp=True), prepared=orl_seen, evaluate_at_end=False)
 
 
-def test_training_on_a_streamed_folder_equals_training_in_memory(tmp_path, orl_seen, orl_folder):
+@pytest.mark.parametrize("how", ["streamed", "cached"])
+def test_training_on_a_folder_equals_training_in_memory(tmp_path, orl_seen, orl_folder, how):
     """The folder holds ORL's 32 x 32 training bytes: decoded batch by batch by two loader processes,
-    the run (batch order, augmentation, weights, evaluation) is the in-memory run."""
+    or decoded once by them into a cache file the run maps, the run (batch order, augmentation,
+    weights, evaluation) is the in-memory run."""
     memory = train(tiny(tmp_path / "memory", epochs=2, dropout=0.2), prepared=orl_seen)
-    cfg = tiny(tmp_path / "stream", epochs=2, dropout=0.2, dataset="folder", data_path=str(orl_folder), grayscale=True,
-               stream=True, workers=2)
+    read = dict(stream=True) if how == "streamed" else dict(cache_dir=str(tmp_path / "cache"))
+    cfg = tiny(tmp_path / how, epochs=2, dropout=0.2, dataset="folder", data_path=str(orl_folder), grayscale=True,
+               workers=2, **read)
     prepared = prepare_data(cfg)
-    assert isinstance(prepared.inputs, ImageFiles) and torch.equal(prepared.split.query, orl_seen.split.query)
+    assert isinstance(prepared.inputs, ImageFiles if how == "streamed" else torch.Tensor)
+    assert torch.equal(prepared.split.query, orl_seen.split.query)
     streamed = train(cfg, prepared=prepared)
     a, b = memory.model.state_dict(), streamed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from .datasets import LabeledImages
+from .decoded_cache import decoded_images
 from .image_files import ImageFiles, input_batches, read_image
 
 _READ_BATCH = 256  # images a loader process decodes at a time while a folder is read into memory
@@ -53,7 +54,8 @@ def available_memory() -> int | None:
 
 
 def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, grayscale: bool = False,
-                      stream: bool = False, workers: int = 0, progress: bool = False) -> LabeledImages:
+                      stream: bool = False, workers: int = 0, progress: bool = False,
+                      cache_dir: str | Path | None = None) -> LabeledImages:
     """Every image under ``root/<identity>/`` as ``[N, C, H, W]`` uint8 (C = 1 or 3).
 
     ``size`` = (height, width) resizes every image (bilinear), decoded by ``workers`` DataLoader
@@ -61,15 +63,24 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
     this process. ``stream=True`` reads no image here: ``images`` is then an :class:`ImageFiles`
     that decodes them when a batch needs them (``size`` required), for sets larger than memory. A
     set that would not fit in the memory available is refused with that advice before any image is
-    read. Unreadable images raise an error naming the file. ``progress``: a progress bar.
+    read. ``cache_dir`` (with ``size``): the images are decoded once into a file there and mapped
+    from it by every later call and process, a set larger than memory included
+    (:mod:`opqn_ext.data.decoded_cache`). Unreadable images raise an error naming the file.
+    ``progress``: a progress bar.
     """
     from tqdm.auto import tqdm
 
+    if stream and cache_dir is not None:
+        raise ValueError("stream=True decodes the images batch by batch, cache_dir maps them decoded once: choose one")
+    if (stream or cache_dir is not None) and size is None:
+        what = "stream=True" if stream else "cache_dir"
+        raise ValueError(f"{what} needs size=(height, width): every image is resized to one size")
     paths, labels, classes = scan_image_folder(root)
     if stream:
-        if size is None:
-            raise ValueError("stream=True needs size=(height, width): every batch is resized to one size")
         return LabeledImages(ImageFiles(paths, size, grayscale), labels, classes)
+    if cache_dir is not None:
+        images, _ = decoded_images(root, paths, size, grayscale, cache_dir, workers, progress)
+        return LabeledImages(images, labels, classes)
     if size is None:  # the first image's size is every image's
         first = read_image(paths[0], None, grayscale)
         shape = first.shape
