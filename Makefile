@@ -41,6 +41,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_metrics.py
 	$(PYTHON) benchmarks/bench_index.py
 	$(PYTHON) benchmarks/bench_folder_loader.py
+	$(PYTHON) benchmarks/bench_folder_cache.py
 
 # Python is not built with the sanitizers: its runtimes are preloaded, leak checks (Python never
 # frees everything) and the checks that torch's own libraries trip are off. ASan leaves SIGSEGV to

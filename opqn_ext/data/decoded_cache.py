@@ -37,11 +37,12 @@ _STALE_FAILURE_SECONDS = 30.0
 
 def folder_fingerprint(root: str | Path, paths: Sequence[str]) -> str:
     """sha256 (hex) of each image's path below ``root``, byte size and modification time, in order."""
-    digest = hashlib.sha256()
+    digest, prefix = hashlib.sha256(), os.path.join(str(Path(root)), "")  # how scan_image_folder joins
     for path in paths:
         st = os.stat(path)
-        digest.update(os.fsencode(os.path.relpath(path, root)))
-        digest.update(f"\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        path = os.fspath(path)
+        below = path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, root)
+        digest.update(f"{below}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="surrogateescape"))
     return digest.hexdigest()
 
 
