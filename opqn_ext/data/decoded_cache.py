@@ -58,8 +58,8 @@ def cache_files(cache_dir: str | Path, root: str | Path, size: tuple[int, int], 
 
 
 def _manifest(root: Path, size: tuple[int, int], grayscale: bool, count: int, fingerprint: str) -> dict:
-    return {"version": CACHE_VERSION, "root": str(root.resolve()), "size": list(size), "grayscale": grayscale,
-            "count": count, "fingerprint": fingerprint}
+    return {"version": CACHE_VERSION, "root": str(root.resolve()), "size": [int(s) for s in size],
+            "grayscale": bool(grayscale), "count": count, "fingerprint": fingerprint}
 
 
 def _read_manifest(path: Path) -> dict | None:
