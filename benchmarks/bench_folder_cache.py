@@ -16,6 +16,7 @@ host.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -24,9 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from opqn_ext import data
+from opqn_ext.data import mapped_files
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_folder_loader import write_folder  # noqa: E402
@@ -87,10 +90,61 @@ def host_memory(root: Path, cache_dir: str, scratch: Path) -> dict:
             "ranks": len(ranks)}
 
 
+def evict(path: Path) -> None:
+    """Drops the file's pages from the page cache (no mapping of it may be open)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def read_ahead_epochs(scratch: Path, batch: int, step_ms: float) -> list[dict]:
+    """An epoch of random batches from a mapped file of 112 x 112 RGB images (1.5 GB), each followed
+    by a simulated step (sleep: the time a training step waits for a GPU), with the file's pages on
+    disk (cold) and in memory (warm); gathered in the loop (workers 0) or by 1 or 2 read-ahead
+    threads. `advised`: mapped as the cache maps it (`map_npy`: the kernel is told which rows the
+    next batches need); `plain`: mapped by `np.load(mmap_mode="c")`, no advice."""
+    path = scratch / "big.npy"
+    count = 40000
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(count, 3, 112, 112))
+    array[:] = np.random.default_rng(0).integers(0, 256, array.shape[1:], dtype=np.uint8)
+    array.flush()
+    del array
+    batches = list(torch.randperm(count, generator=torch.Generator().manual_seed(1))[:40 * batch].split(batch))
+    want = torch.from_numpy(np.load(path, mmap_mode="r")[batches[0].numpy()])
+    rows = []
+    for state in ("cold", "warm"):
+        for mapping in ("plain", "advised"):
+            for workers in (0, 1, 2):
+                if state == "cold":
+                    evict(path)
+                if mapping == "advised":
+                    images = mapped_files.map_npy(path)
+                else:
+                    images = torch.from_numpy(np.load(path, mmap_mode="c"))
+                waited, start = 0.0, time.perf_counter()
+                it = data.input_batches(images, batches, workers)
+                for i in range(len(batches)):
+                    t = time.perf_counter()
+                    got = next(it)
+                    waited += time.perf_counter() - t
+                    assert i or torch.equal(got, want), "a gathered batch differs from the file's rows"
+                    time.sleep(step_ms / 1000)
+                seconds = time.perf_counter() - start
+                rows.append({"pages": state, "mapping": mapping, "workers": workers, "seconds": seconds,
+                             "waited": waited, "steps_only": len(batches) * step_ms / 1000})
+                del it, images, got
+                gc.collect()
+    path.unlink()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files-dir", default="/tmp/opqn_face_jpegs")
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--step-ms", type=float, default=10.0, help="simulated training step (read-ahead epochs)")
     parser.add_argument("--json", default="benchmarks/results/folder_cache.json")
     parser.add_argument("--rank-worker", nargs=3, metavar=("ROOT", "CACHE_DIR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -113,6 +167,7 @@ def main() -> None:
                          "gather_cached": max(gather_rate(cached.images, batches) for _ in range(3))})
         memory = {"memory": host_memory(root, "", scratch), "cached": host_memory(root, str(scratch / "cache112"),
                                                                                   scratch)}
+        ahead = read_ahead_epochs(scratch, args.batch, args.step_ms)
     print(f"seconds before training can start, {rows[0]['images']} JPEGs, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__}")
     head = (f"{'size':>5s} | {'in memory':>9s} {'cache: 1st':>10s} {'later':>7s} {'x memory':>8s} | "
@@ -125,9 +180,15 @@ def main() -> None:
     print("\n2 torchrun processes, 112 x 112 RGB: memory each added, MiB summed over the host")
     for name, m in memory.items():
         print(f"{name:>8s}: anonymous {m['anonymous_mib']:7.1f}   Pss {m['pss_mib']:7.1f}")
+    print(f"\n40 random batches of {args.batch} from a mapped 1.5 GB file, each followed by a "
+          f"{args.step_ms:g} ms step: seconds")
+    print(f"{'pages':>6s} {'mapping':>8s} {'workers':>7s} | {'epoch':>6s} {'waited':>6s} {'steps':>6s}")
+    for r in ahead:
+        print(f"{r['pages']:>6s} {r['mapping']:>8s} {r['workers']:7d} | {r['seconds']:6.3f} {r['waited']:6.3f} "
+              f"{r['steps_only']:6.3f}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"batch": args.batch, "cpus": os.cpu_count(), "rows": rows,
-                                          "torchrun_2_ranks": memory}, indent=2))
+                                          "torchrun_2_ranks": memory, "read_ahead": ahead}, indent=2))
 
 
 if __name__ == "__main__":

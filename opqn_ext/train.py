@@ -47,7 +47,7 @@ class TrainConfig:
     data_path: str = ""  # image folder root or feature file, for "folder" / "features"
     grayscale: bool = False  # "folder": read images as one gray channel
     stream: bool = False  # "folder": decode images batch by batch instead of holding the set in memory
-    workers: int = -1  # "folder": processes decoding images (streamed: ahead of use); -1: see loader_workers
+    workers: int = -1  # loader processes (streamed folders) or read-ahead threads (tensors); -1: see loader_workers
     cache_dir: str = ""  # "folder": decode the images once into a file here, mapped by later runs and processes
     protocol: str = "seen"  # seen | unseen (identities held out of training)
     train_classes: int = 0  # unseen protocol: identities used for training (0: 3/4 of them)
@@ -110,8 +110,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     def loader_workers(self, model_device: torch.device | None = None) -> int:
-        """``workers``; for -1, the loader processes to use while a model runs on ``model_device``
-        (None: none runs, as while a folder is read into memory): 0 for a model on the CPU, whose
+        """``workers``; for -1, the loader processes (or, for data in memory or in a cache, the
+        read-ahead threads) to use while a model runs on ``model_device`` (None: none runs, as
+        while a folder is read into memory): 0 for a model on the CPU, whose
         threads the processes would compete with (a streamed epoch measured 3.0 s with 0, 4.0-4.2 s
         with 1 or 2 on 2 vCPUs, benchmarks/RESULTS.md); else the CPUs this process may use shared
         among the processes of this host (torchrun's LOCAL_WORLD_SIZE), between 1 and 8."""
@@ -285,7 +286,8 @@ def apply_augmentation(batch: torch.Tensor, dy: torch.Tensor, dx: torch.Tensor, 
 def extract_features(model: OPQNModel, inputs: torch.Tensor | datasets.ImageFiles, device: torch.device,
                      items: torch.Tensor | None = None, batch: int = 512, workers: int = 0) -> torch.Tensor:
     """Backbone features ``[len(items), D]`` float32 on the CPU of ``inputs[items]`` (all inputs by
-    default), in eval mode; ``workers`` processes decode streamed images ahead of use."""
+    default), in eval mode; ``workers``: loader processes decoding streamed images, or a thread
+    gathering batches from a tensor, ahead of use (:func:`~opqn_ext.data.input_batches`)."""
     items = torch.arange(len(inputs)) if items is None else items
     was_training = model.training
     model.eval()
@@ -473,7 +475,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                 bar.update(1)
                 labels = train_labels[part]
                 if device.type == "cuda":  # a copy from pageable memory would wait for the GPU
-                    batch, labels = batch.pin_memory(), labels.pin_memory()  # (streamed batches come pinned)
+                    batch, labels = batch.pin_memory(), labels.pin_memory()  # (batches read ahead come pinned)
                 batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if cfg.augment and images:  # drawn for the global batch: every rank draws the same numbers
                     batch = apply_augmentation(batch, *(t.tensor_split(world)[rank]

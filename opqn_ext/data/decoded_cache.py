@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .image_files import ImageFiles, input_batches
+from .mapped_files import map_npy
 
 CACHE_VERSION = 1
 _DECODE_BATCH = 256  # images a loader process decodes at a time
@@ -72,13 +73,10 @@ def _read_manifest(path: Path) -> dict | None:
 def _open(images_path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     """The cached images mapped copy-on-write (writes stay in this process), None if the file is
     missing or not ``shape`` uint8."""
-    try:
-        array = np.load(images_path, mmap_mode="c")
-    except (OSError, ValueError):
+    images = map_npy(images_path)
+    if images is None or images.dtype != torch.uint8 or tuple(images.shape) != shape:
         return None
-    if array.dtype != np.uint8 or array.shape != shape:
-        return None
-    return torch.from_numpy(array)
+    return images
 
 
 def _write_atomically(path: Path, text: str) -> None:

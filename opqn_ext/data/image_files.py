@@ -8,12 +8,19 @@ either way (:func:`read_image` is the one decoder of image folders).
 """
 from __future__ import annotations
 
+import itertools
 import os
-from collections.abc import Iterator, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from .mapped_files import is_mapped, will_need
+
+_READ_AHEAD = 4  # batches each loader process, or thread gathering from a tensor, prepares ahead of use
 
 
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
@@ -128,17 +135,62 @@ class _IndexLists:
         return len(self.batches)
 
 
+def _advised_ahead(inputs: torch.Tensor, batches: Iterable[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
+    """``batches``, each index tensor given once the kernel has been told to read the rows of
+    ``inputs`` (mapped from a file) of the ``depth`` batches after it."""
+    advised, todo = deque(), iter(batches)
+    for b in itertools.islice(todo, depth):
+        will_need(inputs, b)
+        advised.append(b)
+    while advised:
+        for b in itertools.islice(todo, 1):
+            will_need(inputs, b)
+            advised.append(b)
+        yield advised.popleft()
+
+
+def _gathered_ahead(inputs: torch.Tensor, batches: Iterable[torch.Tensor], threads: int,
+                    pin_memory: bool) -> Iterator[torch.Tensor]:
+    """``inputs[b]`` (pinned with ``pin_memory``) gathered by ``threads`` threads, each up to
+    ``_READ_AHEAD`` batches ahead of use. The gathers release the GIL: they run while the caller
+    works, or waits for its GPU."""
+    def gather(b: torch.Tensor) -> torch.Tensor:
+        batch = inputs[b]
+        return batch.pin_memory() if pin_memory else batch
+
+    pending, todo = deque(), iter(batches)
+    with ThreadPoolExecutor(threads, thread_name_prefix="opqn-read-ahead") as pool:
+        try:
+            for b in itertools.islice(todo, threads * _READ_AHEAD):
+                pending.append(pool.submit(gather, b))
+            while pending:
+                batch = pending.popleft().result()
+                for b in itertools.islice(todo, 1):
+                    pending.append(pool.submit(gather, b))
+                yield batch
+        finally:  # a caller that stops early waits for no gather it will not use
+            for future in pending:
+                future.cancel()
+
+
 def input_batches(inputs: torch.Tensor | ImageFiles, batches: Sequence[torch.Tensor], workers: int = 0,
                   pin_memory: bool = False) -> Iterator[torch.Tensor]:
     """``inputs[b]`` for each int64 index tensor ``b`` of ``batches``, in order.
 
-    A tensor is indexed here. ``ImageFiles`` are decoded by ``workers`` DataLoader processes, up to
-    four batches each ahead of use (0: in this process, when asked), into pinned memory with
-    ``pin_memory`` (for copies to a GPU that do not wait)."""
+    A tensor is indexed in this thread with ``workers=0``, else by ``workers`` threads up to four
+    batches each ahead of use (a tensor mapped from a file larger than memory is read from disk
+    meanwhile).
+    ``ImageFiles`` are decoded by ``workers`` DataLoader processes, up to four batches each ahead of
+    use (0: in this process, when asked). With ``pin_memory``, batches read ahead come in pinned
+    memory (for copies to a GPU that do not wait)."""
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if isinstance(inputs, torch.Tensor):
-        return (inputs[b] for b in batches)
+        if is_mapped(inputs):  # the reads from disk start a few batches ahead of the gathers
+            batches = _advised_ahead(inputs, batches, _READ_AHEAD * (workers + 1))
+        if workers == 0:
+            return (inputs[b] for b in batches)
+        return _gathered_ahead(inputs, batches, workers, pin_memory)
     if not isinstance(inputs, ImageFiles):
         raise TypeError(f"inputs must be a tensor or ImageFiles, got {type(inputs).__name__}")
     if not len(batches):
@@ -146,7 +198,8 @@ def input_batches(inputs: torch.Tensor | ImageFiles, batches: Sequence[torch.Ten
     # its own generator: the loader draws its workers' seeds from it, not from torch's global one,
     # which training uses (dropout) and checkpoints
     loader = DataLoader(_BatchReader(inputs), batch_sampler=_IndexLists(batches), num_workers=workers,
-                        collate_fn=_whole_batch, pin_memory=pin_memory, prefetch_factor=4 if workers else None,
+                        collate_fn=_whole_batch, pin_memory=pin_memory,
+                        prefetch_factor=_READ_AHEAD if workers else None,
                         generator=torch.Generator())
     return _raise_unreadable(iter(loader))
 
