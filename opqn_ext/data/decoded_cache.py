@@ -156,7 +156,7 @@ def decoded_images(root: str | Path, paths: Sequence[str], size: tuple[int, int]
     failure.unlink(missing_ok=True)
     try:
         manifest_path.unlink(missing_ok=True)  # no process may take the old images for the new ones
-        _build(paths, size, grayscale, images_path, workers * local_world if local_world > 1 else workers, progress)
+        _build(paths, size, grayscale, images_path, workers * local_world, progress)  # the host's other ranks wait
         _write_atomically(manifest_path, json.dumps(wanted))
     except BaseException as err:
         if local_world > 1:
