@@ -1,4 +1,4 @@
-"""The ``opqn`` command line: train, eval, encode, search, index build, embed and demo.
+"""The ``opqn`` command line: train, eval, encode, search, index build, cache, embed and demo.
 
 Every subcommand has ``--help``. A bad argument (K > d, a bit count that is not M * log2(K), an
 unknown data set, a missing file) ends the command with one ``opqn: error: ...`` line and exit
@@ -60,7 +60,8 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig) 
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: {default})")
+            shown = default if default != "" else "none"
+            parser.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: {shown})")
     parser.add_argument("--bits", type=int, default=None,
                         help="code length; must equal num_books * log2(num_words) (alone: 4-bit books, K = 16)")
 
@@ -113,13 +114,16 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _size_text(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
+
+
 def describe_data(cfg: TrainConfig, prepared) -> str:
     """One line: what the data set holds, how it is read, and the split."""
     split, inputs = prepared.split, prepared.inputs
     what = "images" if len(inputs.shape) == 4 else "feature vectors"
     if isinstance(inputs, torch.Tensor):
-        size = inputs.numel() * inputs.element_size()
-        size = f"{size / 1e9:.1f} GB" if size >= 1e9 else f"{size / 1e6:.1f} MB"
+        size = _size_text(inputs.numel() * inputs.element_size())
         how = f"mapped from {cfg.cache_dir} ({size})" if cfg.cache_dir else f"in memory ({size})"
     else:
         how = f"streamed from their files at {inputs.shape[2]}x{inputs.shape[3]}"
@@ -266,6 +270,28 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_cache(args) -> int:
+    from .data import scan_image_folder
+    from .data.decoded_cache import cache_files, decoded_images
+
+    if args.input_size < 1:
+        raise CliError(f"--input-size must be >= 1, got {args.input_size}")
+    if args.workers < -1:
+        raise CliError(f"--workers must be >= 0, or -1 for one per CPU, got {args.workers}")
+    size = (args.input_size, args.input_size)
+    workers = TrainConfig(workers=args.workers).loader_workers()
+    start = time.perf_counter()
+    paths, _, classes = scan_image_folder(args.data_path)
+    images, decoded = decoded_images(args.data_path, paths, size, args.grayscale, args.cache_dir, workers,
+                                     args.progress)
+    file, _ = cache_files(args.cache_dir, args.data_path, size, args.grayscale)
+    what = (f"{len(images)} images of {len(classes)} classes at {args.input_size}x{args.input_size} "
+            f"({_size_text(images.numel())})")
+    done = f"decoded into {file}" if decoded else f"already in {file}, which matches the folder"
+    print(f"{args.data_path}: {what} {done} ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -296,7 +322,7 @@ def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
                                      "train, evaluate and search compact face codes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,index,embed,demo}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,index,cache,embed,demo}")
     defaults = TrainConfig()
 
     p = sub.add_parser("train", help="train an OPQN model", description="Train OPQN (DESIGN.md section 1 defaults).")
@@ -339,6 +365,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", "-o", required=True, help="feature file (.safetensors or .npy)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
     p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("cache", help="decode an image folder into a cache ahead of `opqn train --cache-dir`",
+                       description="Decode every image of a folder once, at the input size, into a cache file "
+                                   "that `opqn train --cache-dir` (and eval, encode, search, index build) then map; "
+                                   "a cache that matches the folder is left as it is.")
+    p.add_argument("--data-path", dest="data_path", required=True, help="image folder root/<identity>/<image>")
+    p.add_argument("--cache-dir", dest="cache_dir", required=True, help="where the cache file goes")
+    p.add_argument("--input-size", type=int, default=defaults.input_size,
+                   help=f"the training input size (default: {defaults.input_size})")
+    p.add_argument("--grayscale", action=argparse.BooleanOptionalAction, default=False, help=_HELP["grayscale"])
+    p.add_argument("--workers", type=int, default=-1, help="processes decoding images (-1: one per CPU, at most 8)")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True)
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("demo", help="train on ORL faces and show retrieval (a few minutes on a CPU)",
                        description="Train OPQN on ORL faces (seen protocol, 32-bit codes) and report float vs "

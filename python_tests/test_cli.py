@@ -127,6 +127,31 @@ def test_a_cached_folder_from_training_to_eval(tmp_path, capsys, orl_folder):
         capsys.readouterr().err
 
 
+def test_a_cache_made_ahead_is_what_training_maps(tmp_path, capsys, orl_folder, monkeypatch):
+    cache = tmp_path / "cache"
+    ahead = ["cache", "--data-path", str(orl_folder), "--cache-dir", str(cache), "--grayscale", "--no-progress"]
+    assert main(ahead) == 0
+    file = next(cache.glob("*.npy"))
+    assert f"{orl_folder}: 400 images of 40 classes at 32x32 (0.4 MB) decoded into {file} (" in capsys.readouterr().out
+    assert main(ahead) == 0
+    assert f"already in {file}, which matches the folder" in capsys.readouterr().out
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("an image was decoded")
+
+    monkeypatch.setattr("opqn_ext.data.image_files.read_image", refuse)
+    run = tmp_path / "run"
+    assert main(["train", "--dataset", "folder", "--data-path", str(orl_folder), "--grayscale", "--cache-dir", str(cache),
+                 "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    assert f"mapped from {cache} (0.4 MB)" in capsys.readouterr().out
+    for bad, message in ((["--input-size", "0"], "--input-size must be >= 1, got 0"),
+                         (["--workers", "-2"], "--workers must be >= 0, or -1 for one per CPU, got -2")):
+        assert main([*ahead, *bad]) == 2
+        assert message in capsys.readouterr().err
+    assert main(["cache", "--data-path", str(tmp_path / "missing"), "--cache-dir", str(cache)]) == 2
+    assert "image folder" in capsys.readouterr().err
+
+
 def test_index_build_and_search_the_index(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["train", "--epochs", "2", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
