@@ -352,7 +352,8 @@ def test_streaming_needs_a_size(tmp_path):
 def test_a_folder_larger_than_memory_is_refused_before_reading_it(tmp_path, monkeypatch):
     write_faces(tmp_path)
     monkeypatch.setattr(data.folders, "available_memory", lambda: 5 * 3 * 24 * 20)  # the images need all of it
-    with pytest.raises(ValueError, match=r"the 5 images of .* take 0\.0 GB .* stream=True \(opqn train --stream\)"):
+    with pytest.raises(ValueError, match=r"the 5 images of .* take 0\.0 GB .* with cache_dir=DIR \(opqn train "
+                                         r"--cache-dir DIR\), or .* stream=True \(opqn train --stream\)"):
         data.load_image_folder(tmp_path, size=(24, 20))
     assert len(data.load_image_folder(tmp_path, size=(24, 20), stream=True)) == 5
     monkeypatch.setattr(data.folders, "available_memory", lambda: 5 * 3 * 24 * 20 * 2)
@@ -362,3 +363,5 @@ def test_a_folder_larger_than_memory_is_refused_before_reading_it(tmp_path, monk
         data.load_image_folder(tmp_path, size=(24, 20))
     monkeypatch.setattr(data.folders, "available_memory", lambda: None)  # unknown: no check
     assert len(data.load_image_folder(tmp_path, size=(24, 20))) == 5
+    monkeypatch.setattr(data.folders, "available_memory", lambda: 1)  # a cache is mapped, not held: no check
+    assert len(data.load_image_folder(tmp_path, size=(24, 20), cache_dir=tmp_path.with_name(tmp_path.name + "_cache"))) == 5

@@ -116,5 +116,6 @@ def _check_fits_in_memory(count: int, image_bytes: int, root) -> None:
     if available is not None and need > 0.8 * available:
         each = f" ({copies} processes on this host, one copy each)" if copies > 1 else ""
         raise ValueError(f"the {count} images of {root} take {need / 1e9:.1f} GB at this size{each}, more than the "
-                         f"{available / 1e9:.1f} GB of memory available: read them batch by batch with "
-                         "stream=True (opqn train --stream)")
+                         f"{available / 1e9:.1f} GB of memory available: decode them once into a file that "
+                         "the processes of a host map and share, with cache_dir=DIR (opqn train --cache-dir DIR), "
+                         "or read them batch by batch with stream=True (opqn train --stream)")
