@@ -27,8 +27,9 @@ _HELP = {
     "data_path": "image folder (root/<identity>/<image>) or feature file (.npy/.safetensors)",
     "grayscale": "read folder images as one gray channel",
     "stream": "folder: decode images batch by batch (sets larger than memory) instead of reading them all first",
-    "workers": "processes decoding a folder's images (streamed: ahead of use), or threads gathering the batches of "
-               "a set in memory or in a cache ahead of use; -1: none for a model on the CPU, else one per CPU, at most 8",
+    "workers": "processes decoding a folder's images (streamed: ahead of use), or threads gathering the batches "
+               "of a set in memory or in a cache ahead of use; -1: none for a model on the CPU, else one per CPU, "
+               "at most 8",
     "cache_dir": "folder: decode the images once into a file in this folder, which every later run and process "
                  "maps (one copy per host; a folder that changed is decoded again)",
     "protocol": "seen (queries are new images of training identities) or unseen (held-out identities)",
@@ -322,7 +323,8 @@ def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.Argume
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
                                      "train, evaluate and search compact face codes.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,eval,encode,search,index,cache,embed,demo}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,eval,encode,search,index,cache,embed,demo}")
     defaults = TrainConfig()
 
     p = sub.add_parser("train", help="train an OPQN model", description="Train OPQN (DESIGN.md section 1 defaults).")

@@ -114,7 +114,8 @@ def test_a_cached_folder_from_training_to_eval(tmp_path, capsys, orl_folder):
     folder = ["--dataset", "folder", "--data-path", str(orl_folder), "--grayscale"]
     assert main(["train", *folder, "--cache-dir", str(cache), "--epochs", "2", "--width", "4", "--out-dir", str(run),
                  "--no-progress", "--json", str(tmp_path / "train.json")]) == 0
-    assert f"folder {orl_folder}: 400 images of 40 classes, mapped from {cache} (0.4 MB); seen" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"folder {orl_folder}: 400 images of 40 classes, mapped from {cache} (0.4 MB); seen" in out
     assert load_checkpoint(run)["config"]["cache_dir"] == str(cache) and len(list(cache.glob("*.npy"))) == 1
     trained = json.loads((tmp_path / "train.json").read_text())
     for how in ([], ["--stream"], ["--no-stream"], ["--cache-dir", str(tmp_path / "other")]):
@@ -141,8 +142,8 @@ def test_a_cache_made_ahead_is_what_training_maps(tmp_path, capsys, orl_folder, 
 
     monkeypatch.setattr("opqn_ext.data.image_files.read_image", refuse)
     run = tmp_path / "run"
-    assert main(["train", "--dataset", "folder", "--data-path", str(orl_folder), "--grayscale", "--cache-dir", str(cache),
-                 "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    assert main(["train", "--dataset", "folder", "--data-path", str(orl_folder), "--grayscale", "--cache-dir",
+                 str(cache), "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
     assert f"mapped from {cache} (0.4 MB)" in capsys.readouterr().out
     for bad, message in ((["--input-size", "0"], "--input-size must be >= 1, got 0"),
                          (["--workers", "-2"], "--workers must be >= 0, or -1 for one per CPU, got -2")):

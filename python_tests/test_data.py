@@ -364,4 +364,5 @@ def test_a_folder_larger_than_memory_is_refused_before_reading_it(tmp_path, monk
     monkeypatch.setattr(data.folders, "available_memory", lambda: None)  # unknown: no check
     assert len(data.load_image_folder(tmp_path, size=(24, 20))) == 5
     monkeypatch.setattr(data.folders, "available_memory", lambda: 1)  # a cache is mapped, not held: no check
-    assert len(data.load_image_folder(tmp_path, size=(24, 20), cache_dir=tmp_path.with_name(tmp_path.name + "_cache"))) == 5
+    cache = tmp_path.with_name(tmp_path.name + "_cache")
+    assert len(data.load_image_folder(tmp_path, size=(24, 20), cache_dir=cache)) == 5

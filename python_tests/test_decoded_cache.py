@@ -40,7 +40,8 @@ def test_a_cached_folder_is_decoded_once_and_then_mapped(tmp_path, monkeypatch, 
     write_faces(tmp_path / "faces")
     loaded = data.load_image_folder(tmp_path / "faces", SIZE, grayscale)
     paths, _, _ = data.scan_image_folder(tmp_path / "faces")
-    first, built = decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, grayscale, tmp_path / "cache", workers=2)
+    first, built = decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, grayscale, tmp_path / "cache",
+                                                workers=2)
     assert built and torch.equal(first, loaded.images)
     images_file, manifest = decoded_cache.cache_files(tmp_path / "cache", tmp_path / "faces", SIZE, grayscale)
     assert images_file.name.startswith(f"faces-24x20-{'gray' if grayscale else 'rgb'}-") and manifest.exists()

@@ -129,7 +129,8 @@ def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
     (dict(epochs=0), "epochs must be >= 1"),
     (dict(stream=True), "stream reads image folders \\(dataset 'folder'\\), not dataset 'orl'"),
     (dict(cache_dir="c"), "cache_dir reads image folders \\(dataset 'folder'\\), not dataset 'orl'"),
-    (dict(dataset="folder", data_path="f", stream=True, cache_dir="c"), "stream decodes .* cache_dir maps .*: choose one"),
+    (dict(dataset="folder", data_path="f", stream=True, cache_dir="c"),
+     "stream decodes .* cache_dir maps .*: choose one"),
     (dict(workers=-2), r"workers must be >= 0, or -1 for one per CPU, got -2"),
 ])
 def test_config_errors(tmp_path, kw, match):
