@@ -324,10 +324,21 @@ def test_batches_of_a_tensor_are_gathered_a_few_ahead_by_threads(workers):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_batches_read_ahead_come_pinned_for_cuda():
+def test_batches_read_ahead_come_pinned_for_cuda(monkeypatch):
+    import threading
+
     inputs = torch.arange(100).view(50, 2)
+    devices = []
+    real_set_device = torch.cuda.set_device
+
+    def set_device(device):
+        devices.append((threading.current_thread().name, device))
+        real_set_device(device)
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
     got = list(data.input_batches(inputs, [torch.tensor([3, 1])], workers=1, pin_memory=True))
     assert got[0].is_pinned() and torch.equal(got[0], inputs[[3, 1]])
+    assert [(name.startswith("opqn-read-ahead"), d) for name, d in devices] == [(True, torch.cuda.current_device())]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -158,8 +158,12 @@ def _gathered_ahead(inputs: torch.Tensor, batches: Iterable[torch.Tensor], threa
         batch = inputs[b]
         return batch.pin_memory() if pin_memory else batch
 
+    # pinned memory is allocated on a thread's current GPU: the caller's (as DataLoader's pinning thread
+    # does), not GPU 0, where every process of a host would otherwise make a context
+    device = torch.cuda.current_device() if pin_memory and torch.cuda.is_available() else None
+    setup = (lambda: torch.cuda.set_device(device)) if device is not None else None
     pending, todo = deque(), iter(batches)
-    with ThreadPoolExecutor(threads, thread_name_prefix="opqn-read-ahead") as pool:
+    with ThreadPoolExecutor(threads, thread_name_prefix="opqn-read-ahead", initializer=setup) as pool:
         try:
             for b in itertools.islice(todo, threads * _READ_AHEAD):
                 pending.append(pool.submit(gather, b))
