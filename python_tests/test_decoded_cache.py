@@ -181,3 +181,6 @@ def test_a_waiting_process_times_out_and_ignores_an_earlier_jobs_failure(tmp_pat
     failure.touch()
     with pytest.raises(RuntimeError, match="LOCAL_RANK 0 failed to decode .*: ValueError: an earlier job's"):
         decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, False, tmp_path / "cache", timeout=1)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")  # torchrun restarted the job: a new attempt
+    with pytest.raises(TimeoutError, match="waited 1 s"):
+        decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, False, tmp_path / "cache", timeout=1)

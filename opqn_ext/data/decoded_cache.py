@@ -115,8 +115,10 @@ def _build(paths: Sequence[str], size: tuple[int, int], grayscale: bool, images_
 
 
 def _failure_file(manifest_path: Path) -> Path:
-    """Where LOCAL_RANK 0 leaves its error for the processes of its host and torchrun job."""
-    job = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}.{os.environ.get('MASTER_PORT', '')}"
+    """Where LOCAL_RANK 0 leaves its error for the processes of its host and torchrun job (and its
+    attempt: the processes of a restart wait for a new decoding, not for the error that ended the last)."""
+    job = ".".join(os.environ.get(name, "") for name in ("TORCHELASTIC_RUN_ID", "MASTER_PORT",
+                                                          "TORCHELASTIC_RESTART_COUNT"))
     return manifest_path.with_name(f".{manifest_path.name}.{socket.gethostname()}.{job}.failed")
 
 
