@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from opqn_ext.cli import main
 from opqn_ext.train import load_checkpoint, model_from_checkpoint
+from test_decoded_cache import no_decoding
 
 SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build"]
 
@@ -136,11 +137,7 @@ def test_a_cache_made_ahead_is_what_training_maps(tmp_path, capsys, orl_folder, 
     assert f"{orl_folder}: 400 images of 40 classes at 32x32 (0.4 MB) decoded into {file} (" in capsys.readouterr().out
     assert main(ahead) == 0
     assert f"already in {file}, which matches the folder" in capsys.readouterr().out
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("an image was decoded")
-
-    monkeypatch.setattr("opqn_ext.data.image_files.read_image", refuse)
+    no_decoding(monkeypatch)
     run = tmp_path / "run"
     assert main(["train", "--dataset", "folder", "--data-path", str(orl_folder), "--grayscale", "--cache-dir",
                  str(cache), "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0

@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .image_files import ImageFiles, input_batches
+from .image_files import ImageFiles, decode_into
 from .mapped_files import map_npy
 
 CACHE_VERSION = 1
-_DECODE_BATCH = 256  # images a loader process decodes at a time
 _WAIT_POLL_SECONDS = 0.2
 # a failure older than this when a process starts waiting is an earlier job's (LOCAL_RANK 0 removes
 # its own job's before decoding)
@@ -99,14 +98,9 @@ def _build(paths: Sequence[str], size: tuple[int, int], grayscale: bool, images_
     tmp = images_path.with_name(f".{images_path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=tuple(files.shape))
-        images = torch.from_numpy(array)
-        parts = torch.arange(len(files)).split(_DECODE_BATCH)
         with tqdm(total=len(files), desc=f"decoding into {images_path.name}", unit="image",
                   disable=None if progress else True) as bar:
-            for part, batch in zip(parts, input_batches(files, parts, workers)):
-                images[part[0]:part[0] + len(part)] = batch
-                bar.update(len(part))
-        del images
+            decode_into(torch.from_numpy(array), files, workers, bar)
         array.flush()
         del array
         os.replace(tmp, images_path)

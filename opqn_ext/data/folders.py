@@ -11,9 +11,8 @@ import torch
 
 from .datasets import LabeledImages
 from .decoded_cache import decoded_images
-from .image_files import ImageFiles, input_batches, read_image
+from .image_files import ImageFiles, decode_into, read_image
 
-_READ_BATCH = 256  # images a loader process decodes at a time while a folder is read into memory
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 
@@ -100,10 +99,7 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
             images[i] = torch.from_numpy(array)
             bar.update(1)
     else:
-        parts = torch.arange(len(paths)).split(_READ_BATCH)
-        for part, batch in zip(parts, input_batches(ImageFiles(paths, size, grayscale), parts, workers)):
-            images[part[0]:part[0] + len(part)] = batch
-            bar.update(len(part))
+        decode_into(images, ImageFiles(paths, size, grayscale), workers, bar)
     bar.close()
     return LabeledImages(images, labels, classes)
 

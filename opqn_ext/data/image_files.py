@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from .mapped_files import is_mapped, will_need
 
 _READ_AHEAD = 4  # batches each loader process, or thread gathering from a tensor, prepares ahead of use
+_DECODE_BATCH = 256  # images a loader process decodes at a time while a whole folder is decoded
 
 
 def read_image(path: str | os.PathLike, size: tuple[int, int] | None, grayscale: bool) -> np.ndarray:
@@ -133,6 +134,16 @@ class _IndexLists:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def decode_into(out: torch.Tensor, files: ImageFiles, workers: int, bar) -> None:
+    """Decodes every image of ``files`` into ``out`` (``[N, C, H, W]`` uint8, a tensor or a mapped
+    file's), ``_DECODE_BATCH`` images at a time by ``workers`` loader processes, advancing the tqdm
+    ``bar`` by each batch."""
+    parts = torch.arange(len(files)).split(_DECODE_BATCH)
+    for part, batch in zip(parts, input_batches(files, parts, workers)):
+        out[part[0]:part[0] + len(part)] = batch
+        bar.update(len(part))
 
 
 def _advised_ahead(inputs: torch.Tensor, batches: Iterable[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:

@@ -5,8 +5,8 @@ A batch of 256 random images gathered from a mapped file whose pages are on disk
 one at a time, and the kernel's read-ahead around each fault reads neighbours no batch asked for
 (40 batches of 112 x 112 images from a 1.5 GB file read all 1.4 GB of it). ``will_need`` tells the
 kernel which rows come next (``madvise(MADV_WILLNEED)`` per row), so it reads just those (0.4 GB),
-many at once, before the gather touches them: those 40 batches waited 0.24-0.39 s for their data
-instead of 1.09-1.42 s (benchmarks/bench_folder_cache.py, RESULTS.md).
+many at once, before the gather touches them: those 40 batches waited 0.21-0.32 s for their data
+instead of 1.11-1.32 s (benchmarks/bench_folder_cache.py, RESULTS.md).
 """
 from __future__ import annotations
 
