@@ -12,7 +12,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.opqn-installed
 JOBS ?= $(shell nproc)
 
-.PHONY: demo test bench build sanitize clean
+.PHONY: demo test bench build sanitize dist clean
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
@@ -42,6 +42,15 @@ bench: build
 	$(PYTHON) benchmarks/bench_index.py
 	$(PYTHON) benchmarks/bench_folder_loader.py
 	$(PYTHON) benchmarks/bench_folder_cache.py
+
+# Release files in dist/: the sdist, and a wheel built from that sdist alone against the venv's torch
+# (with the CUDA kernels where `make test` builds them; WHEEL_ENV=OPQN_WITH_CUDA=0: CPU kernels only).
+WHEEL_ENV ?=
+dist: $(STAMP)
+	rm -rf dist && mkdir -p build
+	$(PYTHON) -c "from setuptools import build_meta; build_meta.build_sdist('dist')" > build/sdist.log 2>&1 \
+		|| (tail -40 build/sdist.log; false)
+	$(WHEEL_ENV) MAX_JOBS=$(JOBS) $(PIP) wheel -q --no-build-isolation --no-deps -w dist dist/opqn_ext-*.tar.gz
 
 # Python is not built with the sanitizers: its runtimes are preloaded, leak checks (Python never
 # frees everything) and the checks that torch's own libraries trip are off. ASan leaves SIGSEGV to

@@ -78,6 +78,14 @@ def _want_cuda():
     return False, why
 
 
+def _torch_requirement():
+    """The torch releases the built library loads with: the minor release it is compiled against.
+    torch's C++ ABI changes between minor releases (a library built on 2.14 fails to load on 2.13
+    or 2.15), so a wheel says which torch it needs, and pip keeps or installs that one."""
+    major, minor = (int(part) for part in torch.__version__.split(".")[:2])
+    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+
+
 def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
@@ -110,6 +118,7 @@ print(f"opqn_ext: building CPU kernels; CUDA kernels: {'yes' if with_cuda else '
       + (f", arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the visible GPU')}" if with_cuda else ""))
 
 setup(
+    install_requires=[_torch_requirement(), "numpy", "tqdm", "safetensors", "pillow"],
     ext_modules=[
         extension(
             name="opqn_ext._C",

@@ -1,13 +1,20 @@
+import importlib.metadata
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tarfile
 
 import pytest
 import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
 
 import opqn_ext
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_build_info_reports_build_and_machine():
@@ -52,8 +59,7 @@ def test_build_skips_or_refuses_an_nvcc_of_another_cuda_major_version(tmp_path, 
     # build decision without building anything.
     other = f"{int(torch.version.cuda.split('.')[0]) + 1}.0"
     env = dict(os.environ, CUDA_HOME=str(fake_toolkit(tmp_path, other)), OPQN_WITH_CUDA=mode)
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=root, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env)
     why = f"nvcc {other} at {env['CUDA_HOME']}/bin/nvcc does not match the CUDA {torch.version.cuda} of torch"
     if mode == "auto":
         assert proc.returncode == 0, proc.stderr
@@ -99,3 +105,47 @@ def test_unknown_cpu_isa_is_rejected():
         assert "'sse9'" in str(err)
     else:
         raise AssertionError("set_cpu_isa accepted an unknown path")
+
+
+def tracked_files():
+    proc = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        pytest.skip("not a git checkout: no list of the project's files to compare with")
+    return [f for f in proc.stdout.splitlines() if os.path.isfile(os.path.join(ROOT, f))]
+
+
+def test_source_distribution_holds_everything_a_build_and_the_tests_need(tmp_path):
+    # pip and `python -m build` build a wheel from the sdist alone: a header left out of it (setup.py
+    # names only the .cpp and .cu files) fails that build. The sdist is made by the PEP 517 hook they
+    # call, from a copy of the checkout (the hook writes metadata next to setup.py).
+    tracked = tracked_files()
+    src = tmp_path / "src"
+    for name in tracked:
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), src / name)
+    code = "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dist")], cwd=src, capture_output=True,
+                          text=True, env=dict(os.environ, OPQN_WITH_CUDA="0"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sdist = tmp_path / "dist" / proc.stdout.split()[-1]
+    with tarfile.open(sdist) as tar:
+        packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    needed = [f for f in tracked if f.startswith(("csrc/", "opqn_ext/", "python_tests/"))
+              or f in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md")]
+    assert any(f.endswith(".cuh") for f in needed) and any(f.endswith(".h") for f in needed)
+    assert sorted(set(needed) - packed) == []
+    assert not any("__pycache__" in name or name.endswith((".so", ".o", ".pyc")) for name in packed)
+
+
+def test_package_requires_the_torch_minor_release_it_was_built_against():
+    # torch's C++ ABI changes between minor releases: the library built here loads only with this
+    # torch's minor release, and the package's metadata says so, so pip never pairs it with another.
+    try:
+        requirements = [Requirement(r) for r in importlib.metadata.requires("opqn-ext")]
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("opqn_ext is built in place, not installed: no package metadata")
+    (spec,) = [r.specifier for r in requirements if r.name == "torch"]
+    built = Version(torch.__version__).release[:2]
+    assert spec.contains(f"{built[0]}.{built[1]}.0") and spec.contains(torch.__version__.split("+")[0])
+    assert not spec.contains(f"{built[0]}.{built[1] + 1}.0")
+    assert built[1] == 0 or not spec.contains(f"{built[0]}.{built[1] - 1}.99")

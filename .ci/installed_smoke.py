@@ -1,0 +1,55 @@
+"""Uses an installed opqn_ext wheel from outside the checkout: python .ci/installed_smoke.py TARGET,
+where TARGET is the folder the wheel was installed into (pip install --target) and is first on
+PYTHONPATH. Checks that the package comes from there and that its ops, index and command line work."""
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+
+target = os.path.realpath(sys.argv[1])
+import opqn_ext  # noqa: E402
+from opqn_ext import reference  # noqa: E402
+from opqn_ext.index import OPQNIndex  # noqa: E402
+
+assert os.path.realpath(opqn_ext.__file__).startswith(target + os.sep), opqn_ext.__file__
+print("opqn_ext from", os.path.dirname(opqn_ext.__file__), opqn_ext.build_info())
+
+torch.manual_seed(0)
+M, d, K = 4, 32, 16
+codebook = opqn_ext.orthonormal_codebooks(M, d, K, dtype=torch.float64)
+weight = torch.randn(M, d, K, dtype=torch.float64, requires_grad=True)
+x = torch.randn(64, M * d, dtype=torch.float64, requires_grad=True)
+got = opqn_ext.soft_quantize(x, weight, codebook, scale=2.0)
+want = reference.soft_quantize(x, weight, codebook, scale=2.0)
+for g, w in zip(got, want):
+    torch.testing.assert_close(g, w)
+assert torch.autograd.gradcheck(lambda x, w: opqn_ext.soft_quantize(x, w, codebook)[1], (x[:4], weight))
+
+codes = opqn_ext.encode(x.detach(), weight.detach())
+assert torch.equal(codes, reference.encode(x.detach(), weight.detach()))
+lut = want[0].detach().float()[:8]
+scores, ids = opqn_ext.adc_topk(lut, codes, 10)
+ref_scores, ref_ids = reference.adc_topk(lut, codes, 10)
+assert torch.equal(ids, ref_ids) and torch.equal(scores, ref_scores)
+scores4, ids4 = opqn_ext.adc_topk4(lut, opqn_ext.pack_codes4(codes), 10)
+torch.testing.assert_close(scores4, ref_scores)
+
+with tempfile.TemporaryDirectory() as tmp:
+    index = OPQNIndex(weight.detach().float(), codebook.float(), query_scale=4.0)
+    index.add(x.detach().float())
+    path = index.save(os.path.join(tmp, "db.opqn"))
+    loaded = OPQNIndex.load(path)
+    first = index.search(x.detach().float()[:5], 3)
+    again = loaded.search(x.detach().float()[:5], 3)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+    opqn = os.path.join(target, "bin", "opqn")
+    run = os.path.join(tmp, "run")
+    for args in (["train", "--dataset", "orl", "--epochs", "1", "--width", "8", "--input-size", "32",
+                  "--bits", "16", "--out-dir", run, "--no-progress"], ["eval", run]):
+        proc = subprocess.run([opqn, *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        print(proc.stdout.strip().splitlines()[-1])
+print("installed wheel works")
