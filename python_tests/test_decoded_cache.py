@@ -1,8 +1,11 @@
 """The decoded-image cache of image folders: decoded once, mapped (not read) by later loads, decoded
 again when the folder changes, shared by the processes of a torchrun host."""
+import fcntl
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -45,7 +48,8 @@ def test_a_cached_folder_is_decoded_once_and_then_mapped(tmp_path, monkeypatch, 
     assert built and torch.equal(first, loaded.images)
     images_file, manifest = decoded_cache.cache_files(tmp_path / "cache", tmp_path / "faces", SIZE, grayscale)
     assert images_file.name.startswith(f"faces-24x20-{'gray' if grayscale else 'rgb'}-") and manifest.exists()
-    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([images_file.name, manifest.name])
+    lock = decoded_cache.lock_file(manifest)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == sorted([images_file.name, manifest.name, lock.name])
     no_decoding(monkeypatch)
     cached = data.load_image_folder(tmp_path / "faces", SIZE, grayscale, cache_dir=tmp_path / "cache")
     assert torch.equal(cached.images, loaded.images) and torch.equal(cached.labels, loaded.labels)
@@ -112,7 +116,8 @@ def test_cache_errors(tmp_path, monkeypatch):
     (tmp_path / "faces" / "bob" / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match=r"broken\.jpg: unreadable image"):
         data.load_image_folder(tmp_path / "faces", SIZE, workers=2, cache_dir=tmp_path / "cache")
-    assert list((tmp_path / "cache").iterdir()) == []  # no manifest, no half-written file
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["." + images_file_stem(tmp_path) + ".lock"]  # no
+    # manifest, no half-written file
     (tmp_path / "faces" / "bob" / "broken.jpg").unlink()
 
     class Usage:
@@ -122,6 +127,89 @@ def test_cache_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"cache_dir .*cache has 0\.0 GB free; the 5 images need 0\.0 GB decoded at "
                                          r"24x20"):
         data.load_image_folder(tmp_path / "faces", SIZE, cache_dir=tmp_path / "cache")
+
+
+def images_file_stem(tmp_path):
+    return decoded_cache.cache_files(tmp_path / "cache", tmp_path / "faces", SIZE, False)[1].stem
+
+
+class HeldLock:
+    """The cache's lock held as another job decoding it (on this host or on another one sharing the
+    cache folder) would hold it: flock locks of two open files conflict within one process too."""
+
+    def __init__(self, tmp_path):
+        _, self.manifest = decoded_cache.cache_files(tmp_path / "cache", tmp_path / "faces", SIZE, False)
+        self.manifest.parent.mkdir(exist_ok=True)
+        self.fd = os.open(decoded_cache.lock_file(self.manifest), os.O_RDWR | os.O_CREAT)
+        fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def release(self):
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+def decode_in_thread(tmp_path, paths):
+    """decoded_images of the faces on a thread (a process of another job); its result in .result."""
+    thread = threading.Thread(target=lambda: setattr(thread, "result", decoded_cache.decoded_images(
+        tmp_path / "faces", paths, SIZE, False, tmp_path / "cache", progress=True)))
+    thread.start()
+    return thread
+
+
+def test_a_second_job_waits_for_the_one_decoding_the_cache_and_maps_its_file(tmp_path, capfd):
+    write_faces(tmp_path / "faces")
+    paths, _, _ = data.scan_image_folder(tmp_path / "faces")
+    held = HeldLock(tmp_path)
+    other = decode_in_thread(tmp_path, paths)
+    time.sleep(1.5)
+    assert other.is_alive() and not list((tmp_path / "cache").glob("*.npy"))  # waiting, not decoding
+    assert "waiting for another process decoding the images into" in capfd.readouterr().err
+    images_path, manifest = decoded_cache.cache_files(tmp_path / "cache", tmp_path / "faces", SIZE, False)
+    # the holder decodes meanwhile, then lets go
+    decoded_cache._build(paths, SIZE, False, images_path, 0, False)
+    manifest.write_text(json.dumps(decoded_cache._manifest(tmp_path / "faces", SIZE, False, len(paths),
+                                                           decoded_cache.folder_fingerprint(tmp_path / "faces", paths))))
+    held.release()
+    other.join(timeout=30)
+    images, decoded = other.result
+    assert not decoded and mapped_file(images) == str(images_path)
+    assert torch.equal(images, data.load_image_folder(tmp_path / "faces", SIZE).images)
+
+
+def test_a_job_decodes_the_cache_itself_when_the_holder_stops_without_it(tmp_path):
+    write_faces(tmp_path / "faces")
+    paths, _, _ = data.scan_image_folder(tmp_path / "faces")
+    held = HeldLock(tmp_path)
+    other = decode_in_thread(tmp_path, paths)
+    time.sleep(1)
+    held.release()  # the holder failed (or was killed: the kernel releases its lock)
+    other.join(timeout=30)
+    images, decoded = other.result
+    assert decoded and torch.equal(images, data.load_image_folder(tmp_path / "faces", SIZE).images)
+
+
+def test_waiting_for_the_lock_times_out(tmp_path):
+    write_faces(tmp_path / "faces")
+    paths, _, _ = data.scan_image_folder(tmp_path / "faces")
+    held = HeldLock(tmp_path)
+    try:
+        with pytest.raises(TimeoutError, match=r"waited 1 s for another process decoding the images into .*faces-24x20"
+                                               r".* \(it holds .*\.faces-24x20-rgb-\w+\.lock locked\)"):
+            decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, False, tmp_path / "cache", timeout=1)
+    finally:
+        held.release()
+
+
+def test_without_locks_on_the_file_system_the_cache_is_still_decoded(tmp_path, monkeypatch):
+    write_faces(tmp_path / "faces")
+    paths, _, _ = data.scan_image_folder(tmp_path / "faces")
+
+    def unsupported(fd, operation):
+        raise OSError(decoded_cache.errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(decoded_cache.fcntl, "flock", unsupported)
+    images, decoded = decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, False, tmp_path / "cache")
+    assert decoded and torch.equal(images, data.load_image_folder(tmp_path / "faces", SIZE).images)
 
 
 WAITER = """

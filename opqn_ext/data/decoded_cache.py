@@ -10,14 +10,21 @@ A cache is tied to the folder's content: its manifest holds a fingerprint of eve
 path, size and modification time, and a folder that changed since (an image added, removed or
 rewritten) is decoded again. Under torchrun the first process of each host (``LOCAL_RANK`` 0)
 decodes, with the loader processes of all its host's ranks; the others wait for its manifest.
+A process that decodes holds a lock on a file beside the cache (``flock``), so that another job, on
+this host or on another one sharing ``cache_dir`` over a network file system, waits for it and then
+maps its file instead of decoding the folder a second time. (On a file system without ``flock``,
+such as Lustre mounted without ``-o flock``, each decodes; both results are correct.)
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +115,36 @@ def _build(paths: Sequence[str], size: tuple[int, int], grayscale: bool, images_
         tmp.unlink(missing_ok=True)
 
 
+def lock_file(manifest_path: Path) -> Path:
+    """The file a process decoding the cache holds locked (it stays: removing it could let two
+    processes lock two different files of one name)."""
+    return manifest_path.with_name(f".{manifest_path.stem}.lock")
+
+
+def _lock(fd: int, what: Path, lock_path: Path, timeout: float | None, progress: bool) -> bool:
+    """Takes the exclusive lock on ``fd`` (waiting while another process holds it, at most ``timeout``
+    seconds); False where the file system cannot lock."""
+    start, told = time.monotonic(), False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            pass
+        except OSError as err:
+            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                return False
+            raise
+        if timeout is not None and time.monotonic() - start > timeout:
+            raise TimeoutError(f"waited {timeout:.0f} s for another process decoding the images into {what} "
+                               f"(it holds {lock_path} locked)")
+        if progress and not told:
+            print(f"waiting for another process decoding the images into {what} (it holds {lock_path} locked)",
+                  file=sys.stderr, flush=True)
+            told = True
+        time.sleep(_WAIT_POLL_SECONDS)
+
+
 def _failure_file(manifest_path: Path) -> Path:
     """Where LOCAL_RANK 0 leaves its error for the processes of its host and torchrun job (and its
     attempt: the processes of a restart wait for a new decoding, not for the error that ended the last)."""
@@ -135,7 +172,8 @@ def decoded_images(root: str | Path, paths: Sequence[str], size: tuple[int, int]
     The cache is decoded (by ``workers`` loader processes) when missing or when the folder changed;
     under torchrun only by ``LOCAL_RANK`` 0, with ``workers`` x ``LOCAL_WORLD_SIZE`` processes,
     while the host's other processes wait for it (at most ``timeout`` seconds; None: no limit) and
-    raise its error if it fails."""
+    raise its error if it fails. While another job decodes the same cache, this call waits for it
+    (as long, saying so on stderr with ``progress``), then maps its file."""
     root, cache_dir = Path(root), Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     images_path, manifest_path = cache_files(cache_dir, root, size, grayscale)
@@ -150,14 +188,25 @@ def decoded_images(root: str | Path, paths: Sequence[str], size: tuple[int, int]
         return _wait_for(manifest_path, images_path, wanted, shape, timeout), False
     failure = _failure_file(manifest_path)
     failure.unlink(missing_ok=True)
+    lock_path = lock_file(manifest_path)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
+        locked = _lock(fd, images_path, lock_path, timeout, progress)
+        if _read_manifest(manifest_path) == wanted:  # decoded by the process that held the lock
+            images = _open(images_path, shape)
+            if images is not None:
+                return images, False
         manifest_path.unlink(missing_ok=True)  # no process may take the old images for the new ones
         _build(paths, size, grayscale, images_path, workers * local_world, progress)  # the host's other ranks wait
         _write_atomically(manifest_path, json.dumps(wanted))
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_UN)  # loader processes forked meanwhile share fd: closing it would not do
     except BaseException as err:
         if local_world > 1:
             _write_atomically(failure, f"{type(err).__name__}: {err}")
         raise
+    finally:
+        os.close(fd)
     images = _open(images_path, shape)
     if images is None:
         raise RuntimeError(f"{images_path} changed while it was written (another process writing the same cache?)")
