@@ -50,6 +50,7 @@ dist: $(STAMP)
 	rm -rf dist && mkdir -p build
 	$(PYTHON) -c "from setuptools import build_meta; build_meta.build_sdist('dist')" > build/sdist.log 2>&1 \
 		|| (tail -40 build/sdist.log; false)
+	rm -rf opqn_ext.egg-info
 	$(WHEEL_ENV) MAX_JOBS=$(JOBS) $(PIP) wheel -q --no-build-isolation --no-deps -w dist dist/opqn_ext-*.tar.gz
 
 # Python is not built with the sanitizers: its runtimes are preloaded, leak checks (Python never

@@ -81,9 +81,11 @@ def _want_cuda():
 def _torch_requirement():
     """The torch releases the built library loads with: the minor release it is compiled against.
     torch's C++ ABI changes between minor releases (a library built on 2.14 fails to load on 2.13
-    or 2.15), so a wheel says which torch it needs, and pip keeps or installs that one."""
+    or 2.15), so a wheel says which torch it needs, and pip keeps or installs that one. The lower
+    bound admits that release's nightlies and source builds (2.14.0.dev20260901, NGC containers'
+    2.14.0a0+git...), which a plain >=2.14 would not."""
     major, minor = (int(part) for part in torch.__version__.split(".")[:2])
-    return f"torch>={major}.{minor},<{major}.{minor + 1}"
+    return f"torch>={major}.{minor}.0.dev0,<{major}.{minor + 1}"
 
 
 def _sources(pattern):
