@@ -174,6 +174,15 @@ def _part(prepared, part: str) -> torch.Tensor:
     return {"database": split.database, "query": split.query, "all": torch.arange(len(prepared.labels))}[part]
 
 
+def _naming(cfg: TrainConfig, prepared) -> dict:
+    """What an index or code file keeps so that searches can name the items they find: the data
+    set's identity names and, for an image folder, the folder (:func:`search_inputs.folder_source`)."""
+    from .search_inputs import folder_source
+
+    return {"classes": list(prepared.classes)} | ({"folder": folder_source(cfg.data_path)} if cfg.dataset == "folder"
+                                                  else {})
+
+
 def cmd_encode(args) -> int:
     from safetensors.torch import save_file
 
@@ -181,7 +190,7 @@ def cmd_encode(args) -> int:
     idx = _part(prepared, args.part)
     codes = torch.cat([model.head.encode(features) for _, features in _feature_chunks(model, cfg, prepared, idx)])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
-            "dataset": cfg.dataset, "part": args.part}
+            "dataset": cfg.dataset, "part": args.part} | {k: json.dumps(v) for k, v in _naming(cfg, prepared).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
               args.output, metadata=meta)
     print(f"encoded {len(idx)} items into {codes.shape[1]} x {model.head.num_words}-word codes "
@@ -199,17 +208,58 @@ def _index_from_code_file(path: str, model):
         raise CliError(f"code file {path} does not exist (write one with `opqn encode`)")
     with safe_open(path, framework="pt") as f:
         codes, labels, items = f.get_tensor("codes"), f.get_tensor("labels"), f.get_tensor("items")
+        meta = f.metadata() or {}
     if codes.shape[1] != model.head.num_books:
         raise CliError(f"{path} has {codes.shape[1]} books but the model has {model.head.num_books}")
-    index = OPQNIndex.from_head(model.head)
+    index = OPQNIndex.from_head(model.head, settings={k: json.loads(meta[k]) for k in ("classes", "folder") if k in meta})
     index.add_codes(codes, ids=items, labels=labels)
     return index
+
+
+def _checkpoint_only(args):
+    """The model and its training configuration, for queries named on the command line (no data set)."""
+    for flag, value in (("--dataset", args.dataset), ("--data-path", args.data_path), ("--protocol", args.protocol),
+                        ("--part", args.part), ("--stream", args.stream), ("--cache-dir", args.cache_dir)):
+        if value is not None:
+            raise CliError(f"--query names the queries: {flag} does not apply")
+    ckpt = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    if args.workers is not None:
+        cfg.workers = args.workers
+    return model, cfg, ckpt["input_shape"]
+
+
+def _result_names(index, ids: torch.Tensor) -> tuple[list[list[str]] | None, list[list[str]] | None, str]:
+    """(identity names, image files below the index's folder) of the found items, each None where
+    the index cannot name them; and why not, for the files."""
+    from .search_inputs import item_paths
+
+    settings = index.settings or {}
+    classes = settings.get("classes")
+    names = [[classes[lab] if 0 <= lab < len(classes) else str(lab) for lab in row]
+             for row in index.labels_of(ids).tolist()] if classes else None
+    if "folder" not in settings:
+        return names, None, ""
+    paths, why = item_paths(settings["folder"])
+    return names, ([[paths[i] for i in row] for row in ids.tolist()] if paths is not None else None), why
 
 
 def cmd_search(args) -> int:
     from .index import OPQNIndex
 
-    model, cfg, prepared = _checkpoint_and_data(args)
+    if args.query:
+        from .search_inputs import query_inputs, query_paths
+
+        model, cfg, input_shape = _checkpoint_only(args)
+        try:
+            query_names, inputs = query_inputs(query_paths(args.query, features=len(input_shape) == 1), cfg.dataset,
+                                               input_shape)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+        prepared, idx = None, torch.arange(len(query_names))
+    else:
+        model, cfg, prepared = _checkpoint_and_data(args)
+        inputs, idx = prepared.inputs, _part(prepared, args.part or "query")
     if args.index:
         index = OPQNIndex.load(args.index, mmap=True)
         if (index.num_books, index.dim, index.num_words) != (model.head.num_books, model.head.dim, model.head.num_words):
@@ -219,9 +269,8 @@ def cmd_search(args) -> int:
         index = _index_from_code_file(args.codes, model)
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
-    idx = _part(prepared, args.part)
     scores, ids, ms = [], [], 0.0
-    for _, features in _feature_chunks(model, cfg, prepared, idx):
+    for _, features in feature_chunks(model, inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu")):
         start = time.perf_counter()
         found = index.search(features, args.k)
         ms += (time.perf_counter() - start) * 1e3
@@ -229,12 +278,23 @@ def cmd_search(args) -> int:
         ids.append(found[1])
     scores, ids = torch.cat(scores), torch.cat(ids)
     labels = index.labels_of(ids)
-    results = [{"query_item": int(q), "query_label": int(prepared.labels[q]),
-                "results": [{"item": int(h), "label": int(lab), "score": float(s)}
-                            for s, h, lab in zip(scores[i], ids[i], labels[i])]} for i, q in enumerate(idx.tolist())]
+    names, files, why_no_files = _result_names(index, ids)
+    results = []
+    for i, q in enumerate(idx.tolist()):
+        query = {"query": query_names[q]} if prepared is None else {"query_item": q,
+                                                                    "query_label": int(prepared.labels[q])}
+        found = [{"item": int(h), "label": int(lab), "score": float(s)}
+                 for s, h, lab in zip(scores[i], ids[i], labels[i])]
+        for j, entry in enumerate(found):
+            entry |= ({"identity": names[i][j]} if names else {}) | ({"file": files[i][j]} if files else {})
+        results.append(query | {"results": found})
     for r in results[: args.show]:
-        shown = ", ".join(f"{x['item']}({x['label']}) {x['score']:.3f}" for x in r["results"])
-        print(f"query {r['query_item']} (label {r['query_label']}): {shown}")
+        shown = ", ".join(f"{x['item']}({x.get('identity', x['label'])})" + (f" {x['file']}" if "file" in x else "")
+                          + f" {x['score']:.3f}" for x in r["results"])
+        what = r["query"] if prepared is None else f"{r['query_item']} (label {r['query_label']})"
+        print(f"query {what}: {shown}")
+    if why_no_files:
+        print(f"(database items without their image files: {why_no_files})")
     print(f"{len(idx)} queries x {len(index)} codes, top-{args.k} in {ms:.2f} ms")
     _write_json(args.json, results)
     return 0
@@ -245,8 +305,8 @@ def cmd_index_build(args) -> int:
 
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
-    index = OPQNIndex.from_head(model.head, settings={"config": dataclasses.asdict(cfg),
-                                                      "checkpoint": str(Path(args.checkpoint).resolve())})
+    settings = {"config": dataclasses.asdict(cfg), "checkpoint": str(Path(args.checkpoint).resolve())}
+    index = OPQNIndex.from_head(model.head, settings=settings | _naming(cfg, prepared))
     for part, features in _feature_chunks(model, cfg, prepared, idx):  # bounded memory: features of one chunk
         index.add(features, ids=part, labels=prepared.labels[part])
     index.save(args.output)
@@ -347,7 +407,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--index", help="an index file from `opqn index build` (memory-mapped)")
     source.add_argument("--codes", help="a code file from `opqn encode`")
     p.add_argument("-k", type=int, default=10, help="results per query")
-    p.add_argument("--part", choices=("database", "query", "all"), default="query", help="which items are queries")
+    p.add_argument("--part", choices=("database", "query", "all"), help="which items of the data set are queries "
+                   "(default: query)")
+    p.add_argument("--query", nargs="+", metavar="PATH", help="query images, or folders of them (any layout, no "
+                   "identities needed), or for a model on features, feature files; instead of a data set's queries")
     p.add_argument("--show", type=int, default=5, help="queries to print")
     p.add_argument("--json", help="write every query's results here")
     p.set_defaults(func=cmd_search)

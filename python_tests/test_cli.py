@@ -1,6 +1,7 @@
 """The opqn command line: help for every subcommand, one-line errors, and train -> eval ->
 encode -> search end to end on a tiny ORL run, in memory and from a streamed image folder."""
 import json
+import os
 import subprocess
 import sys
 
@@ -254,3 +255,137 @@ def test_encode_search_and_index_build_in_chunks_give_the_whole_result(tmp_path,
     images = torch.zeros(3, 1, 32, 32, dtype=torch.uint8)
     chunks = list(cli.feature_chunks(model, images, torch.device("cpu"), torch.arange(0)))
     assert len(chunks) == 1 and chunks[0][1].shape == (0, 512)  # no items: one empty chunk
+
+
+def same_results(got, want):
+    """Search results of one query computed from other batches: equal scores (to rounding), and
+    every item scoring above the last place's ties in both."""
+    scores = [r["score"] for r in want]
+    assert [r["score"] for r in got] == pytest.approx(scores, rel=1e-5)
+    above_ties = {r["item"] for r in want if r["score"] > scores[-1] + 1e-4}
+    assert above_ties <= {r["item"] for r in got}
+
+
+def orl_item_file(orl_folder, item):
+    """The file of ORL item ``item`` in the orl_folder fixture."""
+    from opqn_ext.data import load_orl
+
+    return orl_folder / f"s{int(load_orl().labels[item]) + 1:02d}" / f"{item % 10:02d}.png"
+
+
+def test_search_with_query_images_of_any_layout(tmp_path, capsys, orl_folder):
+    """--query: image files and folders of them, without identity folders, read as the training set's
+    images were: an image of the set gives the results its item gives as a data-set query."""
+    import shutil
+
+    from opqn_ext.data import load_orl
+
+    run, index = tmp_path / "run", tmp_path / "db.opqn"
+    assert main(["train", "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    assert main(["index", "build", str(run), "--part", "all", "-o", str(index)]) == 0
+    assert main(["search", str(run), "--index", str(index), "--part", "all", "-k", "5",
+                 "--json", str(tmp_path / "all.json")]) == 0
+    by_item = {r["query_item"]: r["results"] for r in json.loads((tmp_path / "all.json").read_text())}
+    items = [0, 13, 399]
+    probes = tmp_path / "probes" / "deeper"
+    probes.mkdir(parents=True)
+    for name, item in zip(("a.png", "b.png"), items):
+        shutil.copy(orl_item_file(orl_folder, item), probes / name)
+    single = orl_item_file(orl_folder, items[2])
+    capsys.readouterr()
+    assert main(["search", str(run), "--index", str(index), "--query", str(tmp_path / "probes"), str(single), "-k", "5",
+                 "--json", str(tmp_path / "q.json")]) == 0
+    out = capsys.readouterr().out
+    assert f"query {probes / 'a.png'}: " in out and "3 queries x 400 codes, top-5" in out
+    results = json.loads((tmp_path / "q.json").read_text())
+    assert [r["query"] for r in results] == [str(probes / "a.png"), str(probes / "b.png"), str(single)]
+    classes = load_orl().classes
+    for r, item in zip(results, items):
+        same_results(r["results"], by_item[item])
+        assert all(x["identity"] == classes[x["label"]] and "file" not in x for x in r["results"])
+    assert all(x["identity"] == classes[x["label"]] for x in by_item[0])  # data-set queries are named too
+
+    for args, message in (
+            (["--query", str(tmp_path / "missing.png")], "--query " + str(tmp_path / "missing.png") + " does not exist"),
+            (["--query", str(tmp_path / "run")], f"--query {tmp_path / 'run'}: no images with extensions .jpg"),
+            (["--query", str(index)], f"--query {index}: expected images ending in .jpg"),
+            (["--query", str(single), "--dataset", "orl"], "--query names the queries: --dataset does not apply"),
+            (["--query", str(single), "--part", "all"], "--query names the queries: --part does not apply")):
+        assert main(["search", str(run), "--index", str(index), *args]) == 2
+        assert message in capsys.readouterr().err, args
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    assert main(["search", str(run), "--index", str(index), "--query", str(tmp_path / "broken.jpg")]) == 2
+    assert "broken.jpg: unreadable image" in capsys.readouterr().err
+
+
+def test_search_names_the_image_files_of_a_folder_index_while_the_folder_matches(tmp_path, capsys, orl_folder):
+    import shutil
+
+    from opqn_ext.data import scan_image_folder
+
+    faces, run, index = tmp_path / "faces", tmp_path / "run", tmp_path / "db.opqn"
+    shutil.copytree(orl_folder, faces)
+    folder = ["--dataset", "folder", "--data-path", str(faces), "--grayscale"]
+    assert main(["train", *folder, "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    assert main(["index", "build", str(run), "--part", "all", "-o", str(index)]) == 0
+    assert main(["search", str(run), "--index", str(index), "--part", "all", "-k", "4",
+                 "--json", str(tmp_path / "all.json")]) == 0
+    by_item = {r["query_item"]: r["results"] for r in json.loads((tmp_path / "all.json").read_text())}
+    paths, labels, classes = scan_image_folder(faces)
+    query = faces / "s07" / "03.png"
+    item = paths.index(str(query))
+    capsys.readouterr()
+    assert main(["search", str(run), "--index", str(index), "--query", str(query), "-k", "4",
+                 "--json", str(tmp_path / "q.json")]) == 0
+    (result,) = json.loads((tmp_path / "q.json").read_text())
+    same_results(result["results"], by_item[item])
+    for x in result["results"]:
+        assert x["file"] == os.path.relpath(paths[x["item"]], faces) and x["identity"] == classes[labels[x["item"]]]
+    first = result["results"][0]
+    assert f"{first['item']}({first['identity']}) {first['file']} {first['score']:.3f}" in capsys.readouterr().out
+    assert main(["encode", str(run), "--part", "all", "-o", str(tmp_path / "db.safetensors")]) == 0
+    assert main(["search", str(run), "--codes", str(tmp_path / "db.safetensors"), "--query", str(query), "-k", "4",
+                 "--json", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text()) == [result]  # a code file names its items too
+
+    shutil.copy(query, faces / "s01" / "new.png")  # the folder changed: its items are no longer the index's
+    assert main(["search", str(run), "--index", str(index), "--query", str(query), "-k", "4",
+                 "--json", str(tmp_path / "q.json")]) == 0
+    assert f"(database items without their image files: {faces} changed since the index was built)" in \
+        capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "q.json").read_text())
+    assert all("file" not in x and "identity" in x for x in result["results"])
+
+
+def test_search_with_query_feature_files(tmp_path, capsys):
+    import numpy as np
+
+    from opqn_ext.data import save_features
+
+    g = torch.Generator().manual_seed(0)
+    centers, labels = torch.randn(20, 32, generator=g), torch.arange(20).repeat_interleave(10)
+    features = centers[labels] + 0.3 * torch.randn(200, 32, generator=g)
+    save_features(tmp_path / "f.safetensors", features, labels, [f"id{i}" for i in range(20)])
+    run, index = tmp_path / "run", tmp_path / "db.opqn"
+    assert main(["train", "--dataset", "features", "--data-path", str(tmp_path / "f.safetensors"), "--backbone", "mlp",
+                 "--epochs", "1", "--out-dir", str(run), "--no-progress"]) == 0
+    assert main(["index", "build", str(run), "--part", "all", "-o", str(index)]) == 0
+    assert main(["search", str(run), "--index", str(index), "--part", "all", "-k", "3",
+                 "--json", str(tmp_path / "all.json")]) == 0
+    by_item = {r["query_item"]: r["results"] for r in json.loads((tmp_path / "all.json").read_text())}
+    np.save(tmp_path / "q.npy", features[[5, 150]].numpy())
+    assert main(["search", str(run), "--index", str(index), "--query", str(tmp_path / "q.npy"),
+                 str(tmp_path / "f.safetensors"), "-k", "3", "--json", str(tmp_path / "q.json")]) == 0
+    results = json.loads((tmp_path / "q.json").read_text())
+    assert [r["query"] for r in results[:3]] == [f"{tmp_path / 'q.npy'}[0]", f"{tmp_path / 'q.npy'}[1]",
+                                                 f"{tmp_path / 'f.safetensors'}[0]"] and len(results) == 202
+    for r, item in zip(results, [5, 150, *range(200)]):
+        same_results(r["results"], by_item[item])
+        assert all(x["identity"] == f"id{x['label']}" for x in r["results"])
+    np.save(tmp_path / "wide.npy", np.zeros((2, 33), dtype=np.float32))
+    (tmp_path / "img.png").write_bytes(b"")
+    for query, message in ((tmp_path / "wide.npy", "--query features have 33 dimensions, the model takes 32"),
+                           (tmp_path / "img.png", "expected feature files (the model takes features) ending in .npy"),
+                           (tmp_path, "the model takes features, name feature files")):
+        assert main(["search", str(run), "--index", str(index), "--query", str(query)]) == 2
+        assert message in capsys.readouterr().err

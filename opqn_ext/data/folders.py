@@ -16,6 +16,17 @@ from .image_files import ImageFiles, decode_into, read_image
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".pgm", ".ppm", ".tif", ".tiff", ".webp")
 
 
+def images_below(folder: str | Path) -> list[str]:
+    """The image files at any depth below ``folder`` (symbolic links followed), a folder's own files
+    in sorted order before its sub-folders'."""
+    paths = []
+    for parent, subfolders, files in os.walk(folder, followlinks=True):
+        subfolders.sort()
+        paths += [os.path.join(parent, file) for file in sorted(files)
+                  if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS]
+    return paths
+
+
 def scan_image_folder(root: str | Path) -> tuple[list[str], torch.Tensor, list[str]]:
     """(image paths, int64 labels, identity names) of ``root/<identity>/.../<image>``, without
     reading any image: identities in sorted order, each one's images at any depth below its folder
@@ -28,12 +39,9 @@ def scan_image_folder(root: str | Path) -> tuple[list[str], torch.Tensor, list[s
         raise ValueError(f"{root} has no identity sub-folders (expected root/<identity>/<image>)")
     paths, counts = [], []
     for name in classes:
-        count = len(paths)
-        for folder, subfolders, files in os.walk(root / name, followlinks=True):
-            subfolders.sort()
-            paths += [os.path.join(folder, file) for file in sorted(files)
-                      if os.path.splitext(file)[1].lower() in IMAGE_EXTENSIONS]
-        counts.append(len(paths) - count)
+        found = images_below(root / name)
+        paths += found
+        counts.append(len(found))
     if not paths:
         raise ValueError(f"{root} holds no images with extensions {IMAGE_EXTENSIONS}")
     labels = torch.arange(len(classes)).repeat_interleave(torch.tensor(counts))
