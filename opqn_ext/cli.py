@@ -165,8 +165,8 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _feature_chunks(model, cfg: TrainConfig, prepared, idx: torch.Tensor):
-    return feature_chunks(model, prepared.inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
+def _feature_chunks(model, cfg: TrainConfig, inputs, idx: torch.Tensor):
+    return feature_chunks(model, inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
 
 
 def _part(prepared, part: str) -> torch.Tensor:
@@ -188,7 +188,8 @@ def cmd_encode(args) -> int:
 
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
-    codes = torch.cat([model.head.encode(features) for _, features in _feature_chunks(model, cfg, prepared, idx)])
+    chunks = _feature_chunks(model, cfg, prepared.inputs, idx)
+    codes = torch.cat([model.head.encode(features) for _, features in chunks])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
             "dataset": cfg.dataset, "part": args.part} | {k: json.dumps(v) for k, v in _naming(cfg, prepared).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
@@ -211,7 +212,8 @@ def _index_from_code_file(path: str, model):
         meta = f.metadata() or {}
     if codes.shape[1] != model.head.num_books:
         raise CliError(f"{path} has {codes.shape[1]} books but the model has {model.head.num_books}")
-    index = OPQNIndex.from_head(model.head, settings={k: json.loads(meta[k]) for k in ("classes", "folder") if k in meta})
+    naming = {k: json.loads(meta[k]) for k in ("classes", "folder") if k in meta}
+    index = OPQNIndex.from_head(model.head, settings=naming)
     index.add_codes(codes, ids=items, labels=labels)
     return index
 
@@ -241,7 +243,9 @@ def _result_names(index, ids: torch.Tensor) -> tuple[list[list[str]] | None, lis
     if "folder" not in settings:
         return names, None, ""
     paths, why = item_paths(settings["folder"])
-    return names, ([[paths[i] for i in row] for row in ids.tolist()] if paths is not None else None), why
+    if paths is None:
+        return names, None, why
+    return names, [[paths[i] if 0 <= i < len(paths) else "" for i in row] for row in ids.tolist()], ""
 
 
 def cmd_search(args) -> int:
@@ -270,7 +274,7 @@ def cmd_search(args) -> int:
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
     scores, ids, ms = [], [], 0.0
-    for _, features in feature_chunks(model, inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu")):
+    for _, features in _feature_chunks(model, cfg, inputs, idx):
         start = time.perf_counter()
         found = index.search(features, args.k)
         ms += (time.perf_counter() - start) * 1e3
@@ -307,7 +311,7 @@ def cmd_index_build(args) -> int:
     idx = _part(prepared, args.part)
     settings = {"config": dataclasses.asdict(cfg), "checkpoint": str(Path(args.checkpoint).resolve())}
     index = OPQNIndex.from_head(model.head, settings=settings | _naming(cfg, prepared))
-    for part, features in _feature_chunks(model, cfg, prepared, idx):  # bounded memory: features of one chunk
+    for part, features in _feature_chunks(model, cfg, prepared.inputs, idx):  # bounded memory: features of one chunk
         index.add(features, ids=part, labels=prepared.labels[part])
     index.save(args.output)
     print(f"indexed {len(index)} items of {cfg.dataset} ({args.part}) as {cfg.code_bits}-bit codes -> {args.output}")

@@ -306,7 +306,7 @@ def test_search_with_query_images_of_any_layout(tmp_path, capsys, orl_folder):
     assert all(x["identity"] == classes[x["label"]] for x in by_item[0])  # data-set queries are named too
 
     for args, message in (
-            (["--query", str(tmp_path / "missing.png")], "--query " + str(tmp_path / "missing.png") + " does not exist"),
+            (["--query", str(tmp_path / "missing.png")], f"--query {tmp_path / 'missing.png'} does not exist"),
             (["--query", str(tmp_path / "run")], f"--query {tmp_path / 'run'}: no images with extensions .jpg"),
             (["--query", str(index)], f"--query {index}: expected images ending in .jpg"),
             (["--query", str(single), "--dataset", "orl"], "--query names the queries: --dataset does not apply"),
