@@ -20,7 +20,7 @@ import torch
 from .data import OrlDataError
 from .index import IndexFileError
 from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, feature_chunks, load_checkpoint,
-                    model_from_checkpoint, prepare_data, train)
+                    model_from_checkpoint, prepare_data, resolve_device, train)
 
 _HELP = {
     "dataset": f"data set: {', '.join(DATASETS)}",
@@ -134,9 +134,22 @@ def describe_data(cfg: TrainConfig, prepared) -> str:
             f"{len(split.database)} database items, {len(split.query)} queries")
 
 
+def _on_device(model, args):
+    """The model moved to ``--device`` (auto: a GPU where there is one)."""
+    try:
+        return model.to(resolve_device(args.device))
+    except (RuntimeError, ValueError) as err:
+        raise CliError(f"--device {args.device}: {err}") from None
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def _checkpoint_and_data(args):
     ckpt = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
+    model = _on_device(model, args)
     for name in ("dataset", "data_path", "protocol", "stream", "workers", "cache_dir"):
         value = getattr(args, name, None)
         if value is not None:
@@ -157,7 +170,8 @@ def _checkpoint_and_data(args):
 
 def cmd_eval(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
-    evaluation = evaluate(model, prepared, torch.device("cpu"), cfg.loader_workers("cpu"))
+    device = _device_of(model)
+    evaluation = evaluate(model, prepared, device, cfg.loader_workers(device))
     print(f"{cfg.dataset}, {prepared.split.protocol} protocol: {len(prepared.split.query)} queries, "
           f"{len(prepared.split.database)} database items")
     print(format_table(evaluation, cfg.feature_dim, cfg.code_bits))
@@ -166,7 +180,9 @@ def cmd_eval(args) -> int:
 
 
 def _feature_chunks(model, cfg: TrainConfig, inputs, idx: torch.Tensor):
-    return feature_chunks(model, inputs, torch.device("cpu"), idx, workers=cfg.loader_workers("cpu"))
+    """(items, their features on the CPU) a chunk at a time, computed where the model is."""
+    device = _device_of(model)
+    return feature_chunks(model, inputs, device, idx, workers=cfg.loader_workers(device))
 
 
 def _part(prepared, part: str) -> torch.Tensor:
@@ -189,7 +205,7 @@ def cmd_encode(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
     chunks = _feature_chunks(model, cfg, prepared.inputs, idx)
-    codes = torch.cat([model.head.encode(features) for _, features in chunks])
+    codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu() for _, features in chunks])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
             "dataset": cfg.dataset, "part": args.part} | {k: json.dumps(v) for k, v in _naming(cfg, prepared).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
@@ -226,6 +242,7 @@ def _checkpoint_only(args):
             raise CliError(f"--query names the queries: {flag} does not apply")
     ckpt = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
+    model = _on_device(model, args)
     if args.workers is not None:
         cfg.workers = args.workers
     return model, cfg, ckpt["input_shape"]
@@ -265,7 +282,7 @@ def cmd_search(args) -> int:
         model, cfg, prepared = _checkpoint_and_data(args)
         inputs, idx = prepared.inputs, _part(prepared, args.part or "query")
     if args.index:
-        index = OPQNIndex.load(args.index, mmap=True)
+        index = OPQNIndex.load(args.index, mmap=True, device=_device_of(model))
         if (index.num_books, index.dim, index.num_words) != (model.head.num_books, model.head.dim, model.head.num_words):
             raise CliError(f"{args.index} holds M={index.num_books}, d={index.dim}, K={index.num_words} codes; the "
                            f"model makes M={model.head.num_books}, d={model.head.dim}, K={model.head.num_words}")
@@ -381,6 +398,8 @@ def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.Argume
                    help=f"{_HELP['stream']} (default: as in training)")
     q.add_argument("--workers", type=int, help=f"{_HELP['workers']} (default: as in training)")
     q.add_argument("--cache-dir", dest="cache_dir", help=f"{_HELP['cache_dir']} (default: as in training; '': none)")
+    q.add_argument("--device", default="auto", help="where the model runs, and the index scans: auto (a GPU where "
+                   "there is one), cpu, cuda or cuda:N")
     return q
 
 

@@ -389,3 +389,43 @@ def test_search_with_query_feature_files(tmp_path, capsys):
                            (tmp_path, "the model takes features, name feature files")):
         assert main(["search", str(run), "--index", str(index), "--query", str(query)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_a_device_that_cannot_be_used_is_one_clear_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    bad = [("bogus", "--device bogus: ")] + ([] if torch.cuda.is_available() else
+                                            [("cuda", "--device cuda: device 'cuda' requested but no CUDA GPU")])
+    for device, message in bad:
+        for command in (["eval", str(run)], ["encode", str(run), "-o", str(tmp_path / "c.safetensors")],
+                        ["index", "build", str(run), "-o", str(tmp_path / "i.opqn")]):
+            assert main([*command, "--device", device]) == 2
+            assert message in capsys.readouterr().err, (command, device)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_checkpoint_commands_with_device_cuda_match_the_cpu(tmp_path, capsys, orl_folder):
+    from opqn_ext.index import OPQNIndex
+
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "2", "--width", "4", "--device", "cpu", "--out-dir", str(run),
+                 "--no-progress"]) == 0
+    codes, metrics, found = {}, {}, {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / device
+        out.mkdir()
+        assert main(["eval", str(run), "--device", device, "--json", str(out / "e.json")]) == 0
+        metrics[device] = json.loads((out / "e.json").read_text())
+        assert main(["encode", str(run), "--device", device, "-o", str(out / "c.safetensors")]) == 0
+        with safe_open(str(out / "c.safetensors"), framework="pt") as f:
+            codes[device] = f.get_tensor("codes")
+        assert main(["index", "build", str(run), "--device", device, "-o", str(out / "i.opqn")]) == 0
+        assert main(["search", str(run), "--index", str(tmp_path / "cpu" / "i.opqn"), "--device", device, "-k", "5",
+                     "--query", str(orl_item_file(orl_folder, 7)), "--json", str(out / "s.json")]) == 0
+        found[device] = json.loads((out / "s.json").read_text())[0]["results"]
+    # features computed by other kernels round differently: a code may rarely flip between near-equal words
+    assert (codes["cpu"] == codes["cuda"]).float().mean() > 0.99
+    assert metrics["cuda"]["opqn"]["mAP"] == pytest.approx(metrics["cpu"]["opqn"]["mAP"], abs=0.02)
+    assert metrics["cuda"]["float"]["mAP"] == pytest.approx(metrics["cpu"]["float"]["mAP"], abs=1e-3)
+    assert [r["score"] for r in found["cuda"]] == pytest.approx([r["score"] for r in found["cpu"]], abs=1e-3)
+    assert OPQNIndex.load(tmp_path / "cuda" / "i.opqn").codes.shape == codes["cpu"].shape
