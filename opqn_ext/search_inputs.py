@@ -99,4 +99,5 @@ def item_paths(source: dict) -> tuple[list[str] | None, str]:
         return None, f"the index's image folder cannot be read ({err})"
     if len(paths) != source["count"] or folder_fingerprint(root, paths) != source["fingerprint"]:
         return None, f"{root} changed since the index was built"
-    return [os.path.relpath(p, root) for p in paths], ""
+    prefix = os.path.join(root, "")  # how scan_image_folder joins
+    return [p[len(prefix):] if p.startswith(prefix) else os.path.relpath(p, root) for p in paths], ""
