@@ -14,6 +14,7 @@ from opqn_ext.train import load_checkpoint, model_from_checkpoint
 from test_decoded_cache import no_decoding
 
 SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build"]
+CPU = ["--device", "cpu"]  # results compared across batch sizes: a GPU's convolutions may round them differently
 
 
 def run_cli(*args):
@@ -236,10 +237,9 @@ def test_encode_search_and_index_build_in_chunks_give_the_whole_result(tmp_path,
         monkeypatch.setattr(cli, "feature_chunks", functools.partial(cli.feature_chunks, chunk=chunk))
         out = tmp_path / str(chunk)
         out.mkdir()
-        cpu = ["--device", "cpu"]  # on a GPU, convolutions of other batch sizes may round differently
-        assert main(["encode", str(run), *cpu, "-o", str(out / "db.safetensors")]) == 0
-        assert main(["index", "build", str(run), *cpu, "-o", str(out / "db.opqn")]) == 0
-        assert main(["search", str(run), *cpu, "--index", str(out / "db.opqn"), "-k", "5",
+        assert main(["encode", str(run), *CPU, "-o", str(out / "db.safetensors")]) == 0
+        assert main(["index", "build", str(run), *CPU, "-o", str(out / "db.opqn")]) == 0
+        assert main(["search", str(run), *CPU, "--index", str(out / "db.opqn"), "-k", "5",
                      "--json", str(out / "r.json")]) == 0
         with safe_open(str(out / "db.safetensors"), framework="pt") as f:
             index = OPQNIndex.load(out / "db.opqn")
@@ -257,9 +257,6 @@ def test_encode_search_and_index_build_in_chunks_give_the_whole_result(tmp_path,
     images = torch.zeros(3, 1, 32, 32, dtype=torch.uint8)
     chunks = list(cli.feature_chunks(model, images, torch.device("cpu"), torch.arange(0)))
     assert len(chunks) == 1 and chunks[0][1].shape == (0, 512)  # no items: one empty chunk
-
-
-CPU = ["--device", "cpu"]  # results compared across batch sizes: a GPU's convolutions may round them differently
 
 
 def same_results(got, want):
