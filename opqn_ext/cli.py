@@ -146,10 +146,15 @@ def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _checkpoint_and_data(args):
+def _checkpoint_model(args):
+    """(checkpoint, its model on ``--device``, its training configuration)."""
     ckpt = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
-    model = _on_device(model, args)
+    return ckpt, _on_device(model, args), cfg
+
+
+def _checkpoint_and_data(args):
+    ckpt, model, cfg = _checkpoint_model(args)
     for name in ("dataset", "data_path", "protocol", "stream", "workers", "cache_dir"):
         value = getattr(args, name, None)
         if value is not None:
@@ -240,9 +245,7 @@ def _checkpoint_only(args):
                         ("--part", args.part), ("--stream", args.stream), ("--cache-dir", args.cache_dir)):
         if value is not None:
             raise CliError(f"--query names the queries: {flag} does not apply")
-    ckpt = load_checkpoint(args.checkpoint)
-    model, cfg = model_from_checkpoint(ckpt)
-    model = _on_device(model, args)
+    ckpt, model, cfg = _checkpoint_model(args)
     if args.workers is not None:
         cfg.workers = args.workers
     return model, cfg, ckpt["input_shape"]

@@ -85,6 +85,11 @@ def _open(images_path: Path, shape: tuple[int, ...]) -> torch.Tensor | None:
     return images
 
 
+def _ready(manifest_path: Path, images_path: Path, wanted: dict, shape: tuple[int, ...]) -> torch.Tensor | None:
+    """The cached images when the manifest says they are those ``wanted`` and the file holds them."""
+    return _open(images_path, shape) if _read_manifest(manifest_path) == wanted else None
+
+
 def _write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     tmp.write_text(text)
@@ -179,10 +184,9 @@ def decoded_images(root: str | Path, paths: Sequence[str], size: tuple[int, int]
     images_path, manifest_path = cache_files(cache_dir, root, size, grayscale)
     shape = (len(paths), 1 if grayscale else 3, *size)
     wanted = _manifest(root, size, grayscale, len(paths), folder_fingerprint(root, paths))
-    if _read_manifest(manifest_path) == wanted:
-        images = _open(images_path, shape)
-        if images is not None:
-            return images, False
+    images = _ready(manifest_path, images_path, wanted, shape)
+    if images is not None:
+        return images, False
     local_rank, local_world = int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local_rank != 0:
         return _wait_for(manifest_path, images_path, wanted, shape, timeout), False
@@ -192,10 +196,9 @@ def decoded_images(root: str | Path, paths: Sequence[str], size: tuple[int, int]
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         locked = _lock(fd, images_path, lock_path, timeout, progress)
-        if _read_manifest(manifest_path) == wanted:  # decoded by the process that held the lock
-            images = _open(images_path, shape)
-            if images is not None:
-                return images, False
+        images = _ready(manifest_path, images_path, wanted, shape)  # decoded by the process that held the lock
+        if images is not None:
+            return images, False
         manifest_path.unlink(missing_ok=True)  # no process may take the old images for the new ones
         _build(paths, size, grayscale, images_path, workers * local_world, progress)  # the host's other ranks wait
         _write_atomically(manifest_path, json.dumps(wanted))
@@ -219,10 +222,9 @@ def _wait_for(manifest_path: Path, images_path: Path, wanted: dict, shape: tuple
     failure = _failure_file(manifest_path)
     start, since = time.monotonic(), time.time() - _STALE_FAILURE_SECONDS
     while True:
-        if _read_manifest(manifest_path) == wanted:
-            images = _open(images_path, shape)
-            if images is not None:
-                return images
+        images = _ready(manifest_path, images_path, wanted, shape)
+        if images is not None:
+            return images
         message = _failed_since(failure, since)
         if message is not None:
             raise RuntimeError(f"LOCAL_RANK 0 failed to decode the images into {images_path}: {message}")
