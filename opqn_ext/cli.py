@@ -1,4 +1,5 @@
-"""The ``opqn`` command line: train, eval, encode, search, index build, cache, embed and demo.
+"""The ``opqn`` command line: train, eval, encode, search, index (build, add, remove, info), cache,
+embed and demo.
 
 Every subcommand has ``--help``. A bad argument (K > d, a bit count that is not M * log2(K), an
 unknown data set, a missing file) ends the command with one ``opqn: error: ...`` line and exit
@@ -20,7 +21,7 @@ import torch
 from .data import OrlDataError
 from .index import IndexFileError
 from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, feature_chunks, load_checkpoint,
-                    model_from_checkpoint, prepare_data, resolve_device, train)
+                    load_dataset, model_from_checkpoint, prepare_data, resolve_device, train)
 
 _HELP = {
     "dataset": f"data set: {', '.join(DATASETS)}",
@@ -153,7 +154,9 @@ def _checkpoint_model(args):
     return ckpt, _on_device(model, args), cfg
 
 
-def _checkpoint_and_data(args):
+def _checkpoint_config(args):
+    """(the checkpoint's model on ``--device``, its training configuration with the data options
+    of ``args`` applied)."""
     ckpt, model, cfg = _checkpoint_model(args)
     for name in ("dataset", "data_path", "protocol", "stream", "workers", "cache_dir"):
         value = getattr(args, name, None)
@@ -170,6 +173,11 @@ def _checkpoint_and_data(args):
         cfg.validate()
     except ValueError as err:
         raise CliError(str(err)) from None
+    return model, cfg
+
+
+def _checkpoint_and_data(args):
+    model, cfg = _checkpoint_config(args)
     return model, cfg, prepare_data(cfg, progress=True)  # a bar on terminals while a folder is read
 
 
@@ -195,13 +203,13 @@ def _part(prepared, part: str) -> torch.Tensor:
     return {"database": split.database, "query": split.query, "all": torch.arange(len(prepared.labels))}[part]
 
 
-def _naming(cfg: TrainConfig, prepared) -> dict:
-    """What an index or code file keeps so that searches can name the items they find: the data
-    set's identity names and, for an image folder, the folder (:func:`search_inputs.folder_source`)."""
-    from .search_inputs import folder_source
+def _naming(cfg: TrainConfig, classes) -> dict:
+    """What an index or code file keeps so that searches can name the items they find
+    (:mod:`~opqn_ext.item_sources`): the data set's identity names and, for an image folder, the
+    folder as the source of items 0, 1, ..."""
+    from .item_sources import folder_source
 
-    return {"classes": list(prepared.classes)} | ({"folder": folder_source(cfg.data_path)} if cfg.dataset == "folder"
-                                                  else {})
+    return {"classes": list(classes), "sources": [folder_source(cfg.data_path)] if cfg.dataset == "folder" else []}
 
 
 def cmd_encode(args) -> int:
@@ -212,7 +220,7 @@ def cmd_encode(args) -> int:
     chunks = _feature_chunks(model, cfg, prepared.inputs, idx)
     codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu() for _, features in chunks])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
-            "dataset": cfg.dataset, "part": args.part} | {k: json.dumps(v) for k, v in _naming(cfg, prepared).items()}
+            "dataset": cfg.dataset, "part": args.part} | {k: json.dumps(v) for k, v in _naming(cfg, prepared.classes).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
               args.output, metadata=meta)
     print(f"encoded {len(idx)} items into {codes.shape[1]} x {model.head.num_words}-word codes "
@@ -233,62 +241,74 @@ def _index_from_code_file(path: str, model):
         meta = f.metadata() or {}
     if codes.shape[1] != model.head.num_books:
         raise CliError(f"{path} has {codes.shape[1]} books but the model has {model.head.num_books}")
-    naming = {k: json.loads(meta[k]) for k in ("classes", "folder") if k in meta}
+    naming = {k: json.loads(meta[k]) for k in ("classes", "sources") if k in meta}
     index = OPQNIndex.from_head(model.head, settings=naming)
     index.add_codes(codes, ids=items, labels=labels)
     return index
 
 
-def _checkpoint_only(args):
-    """The model and its training configuration, for queries named on the command line (no data set)."""
-    for flag, value in (("--dataset", args.dataset), ("--data-path", args.data_path), ("--protocol", args.protocol),
-                        ("--part", args.part), ("--stream", args.stream), ("--cache-dir", args.cache_dir)):
-        if value is not None:
-            raise CliError(f"--query names the queries: {flag} does not apply")
+def _checkpoint_only(args, option: str, what: str):
+    """The model, its training configuration and input shape, for ``what`` named on the command line
+    by ``option`` (no data set)."""
+    for flag in ("--dataset", "--data-path", "--protocol", "--part", "--stream", "--cache-dir"):
+        if getattr(args, flag[2:].replace("-", "_"), None) is not None:
+            raise CliError(f"{option} names the {what}: {flag} does not apply")
     ckpt, model, cfg = _checkpoint_model(args)
     if args.workers is not None:
         cfg.workers = args.workers
     return model, cfg, ckpt["input_shape"]
 
 
-def _result_names(index, ids: torch.Tensor) -> tuple[list[list[str]] | None, list[list[str]] | None, str]:
-    """(identity names, image files below the index's folder) of the found items, each None where
-    the index cannot name them; and why not, for the files."""
-    from .search_inputs import item_paths
+def _files_inputs(args, option: str, what: str):
+    """(model, configuration, a name per input, the inputs) of the files named by ``option``."""
+    from .input_files import input_paths, inputs_of
 
-    settings = index.settings or {}
-    classes = settings.get("classes")
-    names = [[classes[lab] if 0 <= lab < len(classes) else str(lab) for lab in row]
-             for row in index.labels_of(ids).tolist()] if classes else None
-    if "folder" not in settings:
-        return names, None, ""
-    paths, why = item_paths(settings["folder"])
-    if paths is None:
-        return names, None, why
-    return names, [[paths[i] if 0 <= i < len(paths) else "" for i in row] for row in ids.tolist()], ""
+    model, cfg, input_shape = _checkpoint_only(args, option, what)
+    features = len(input_shape) == 1
+    try:
+        names, inputs = inputs_of(input_paths(getattr(args, option[2:]), features, option), cfg.dataset, input_shape,
+                                  option)
+    except ValueError as err:
+        raise CliError(str(err)) from None
+    return model, cfg, names, inputs
+
+
+def _check_same_model(index, model, path) -> None:
+    """Refuses an index whose codes another model made: they would not compare with this model's."""
+    head = model.head
+    if (index.num_books, index.dim, index.num_words) != (head.num_books, head.dim, head.num_words):
+        raise CliError(f"{path} holds M={index.num_books}, d={index.dim}, K={index.num_words} codes; the "
+                       f"model makes M={head.num_books}, d={head.dim}, K={head.num_words}")
+    same = all(torch.equal(mine.cpu(), theirs.detach().float().cpu()) for mine, theirs in
+               ((index.assign_weight, head.assignment_weight), (index.codebook, head.codebook)))
+    if not same:
+        built = index.settings.get("checkpoint")
+        raise CliError(f"{path} holds the codes of another model{f' ({built})' if built else ''}: its assignment "
+                       f"weights or codebook differ from this checkpoint's, so their codes do not compare")
+
+
+def _result_names(index, ids: torch.Tensor):
+    """(the identity of each found item, its image file: each None where the index cannot name it;
+    why the files of some items cannot be named)."""
+    from .item_sources import identity_names, item_files
+
+    names = identity_names(index.settings.get("classes", []), index.labels_of(ids))
+    files, why = item_files(index.settings.get("sources", []), ids)
+    return names, files, why
 
 
 def cmd_search(args) -> int:
     from .index import OPQNIndex
 
     if args.query:
-        from .search_inputs import query_inputs, query_paths
-
-        model, cfg, input_shape = _checkpoint_only(args)
-        try:
-            query_names, inputs = query_inputs(query_paths(args.query, features=len(input_shape) == 1), cfg.dataset,
-                                               input_shape)
-        except ValueError as err:
-            raise CliError(str(err)) from None
+        model, cfg, query_names, inputs = _files_inputs(args, "--query", "queries")
         prepared, idx = None, torch.arange(len(query_names))
     else:
         model, cfg, prepared = _checkpoint_and_data(args)
         inputs, idx = prepared.inputs, _part(prepared, args.part or "query")
     if args.index:
         index = OPQNIndex.load(args.index, mmap=True, device=_device_of(model))
-        if (index.num_books, index.dim, index.num_words) != (model.head.num_books, model.head.dim, model.head.num_words):
-            raise CliError(f"{args.index} holds M={index.num_books}, d={index.dim}, K={index.num_words} codes; the "
-                           f"model makes M={model.head.num_books}, d={model.head.dim}, K={model.head.num_words}")
+        _check_same_model(index, model, args.index)
     else:
         index = _index_from_code_file(args.codes, model)
     if not 1 <= args.k <= len(index):
@@ -309,19 +329,33 @@ def cmd_search(args) -> int:
                                                                     "query_label": int(prepared.labels[q])}
         found = [{"item": int(h), "label": int(lab), "score": float(s)}
                  for s, h, lab in zip(scores[i], ids[i], labels[i])]
-        for j, entry in enumerate(found):
-            entry |= ({"identity": names[i][j]} if names else {}) | ({"file": files[i][j]} if files else {})
+        for entry, name, file in zip(found, names[i], files[i]):
+            entry |= ({"identity": name} if name is not None else {}) | ({"file": file} if file is not None else {})
         results.append(query | {"results": found})
     for r in results[: args.show]:
         shown = ", ".join(f"{x['item']}({x.get('identity', x['label'])})" + (f" {x['file']}" if "file" in x else "")
                           + f" {x['score']:.3f}" for x in r["results"])
         what = r["query"] if prepared is None else f"{r['query_item']} (label {r['query_label']})"
         print(f"query {what}: {shown}")
-    if why_no_files:
-        print(f"(database items without their image files: {why_no_files})")
+    for why in why_no_files:
+        print(f"(database items without their image files: {why})")
     print(f"{len(idx)} queries x {len(index)} codes, top-{args.k} in {ms:.2f} ms")
     _write_json(args.json, results)
     return 0
+
+
+def _index_lock(path) -> Path:
+    """The file that commands changing the index ``path`` hold locked (:mod:`~opqn_ext.file_lock`)."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+def _changing_index(path):
+    """The lock of the index ``path`` for a load-change-save (two commands adding at once would each
+    save the index without the other's items)."""
+    from .file_lock import exclusive_lock
+
+    return exclusive_lock(_index_lock(path), f"another opqn command changing {path}", progress=True)
 
 
 def cmd_index_build(args) -> int:
@@ -330,11 +364,117 @@ def cmd_index_build(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
     settings = {"config": dataclasses.asdict(cfg), "checkpoint": str(Path(args.checkpoint).resolve())}
-    index = OPQNIndex.from_head(model.head, settings=settings | _naming(cfg, prepared))
+    index = OPQNIndex.from_head(model.head, settings=settings | _naming(cfg, prepared.classes))
     for part, features in _feature_chunks(model, cfg, prepared.inputs, idx):  # bounded memory: features of one chunk
         index.add(features, ids=part, labels=prepared.labels[part])
-    index.save(args.output)
+    with _changing_index(args.output):
+        index.save(args.output)
     print(f"indexed {len(index)} items of {cfg.dataset} ({args.part}) as {cfg.code_bits}-bit codes -> {args.output}")
+    return 0
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
+def _id_span(start: int, end: int) -> str:
+    """The ids ``start`` to ``end - 1`` in words."""
+    return f"id {start}" if end == start + 1 else f"ids {start}-{end - 1}"
+
+
+def _load_index(path, **kwargs):
+    from .index import OPQNIndex
+
+    if not Path(path).exists():
+        raise CliError(f"index {path} does not exist (build one with `opqn index build`)")
+    return OPQNIndex.load(path, **kwargs)
+
+
+def cmd_index_add(args) -> int:
+    from .item_sources import files_source, merged_classes, next_free_id
+
+    if args.files:
+        model, cfg, names, inputs = _files_inputs(args, "--files", "items to add")
+        classes = [] if args.identity is None else [args.identity]
+        labels = torch.full((len(names),), -1 if args.identity is None else 0, dtype=torch.int64)
+        naming = {"classes": classes, "sources": [files_source(names, 0)]}
+        what = _count(len(names), "feature row" if cfg.dataset == "features" else "image")
+    else:
+        if args.identity is not None:
+            raise CliError("--identity names the identity of --files; a data set's items have their own")
+        model, cfg = _checkpoint_config(args)
+        inputs, labels, classes = load_dataset(cfg, progress=True)
+        naming = _naming(cfg, classes)
+        what = f"{len(labels)} items of {cfg.dataset}" + (f" {cfg.data_path}" if cfg.data_path else "")
+    _check_same_model(_load_index(args.index, verify=False), model, args.index)
+    codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu()
+                       for _, features in _feature_chunks(model, cfg, inputs, torch.arange(len(labels)))])
+    with _changing_index(args.index):  # from here to the save: no other command changes the index
+        index = _load_index(args.index)
+        _check_same_model(index, model, args.index)
+        first = next_free_id(index.ids, index.settings)
+        index.settings["classes"], to_index_label = merged_classes(index.settings.get("classes", []), naming["classes"])
+        index.add_codes(codes, ids=torch.arange(first, first + len(codes)), labels=to_index_label(labels))
+        index.settings["sources"] = index.settings.get("sources", []) + [s | {"first_id": first}
+                                                                         for s in naming["sources"]]
+        index.save(args.index)
+    print(f"added {what} ({_id_span(first, first + len(codes))}) -> {args.index}: {_count(len(index), 'item')}, "
+          f"{_count(len(index.settings['classes']), 'identity', 'identities')}")
+    return 0
+
+
+def cmd_index_remove(args) -> int:
+    if not args.ids and not args.identity:
+        raise CliError("name the items to remove: --ids or --identity")
+    with _changing_index(args.index):
+        index = _load_index(args.index)
+        ids = torch.tensor(args.ids or [], dtype=torch.int64)
+        if args.identity:
+            classes = index.settings.get("classes", [])
+            unknown = [name for name in args.identity if name not in classes]
+            if unknown:
+                raise CliError(f"--identity: {', '.join(unknown)} not in {args.index}")
+            labels = torch.tensor([classes.index(name) for name in args.identity])
+            ids = torch.cat([ids, index.ids[torch.isin(index.labels, labels)]])
+        removed = index.remove(ids)
+        if removed:
+            index.save(args.index)
+    print(f"removed {_count(removed, 'item')} from {args.index}: {len(index)} left")
+    return 0
+
+
+def cmd_index_info(args) -> int:
+    from .item_sources import folder_paths, source_end
+
+    index = _load_index(args.index, verify=args.verify)
+    bits = index.num_books * math.ceil(math.log2(index.num_words))
+    info = {"items": len(index), "bits": bits, "num_books": index.num_books, "dim": index.dim,
+            "num_words": index.num_words, "bytes": Path(args.index).stat().st_size,
+            "ids": [int(index.ids[0]), int(index.ids[-1])] if len(index) else None,
+            "identities": len(torch.unique(index.labels[index.labels >= 0])),
+            "unlabeled": int((index.labels < 0).sum()), "checkpoint": index.settings.get("checkpoint"), "sources": []}
+    for source in index.settings.get("sources", []):
+        entry = {"first_id": source["first_id"], "end_id": source_end(source)}
+        if "files" in source:
+            entry |= {"files": len(source["files"])}
+        else:
+            entry |= {"folder": source["root"], "images": source["count"], "unnamed": folder_paths(source)[1] or None}
+        info["sources"].append(entry)
+    print(f"{args.index}: {_count(len(index), 'item')}, {bits}-bit codes (M={index.num_books} books of "
+          f"K={index.num_words} words, d={index.dim}), {_size_text(info['bytes'])}")
+    if len(index):
+        print(f"ids from {info['ids'][0]} to {info['ids'][1]}; {_count(info['identities'], 'identity', 'identities')}"
+              + (f", {_count(info['unlabeled'], 'item')} without one" if info["unlabeled"] else ""))
+    if info["checkpoint"]:
+        print(f"built with {info['checkpoint']}")
+    for entry in info["sources"]:
+        span = _id_span(entry["first_id"], entry["end_id"])
+        if "files" in entry:
+            print(f"source: {_count(entry['files'], 'file')} ({span})")
+        else:
+            unnamed = f"; not named: {entry['unnamed']}" if entry["unnamed"] else ""
+            print(f"source: folder {entry['folder']} ({_count(entry['images'], 'image')}, {span}{unnamed})")
+    _write_json(args.json, info)
     return 0
 
 
@@ -390,13 +530,15 @@ def _write_json(path, obj) -> None:
         Path(path).write_text(json.dumps(obj, indent=2))
 
 
-def _checkpoint_parser(subparsers, name: str, help_text: str) -> argparse.ArgumentParser:
-    """A subcommand taking a trained checkpoint and, optionally, other data than it was trained on."""
+def _checkpoint_parser(subparsers, name: str, help_text: str, split: bool = True) -> argparse.ArgumentParser:
+    """A subcommand taking a trained checkpoint and, optionally, other data than it was trained on
+    (``split``: split by a protocol)."""
     q = subparsers.add_parser(name, help=help_text, description=help_text)
     q.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
     q.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
     q.add_argument("--data-path", dest="data_path", help="image folder or feature file")
-    q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+    if split:
+        q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help=f"{_HELP['stream']} (default: as in training)")
     q.add_argument("--workers", type=int, help=f"{_HELP['workers']} (default: as in training)")
@@ -430,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _checkpoint_parser(sub, "search", "search an index (or a code file) with query images or features")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--index", help="an index file from `opqn index build` (memory-mapped)")
+    source.add_argument("--index", help="an index file from `opqn index build` / `add` (memory-mapped)")
     source.add_argument("--codes", help="a code file from `opqn encode`")
     p.add_argument("-k", type=int, default=10, help="results per query")
     p.add_argument("--part", choices=("database", "query", "all"), help="which items of the data set are queries "
@@ -441,12 +583,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write every query's results here")
     p.set_defaults(func=cmd_search)
 
-    index = sub.add_parser("index", help="build OPQN indexes", description="Build OPQN indexes.")
-    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build}")
+    index = sub.add_parser("index", help="build, grow, shrink and describe OPQN index files",
+                           description="Build, grow, shrink and describe OPQN index files.")
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build,add,remove,info}")
     p = _checkpoint_parser(index_sub, "build", "encode a data set with a trained model into an OPQN index file")
     p.add_argument("--part", choices=("database", "query", "all"), default="database", help="which items to index")
     p.add_argument("--output", "-o", required=True, help="the index file to write")
     p.set_defaults(func=cmd_index_build)
+
+    p = _checkpoint_parser(index_sub, "add", "encode more items with the index's model and add them to the index "
+                           "(every item of a data set, or image files)", split=False)
+    p.add_argument("--index", required=True, help="the index file to grow (rewritten in place, atomically)")
+    p.add_argument("--files", nargs="+", metavar="PATH", help="image files, or folders of them (any layout), or for "
+                   "a model on features, feature files (a row per item); instead of a data set")
+    p.add_argument("--identity", help="--files: the identity they show (new, or one the index knows); default: none")
+    p.set_defaults(func=cmd_index_add)
+
+    p = index_sub.add_parser("remove", help="remove items from an index, by id or identity",
+                             description="Remove items from an index file, by id or identity.")
+    p.add_argument("--index", required=True, help="the index file (rewritten in place, atomically)")
+    p.add_argument("--ids", nargs="+", type=int, metavar="ID", help="item ids")
+    p.add_argument("--identity", nargs="+", metavar="NAME", help="every item of these identities")
+    p.set_defaults(func=cmd_index_remove)
+
+    p = index_sub.add_parser("info", help="what an index holds", description="Describe an index file: items, "
+                             "code size, identities, the model and where its items come from.")
+    p.add_argument("index", help="the index file")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every array's checksum (one read of the file)")
+    p.add_argument("--json", help="write the description here")
+    p.set_defaults(func=cmd_index_info)
 
     p = sub.add_parser("embed", help="128-d dlib face embeddings of a data set (the faces extra)",
                        description="Compute dlib's 128-d face descriptors of ORL or an image folder and write a "

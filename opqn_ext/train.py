@@ -186,6 +186,10 @@ def images_to_inputs(images: torch.Tensor, size: int) -> torch.Tensor:
 def load_dataset(cfg: TrainConfig, progress: bool = False):
     """(inputs, labels, classes) of the configured data set, before any split; ``progress``: a
     progress bar while an image folder is read into memory."""
+    if cfg.dataset == "features" and cfg.backbone != "mlp":
+        raise ValueError("feature files need the mlp backbone (--backbone mlp)")
+    if cfg.dataset != "features" and cfg.backbone == "mlp":
+        raise ValueError("the mlp backbone takes feature files (--dataset features)")
     if cfg.dataset == "orl":
         raw = datasets.load_orl()
     elif cfg.dataset == "fashion-mnist":
@@ -206,10 +210,6 @@ def prepare_data(cfg: TrainConfig, progress: bool = False) -> PreparedData:
     """Load the data set and split it by the configured protocol (Fashion-MNIST's seen protocol
     keeps its own 60k/10k train/test split)."""
     inputs, labels, classes = load_dataset(cfg, progress)
-    if cfg.dataset == "features" and cfg.backbone != "mlp":
-        raise ValueError("feature files need the mlp backbone (--backbone mlp)")
-    if cfg.dataset != "features" and cfg.backbone == "mlp":
-        raise ValueError("the mlp backbone takes feature files (--dataset features)")
     if cfg.protocol == "seen" and cfg.dataset == "fashion-mnist":
         train = torch.arange(60000)
         split = datasets.RetrievalSplit("seen", train, train, torch.arange(60000, len(labels)))

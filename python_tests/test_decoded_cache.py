@@ -1,5 +1,6 @@
 """The decoded-image cache of image folders: decoded once, mapped (not read) by later loads, decoded
 again when the folder changes, shared by the processes of a torchrun host."""
+import errno
 import fcntl
 import json
 import os
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from opqn_ext import data
+from opqn_ext import data, file_lock
 from opqn_ext.data import decoded_cache
 from test_data import write_faces
 
@@ -203,16 +204,16 @@ def test_without_locks_on_the_file_system_the_cache_is_still_decoded(tmp_path, m
     paths, _, _ = data.scan_image_folder(tmp_path / "faces")
 
     def unsupported(fd, operation):
-        raise OSError(decoded_cache.errno.ENOLCK, "No locks available")
+        raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(decoded_cache.fcntl, "flock", unsupported)
+    monkeypatch.setattr(file_lock.fcntl, "flock", unsupported)
     images, decoded = decoded_cache.decoded_images(tmp_path / "faces", paths, SIZE, False, tmp_path / "cache")
     assert decoded and torch.equal(images, data.load_image_folder(tmp_path / "faces", SIZE).images)
 
 
 WAITER = """
 import sys, torch
-from opqn_ext import data
+from opqn_ext import data, file_lock
 images = data.load_image_folder(sys.argv[1], (24, 20), cache_dir=sys.argv[2]).images
 print(int(images.sum()), len(images))
 """

@@ -17,14 +17,11 @@ such as Lustre mounted without ``-o flock``, each decodes; both results are corr
 """
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..file_lock import exclusive_lock
 from .image_files import ImageFiles, decode_into
 from .mapped_files import map_npy
 
@@ -126,30 +124,6 @@ def lock_file(manifest_path: Path) -> Path:
     return manifest_path.with_name(f".{manifest_path.stem}.lock")
 
 
-def _lock(fd: int, what: Path, lock_path: Path, timeout: float | None, progress: bool) -> bool:
-    """Takes the exclusive lock on ``fd`` (waiting while another process holds it, at most ``timeout``
-    seconds); False where the file system cannot lock."""
-    start, told = time.monotonic(), False
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return True
-        except BlockingIOError:
-            pass
-        except OSError as err:
-            if err.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                return False
-            raise
-        if timeout is not None and time.monotonic() - start > timeout:
-            raise TimeoutError(f"waited {timeout:.0f} s for another process decoding the images into {what} "
-                               f"(it holds {lock_path} locked)")
-        if progress and not told:
-            print(f"waiting for another process decoding the images into {what} (it holds {lock_path} locked)",
-                  file=sys.stderr, flush=True)
-            told = True
-        time.sleep(_WAIT_POLL_SECONDS)
-
-
 def _failure_file(manifest_path: Path) -> Path:
     """Where LOCAL_RANK 0 leaves its error for the processes of its host and torchrun job (and its
     attempt: the processes of a restart wait for a new decoding, not for the error that ended the last)."""
@@ -192,24 +166,19 @@ def decoded_images(root: str | Path, paths: Sequence[str], size: tuple[int, int]
         return _wait_for(manifest_path, images_path, wanted, shape, timeout), False
     failure = _failure_file(manifest_path)
     failure.unlink(missing_ok=True)
-    lock_path = lock_file(manifest_path)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
-        locked = _lock(fd, images_path, lock_path, timeout, progress)
-        images = _ready(manifest_path, images_path, wanted, shape)  # decoded by the process that held the lock
-        if images is not None:
-            return images, False
-        manifest_path.unlink(missing_ok=True)  # no process may take the old images for the new ones
-        _build(paths, size, grayscale, images_path, workers * local_world, progress)  # the host's other ranks wait
-        _write_atomically(manifest_path, json.dumps(wanted))
-        if locked:
-            fcntl.flock(fd, fcntl.LOCK_UN)  # loader processes forked meanwhile share fd: closing it would not do
+        with exclusive_lock(lock_file(manifest_path), f"another process decoding the images into {images_path}",
+                            timeout, progress):
+            images = _ready(manifest_path, images_path, wanted, shape)  # decoded by the process that held the lock
+            if images is not None:
+                return images, False
+            manifest_path.unlink(missing_ok=True)  # no process may take the old images for the new ones
+            _build(paths, size, grayscale, images_path, workers * local_world, progress)  # the host's other ranks wait
+            _write_atomically(manifest_path, json.dumps(wanted))
     except BaseException as err:
         if local_world > 1:
             _write_atomically(failure, f"{type(err).__name__}: {err}")
         raise
-    finally:
-        os.close(fd)
     images = _open(images_path, shape)
     if images is None:
         raise RuntimeError(f"{images_path} changed while it was written (another process writing the same cache?)")

@@ -1,0 +1,102 @@
+"""Where the items of an index or code file come from, so that a search can name what it finds.
+
+An index built or grown from data keeps in its settings the identity names of its labels
+(``classes``: label ``l`` is identity ``classes[l]``; -1, no identity) and a list of ``sources``:
+- an image folder: its path, image count and fingerprint; item ``first_id + i`` is the folder's
+  ``i``-th image in :func:`~opqn_ext.data.scan_image_folder` order. Its items are named only while
+  the folder still matches the fingerprint (an image added or removed shifts the positions).
+- image files named one by one: item ``first_id + i`` is the ``i``-th file.
+"""
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from .data.decoded_cache import folder_fingerprint
+from .data.folders import scan_image_folder
+
+
+def folder_source(root: str | Path, first_id: int = 0) -> dict:
+    """The source of items ``first_id + i``, the ``i``-th image of the folder ``root``."""
+    paths, _, _ = scan_image_folder(root)
+    return {"root": str(Path(root).resolve()), "count": len(paths), "fingerprint": folder_fingerprint(root, paths),
+            "first_id": first_id}
+
+
+def files_source(paths: Sequence[str], first_id: int) -> dict:
+    """The source of items ``first_id + i``, the image file ``paths[i]`` (kept as absolute paths)."""
+    return {"files": [str(Path(p).resolve()) for p in paths], "first_id": first_id}
+
+
+def source_end(source: dict) -> int:
+    """One past the last id a source can name."""
+    return source["first_id"] + (len(source["files"]) if "files" in source else source["count"])
+
+
+def next_free_id(ids: torch.Tensor, settings: dict) -> int:
+    """The first id above every item of an index (``ids`` increasing) and every id its sources name:
+    where the items of a new source start."""
+    ends = [source_end(s) for s in settings.get("sources", [])]
+    return max([int(ids[-1]) + 1 if len(ids) else 0, *ends])
+
+
+def merged_classes(classes: Sequence[str], new: Sequence[str]) -> tuple[list[str], Callable[[torch.Tensor], torch.Tensor]]:
+    """(``classes`` followed by the names of ``new`` not among them, the map of labels of ``new`` to
+    labels of that list, -1 staying -1): a known identity keeps its label."""
+    merged, at = list(classes), {name: i for i, name in enumerate(classes)}
+    for name in new:
+        if name not in at:
+            at[name] = len(merged)
+            merged.append(name)
+    table = torch.tensor([at[name] for name in new] + [-1], dtype=torch.int64)  # [len(new) + 1]: -1 maps to -1
+
+    def to_merged(labels: torch.Tensor) -> torch.Tensor:
+        return table[torch.where(labels >= 0, labels, len(new))]
+
+    return merged, to_merged
+
+
+def identity_names(classes: Sequence[str], labels: torch.Tensor) -> list[list[str | None]]:
+    """The identity of each label (any 2-d shape), None for -1 and labels without a name."""
+    return [[classes[lab] if 0 <= lab < len(classes) else None for lab in row] for row in labels.tolist()]
+
+
+def folder_paths(source: dict) -> tuple[list[str] | None, str]:
+    """(the image files of a folder source by position, None if they cannot be named; why not)."""
+    root = source["root"]
+    try:
+        paths, _, _ = scan_image_folder(root)
+    except (OSError, ValueError) as err:
+        return None, f"the image folder {root} cannot be read ({err})"
+    if len(paths) != source["count"] or folder_fingerprint(root, paths) != source["fingerprint"]:
+        return None, f"{root} changed since its images were indexed"
+    return paths, ""
+
+
+def item_files(sources: Sequence[dict], ids: torch.Tensor) -> tuple[list[list[str | None]], list[str]]:
+    """(the image file of each id (any 2-d shape), None where no source names it; why the sources
+    that could not name their items could not). A folder is scanned once, and only when asked for."""
+    sources = sorted(sources, key=lambda s: s["first_id"])
+    starts = [s["first_id"] for s in sources]
+    resolved: dict[int, list[str] | None] = {}
+    why: list[str] = []
+
+    def file_of(item: int) -> str | None:
+        at = bisect.bisect_right(starts, item) - 1
+        if at < 0 or item >= source_end(sources[at]):
+            return None
+        source = sources[at]
+        if at not in resolved:
+            if "files" in source:
+                resolved[at] = source["files"]
+            else:
+                resolved[at], reason = folder_paths(source)
+                why.extend([reason] if reason else [])
+        paths = resolved[at]
+        return None if paths is None else os.fspath(paths[item - source["first_id"]])
+
+    return [[file_of(item) for item in row] for row in ids.tolist()], why

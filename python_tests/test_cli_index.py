@@ -1,0 +1,181 @@
+"""`opqn index add / remove / info`: an index grows by a data set or by image files named on the
+command line, with their identities, shrinks by id or identity, and searches name what they find
+by the source each item came from; commands changing one index wait for each other."""
+import fcntl
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from opqn_ext.cli import main
+from opqn_ext.index import OPQNIndex
+from opqn_ext.item_sources import files_source, identity_names, item_files, merged_classes, next_free_id
+
+CPU = ["--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def gallery(tmp_path_factory, orl_folder):
+    """(a run trained on ORL identities s01-s30 as an image folder, that folder, a folder of the other
+    ten identities, and an index of the thirty's 300 images)."""
+    root = tmp_path_factory.mktemp("gallery")
+    faces, new = root / "faces", root / "new"
+    for folder in sorted(orl_folder.iterdir()):
+        shutil.copytree(folder, (faces if folder.name <= "s30" else new) / folder.name)
+    run = root / "run"
+    assert main(["train", "--dataset", "folder", "--data-path", str(faces), "--grayscale", "--epochs", "1",
+                 "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    assert main(["index", "build", str(run), *CPU, "--part", "all", "-o", str(root / "faces.opqn")]) == 0
+    return run, faces, new, root / "faces.opqn"
+
+
+def search(run, index, query, tmp_path, k):
+    assert main(["search", str(run), *CPU, "--index", str(index), "--query", str(query), "-k", str(k),
+                 "--json", str(tmp_path / "r.json")]) == 0
+    (result,) = json.loads((tmp_path / "r.json").read_text())
+    return {x["item"]: x for x in result["results"]}
+
+
+def test_an_index_grows_by_folders_and_files_and_names_what_it_finds(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    index_path = tmp_path / "faces.opqn"
+    shutil.copy(built, index_path)
+    assert main(["index", "add", str(run), *CPU, "--index", str(index_path), "--data-path", str(new)]) == 0
+    assert f"added 100 items of folder {new} (ids 300-399) -> {index_path}: 400 items, 40 identities" in \
+        capsys.readouterr().out
+    assert main(["index", "add", str(run), *CPU, "--index", str(index_path), "--files", str(new / "s31" / "00.png"),
+                 str(new / "s31" / "01.png"), "--identity", "carol"]) == 0
+    assert main(["index", "add", str(run), *CPU, "--index", str(index_path), "--files", str(new / "s32")]) == 0
+    assert main(["index", "add", str(run), *CPU, "--index", str(index_path), "--files", str(new / "s33" / "05.png"),
+                 "--identity", "s33"]) == 0
+    assert "added 1 image (id 412) -> " in capsys.readouterr().out.splitlines()[-1]
+
+    index = OPQNIndex.load(index_path)
+    assert len(index) == 413 and torch.equal(index.ids, torch.arange(413))
+    classes = index.settings["classes"]
+    assert classes == [f"s{i:02d}" for i in range(1, 41)] + ["carol"]
+    assert index.labels[300:400].tolist() == [i for i in range(30, 40) for _ in range(10)]
+    assert index.labels[400:].tolist() == [40, 40] + [-1] * 10 + [classes.index("s33")]
+    # the codes of added items are the codes an index of that folder alone holds
+    assert main(["index", "build", str(run), *CPU, "--data-path", str(new), "--part", "all",
+                 "-o", str(tmp_path / "new.opqn")]) == 0
+    alone = OPQNIndex.load(tmp_path / "new.opqn")
+    assert torch.equal(index.codes[300:400], alone.codes)
+    assert torch.equal(index.codes[400:402], alone.codes[0:2]) and torch.equal(index.codes[402:412], alone.codes[10:20])
+    assert torch.equal(index.codes[412], alone.codes[25])
+
+    found = search(run, index_path, new / "s33" / "05.png", tmp_path, k=413)
+    assert len(found) == 413
+    assert found[412]["identity"] == "s33" and found[412]["file"] == str(new / "s33" / "05.png")
+    assert found[325] | {"score": None} == {"item": 325, "label": 32, "identity": "s33", "score": None,
+                                            "file": str(new / "s33" / "05.png")}
+    assert found[0]["identity"] == "s01" and found[0]["file"] == str(faces / "s01" / "00.png")
+    assert found[401]["identity"] == "carol" and found[401]["file"] == str(new / "s31" / "01.png")
+    assert found[405]["label"] == -1 and "identity" not in found[405] and found[405]["file"] == str(new / "s32" / "03.png")
+    assert found[412]["score"] == found[325]["score"]  # one image, one code
+
+    assert main(["index", "info", str(index_path), "--json", str(tmp_path / "info.json")]) == 0
+    out = capsys.readouterr().out
+    assert "413 items, 32-bit codes (M=8 books of K=16 words, d=64)" in out
+    assert "ids from 0 to 412; 41 identities, 10 items without one" in out
+    assert f"source: folder {new} (100 images, ids 300-399)" in out and "source: 1 file (id 412)" in out
+    info = json.loads((tmp_path / "info.json").read_text())
+    assert info["items"] == 413 and info["identities"] == 41 and info["unlabeled"] == 10
+    assert [(s["first_id"], s["end_id"]) for s in info["sources"]] == [(0, 300), (300, 400), (400, 402),
+                                                                        (402, 412), (412, 413)]
+
+    (faces / "s01" / "extra.png").write_bytes((faces / "s01" / "00.png").read_bytes())  # shifts the folder's items
+    found = search(run, index_path, new / "s33" / "05.png", tmp_path, k=413)
+    assert "file" not in found[0] and found[0]["identity"] == "s01"
+    assert found[325]["file"] == str(new / "s33" / "05.png") and found[412]["file"] == str(new / "s33" / "05.png")
+    assert f"(database items without their image files: {faces} changed since its images were indexed)" in \
+        capsys.readouterr().out
+    assert main(["index", "info", str(index_path)]) == 0
+    assert f"source: folder {faces} (300 images, ids 0-299; not named: {faces} changed since" in capsys.readouterr().out
+    (faces / "s01" / "extra.png").unlink()
+
+    assert main(["index", "remove", "--index", str(index_path), "--identity", "carol", "s33", "--ids", "0", "9999"]) == 0
+    assert f"removed 14 items from {index_path}: 399 left" in capsys.readouterr().out
+    index = OPQNIndex.load(index_path)
+    assert 0 not in index.ids and not bool(torch.isin(index.labels, torch.tensor([32, 40])).any())
+    assert main(["index", "add", str(run), *CPU, "--index", str(index_path), "--files", str(new / "s34"),
+                 "--identity", "carol"]) == 0
+    index = OPQNIndex.load(index_path)  # new ids follow every id a source names, removed or not
+    assert index.ids[-10:].tolist() == list(range(413, 423)) and index.labels[-10:].tolist() == [40] * 10
+
+
+def test_bad_index_commands_are_one_clear_line(tmp_path, capsys, gallery, orl_folder):
+    run, faces, new, built = gallery
+    index_path = tmp_path / "faces.opqn"
+    shutil.copy(built, index_path)
+    add = ["index", "add", str(run), *CPU, "--index", str(index_path)]
+    other = tmp_path / "other"
+    assert main(["train", "--dataset", "folder", "--data-path", str(faces), "--grayscale", "--epochs", "1",
+                 "--width", "4", "--seed", "1", "--out-dir", str(other), "--no-progress"]) == 0
+    for args, message in (
+            ([*add, "--data-path", str(new), "--identity", "x"], "--identity names the identity of --files"),
+            ([*add, "--files", str(new / "s31"), "--data-path", str(new)], "--files names the items to add: --data-path "
+                                                                            "does not apply"),
+            ([*add, "--files", str(tmp_path / "none.png")], f"--files {tmp_path / 'none.png'} does not exist"),
+            (["index", "add", str(run), "--index", str(tmp_path / "no.opqn"), "--files", str(new / "s31")],
+             f"index {tmp_path / 'no.opqn'} does not exist (build one with `opqn index build`)"),
+            (["index", "add", str(other), *CPU, "--index", str(index_path), "--files", str(new / "s31")],
+             f"{index_path} holds the codes of another model ({run.resolve()}): its assignment weights or codebook "
+             "differ from this checkpoint's"),
+            (["search", str(other), *CPU, "--index", str(index_path), "--query", str(new / "s31")],
+             f"{index_path} holds the codes of another model"),
+            (["index", "remove", "--index", str(index_path)], "name the items to remove: --ids or --identity"),
+            (["index", "remove", "--index", str(index_path), "--identity", "s01", "bob", "eve"],
+             f"--identity: bob, eve not in {index_path}"),
+            (["index", "info", str(tmp_path / "no.opqn")], f"index {tmp_path / 'no.opqn'} does not exist")):
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("opqn: error: ") and message in err, (args, err)
+    assert torch.equal(OPQNIndex.load(index_path).codes, OPQNIndex.load(built).codes)  # nothing changed
+
+
+def test_commands_changing_one_index_wait_for_each_other(tmp_path, gallery):
+    """An add started while another command holds the index waits for it, then adds to what that
+    command saved: no command's items are lost."""
+    run, faces, new, built = gallery
+    index_path = tmp_path / "faces.opqn"
+    shutil.copy(built, index_path)
+    fd = os.open(tmp_path / ".faces.opqn.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another command, between its load and its save
+    try:
+        adding = subprocess.Popen([sys.executable, "-m", "opqn_ext.cli", "index", "add", str(run), *CPU,
+                                   "--index", str(index_path), "--files", str(new / "s31")],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        waited, deadline = "", time.monotonic() + 120
+        while "waiting for" not in waited and time.monotonic() < deadline and adding.poll() is None:
+            if select.select([adding.stderr], [], [], 1.0)[0]:
+                waited += os.read(adding.stderr.fileno(), 4096).decode()
+        assert f"waiting for another opqn command changing {index_path} (it holds " in waited, waited
+        assert torch.equal(OPQNIndex.load(index_path).ids, torch.arange(300))  # nothing saved while it waits
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    out, err = adding.communicate(timeout=120)
+    assert adding.returncode == 0, err
+    index = OPQNIndex.load(index_path)
+    assert len(index) == 310 and index.ids[-10:].tolist() == list(range(300, 310))
+
+
+def test_item_sources_name_items_by_id(tmp_path):
+    classes, relabel = merged_classes(["ann", "bob"], ["cy", "bob", "dee"])
+    assert classes == ["ann", "bob", "cy", "dee"]
+    assert relabel(torch.tensor([0, 1, 2, -1, 1])).tolist() == [2, 1, 3, -1, 1]
+    assert identity_names(classes, torch.tensor([[3, -1], [7, 0]])) == [["dee", None], [None, "ann"]]
+    sources = [files_source(["b.png", "c.png"], 10), files_source([str(tmp_path / "a.png")], 2)]
+    assert next_free_id(torch.tensor([0, 1, 2]), {"sources": sources}) == 12
+    assert next_free_id(torch.tensor([0, 40]), {"sources": sources}) == 41
+    assert next_free_id(torch.zeros(0, dtype=torch.int64), {}) == 0
+    files, why = item_files(sources, torch.tensor([[2, 3, 10], [11, 12, 0]]))
+    assert files == [[str(tmp_path / "a.png"), None, os.path.abspath("b.png")], [os.path.abspath("c.png"), None, None]]
+    assert why == []
