@@ -120,7 +120,7 @@ print(f"opqn_ext: building CPU kernels; CUDA kernels: {'yes' if with_cuda else '
       + (f", arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the visible GPU')}" if with_cuda else ""))
 
 setup(
-    install_requires=[_torch_requirement(), "numpy", "tqdm", "safetensors", "pillow"],
+    install_requires=[_torch_requirement(), "numpy", "tqdm", "safetensors", "pillow>=9.1"],
     ext_modules=[
         extension(
             name="opqn_ext._C",

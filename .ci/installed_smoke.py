@@ -1,6 +1,7 @@
 """Uses an installed opqn_ext wheel from outside the checkout: python .ci/installed_smoke.py TARGET,
 where TARGET is the folder the wheel was installed into (pip install --target) and is first on
-PYTHONPATH. Checks that the package comes from there and that its ops, index and command line work."""
+PYTHONPATH. Checks that the package comes from there, that its ops, index and command line work, and
+that a type checker reads its types (PEP 561: py.typed, the stub of the compiled module)."""
 import os
 import subprocess
 import sys
@@ -52,4 +53,26 @@ with tempfile.TemporaryDirectory() as tmp:
         proc = subprocess.run([opqn, *args], capture_output=True, text=True)
         assert proc.returncode == 0, proc.stderr[-3000:]
         print(proc.stdout.strip().splitlines()[-1])
+
+USER_CODE = """
+import torch
+import opqn_ext
+from opqn_ext.index import OPQNIndex
+
+def nearest(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return opqn_ext.adc_topk(lut, codes, 10)[1]
+
+isas: list[str] = opqn_ext._C.available_cpu_isas()
+size: int = OPQNIndex.load("db.opqn").codes
+"""
+with tempfile.TemporaryDirectory() as tmp:  # the last line is wrong: only a checker reading the types says so
+    with open(os.path.join(tmp, "user.py"), "w") as f:
+        f.write(USER_CODE)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--no-incremental", "user.py"], cwd=tmp,
+                          capture_output=True, text=True)
+    errors = [line for line in proc.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("user.py:10: error: Incompatible types in assignment "
+                                                     '(expression has type "Tensor", variable has type "int")'), \
+        proc.stdout
+    print("mypy reads the installed package's types")
 print("installed wheel works")

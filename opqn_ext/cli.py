@@ -313,14 +313,14 @@ def cmd_search(args) -> int:
         index = _index_from_code_file(args.codes, model)
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
-    scores, ids, ms = [], [], 0.0
+    score_parts, id_parts, ms = [], [], 0.0
     for _, features in _feature_chunks(model, cfg, inputs, idx):
         start = time.perf_counter()
         found = index.search(features, args.k)
         ms += (time.perf_counter() - start) * 1e3
-        scores.append(found[0])
-        ids.append(found[1])
-    scores, ids = torch.cat(scores), torch.cat(ids)
+        score_parts.append(found[0])
+        id_parts.append(found[1])
+    scores, ids = torch.cat(score_parts), torch.cat(id_parts)
     labels = index.labels_of(ids)
     names, files, why_no_files = _result_names(index, ids)
     results = []

@@ -68,13 +68,14 @@ class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
         mean = totals[:C] / n
         centered = x - mean.view(shape)
         var = all_reduce(centered.square().sum(dims)) / n
-        if self.track_running_stats:
+        tracked, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if tracked is not None and running_mean is not None and running_var is not None:  # track_running_stats
             with torch.no_grad():
-                self.num_batches_tracked += 1
+                tracked += 1
                 # momentum None: the cumulative average, as in nn.BatchNorm
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.lerp_(mean.detach(), m)
-                self.running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), m)
+                m = self.momentum if self.momentum is not None else 1.0 / float(tracked)
+                running_mean.lerp_(mean.detach(), m)
+                running_var.lerp_(var.detach() * n / (n - 1).clamp(min=1), m)
         y = centered * torch.rsqrt(var.view(shape) + self.eps)
         if self.affine:
             y = y * self.weight.view(shape) + self.bias.view(shape)

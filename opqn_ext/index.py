@@ -46,7 +46,7 @@ def _append_rows(current: torch.Tensor, buffer: torch.Tensor | None, rows: torch
     n, need = current.shape[0], current.shape[0] + rows.shape[0]
     fits = (buffer is not None and buffer.device == current.device and need <= buffer.shape[0]
             and (n == 0 or current.data_ptr() == buffer.data_ptr()))
-    if not fits:
+    if buffer is None or not fits:
         buffer = torch.empty((need if n == 0 else max(need, n + n // 2), *current.shape[1:]),
                              dtype=current.dtype, device=current.device)
         buffer[:n] = current
@@ -73,7 +73,7 @@ def _crc32(array: np.ndarray) -> int:
     flat = array.reshape(-1).view(np.uint8)
     crc = 0
     for start in range(0, flat.size, _CRC_CHUNK):
-        crc = zlib.crc32(flat[start:start + _CRC_CHUNK], crc)
+        crc = zlib.crc32(flat[start:start + _CRC_CHUNK].data, crc)
     return crc
 
 
@@ -325,7 +325,8 @@ class OPQNIndex:
         array's CRC-32 (one sequential read of the file)."""
         path = Path(path)
         header, layout, data_start = _read_header(path)
-        arrays, mapped = {}, None
+        arrays: dict[str, torch.Tensor] = {}
+        mapped: np.memmap | None = None
         for name in _ARRAYS:
             info = layout[name]
             begin, end = info["data_offsets"]
@@ -333,9 +334,10 @@ class OPQNIndex:
             shape = tuple(info["shape"])
             if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
                 raise IndexFileError(f"{path}: array {name} has {end - begin} bytes for shape {shape}")
+            array: np.ndarray
             if mmap and name in _PER_ITEM and end > begin:
-                array = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
-                mapped = array if name == "codes" else mapped
+                file_map = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
+                mapped, array = file_map if name == "codes" else mapped, file_map
             else:
                 with open(path, "rb") as f:
                     f.seek(data_start + begin)

@@ -69,6 +69,10 @@ class OrthoPQHead(nn.Module):
     mean of ``||x_m||``).
     """
 
+    codebook: torch.Tensor
+    assign_weight: torch.Tensor
+    feature_norm: torch.Tensor
+
     def __init__(self, feature_dim: int, num_classes: int, num_books: int, num_words: int, scale: float = 20.0,
                  margin: float = 0.5, entropy_weight: float = 0.1, codebook_kind: str = "dct",
                  assignment: str = "learned", learn_codebook: bool = False, assign_scale: float = 1.0,
@@ -204,7 +208,8 @@ class FaceResNet20(nn.Module):
         super().__init__()
         h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
         strides = (1, 2, 2, 2) if max(h, w) <= 64 else (2, 2, 2, 2)
-        layers, cin = [], in_channels
+        layers: list[nn.Module] = []
+        cin = in_channels
         for depth, mult, stride in zip((1, 2, 4, 1), (1, 2, 4, 8), strides):
             cout = width * mult
             layers.append(_conv_bn_prelu(cin, cout, stride))

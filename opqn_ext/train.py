@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -135,8 +136,8 @@ class TrainConfig:
 def cpu_has_native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), by torch's own CPU checks;
     True where this torch has none of them."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    checks = [check for check in checks if check is not None]
+    checks = [check for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+              if (check := getattr(torch.cpu, name, None)) is not None]
     return not checks or any(check() for check in checks)
 
 
@@ -194,8 +195,8 @@ def load_dataset(cfg: TrainConfig, progress: bool = False):
         raw = datasets.load_orl()
     elif cfg.dataset == "fashion-mnist":
         train, test = datasets.load_fashion_mnist("train"), datasets.load_fashion_mnist("test")
-        raw = datasets.LabeledImages(torch.cat([train.images, test.images]), torch.cat([train.labels, test.labels]),
-                                     train.classes)
+        raw = datasets.LabeledImages(torch.cat([cast(torch.Tensor, train.images), cast(torch.Tensor, test.images)]),
+                                     torch.cat([train.labels, test.labels]), train.classes)
     elif cfg.dataset == "folder":
         raw = datasets.load_image_folder(cfg.data_path, (cfg.input_size, cfg.input_size), cfg.grayscale, cfg.stream,
                                          cfg.loader_workers(), progress, cfg.cache_dir or None)
@@ -203,7 +204,7 @@ def load_dataset(cfg: TrainConfig, progress: bool = False):
     else:
         feats = datasets.load_features(cfg.data_path)
         return feats.features.float(), feats.labels, feats.classes
-    return images_to_inputs(raw.images, cfg.input_size), raw.labels, raw.classes
+    return images_to_inputs(cast(torch.Tensor, raw.images), cfg.input_size), raw.labels, raw.classes  # in memory
 
 
 def prepare_data(cfg: TrainConfig, progress: bool = False) -> PreparedData:
@@ -249,6 +250,7 @@ class OPQNModel(nn.Module):
 def build_model(cfg: TrainConfig, in_shape: tuple[int, ...], num_classes: int) -> OPQNModel:
     """The configured backbone for inputs of shape ``in_shape`` ([C, H, W] or [D]) and the head."""
     torch.manual_seed(cfg.seed)
+    backbone: nn.Module
     if cfg.backbone == "mlp":
         backbone = EmbeddingMLP(in_shape[0], cfg.feature_dim, dropout=cfg.dropout)
     else:
@@ -412,7 +414,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     train_labels = prepared.train_labels
     model = build_model(cfg, tuple(input_shape), prepared.num_train_classes)
     if distributed:
-        model = convert_batchnorm(model, device)
+        model = cast(OPQNModel, convert_batchnorm(model, device))  # OPQNModel is no batch norm: converted in place
     model = model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -431,10 +433,10 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
         data_gen.set_state(ckpt["data_rng"])
         torch.set_rng_state(ckpt["torch_rng"])
         start_epoch, history = ckpt["epoch"] + 1, list(ckpt["history"])
-    runner = model
+    runner: nn.Module = model
     if distributed:
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    log = None
+    log = None  # the main process's
     if main:  # a resumed run rewrites the log from the checkpoint: lines of a lost epoch disappear
         log = open(out_dir / LOG_NAME, "w")
         for record in history:
@@ -478,8 +480,8 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
                     batch, labels = batch.pin_memory(), labels.pin_memory()  # (batches read ahead come pinned)
                 batch, labels = batch.to(device, non_blocking=True), labels.to(device, non_blocking=True)
                 if cfg.augment and images:  # drawn for the global batch: every rank draws the same numbers
-                    batch = apply_augmentation(batch, *(t.tensor_split(world)[rank]
-                                                        for t in draw_augmentation(len(idx), data_gen)))
+                    dy, dx, flip = (t.tensor_split(world)[rank] for t in draw_augmentation(len(idx), data_gen))
+                    batch = apply_augmentation(batch, dy, dx, flip)
                 if cfg.warmup_epochs and epoch < cfg.warmup_epochs:
                     for group in optimizer.param_groups:
                         group["lr"] = cfg.lr * (epoch * steps + step + 1) / (cfg.warmup_epochs * steps)
@@ -504,7 +506,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             if main and cfg.eval_every and (epoch + 1) % cfg.eval_every == 0 and epoch + 1 < cfg.epochs:
                 record["eval"] = evaluate(model, prepared, device, workers).summary()
             history.append(record)
-            if main:
+            if log is not None:
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 _atomic_save({"config": dataclasses.asdict(cfg), "epoch": epoch, "model": model.state_dict(),
@@ -516,7 +518,7 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
             if stop_after is not None and epoch + 1 >= stop_after:
                 break
         finished = not history or history[-1]["epoch"] == cfg.epochs
-        if main and evaluate_at_end and finished:
+        if log is not None and evaluate_at_end and finished:
             evaluation = evaluate(model, prepared, device, workers)
             log.write(json.dumps({"final": evaluation.summary()}) + "\n")
     finally:

@@ -50,8 +50,8 @@ class FaceEmbedder:
         self.faces_found = 0
 
     def __call__(self, image: torch.Tensor) -> np.ndarray:
-        rgb = image.expand(3, -1, -1) if image.shape[0] == 1 else image
-        rgb = np.ascontiguousarray(rgb.permute(1, 2, 0).numpy())
+        channels = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+        rgb = np.ascontiguousarray(channels.permute(1, 2, 0).numpy())
         faces = self.detector(rgb, 1)
         if len(faces):
             self.faces_found += 1
@@ -64,8 +64,8 @@ class FaceEmbedder:
 
 def embed_faces(images: LabeledImages, progress: bool = False) -> LabeledFeatures:
     """128-d dlib embeddings of every image of a data set, with its labels and classes."""
-    return LabeledFeatures(_embed_all(images.images, len(images), progress), images.labels.clone(),
-                           list(images.classes))
+    each = (images.images[i] for i in range(len(images)))  # a tensor's rows, or ImageFiles read one by one
+    return LabeledFeatures(_embed_all(each, len(images), progress), images.labels.clone(), list(images.classes))
 
 
 def embed_image_folder(root: str | Path, progress: bool = False) -> LabeledFeatures:

@@ -79,15 +79,16 @@ def load_image_folder(root: str | Path, size: tuple[int, int] | None = None, gra
 
     if stream and cache_dir is not None:
         raise ValueError("stream=True decodes the images batch by batch, cache_dir maps them decoded once: choose one")
-    if (stream or cache_dir is not None) and size is None:
-        what = "stream=True" if stream else "cache_dir"
-        raise ValueError(f"{what} needs size=(height, width): every image is resized to one size")
-    paths, labels, classes = scan_image_folder(root)
-    if stream:
-        return LabeledImages(ImageFiles(paths, size, grayscale), labels, classes)
-    if cache_dir is not None:
+    if stream or cache_dir is not None:
+        if size is None:
+            what = "stream=True" if stream else "cache_dir"
+            raise ValueError(f"{what} needs size=(height, width): every image is resized to one size")
+        paths, labels, classes = scan_image_folder(root)
+        if cache_dir is None:
+            return LabeledImages(ImageFiles(paths, size, grayscale), labels, classes)
         images, _ = decoded_images(root, paths, size, grayscale, cache_dir, workers, progress)
         return LabeledImages(images, labels, classes)
+    paths, labels, classes = scan_image_folder(root)
     if size is None:  # the first image's size is every image's
         first = read_image(paths[0], None, grayscale)
         shape = first.shape

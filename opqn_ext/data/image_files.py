@@ -12,7 +12,7 @@ import itertools
 import os
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -34,12 +34,12 @@ def read_image(path: str | os.PathLike, size: tuple[int, int] | None, grayscale:
 
     mode = "L" if grayscale else "RGB"
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as opened:
             if size is not None:
-                img.draft(mode, (size[1], size[0]))
-            img = img.convert(mode)
+                opened.draft(mode, (size[1], size[0]))
+            img = opened.convert(mode)
             if size is not None and img.size != (size[1], size[0]):
-                img = img.resize((size[1], size[0]), Image.BILINEAR)
+                img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(img, dtype=np.uint8)  # [H, W] or [H, W, 3], read-only
     except (OSError, UnidentifiedImageError) as err:
         raise ValueError(f"{os.fsdecode(path)}: unreadable image ({err})") from err
@@ -149,7 +149,8 @@ def decode_into(out: torch.Tensor, files: ImageFiles, workers: int, bar) -> None
 def _advised_ahead(inputs: torch.Tensor, batches: Iterable[torch.Tensor], depth: int) -> Iterator[torch.Tensor]:
     """``batches``, each index tensor given once the kernel has been told to read the rows of
     ``inputs`` (mapped from a file) of the ``depth`` batches after it."""
-    advised, todo = deque(), iter(batches)
+    advised: deque[torch.Tensor] = deque()
+    todo = iter(batches)
     for b in itertools.islice(todo, depth):
         will_need(inputs, b)
         advised.append(b)
@@ -173,7 +174,8 @@ def _gathered_ahead(inputs: torch.Tensor, batches: Iterable[torch.Tensor], threa
     # does), not GPU 0, where every process of a host would otherwise make a context
     device = torch.cuda.current_device() if pin_memory and torch.cuda.is_available() else None
     setup = (lambda: torch.cuda.set_device(device)) if device is not None else None
-    pending, todo = deque(), iter(batches)
+    pending: deque[Future[torch.Tensor]] = deque()
+    todo = iter(batches)
     with ThreadPoolExecutor(threads, thread_name_prefix="opqn-read-ahead", initializer=setup) as pool:
         try:
             for b in itertools.islice(todo, threads * _READ_AHEAD):
@@ -201,11 +203,12 @@ def input_batches(inputs: torch.Tensor | ImageFiles, batches: Sequence[torch.Ten
     if workers < 0:
         raise ValueError(f"workers must be >= 0, got {workers}")
     if isinstance(inputs, torch.Tensor):
-        if is_mapped(inputs):  # the reads from disk start a few batches ahead of the gathers
-            batches = _advised_ahead(inputs, batches, _READ_AHEAD * (workers + 1))
+        tensor, ordered = inputs, iter(batches)
+        if is_mapped(tensor):  # the reads from disk start a few batches ahead of the gathers
+            ordered = _advised_ahead(tensor, batches, _READ_AHEAD * (workers + 1))
         if workers == 0:
-            return (inputs[b] for b in batches)
-        return _gathered_ahead(inputs, batches, workers, pin_memory)
+            return (tensor[b] for b in ordered)
+        return _gathered_ahead(tensor, ordered, workers, pin_memory)
     if not isinstance(inputs, ImageFiles):
         raise TypeError(f"inputs must be a tensor or ImageFiles, got {type(inputs).__name__}")
     if not len(batches):
