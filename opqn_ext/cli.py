@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -220,12 +221,22 @@ def cmd_encode(args) -> int:
     chunks = _feature_chunks(model, cfg, prepared.inputs, idx)
     codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu() for _, features in chunks])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
-            "dataset": cfg.dataset, "part": args.part} | {k: json.dumps(v) for k, v in _naming(cfg, prepared.classes).items()}
+            "dataset": cfg.dataset, "part": args.part, "model": _model_fingerprint(model.head),
+            "checkpoint": str(Path(args.checkpoint).resolve())}
+    meta |= {k: json.dumps(v) for k, v in _naming(cfg, prepared.classes).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
               args.output, metadata=meta)
     print(f"encoded {len(idx)} items into {codes.shape[1]} x {model.head.num_words}-word codes "
           f"({cfg.code_bits} bits) -> {args.output}")
     return 0
+
+
+def _model_fingerprint(head) -> str:
+    """sha256 (hex) of what makes a head's codes: its assignment weights and codebook (float32)."""
+    digest = hashlib.sha256()
+    for weights in (head.assignment_weight, head.codebook):
+        digest.update(weights.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _index_from_code_file(path: str, model):
@@ -241,6 +252,9 @@ def _index_from_code_file(path: str, model):
         meta = f.metadata() or {}
     if codes.shape[1] != model.head.num_books:
         raise CliError(f"{path} has {codes.shape[1]} books but the model has {model.head.num_books}")
+    if meta.get("model", _model_fingerprint(model.head)) != _model_fingerprint(model.head):
+        raise CliError(f"{path} holds the codes of another model ({meta.get('checkpoint')}): its assignment weights "
+                       f"or codebook differ from this checkpoint's, so their codes do not compare")
     naming = {k: json.loads(meta[k]) for k in ("classes", "sources") if k in meta}
     index = OPQNIndex.from_head(model.head, settings=naming)
     index.add_codes(codes, ids=items, labels=labels)

@@ -118,6 +118,9 @@ def test_bad_index_commands_are_one_clear_line(tmp_path, capsys, gallery, orl_fo
     other = tmp_path / "other"
     assert main(["train", "--dataset", "folder", "--data-path", str(faces), "--grayscale", "--epochs", "1",
                  "--width", "4", "--seed", "1", "--out-dir", str(other), "--no-progress"]) == 0
+    codes = tmp_path / "db.safetensors"
+    assert main(["encode", str(run), *CPU, "-o", str(codes)]) == 0
+    assert main(["search", str(run), *CPU, "--codes", str(codes), "--query", str(new / "s31")]) == 0
     for args, message in (
             ([*add, "--data-path", str(new), "--identity", "x"], "--identity names the identity of --files"),
             ([*add, "--files", str(new / "s31"), "--data-path", str(new)], "--files names the items to add: --data-path "
@@ -130,6 +133,8 @@ def test_bad_index_commands_are_one_clear_line(tmp_path, capsys, gallery, orl_fo
              "differ from this checkpoint's"),
             (["search", str(other), *CPU, "--index", str(index_path), "--query", str(new / "s31")],
              f"{index_path} holds the codes of another model"),
+            (["search", str(other), *CPU, "--codes", str(codes), "--query", str(new / "s31")],
+             f"{codes} holds the codes of another model ({run.resolve()}): its assignment weights"),
             (["index", "remove", "--index", str(index_path)], "name the items to remove: --ids or --identity"),
             (["index", "remove", "--index", str(index_path), "--identity", "s01", "bob", "eve"],
              f"--identity: bob, eve not in {index_path}"),
