@@ -327,10 +327,14 @@ def cmd_search(args) -> int:
         index = _index_from_code_file(args.codes, model)
     if not 1 <= args.k <= len(index):
         raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
+    if args.fast_scan and index.num_words > 16:
+        raise CliError(f"--fast-scan scans 4-bit codes (K <= 16); these codes have K={index.num_words}")
+    if args.rerank < 1:
+        raise CliError(f"--rerank must be >= 1, got {args.rerank}")
     score_parts, id_parts, ms = [], [], 0.0
     for _, features in _feature_chunks(model, cfg, inputs, idx):
         start = time.perf_counter()
-        found = index.search(features, args.k)
+        found = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank)
         ms += (time.perf_counter() - start) * 1e3
         score_parts.append(found[0])
         id_parts.append(found[1])
@@ -589,6 +593,9 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--index", help="an index file from `opqn index build` / `add` (memory-mapped)")
     source.add_argument("--codes", help="a code file from `opqn encode`")
     p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("--fast-scan", action="store_true", help="K <= 16: the 4-bit scan (tables of bytes looked up in "
+                   "registers, --rerank x k candidates re-scored exactly; on CUDA an exact scan of 4-bit codes)")
+    p.add_argument("--rerank", type=int, default=2, help="--fast-scan: candidates re-scored per result (default 2)")
     p.add_argument("--part", choices=("database", "query", "all"), help="which items of the data set are queries "
                    "(default: query)")
     p.add_argument("--query", nargs="+", metavar="PATH", help="query images, or folders of them (any layout, no "

@@ -84,6 +84,22 @@ def test_train_eval_encode_search(tmp_path, capsys):
     assert "top-5" in capsys.readouterr().out
     assert main(["search", str(run), "--codes", str(codes_file), "-k", "281"]) == 2
     assert "-k must be in [1, 280]" in capsys.readouterr().err
+    # 4-bit codes (K = 16): the fast scan returns what the exact scan returns
+    assert main(["search", str(run), "--codes", str(codes_file), "-k", "5", "--fast-scan", "--rerank", "3",
+                 "--json", str(tmp_path / "f.json")]) == 0
+    for fast, exact in zip(json.loads((tmp_path / "f.json").read_text()), results):
+        same_results(fast["results"], exact["results"])
+    assert main(["search", str(run), "--codes", str(codes_file), "--fast-scan", "--rerank", "0"]) == 2
+    assert "--rerank must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_fast_scan_needs_4_bit_codes(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--width", "4", "--num-books", "4", "--num-words", "64", "--out-dir",
+                 str(run), "--no-progress"]) == 0
+    assert main(["index", "build", str(run), *CPU, "-o", str(tmp_path / "db.opqn")]) == 0
+    assert main(["search", str(run), *CPU, "--index", str(tmp_path / "db.opqn"), "--fast-scan"]) == 2
+    assert "--fast-scan scans 4-bit codes (K <= 16); these codes have K=64" in capsys.readouterr().err
 
 
 def test_a_streamed_folder_from_training_to_search(tmp_path, capsys, orl_folder):
