@@ -9,6 +9,7 @@ checked against each other (equal scores; the same ids apart from ties) before t
     python benchmarks/bench_adc_cuda.py [--sizes 10000000 100000000] [--json PATH]
 """
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -68,6 +69,30 @@ def measure(label, N, nq, k, ours, baselines, repeats):
     return row
 
 
+def measure_8bit(N: int, dev: torch.device, repeats: int) -> list[dict]:
+    codes = torch.randint(0, 256, (N, 8), dtype=torch.uint8, device=dev)  # 8-bit, M = 8
+    rows = []
+    for nq in (1, 100):
+        lut = torch.rand(nq, 8, 256, device=dev)
+        for k in (10, 100, 1024):
+            rows.append(measure("8-bit M=8", N, nq, k, functools.partial(opqn_ext.adc_topk, lut, codes, k),
+                                {"gather": functools.partial(gather_topk, lut, codes, k)}, repeats))
+    return rows
+
+
+def measure_4bit(N: int, dev: torch.device, repeats: int) -> list[dict]:
+    codes16 = torch.randint(0, 16, (N, 16), dtype=torch.uint8, device=dev)  # 4-bit, M = 16
+    packed = opqn_ext.pack_codes4(codes16)
+    rows = []
+    for nq in (1, 100):
+        lut = torch.rand(nq, 16, 16, device=dev)
+        for k in (10, 100):
+            rows.append(measure("4-bit M=16", N, nq, k, functools.partial(opqn_ext.adc_topk4, lut, packed, k),
+                                {"adc_topk": functools.partial(opqn_ext.adc_topk, lut, codes16, k),
+                                 "gather": functools.partial(gather_topk, lut, codes16, k)}, repeats))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 100_000_000])
@@ -76,23 +101,9 @@ def main():
     args = parser.parse_args()
     dev = torch.device("cuda")
     rows = []
-    for N in args.sizes:
-        codes = torch.randint(0, 256, (N, 8), dtype=torch.uint8, device=dev)  # 8-bit, M = 8
-        for nq in (1, 100):
-            lut = torch.rand(nq, 8, 256, device=dev)
-            for k in (10, 100, 1024):
-                rows.append(measure("8-bit M=8", N, nq, k, lambda: opqn_ext.adc_topk(lut, codes, k),
-                                    {"gather": lambda: gather_topk(lut, codes, k)}, args.repeats))
-        del codes
-        codes16 = torch.randint(0, 16, (N, 16), dtype=torch.uint8, device=dev)  # 4-bit, M = 16
-        packed = opqn_ext.pack_codes4(codes16)
-        for nq in (1, 100):
-            lut = torch.rand(nq, 16, 16, device=dev)
-            for k in (10, 100):
-                rows.append(measure("4-bit M=16", N, nq, k, lambda: opqn_ext.adc_topk4(lut, packed, k),
-                                    {"adc_topk": lambda: opqn_ext.adc_topk(lut, codes16, k),
-                                     "gather": lambda: gather_topk(lut, codes16, k)}, args.repeats))
-        del codes16, packed
+    for N in args.sizes:  # the codes of one layout at a time: 100M x 16 bytes is 1.6 GB
+        rows += measure_8bit(N, dev, args.repeats)
+        rows += measure_4bit(N, dev, args.repeats)
     name = torch.cuda.get_device_name(dev)
     print(f"\nCUDA ADC top-k, {name}, torch {torch.__version__}: Gcodes/s = codes x queries per second; "
           "x = baseline time / opqn time (adc_topk: the 4-bit codes unpacked, one byte each)")
