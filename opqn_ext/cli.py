@@ -214,7 +214,7 @@ def _naming(cfg: TrainConfig, classes) -> dict:
 
 
 def cmd_encode(args) -> int:
-    from safetensors.torch import save_file
+    from .safetensors_files import save_file
 
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)

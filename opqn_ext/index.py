@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .distributed import all_gather_topk, all_reduce_sum
 from .ops import PackedCodes4, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
+from .safetensors_files import save_file
 
 FORMAT = "opqn-index"
 FORMAT_VERSION = 1
@@ -285,14 +286,15 @@ class OPQNIndex:
     # ---- persistence -----------------------------------------------------------------------
 
     def _arrays(self) -> dict[str, torch.Tensor]:
+        # assign_weight copied: it may be the codebook itself (codeword assignment), and safetensors
+        # refuses to write one storage twice
         return {"codes": self.codes.cpu().contiguous(), "ids": self.ids.contiguous(),
-                "labels": self.labels.contiguous(), "assign_weight": self.assign_weight.cpu().contiguous(),
+                "labels": self.labels.contiguous(), "assign_weight": self.assign_weight.cpu().clone(),
                 "codebook": self.codebook.cpu().contiguous()}
 
     def save(self, path: str | Path) -> Path:
-        """Write the index atomically (temporary file, fsync, rename) to ``path``."""
-        from safetensors.torch import save_file
-
+        """Write the index atomically (temporary file, fsync, rename) to ``path``; the file keeps the
+        permissions of the index it replaces (a new one gets those of any new file)."""
         path = Path(path)
         arrays = self._arrays()
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_items": len(self),
@@ -301,7 +303,7 @@ class OPQNIndex:
                   "crc32": {name: _crc32(t.numpy()) for name, t in arrays.items()}}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            save_file(arrays, str(tmp), metadata={"opqn_index": json.dumps(header)})
+            save_file(arrays, tmp, metadata={"opqn_index": json.dumps(header)}, replaces=path)
             fd = os.open(tmp, os.O_RDONLY)
             try:
                 os.fsync(fd)

@@ -208,6 +208,18 @@ def test_empty_index_round_trips(tmp_path):
     assert len(loaded) == 0 and loaded.codes.shape == (0, M)
 
 
+def test_an_index_of_the_codeword_assignment_round_trips(tmp_path):
+    """The head's assignment weights are its codebook itself ("codeword" assignment): the file holds
+    both (safetensors refuses one storage under two names)."""
+    head = OrthoPQHead(D, 5, M, K, assignment="codeword", seed=0)
+    index = OPQNIndex.from_head(head)
+    assert index.assign_weight.data_ptr() == index.codebook.data_ptr()
+    index.add(features(50, 1))
+    loaded = OPQNIndex.load(index.save(tmp_path / "c.opqn"))
+    assert torch.equal(loaded.assign_weight, head.codebook) and torch.equal(loaded.codebook, head.codebook)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.search(features(5, 2), 3), index.search(features(5, 2), 3)))
+
+
 @pytest.fixture
 def saved(tmp_path):
     index, _ = make_index()

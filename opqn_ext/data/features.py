@@ -26,10 +26,9 @@ def save_features(path: str | Path, features: torch.Tensor, labels: torch.Tensor
     data = LabeledFeatures(features.float().contiguous().cpu(), labels.long().contiguous().cpu(),
                            classes or [str(i) for i in range(int(labels.max()) + 1 if len(labels) else 0)])
     if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+        from ..safetensors_files import save_file
 
-        save_file({"features": data.features, "labels": data.labels}, str(path),
-                  metadata={"classes": json.dumps(data.classes)})
+        save_file({"features": data.features, "labels": data.labels}, path, metadata={"classes": json.dumps(data.classes)})
     elif path.suffix == ".npy":
         np.save(path, data.features.numpy())
         np.save(_labels_path(path), data.labels.numpy())
