@@ -70,6 +70,12 @@ def _integer_ids(ids) -> torch.Tensor:
     return ids.long()
 
 
+def _is_orthonormal(codebook: torch.Tensor, tol: float = 1e-4) -> bool:
+    """Whether every book's ``C_m^T C_m`` is within ``tol`` of the identity."""
+    gram = torch.einsum("mdk,mdl->mkl", codebook.double(), codebook.double())
+    return bool((gram - torch.eye(codebook.shape[2], dtype=torch.float64, device=codebook.device)).abs().max() <= tol)
+
+
 def _crc32(array: np.ndarray) -> int:
     flat = array.reshape(-1).view(np.uint8)
     crc = 0
@@ -87,10 +93,14 @@ class OPQNIndex:
         query_scale: logit scale of query tables (normalized sub-features; the head's
             ``feature_norm`` unless set).
         settings: JSON-serializable model settings stored with the index (e.g. the training config).
+        orthonormal: whether the codebook is orthonormal, so that a query's table is its assignment
+            probabilities; otherwise (a codebook learned away from orthonormality) the table holds
+            the inner products of the soft-quantized query with the codewords, as the head's
+            ``query_lut``. None: whether ``C_m^T C_m`` is within 1e-4 of the identity.
     """
 
     def __init__(self, assign_weight: torch.Tensor, codebook: torch.Tensor, query_scale: float,
-                 settings: dict | None = None):
+                 settings: dict | None = None, orthonormal: bool | None = None):
         if assign_weight.dim() != 3 or assign_weight.shape != codebook.shape:
             raise ValueError(f"assign_weight and codebook must both be [M, d, K], got {list(assign_weight.shape)} "
                              f"and {list(codebook.shape)}")
@@ -100,6 +110,7 @@ class OPQNIndex:
         self.assign_weight = assign_weight.detach().float().contiguous()
         self.codebook = codebook.detach().float().contiguous()
         self.query_scale = float(query_scale)
+        self.orthonormal = _is_orthonormal(self.codebook) if orthonormal is None else bool(orthonormal)
         self.settings = dict(settings or {})
         self.num_books, self.dim, self.num_words = M, d, K
         device = self.assign_weight.device
@@ -114,7 +125,7 @@ class OPQNIndex:
     def from_head(cls, head, settings: dict | None = None) -> "OPQNIndex":
         """An empty index for the codes of a trained :class:`~opqn_ext.nn.OrthoPQHead`."""
         scale = head.query_scale if head.query_scale is not None else float(head.feature_norm)
-        return cls(head.assignment_weight, head.codebook, scale, settings)
+        return cls(head.assignment_weight, head.codebook, scale, settings, orthonormal=not head.learn_codebook)
 
     @property
     def device(self) -> torch.device:
@@ -219,12 +230,16 @@ class OPQNIndex:
 
     @torch.no_grad()
     def query_lut(self, queries: torch.Tensor) -> torch.Tensor:
-        """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient)."""
+        """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient): the inner
+        products of the soft-quantized queries with the codewords, which an orthonormal codebook
+        makes the assignment probabilities."""
         if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
             raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
         sq = soft_quantize(queries.to(self.device, torch.float32), self.assign_weight, self.codebook,
                            self.query_scale, True)
-        return sq.probs
+        if self.orthonormal:
+            return sq.probs
+        return torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
 
     def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
                rerank: int = 2):
@@ -299,7 +314,7 @@ class OPQNIndex:
         arrays = self._arrays()
         header = {"format": FORMAT, "format_version": FORMAT_VERSION, "num_items": len(self),
                   "num_books": self.num_books, "dim": self.dim, "num_words": self.num_words,
-                  "query_scale": self.query_scale, "settings": self.settings,
+                  "query_scale": self.query_scale, "orthonormal": self.orthonormal, "settings": self.settings,
                   "crc32": {name: _crc32(t.numpy()) for name, t in arrays.items()}}
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
@@ -348,7 +363,8 @@ class OPQNIndex:
             if verify and _crc32(np.ascontiguousarray(array)) != header["crc32"][name]:
                 raise IndexFileError(f"{path}: array {name} is corrupted (CRC-32 mismatch)")
             arrays[name] = torch.from_numpy(array)
-        index = cls(arrays["assign_weight"], arrays["codebook"], header["query_scale"], header["settings"])
+        index = cls(arrays["assign_weight"], arrays["codebook"], header["query_scale"], header["settings"],
+                    header.get("orthonormal"))  # a file without it: detected
         n, M = header["num_items"], header["num_books"]
         if arrays["codes"].shape != (n, M) or arrays["ids"].shape != (n,) or arrays["labels"].shape != (n,):
             raise IndexFileError(f"{path}: array shapes do not match the header ({n} items, M={M})")

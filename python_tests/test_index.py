@@ -220,6 +220,28 @@ def test_an_index_of_the_codeword_assignment_round_trips(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.search(features(5, 2), 3), index.search(features(5, 2), 3)))
 
 
+def test_a_learned_codebook_is_searched_as_the_model_scores_it(tmp_path):
+    """A codebook learned away from orthonormality: query tables are the inner products of the
+    soft-quantized query with the codewords (the head's query_lut), not the probabilities."""
+    head = OrthoPQHead(D, 5, M, K, learn_codebook=True, seed=0)
+    with torch.no_grad():
+        head.codebook.add_(0.1 * torch.randn(head.codebook.shape, generator=torch.Generator().manual_seed(3)))
+    index = OPQNIndex.from_head(head)
+    db, queries = features(300, 1), features(20, 2)
+    index.add(db)
+    want = opqn_ext.adc_topk(head.query_lut(queries), head.encode(db), 10)
+    assert not index.orthonormal
+    assert torch.equal(index.query_lut(queries), head.query_lut(queries))
+    for got in (index.search(queries, 10), OPQNIndex.load(index.save(tmp_path / "l.opqn")).search(queries, 10)):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    as_probs = OPQNIndex(head.assign_weight, head.codebook, index.query_scale, orthonormal=True)
+    as_probs.add(db)
+    assert not torch.equal(as_probs.search(queries, 10)[1], want[1])  # the probabilities would rank otherwise
+    fixed = OrthoPQHead(D, 5, M, K, seed=0)  # without a head to say so, orthonormality is detected
+    assert OPQNIndex(fixed.assign_weight, fixed.codebook, 1.0).orthonormal
+    assert not OPQNIndex(head.assign_weight, head.codebook, 1.0).orthonormal
+
+
 @pytest.fixture
 def saved(tmp_path):
     index, _ = make_index()
