@@ -295,7 +295,7 @@ def rewrite_header(path, change):
     meta = json.loads(layout["__metadata__"]["opqn_index"])
     change(meta)
     layout["__metadata__"]["opqn_index"] = json.dumps(meta)
-    body = json.dumps(layout).encode()
+    body = json.dumps(layout, separators=(",", ":")).encode()  # compact, as safetensors writes it
     body += b" " * (header_len - len(body)) if len(body) <= header_len else b""
     assert len(body) == header_len
     path.write_bytes(data[:8] + body + data[8 + header_len:])
