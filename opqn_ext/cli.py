@@ -89,9 +89,13 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def format_table(evaluation: Evaluation, feature_dim: int, bits: int) -> str:
-    rows = [(f"float features ({feature_dim}-d, {32 * feature_dim} bits)", evaluation.float_metrics,
-             evaluation.float_query_ms),
-            (f"OPQN codes ({bits} bits)", evaluation.code_metrics, evaluation.code_query_ms)]
+    return _metrics_table([(f"float features ({feature_dim}-d, {32 * feature_dim} bits)",
+                            evaluation.float_metrics, evaluation.float_query_ms),
+                           (f"OPQN codes ({bits} bits)", evaluation.code_metrics, evaluation.code_query_ms)])
+
+
+def _metrics_table(rows) -> str:
+    """Rows (name, RetrievalMetrics, query ms) as a table of mAP, P@5, P@10 and query time."""
     head = f"{'':38s} {'mAP':>7s} {'P@5':>7s} {'P@10':>7s} {'query ms':>9s}"
     lines = [head, "-" * len(head)]
     for name, m, ms in rows:
@@ -183,6 +187,10 @@ def _checkpoint_and_data(args):
 
 
 def cmd_eval(args) -> int:
+    if args.index:
+        return _eval_index(args)
+    if args.part is not None:
+        raise CliError("--part chooses the queries that --index is evaluated with")
     model, cfg, prepared = _checkpoint_and_data(args)
     device = _device_of(model)
     evaluation = evaluate(model, prepared, device, cfg.loader_workers(device))
@@ -190,6 +198,42 @@ def cmd_eval(args) -> int:
           f"{len(prepared.split.database)} database items")
     print(format_table(evaluation, cfg.feature_dim, cfg.code_bits))
     _write_json(args.json, evaluation.summary())
+    return 0
+
+
+def _eval_index(args) -> int:
+    """The items of a data set (its queries by default) as queries against an index: relevant are
+    the index's items of the query's identity (by name); queries of identities the index holds no
+    item of are left out."""
+    from .metrics import evaluate_codes
+
+    part = args.part or "query"
+    if part == "all":  # no split: a probe set may hold identities of one or two images
+        model, cfg = _checkpoint_config(args)
+        inputs, labels, classes = load_dataset(cfg, progress=True)
+        idx = torch.arange(len(labels))
+    else:
+        model, cfg, prepared = _checkpoint_and_data(args)
+        inputs, labels, classes, idx = prepared.inputs, prepared.labels, prepared.classes, _part(prepared, part)
+    index = _load_index(args.index, device=_device_of(model))
+    _check_same_model(index, model, args.index)
+    label_of = {name: i for i, name in enumerate(index.settings.get("classes", []))}
+    held = set(index.labels.unique().tolist()) - {-1}
+    query_labels = torch.tensor([label_of.get(classes[lab], -1) for lab in labels[idx].tolist()], dtype=torch.int64)
+    kept = torch.tensor([lab in held for lab in query_labels.tolist()], dtype=torch.bool)
+    if not bool(kept.any()):
+        raise CliError(f"none of the {len(idx)} queries is of an identity that {args.index} holds items of")
+    luts = torch.cat([index.query_lut(features).cpu() for _, features in _feature_chunks(model, cfg, inputs, idx[kept])])
+    metrics = evaluate_codes(luts, index.codes, query_labels[kept], index.labels)
+    start = time.perf_counter()
+    index.search_luts(luts, min(10, len(index)))
+    ms = (time.perf_counter() - start) * 1e3 / len(luts)  # per query, top-10, as `opqn eval` times codes
+    left_out = len(idx) - int(kept.sum())
+    print(f"{cfg.dataset} ({part}): {metrics.num_queries} queries against {args.index} ({len(index)} items)"
+          + (f"; {_count(left_out, 'query', 'queries')} of identities without items there left out" if left_out else ""))
+    print(_metrics_table([(f"OPQN codes ({index.num_books * math.ceil(math.log2(index.num_words))} bits)", metrics,
+                           ms)]))
+    _write_json(args.json, {"opqn": metrics.summary() | {"query_ms": ms}, "left_out": left_out})
     return 0
 
 
@@ -579,7 +623,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the final evaluation here")
     p.set_defaults(func=cmd_train)
 
-    p = _checkpoint_parser(sub, "eval", "evaluate a trained model: float features vs OPQN codes")
+    p = _checkpoint_parser(sub, "eval", "evaluate a trained model: float features vs OPQN codes; or a data set's "
+                           "items as queries against an index (--index)")
+    p.add_argument("--index", help="an index file: the data set's items (--part) are the queries, the index the "
+                   "database; relevant items are those of the query's identity (by name)")
+    p.add_argument("--part", choices=("database", "query", "all"), help="--index: which items are queries "
+                   "(default: query; all: every item, without a split)")
     p.add_argument("--json", help="write the metrics here")
     p.set_defaults(func=cmd_eval)
 

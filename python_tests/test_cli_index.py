@@ -184,3 +184,34 @@ def test_item_sources_name_items_by_id(tmp_path):
     files, why = item_files(sources, torch.tensor([[2, 3, 10], [11, 12, 0]]))
     assert files == [[str(tmp_path / "a.png"), None, os.path.abspath("b.png")], [os.path.abspath("c.png"), None, None]]
     assert why == []
+
+
+def test_eval_of_queries_against_an_index(tmp_path, capsys, gallery):
+    """`opqn eval --index`: a data set's queries against an index, relevant by identity name; the
+    split's queries against an index of its database give `opqn eval`'s OPQN metrics exactly."""
+    run = tmp_path / "run"
+    assert main(["train", "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
+    assert main(["eval", str(run), *CPU, "--json", str(tmp_path / "e.json")]) == 0
+    assert main(["index", "build", str(run), *CPU, "-o", str(tmp_path / "db.opqn")]) == 0
+    assert main(["eval", str(run), *CPU, "--index", str(tmp_path / "db.opqn"), "--json", str(tmp_path / "i.json")]) == 0
+    whole, against_index = (json.loads((tmp_path / name).read_text()) for name in ("e.json", "i.json"))
+    assert {k: v for k, v in against_index["opqn"].items() if k not in ("seconds", "query_ms")} == \
+        {k: v for k, v in whole["opqn"].items() if k not in ("seconds", "query_ms")}
+    assert against_index["left_out"] == 0 and "orl (query): 120 queries against" in capsys.readouterr().out
+
+    gallery_run, faces, new, built = gallery
+    index_path = tmp_path / "faces.opqn"
+    shutil.copy(built, index_path)
+    probes = ["eval", str(gallery_run), *CPU, "--index", str(index_path), "--data-path", str(new), "--part", "all"]
+    assert main(probes) == 2
+    assert f"none of the 100 queries is of an identity that {index_path} holds items of" in capsys.readouterr().err
+    assert main(["index", "add", str(gallery_run), *CPU, "--index", str(index_path), "--files", str(new / "s31"),
+                 "--identity", "s31"]) == 0
+    capsys.readouterr()
+    assert main([*probes, "--json", str(tmp_path / "p.json")]) == 0
+    assert f"folder (all): 10 queries against {index_path} (310 items); 90 queries of identities without items " \
+           "there left out" in capsys.readouterr().out
+    probe = json.loads((tmp_path / "p.json").read_text())
+    assert probe["left_out"] == 90 and probe["opqn"]["queries"] == 10 and probe["opqn"]["database"] == 310
+    assert main(["eval", str(gallery_run), *CPU, "--part", "all"]) == 2
+    assert "--part chooses the queries that --index is evaluated with" in capsys.readouterr().err
