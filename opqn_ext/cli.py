@@ -393,10 +393,12 @@ def cmd_search(args) -> int:
                  for s, h, lab in zip(scores[i], ids[i], labels[i])]
         for entry, name, file in zip(found, names[i], files[i]):
             entry |= ({"identity": name} if name is not None else {}) | ({"file": file} if file is not None else {})
+        if args.min_score is not None:  # open set: a query may match no one
+            found = [entry for entry in found if entry["score"] >= args.min_score]
         results.append(query | {"results": found})
     for r in results[: args.show]:
         shown = ", ".join(f"{x['item']}({x.get('identity', x['label'])})" + (f" {x['file']}" if "file" in x else "")
-                          + f" {x['score']:.3f}" for x in r["results"])
+                          + f" {x['score']:.3f}" for x in r["results"]) or f"no item scores {args.min_score} or more"
         what = r["query"] if prepared is None else f"{r['query_item']} (label {r['query_label']})"
         print(f"query {what}: {shown}")
     for why in why_no_files:
@@ -645,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fast-scan", action="store_true", help="K <= 16: the 4-bit scan (tables of bytes looked up in "
                    "registers, --rerank x k candidates re-scored exactly; on CUDA an exact scan of 4-bit codes)")
     p.add_argument("--rerank", type=int, default=2, help="--fast-scan: candidates re-scored per result (default 2)")
+    p.add_argument("--min-score", dest="min_score", type=float, help="only results scoring at least this (of the top "
+                   "k): a query of someone the index does not hold may get none (scores are sums over the M books "
+                   "of probabilities, in [0, M] for an orthonormal codebook)")
     p.add_argument("--part", choices=("database", "query", "all"), help="which items of the data set are queries "
                    "(default: query)")
     p.add_argument("--query", nargs="+", metavar="PATH", help="query images, or folders of them (any layout, no "

@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .distributed import all_gather_topk, all_reduce_sum
-from .ops import PackedCodes4, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
+from .ops import PackedCodes4, adc_scores, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
 from .safetensors_files import save_file
 
 FORMAT = "opqn-index"
@@ -226,6 +226,20 @@ class OPQNIndex:
         labels = torch.where(found, self.labels[pos] if len(self) else pos, -1)
         return labels.reshape(ids.shape)
 
+    def reconstruct(self, ids) -> torch.Tensor:
+        """The vectors ``[n, M*d]`` float32 that the items of ``ids`` (``[n]``) stand for: per book,
+        the codeword of its code. A query's ADC score of an item is the inner product of its
+        soft-quantized sub-vectors with these (the probability tables of an orthonormal codebook
+        are those inner products)."""
+        ids = _integer_ids(ids).reshape(-1)
+        pos = torch.searchsorted(self.ids, ids).clamp(max=max(len(self) - 1, 0))
+        missing = ~(self.ids[pos] == ids) if len(self) else torch.ones_like(ids, dtype=torch.bool)
+        if bool(missing.any()):
+            raise ValueError(f"ids not in the index: {ids[missing][:10].tolist()}")
+        codes = self.codes[pos.to(self.device)].long()  # [n, M]
+        words = self.codebook.transpose(1, 2)  # [M, K, d]
+        return words[torch.arange(self.num_books, device=self.device), codes].reshape(len(ids), -1)
+
     # ---- search ----------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -262,6 +276,38 @@ class OPQNIndex:
             raise ValueError(f"luts must be [nq, {self.num_books}, {self.num_words}], got {list(luts.shape)}")
         return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size,
                             fast_scan, rerank)
+
+    @torch.no_grad()
+    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20):
+        """Every item scoring at least ``min_score`` for each feature query ``[nq, M*d]`` (open-set
+        identification: "is this person in the gallery?"), as FAISS returns ranges:
+        ``(lims [nq + 1] int64, scores [lims[-1]] float32, ids [lims[-1]] int64)``; query ``q``'s
+        results are ``scores[lims[q]:lims[q + 1]]``, descending, ties to the smaller id. The scores
+        are ``adc_topk``'s; they are computed for blocks of queries x items of ``batch_bytes`` at a time."""
+        luts = self.query_lut(queries)  # [nq, M, K]
+        nq, n = luts.shape[0], len(self)
+        rows = max(1, min(nq, 256))
+        cols = max(1, min(max(n, 1), batch_bytes // (4 * rows)))
+        found_q, found_pos, found_scores = [], [], []
+        for q0 in range(0, nq, rows):
+            for i0 in range(0, n, cols):
+                scores = adc_scores(luts[q0:q0 + rows], self.codes[i0:i0 + cols])  # [rows, cols]
+                q, pos = torch.nonzero(scores >= min_score, as_tuple=True)
+                found_q.append(q.cpu() + q0)
+                found_pos.append(pos.cpu() + i0)
+                found_scores.append(scores[q, pos].cpu())
+        q = torch.cat(found_q) if found_q else torch.zeros(0, dtype=torch.int64)
+        pos = torch.cat(found_pos) if found_pos else torch.zeros(0, dtype=torch.int64)
+        scores = torch.cat(found_scores) if found_scores else torch.zeros(0)
+        # found in blocks; order by query, then score descending, then position (= id order): stable
+        # sorts by each key, the last key first
+        order = torch.sort(pos, stable=True).indices
+        order = order[torch.sort(scores[order], stable=True, descending=True).indices]
+        order = order[torch.sort(q[order], stable=True).indices]
+        q, pos, scores = q[order], pos[order], scores[order]
+        lims = torch.zeros(nq + 1, dtype=torch.int64)
+        lims[1:] = torch.cumsum(torch.bincount(q, minlength=nq), 0)
+        return lims, scores, self.ids[pos]
 
     def _packed(self) -> PackedCodes4:
         """The 4-bit layout of the codes. Codes appended since it was made are packed onto it (its

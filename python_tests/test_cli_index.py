@@ -215,3 +215,20 @@ def test_eval_of_queries_against_an_index(tmp_path, capsys, gallery):
     assert probe["left_out"] == 90 and probe["opqn"]["queries"] == 10 and probe["opqn"]["database"] == 310
     assert main(["eval", str(gallery_run), *CPU, "--part", "all"]) == 2
     assert "--part chooses the queries that --index is evaluated with" in capsys.readouterr().err
+
+
+def test_search_with_a_minimum_score_may_match_no_one(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    everyone = search(run, built, new / "s40" / "00.png", tmp_path, k=300)  # the whole index, ranked
+    scores = sorted({x["score"] for x in everyone.values()}, reverse=True)
+    assert len(scores) > 1
+    threshold = (scores[0] + scores[1]) / 2  # between the best score and the next
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(new / "s40" / "00.png"), "-k", "300",
+                 "--min-score", str(threshold), "--json", str(tmp_path / "m.json")]) == 0
+    (kept,) = json.loads((tmp_path / "m.json").read_text())
+    assert kept["results"] == [x for x in everyone.values() if x["score"] == scores[0]]
+    capsys.readouterr()
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(new / "s40" / "00.png"),
+                 "--min-score", str(scores[0] + 1), "--json", str(tmp_path / "m.json")]) == 0
+    assert f"no item scores {scores[0] + 1} or more" in capsys.readouterr().out
+    assert json.loads((tmp_path / "m.json").read_text())[0]["results"] == []

@@ -370,3 +370,47 @@ def test_fast_scan_needs_small_codebooks():
     index.add(features(10, 1))
     with pytest.raises(ValueError, match="fast_scan needs K <= 16"):
         index.search(features(1, 2), 3, fast_scan=True)
+
+
+@pytest.mark.parametrize("batch_bytes", [64 << 20, 4 * 3 * 7])
+def test_range_search_returns_every_item_above_the_threshold_in_order(device, batch_bytes):
+    index, _ = make_index()
+    index.to(device)
+    db = features(200, 1)
+    index.add(torch.cat([db, db[:50]]))  # items 200-249 repeat items 0-49: equal scores, ties by id
+    queries = features(7, 2)
+    luts = index.query_lut(queries)
+    every = opqn_ext.adc_scores(luts, index.codes).cpu()  # [7, 250]
+    threshold = float(every.median())
+    lims, scores, ids = index.range_search(queries, threshold, batch_bytes=batch_bytes)
+    assert lims.shape == (8,) and lims[0] == 0 and lims[-1] == len(scores) == len(ids) == int((every >= threshold).sum())
+    for q in range(7):
+        keep = (every[q] >= threshold).nonzero().flatten()
+        order = sorted(keep.tolist(), key=lambda i: (-float(every[q, i]), i))
+        assert ids[lims[q]:lims[q + 1]].tolist() == order
+        assert torch.equal(scores[lims[q]:lims[q + 1]], every[q, order])
+    all_lims, all_scores, all_ids = index.range_search(queries, float("-inf"), batch_bytes=batch_bytes)
+    top_scores, top_ids = index.search(queries, 250)  # everything, as the top-k scan ranks it
+    assert torch.equal(all_ids.view(7, 250), top_ids) and torch.equal(all_scores.view(7, 250), top_scores)
+    none = index.range_search(queries, float(every.max()) + 1)
+    assert none[0].tolist() == [0] * 8 and len(none[1]) == len(none[2]) == 0
+
+
+def test_reconstruct_gives_the_codewords_that_adc_scores_items_with(device):
+    index, head = make_index()
+    index.to(device)
+    index.add(features(100, 1), ids=torch.arange(100) * 3)
+    ids = torch.tensor([297, 0, 150])
+    vectors = index.reconstruct(ids)  # [3, M*d]
+    assert vectors.shape == (3, D) and vectors.device == index.device
+    positions = ids // 3
+    for m in range(M):
+        words = index.codes[positions.to(index.device), m].long()
+        assert torch.equal(vectors.view(3, M, -1)[:, m], index.codebook[m, :, words].T)
+    queries = features(4, 2)
+    soft = opqn_ext.soft_quantize(queries.to(device).view(4, M, -1), index.assign_weight, index.codebook,
+                                  index.query_scale, True).quantized.reshape(4, D)
+    want = opqn_ext.adc_scores(index.query_lut(queries), index.codes[positions.to(index.device)])
+    torch.testing.assert_close(soft @ vectors.T, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"ids not in the index: \[1, 2\]"):
+        index.reconstruct([0, 1, 2])
