@@ -513,7 +513,7 @@ def cmd_index_info(args) -> int:
     index = _load_index(args.index, verify=args.verify)
     bits = index.num_books * math.ceil(math.log2(index.num_words))
     info = {"items": len(index), "bits": bits, "num_books": index.num_books, "dim": index.dim,
-            "num_words": index.num_words, "bytes": Path(args.index).stat().st_size,
+            "num_words": index.num_words, "orthonormal": index.orthonormal, "bytes": Path(args.index).stat().st_size,
             "ids": [int(index.ids[0]), int(index.ids[-1])] if len(index) else None,
             "identities": len(torch.unique(index.labels[index.labels >= 0])),
             "unlabeled": int((index.labels < 0).sum()), "checkpoint": index.settings.get("checkpoint"), "sources": []}
@@ -524,8 +524,9 @@ def cmd_index_info(args) -> int:
         else:
             entry |= {"folder": source["root"], "images": source["count"], "unnamed": folder_paths(source)[1] or None}
         info["sources"].append(entry)
+    codebook = "" if index.orthonormal else ", a codebook learned away from orthonormality"
     print(f"{args.index}: {_count(len(index), 'item')}, {bits}-bit codes (M={index.num_books} books of "
-          f"K={index.num_words} words, d={index.dim}), {_size_text(info['bytes'])}")
+          f"K={index.num_words} words, d={index.dim}{codebook}), {_size_text(info['bytes'])}")
     if len(index):
         print(f"ids from {info['ids'][0]} to {info['ids'][1]}; {_count(info['identities'], 'identity', 'identities')}"
               + (f", {_count(info['unlabeled'], 'item')} without one" if info["unlabeled"] else ""))

@@ -86,7 +86,7 @@ def test_an_index_grows_by_folders_and_files_and_names_what_it_finds(tmp_path, c
     assert "ids from 0 to 412; 41 identities, 10 items without one" in out
     assert f"source: folder {new} (100 images, ids 300-399)" in out and "source: 1 file (id 412)" in out
     info = json.loads((tmp_path / "info.json").read_text())
-    assert info["items"] == 413 and info["identities"] == 41 and info["unlabeled"] == 10
+    assert info["items"] == 413 and info["identities"] == 41 and info["unlabeled"] == 10 and info["orthonormal"]
     assert [(s["first_id"], s["end_id"]) for s in info["sources"]] == [(0, 300), (300, 400), (400, 402),
                                                                         (402, 412), (412, 413)]
 
