@@ -5,7 +5,8 @@ An index built or grown from data keeps in its settings the identity names of it
 - an image folder: its path, image count and fingerprint; item ``first_id + i`` is the folder's
   ``i``-th image in :func:`~opqn_ext.data.scan_image_folder` order. Its items are named only while
   the folder still matches the fingerprint (an image added or removed shifts the positions).
-- image files named one by one: item ``first_id + i`` is the ``i``-th file.
+- files named one by one: item ``first_id + i`` is the ``i``-th image file (for a model on
+  features, the ``i``-th feature row, named ``file[row]``).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def folder_source(root: str | Path, first_id: int = 0) -> dict:
 
 
 def files_source(paths: Sequence[str], first_id: int) -> dict:
-    """The source of items ``first_id + i``, the image file ``paths[i]`` (kept as absolute paths)."""
+    """The source of items ``first_id + i``, the file (or feature row) ``paths[i]``, kept as absolute paths."""
     return {"files": [str(Path(p).resolve()) for p in paths], "first_id": first_id}
 
 
