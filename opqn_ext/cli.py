@@ -218,9 +218,8 @@ def _eval_index(args) -> int:
     index = _load_index(args.index, device=_device_of(model))
     _check_same_model(index, model, args.index)
     label_of = {name: i for i, name in enumerate(index.settings.get("classes", []))}
-    held = set(index.labels.unique().tolist()) - {-1}
     query_labels = torch.tensor([label_of.get(classes[lab], -1) for lab in labels[idx].tolist()], dtype=torch.int64)
-    kept = torch.tensor([lab in held for lab in query_labels.tolist()], dtype=torch.bool)
+    kept = torch.isin(query_labels, index.labels[index.labels >= 0])
     if not bool(kept.any()):
         raise CliError(f"none of the {len(idx)} queries is of an identity that {args.index} holds items of")
     luts = torch.cat([index.query_lut(features).cpu() for _, features in _feature_chunks(model, cfg, inputs, idx[kept])])
@@ -231,8 +230,7 @@ def _eval_index(args) -> int:
     left_out = len(idx) - int(kept.sum())
     print(f"{cfg.dataset} ({part}): {metrics.num_queries} queries against {args.index} ({len(index)} items)"
           + (f"; {_count(left_out, 'query', 'queries')} of identities without items there left out" if left_out else ""))
-    print(_metrics_table([(f"OPQN codes ({index.num_books * math.ceil(math.log2(index.num_words))} bits)", metrics,
-                           ms)]))
+    print(_metrics_table([(f"OPQN codes ({index.code_bits} bits)", metrics, ms)]))
     _write_json(args.json, {"opqn": metrics.summary() | {"query_ms": ms}, "left_out": left_out})
     return 0
 
@@ -265,7 +263,7 @@ def cmd_encode(args) -> int:
     chunks = _feature_chunks(model, cfg, prepared.inputs, idx)
     codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu() for _, features in chunks])
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
-            "dataset": cfg.dataset, "part": args.part, "model": _model_fingerprint(model.head),
+            "dataset": cfg.dataset, "part": args.part, "model": _model_fingerprint(model.head.assignment_weight, model.head.codebook),
             "checkpoint": str(Path(args.checkpoint).resolve())}
     meta |= {k: json.dumps(v) for k, v in _naming(cfg, prepared.classes).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
@@ -275,12 +273,20 @@ def cmd_encode(args) -> int:
     return 0
 
 
-def _model_fingerprint(head) -> str:
-    """sha256 (hex) of what makes a head's codes: its assignment weights and codebook (float32)."""
+def _model_fingerprint(assign_weight: torch.Tensor, codebook: torch.Tensor) -> str:
+    """sha256 (hex) of what makes codes: the assignment weights and codebook (float32)."""
     digest = hashlib.sha256()
-    for weights in (head.assignment_weight, head.codebook):
+    for weights in (assign_weight, codebook):
         digest.update(weights.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def _refuse_another_model(path, fingerprint: str, built: str | None, head) -> None:
+    """Refuses codes (of an index or code file ``path``) that another model made: they would not
+    compare with this model's queries."""
+    if fingerprint != _model_fingerprint(head.assignment_weight, head.codebook):
+        raise CliError(f"{path} holds the codes of another model{f' ({built})' if built else ''}: its assignment "
+                       f"weights or codebook differ from this checkpoint's, so their codes do not compare")
 
 
 def _index_from_code_file(path: str, model):
@@ -296,9 +302,8 @@ def _index_from_code_file(path: str, model):
         meta = f.metadata() or {}
     if codes.shape[1] != model.head.num_books:
         raise CliError(f"{path} has {codes.shape[1]} books but the model has {model.head.num_books}")
-    if meta.get("model", _model_fingerprint(model.head)) != _model_fingerprint(model.head):
-        raise CliError(f"{path} holds the codes of another model ({meta.get('checkpoint')}): its assignment weights "
-                       f"or codebook differ from this checkpoint's, so their codes do not compare")
+    if "model" in meta:
+        _refuse_another_model(path, meta["model"], meta.get("checkpoint"), model.head)
     naming = {k: json.loads(meta[k]) for k in ("classes", "sources") if k in meta}
     index = OPQNIndex.from_head(model.head, settings=naming)
     index.add_codes(codes, ids=items, labels=labels)
@@ -337,12 +342,8 @@ def _check_same_model(index, model, path) -> None:
     if (index.num_books, index.dim, index.num_words) != (head.num_books, head.dim, head.num_words):
         raise CliError(f"{path} holds M={index.num_books}, d={index.dim}, K={index.num_words} codes; the "
                        f"model makes M={head.num_books}, d={head.dim}, K={head.num_words}")
-    same = all(torch.equal(mine.cpu(), theirs.detach().float().cpu()) for mine, theirs in
-               ((index.assign_weight, head.assignment_weight), (index.codebook, head.codebook)))
-    if not same:
-        built = index.settings.get("checkpoint")
-        raise CliError(f"{path} holds the codes of another model{f' ({built})' if built else ''}: its assignment "
-                       f"weights or codebook differ from this checkpoint's, so their codes do not compare")
+    _refuse_another_model(path, _model_fingerprint(index.assign_weight, index.codebook),
+                          index.settings.get("checkpoint"), head)
 
 
 def _result_names(index, ids: torch.Tensor):
@@ -408,18 +409,13 @@ def cmd_search(args) -> int:
     return 0
 
 
-def _index_lock(path) -> Path:
-    """The file that commands changing the index ``path`` hold locked (:mod:`~opqn_ext.file_lock`)."""
-    path = Path(path)
-    return path.with_name(f".{path.name}.lock")
-
-
 def _changing_index(path):
-    """The lock of the index ``path`` for a load-change-save (two commands adding at once would each
-    save the index without the other's items)."""
+    """The lock of the index ``path`` (on ``.<name>.lock`` beside it) for a load-change-save: two
+    commands adding at once would each save the index without the other's items."""
     from .file_lock import exclusive_lock
 
-    return exclusive_lock(_index_lock(path), f"another opqn command changing {path}", progress=True)
+    lock = Path(path).with_name(f".{Path(path).name}.lock")
+    return exclusive_lock(lock, f"another opqn command changing {path}", progress=True)
 
 
 def cmd_index_build(args) -> int:
@@ -511,7 +507,7 @@ def cmd_index_info(args) -> int:
     from .item_sources import folder_paths, source_end
 
     index = _load_index(args.index, verify=args.verify)
-    bits = index.num_books * math.ceil(math.log2(index.num_words))
+    bits = index.code_bits
     info = {"items": len(index), "bits": bits, "num_books": index.num_books, "dim": index.dim,
             "num_words": index.num_words, "orthonormal": index.orthonormal, "bytes": Path(args.index).stat().st_size,
             "ids": [int(index.ids[0]), int(index.ids[-1])] if len(index) else None,

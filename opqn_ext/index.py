@@ -17,6 +17,7 @@ them, so an index larger than memory can be searched; checksums are verified on 
 from __future__ import annotations
 
 import json
+import math
 import os
 import zlib
 from pathlib import Path
@@ -131,6 +132,10 @@ class OPQNIndex:
     def device(self) -> torch.device:
         return self.codes.device
 
+    @property
+    def code_bits(self) -> int:
+        return self.num_books * math.ceil(math.log2(self.num_words)) if self.num_words > 1 else 0
+
     def __len__(self) -> int:
         return int(self.ids.shape[0])
 
@@ -185,8 +190,8 @@ class OPQNIndex:
         if len(ids.unique()) != n:
             raise ValueError("ids must be unique: the batch repeats an id")
         in_order = n == 0 or (int(ids.min()) > last and bool((ids[1:] > ids[:-1]).all()))
-        if not in_order and len(self):  # self.ids is sorted: look the new ids up in it
-            clash = self.ids[torch.searchsorted(self.ids, ids).clamp(max=len(self) - 1)] == ids
+        if not in_order:
+            clash = self._find(ids)[1]
             if bool(clash.any()):
                 raise ValueError(f"ids already in the index: {ids[clash][:10].tolist()}")
         for name, rows in (("codes", codes.to(self.device)), ("ids", ids), ("labels", labels.long())):
@@ -203,13 +208,19 @@ class OPQNIndex:
         self.codes = self.codes[order.to(self.device)]
         self._packed_codes = None
 
+    def _find(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions, whether found) of int64 ``ids [n]``: a binary search of the sorted ids;
+        positions of ids not found are any valid position (0 in an empty index)."""
+        if not len(self):
+            return torch.zeros_like(ids), torch.zeros_like(ids, dtype=torch.bool)
+        pos = torch.searchsorted(self.ids, ids).clamp(max=len(self) - 1)
+        return pos, self.ids[pos] == ids
+
     def remove(self, ids) -> int:
         """Remove the items with these ids; returns how many were present."""
-        ids = _integer_ids(ids).reshape(-1)
+        pos, found = self._find(_integer_ids(ids).reshape(-1))
         gone = torch.zeros(len(self), dtype=torch.bool)
-        if len(self) and len(ids):  # self.ids is sorted: look the requested ids up in it
-            pos = torch.searchsorted(self.ids, ids).clamp(max=len(self) - 1)
-            gone[pos[self.ids[pos] == ids]] = True
+        gone[pos[found]] = True
         removed = int(gone.sum())
         if removed:
             keep = ~gone
@@ -221,8 +232,7 @@ class OPQNIndex:
     def labels_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Labels of items given by id (any shape); -1 for ids not in the index."""
         ids = _integer_ids(ids)
-        pos = torch.searchsorted(self.ids, ids.reshape(-1)).clamp(max=max(len(self) - 1, 0))
-        found = (self.ids[pos] == ids.reshape(-1)) if len(self) else torch.zeros_like(pos, dtype=torch.bool)
+        pos, found = self._find(ids.reshape(-1))
         labels = torch.where(found, self.labels[pos] if len(self) else pos, -1)
         return labels.reshape(ids.shape)
 
@@ -232,8 +242,8 @@ class OPQNIndex:
         soft-quantized sub-vectors with these (the probability tables of an orthonormal codebook
         are those inner products)."""
         ids = _integer_ids(ids).reshape(-1)
-        pos = torch.searchsorted(self.ids, ids).clamp(max=max(len(self) - 1, 0))
-        missing = ~(self.ids[pos] == ids) if len(self) else torch.ones_like(ids, dtype=torch.bool)
+        pos, found = self._find(ids)
+        missing = ~found
         if bool(missing.any()):
             raise ValueError(f"ids not in the index: {ids[missing][:10].tolist()}")
         codes = self.codes[pos.to(self.device)].long()  # [n, M]
