@@ -127,3 +127,18 @@ def all_gather_topk(scores: torch.Tensor, ids: torch.Tensor, k: int, group=None)
     dist.all_gather(all_ids, ids, group=group)
     merged_scores, merged_ids = merge_topk(torch.cat(all_scores, 1), torch.cat(all_ids, 1), k)
     return merged_scores.to(home), merged_ids.to(home)
+
+
+def all_gather_rows(t: torch.Tensor, group=None) -> torch.Tensor:
+    """Every rank's ``t [n_r, ...]`` (``n_r`` may differ between ranks) concatenated in rank order,
+    on every rank, on t's device: rows padded to the longest, gathered, and the padding dropped."""
+    world, device, home = dist.get_world_size(group), collective_device(group), t.device
+    count = torch.tensor([t.shape[0]], dtype=torch.int64, device=device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    sizes = [int(c) for c in counts]
+    padded = torch.zeros((max(sizes), *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).to(home)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .distributed import all_gather_topk, all_reduce_sum
+from .distributed import all_gather_rows, all_gather_topk, all_reduce_sum
 from .ops import PackedCodes4, adc_scores, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
 from .safetensors_files import save_file
 
@@ -83,6 +83,18 @@ def _crc32(array: np.ndarray) -> int:
     for start in range(0, flat.size, _CRC_CHUNK):
         crc = zlib.crc32(flat[start:start + _CRC_CHUNK].data, crc)
     return crc
+
+
+def _ranges(nq: int, query: torch.Tensor, scores: torch.Tensor, ids: torch.Tensor):
+    """Range-search results found in any order (``query``, ``scores``, ``ids``: ``[n]`` each) as
+    ``(lims [nq + 1], scores, ids)``: by query, then score descending, then smaller id. Stable sorts
+    by each key, the last key first."""
+    order = torch.sort(ids, stable=True).indices
+    order = order[torch.sort(scores[order], stable=True, descending=True).indices]
+    order = order[torch.sort(query[order], stable=True).indices]
+    lims = torch.zeros(nq + 1, dtype=torch.int64)
+    lims[1:] = torch.cumsum(torch.bincount(query, minlength=nq), 0)
+    return lims, scores[order], ids[order]
 
 
 class OPQNIndex:
@@ -309,15 +321,7 @@ class OPQNIndex:
         q = torch.cat(found_q) if found_q else torch.zeros(0, dtype=torch.int64)
         pos = torch.cat(found_pos) if found_pos else torch.zeros(0, dtype=torch.int64)
         scores = torch.cat(found_scores) if found_scores else torch.zeros(0)
-        # found in blocks; order by query, then score descending, then position (= id order): stable
-        # sorts by each key, the last key first
-        order = torch.sort(pos, stable=True).indices
-        order = order[torch.sort(scores[order], stable=True, descending=True).indices]
-        order = order[torch.sort(q[order], stable=True).indices]
-        q, pos, scores = q[order], pos[order], scores[order]
-        lims = torch.zeros(nq + 1, dtype=torch.int64)
-        lims[1:] = torch.cumsum(torch.bincount(q, minlength=nq), 0)
-        return lims, scores, self.ids[pos]
+        return _ranges(nq, q, scores, self.ids[pos])
 
     def _packed(self) -> PackedCodes4:
         """The 4-bit layout of the codes. Codes appended since it was made are packed onto it (its
@@ -508,24 +512,64 @@ class ShardedIndex:
         """Remove ids from whichever shard holds them; returns the global count removed."""
         return int(all_reduce_sum(torch.tensor([self.shard.remove(ids)], dtype=torch.int64), self.group))
 
-    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096):
-        """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank."""
-        return self._search(self.shard.query_lut(queries) if len(queries) else None, len(queries), k, batch_size)
+    def _owned(self, ids: torch.Tensor) -> torch.Tensor:
+        """Which of ``ids`` this rank holds: those it owns (``add`` keeps an id on the rank id
+        modulo the world size) and its shard has."""
+        _, found = self.shard._find(ids)
+        return found & (torch.remainder(ids, self.world) == self.rank)
 
-    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096):
-        return self._search(luts, len(luts), k, batch_size)
+    def labels_of(self, ids) -> torch.Tensor:
+        """Labels of items given by id (any shape), from the rank holding each; -1 for ids no rank holds."""
+        ids = _integer_ids(ids)
+        flat = ids.reshape(-1)
+        mine = torch.where(self._owned(flat), self.shard.labels_of(flat) + 1, 0)  # 0: not held here
+        return (all_reduce_sum(mine, self.group) - 1).reshape(ids.shape)
 
-    def _search(self, luts, nq: int, k: int, batch_size: int):
+    def reconstruct(self, ids) -> torch.Tensor:
+        """The vectors ``[n, M*d]`` of the items of ``ids [n]`` (see ``OPQNIndex.reconstruct``),
+        each from the rank holding it, on every rank."""
+        ids = _integer_ids(ids).reshape(-1)
+        mine = self._owned(ids)
+        held = all_reduce_sum(mine.long(), self.group)
+        if bool((held == 0).any()):
+            raise ValueError(f"ids not in the index: {ids[held == 0][:10].tolist()}")
+        vectors = torch.zeros(len(ids), self.shard.num_books * self.shard.dim, device=self.shard.device)
+        vectors[mine.to(vectors.device)] = self.shard.reconstruct(ids[mine])
+        return all_reduce_sum(vectors, self.group)  # exact: every other rank adds zeros
+
+    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+               rerank: int = 2):
+        """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank; ``fast_scan`` and
+        ``rerank`` as in ``OPQNIndex.search``, on each shard."""
+        luts = self.shard.query_lut(queries) if len(queries) else None
+        return self._search(luts, len(queries), k, batch_size, fast_scan, rerank)
+
+    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+                    rerank: int = 2):
+        return self._search(luts, len(luts), k, batch_size, fast_scan, rerank)
+
+    def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int):
         total = len(self)
         if not 1 <= k <= total:
             raise ValueError(f"k must be in [1, len(index) = {total}], got {k}")
+        if fast_scan and self.shard.num_words > 16:
+            raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.shard.num_words}")
         local_k = min(k, len(self.shard))
         scores = torch.full((nq, k), float("-inf"))
         ids = torch.full((nq, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
         if local_k and nq:
-            s, i = self.shard.search_luts(luts, local_k, batch_size)
+            s, i = self.shard.search_luts(luts, local_k, batch_size, fast_scan, rerank)
             scores[:, :local_k], ids[:, :local_k] = s, i
         return all_gather_topk(scores, ids, k, self.group)
+
+    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20):
+        """Every item of every shard scoring at least ``min_score`` for each query, as
+        ``OPQNIndex.range_search`` returns it (the same order), on every rank."""
+        lims, scores, ids = self.shard.range_search(queries, min_score, batch_bytes)
+        nq = len(lims) - 1
+        query = torch.repeat_interleave(torch.arange(nq), lims.diff())
+        query, scores, ids = (all_gather_rows(t, self.group) for t in (query, scores, ids))
+        return _ranges(nq, query, scores, ids)
 
     def shard_path(self, path: str | Path) -> Path:
         path = Path(path)

@@ -1,6 +1,7 @@
 """Run by test_distributed.py under torchrun (2 gloo processes): builds a ShardedIndex from the
-same data on every rank, searches, saves and reloads the shards, removes ids, and rank 0 writes
-every result to the file named by argv[1]."""
+same data on every rank, searches (exact and 4-bit scans, top-k and range), looks up labels and
+vectors by id, saves and reloads the shards, removes ids, and rank 0 writes every result to the
+file named by argv[1]; every rank checks that it got what rank 0 got."""
 import sys
 
 import torch
@@ -19,6 +20,15 @@ ids = torch.randperm(4000, generator=torch.Generator().manual_seed(0)) * 3
 index.add(features(4000, 1), ids=ids, labels=ids % 5)
 q = features(30, 2)
 results = {"size": len(index), "first": index.search(q, 40), "shard_size": len(index.shard)}
+results["fast_scan"] = index.search(q, 40, fast_scan=True, rerank=4)
+results["range"] = index.range_search(q, 0.8)
+asked = torch.tensor([[3, 4], [12000, 6]])  # 4 and 12000 are no item's id
+results["labels"] = index.labels_of(asked)
+results["vectors"] = index.reconstruct(ids[:50])
+try:
+    index.reconstruct(torch.tensor([0, 4, 9]))
+except ValueError as e:
+    results["reconstruct_missing"] = str(e)
 index.save(sys.argv[2])
 dist.barrier()
 loaded = ShardedIndex.load(sys.argv[2], mmap=True)
@@ -27,6 +37,11 @@ all_sizes = [None, None]
 dist.all_gather_object(all_sizes, len(loaded.shard))
 results["removed"] = loaded.remove(torch.arange(0, 12000, 9))
 results["after_remove"] = loaded.search(q, 40)
+same = [None, None]
+dist.all_gather_object(same, results)
+for key, value in same[1].items():  # every result but the shard sizes is the same on both ranks
+    if key != "shard_size":
+        assert repr(value) == repr(same[0][key]), key
 if dist.get_rank() == 0:
     results["shard_sizes"] = all_sizes
     torch.save(results, sys.argv[1])

@@ -38,6 +38,15 @@ def test_sharded_search_equals_one_index(tmp_path):
     assert got["size"] == 4000 and sum(got["shard_sizes"]) == 4000 and 1500 < got["shard_size"] < 2500
     for key in ("first", "loaded"):
         assert torch.equal(got[key][0], want[0]) and torch.equal(got[key][1], want[1]), key
+    fast = single.search(q, 40, fast_scan=True, rerank=4)
+    assert torch.equal(got["fast_scan"][0], fast[0]) and torch.equal(got["fast_scan"][1], fast[1])
+    lims, scores, found = single.range_search(q, 0.8)
+    assert 30 < len(found) < 30 * 4000 and bool((lims.diff() > 0).any() and (lims.diff() == 0).any())
+    for mine, theirs in zip(got["range"], (lims, scores, found)):
+        assert torch.equal(mine, theirs)
+    assert got["labels"].tolist() == [[3 % 5, -1], [-1, 6 % 5]]
+    assert torch.equal(got["vectors"], single.reconstruct(ids[:50]))
+    assert got["reconstruct_missing"] == "ids not in the index: [4]"
     assert sorted(p.name for p in tmp_path.glob("db.opqn.shard*")) == ["db.opqn.shard00000-of-00002",
                                                                      "db.opqn.shard00001-of-00002"]
     assert got["removed"] == single.remove(torch.arange(0, 12000, 9))
