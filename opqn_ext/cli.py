@@ -246,13 +246,17 @@ def _part(prepared, part: str) -> torch.Tensor:
     return {"database": split.database, "query": split.query, "all": torch.arange(len(prepared.labels))}[part]
 
 
-def _naming(cfg: TrainConfig, classes) -> dict:
-    """What an index or code file keeps so that searches can name the items they find
-    (:mod:`~opqn_ext.item_sources`): the data set's identity names and, for an image folder, the
-    folder as the source of items 0, 1, ..."""
-    from .item_sources import folder_source
+def _naming(cfg: TrainConfig, classes, count: int) -> dict:
+    """What an index or code file keeps so that searches can name (and show) the items they find
+    (:mod:`~opqn_ext.item_sources`): the data set's identity names and, for an image folder or a
+    built-in data set of ``count`` images, the data set as the source of items 0, 1, ..."""
+    from .item_sources import dataset_source, folder_source
 
-    return {"classes": list(classes), "sources": [folder_source(cfg.data_path)] if cfg.dataset == "folder" else []}
+    if cfg.dataset == "folder":
+        sources = [folder_source(cfg.data_path)]
+    else:
+        sources = [] if cfg.dataset == "features" else [dataset_source(cfg.dataset, count)]
+    return {"classes": list(classes), "sources": sources}
 
 
 def cmd_encode(args) -> int:
@@ -265,7 +269,7 @@ def cmd_encode(args) -> int:
     meta = {"num_books": str(model.head.num_books), "num_words": str(model.head.num_words),
             "dataset": cfg.dataset, "part": args.part, "model": _model_fingerprint(model.head.assignment_weight, model.head.codebook),
             "checkpoint": str(Path(args.checkpoint).resolve())}
-    meta |= {k: json.dumps(v) for k, v in _naming(cfg, prepared.classes).items()}
+    meta |= {k: json.dumps(v) for k, v in _naming(cfg, prepared.classes, len(prepared.labels)).items()}
     save_file({"codes": codes.contiguous(), "labels": prepared.labels[idx].contiguous(), "items": idx.contiguous()},
               args.output, metadata=meta)
     print(f"encoded {len(idx)} items into {codes.shape[1]} x {model.head.num_words}-word codes "
@@ -356,6 +360,47 @@ def _result_names(index, ids: torch.Tensor):
     return names, files, why
 
 
+MONTAGE_RESULTS = 10  # results per query that `opqn search --montage` draws, at most
+
+
+def _caption(name: str | None, fallback: str) -> str:
+    return (fallback if name is None else name)[:16]
+
+
+def _search_montage(args, cfg: TrainConfig, index, prepared, idx: torch.Tensor, query_names, results) -> Path:
+    """``opqn search --montage``: the shown queries and their first results as a grid of images."""
+    from .item_images import image_file, item_images
+    from .plots import save_montage
+
+    shown = results[: args.show]
+    queries = idx[: len(shown)]
+    if prepared is None:
+        query_images: list[torch.Tensor | None] = [image_file(query_names[q]) for q in queries.tolist()]
+        query_identities: list[str | None] = [None] * len(shown)
+        query_captions = [f"query\n{_caption(Path(query_names[q]).name, '')}" for q in queries.tolist()]
+        why: list[str] = []
+    else:  # the data set's items: shown from the data set's own source
+        own_sources = _naming(cfg, prepared.classes, len(prepared.labels))["sources"]
+        images, why = item_images(own_sources, queries[:, None])
+        query_images = [row[0] for row in images]
+        query_identities = [prepared.classes[r["query_label"]] for r in shown]
+        query_captions = [f"query\n{_caption(name, '')}" for name in query_identities]
+    found = [r["results"][:MONTAGE_RESULTS] for r in shown]
+    width = max([len(row) for row in found], default=0)
+    padded = torch.tensor([[x["item"] for x in row] + [-1] * (width - len(row)) for row in found],
+                          dtype=torch.int64).reshape(len(found), width)  # -1: an id no source names
+    result_images, result_why = item_images(index.settings.get("sources", []), padded)
+    correct = [[None if known is None or "identity" not in x else x["identity"] == known for x in row]
+               for known, row in zip(query_identities, found)]
+    captions = [[f"#{j + 1} {x['score']:.3f}\n{_caption(x.get('identity'), 'id ' + str(x['item']))}"
+                 for j, x in enumerate(row)] for row in found]
+    for reason in dict.fromkeys(why + result_why):
+        print(f"(--montage: {reason})")
+    return save_montage(query_images, [row[: len(hits)] for row, hits in zip(result_images, found)], correct,
+                        args.montage, f"top-{min(args.k, MONTAGE_RESULTS)} by {index.code_bits}-bit OPQN codes",
+                        captions, query_captions)
+
+
 def cmd_search(args) -> int:
     from .index import OPQNIndex
 
@@ -364,7 +409,9 @@ def cmd_search(args) -> int:
         prepared, idx = None, torch.arange(len(query_names))
     else:
         model, cfg, prepared = _checkpoint_and_data(args)
-        inputs, idx = prepared.inputs, _part(prepared, args.part or "query")
+        inputs, idx, query_names = prepared.inputs, _part(prepared, args.part or "query"), []
+    if args.montage and cfg.dataset == "features":
+        raise CliError("--montage draws images; this model takes feature vectors")
     if args.index:
         index = OPQNIndex.load(args.index, mmap=True, device=_device_of(model))
         _check_same_model(index, model, args.index)
@@ -406,6 +453,8 @@ def cmd_search(args) -> int:
         print(f"(database items without their image files: {why})")
     print(f"{len(idx)} queries x {len(index)} codes, top-{args.k} in {ms:.2f} ms")
     _write_json(args.json, results)
+    if args.montage:
+        print(f"wrote {_search_montage(args, cfg, index, prepared, idx, query_names, results)}")
     return 0
 
 
@@ -424,7 +473,7 @@ def cmd_index_build(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
     idx = _part(prepared, args.part)
     settings = {"config": dataclasses.asdict(cfg), "checkpoint": str(Path(args.checkpoint).resolve())}
-    index = OPQNIndex.from_head(model.head, settings=settings | _naming(cfg, prepared.classes))
+    index = OPQNIndex.from_head(model.head, settings=settings | _naming(cfg, prepared.classes, len(prepared.labels)))
     for part, features in _feature_chunks(model, cfg, prepared.inputs, idx):  # bounded memory: features of one chunk
         index.add(features, ids=part, labels=prepared.labels[part])
     with _changing_index(args.output):
@@ -464,7 +513,7 @@ def cmd_index_add(args) -> int:
             raise CliError("--identity names the identity of --files; a data set's items have their own")
         model, cfg = _checkpoint_config(args)
         inputs, labels, classes = load_dataset(cfg, progress=True)
-        naming = _naming(cfg, classes)
+        naming = _naming(cfg, classes, len(labels))
         what = f"{len(labels)} items of {cfg.dataset}" + (f" {cfg.data_path}" if cfg.data_path else "")
     _check_same_model(_load_index(args.index, verify=False), model, args.index)
     codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu()
@@ -517,6 +566,8 @@ def cmd_index_info(args) -> int:
         entry = {"first_id": source["first_id"], "end_id": source_end(source)}
         if "files" in source:
             entry |= {"files": len(source["files"])}
+        elif "dataset" in source:
+            entry |= {"dataset": source["dataset"], "images": source["count"]}
         else:
             entry |= {"folder": source["root"], "images": source["count"], "unnamed": folder_paths(source)[1] or None}
         info["sources"].append(entry)
@@ -532,6 +583,8 @@ def cmd_index_info(args) -> int:
         span = _id_span(entry["first_id"], entry["end_id"])
         if "files" in entry:
             print(f"source: {_count(entry['files'], 'file')} ({span})")
+        elif "dataset" in entry:
+            print(f"source: data set {entry['dataset']} ({_count(entry['images'], 'image')}, {span})")
         else:
             unnamed = f"; not named: {entry['unnamed']}" if entry["unnamed"] else ""
             print(f"source: folder {entry['folder']} ({_count(entry['images'], 'image')}, {span}{unnamed})")
@@ -651,7 +704,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: query)")
     p.add_argument("--query", nargs="+", metavar="PATH", help="query images, or folders of them (any layout, no "
                    "identities needed), or for a model on features, feature files; instead of a data set's queries")
-    p.add_argument("--show", type=int, default=5, help="queries to print")
+    p.add_argument("--show", type=int, default=5, help="queries to print (and to draw with --montage)")
+    p.add_argument("--montage", metavar="PNG", help=f"draw the first --show queries and their first "
+                   f"{MONTAGE_RESULTS} results here (image, rank, score, identity; framed green or red where the "
+                   "query's identity is known), the images read from the files, folders or data sets the index "
+                   "names")
     p.add_argument("--json", help="write every query's results here")
     p.set_defaults(func=cmd_search)
 

@@ -69,5 +69,5 @@ def _montage(model, prepared, path: Path, queries: int = 6, k: int = 5) -> Path:
     db_items = split.database[hits]
     images = load_orl().images
     correct = prepared.labels[db_items] == prepared.labels[q_items][:, None]
-    return save_montage(images[q_items], images[db_items], correct, path,
+    return save_montage(list(images[q_items]), [list(row) for row in images[db_items]], correct, path,
                         f"ORL queries and their top-{k} by {model.head.code_bits}-bit OPQN codes")

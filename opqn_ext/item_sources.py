@@ -7,6 +7,8 @@ An index built or grown from data keeps in its settings the identity names of it
   the folder still matches the fingerprint (an image added or removed shifts the positions).
 - files named one by one: item ``first_id + i`` is the ``i``-th image file (for a model on
   features, the ``i``-th feature row, named ``file[row]``).
+- a built-in data set (:func:`~opqn_ext.data.load_builtin`): item ``first_id + i`` is its
+  ``i``-th image; no file names it, but a montage can show it.
 """
 from __future__ import annotations
 
@@ -31,6 +33,12 @@ def folder_source(root: str | Path, first_id: int = 0) -> dict:
 def files_source(paths: Sequence[str], first_id: int) -> dict:
     """The source of items ``first_id + i``, the file (or feature row) ``paths[i]``, kept as absolute paths."""
     return {"files": [str(Path(p).resolve()) for p in paths], "first_id": first_id}
+
+
+def dataset_source(name: str, count: int, first_id: int = 0) -> dict:
+    """The source of items ``first_id + i``, the ``i``-th image of the built-in data set ``name``
+    (which has ``count`` images)."""
+    return {"dataset": name, "count": count, "first_id": first_id}
 
 
 def source_end(source: dict) -> int:
@@ -78,21 +86,38 @@ def folder_paths(source: dict) -> tuple[list[str] | None, str]:
     return paths, ""
 
 
-def item_files(sources: Sequence[dict], ids: torch.Tensor) -> tuple[list[list[str | None]], list[str]]:
-    """(the image file of each id (any 2-d shape), None where no source names it; why the sources
-    that could not name their items could not). A folder is scanned once, and only when asked for."""
-    sources = sorted(sources, key=lambda s: s["first_id"])
+def source_finder(sources: Sequence[dict]) -> Callable[[int], tuple[int, dict] | None]:
+    """A function giving the (position in ``sources``, source) that names an id, or None."""
     starts = [s["first_id"] for s in sources]
+    order = sorted(range(len(sources)), key=starts.__getitem__)
+    sorted_starts = [starts[i] for i in order]
+
+    def find(item: int) -> tuple[int, dict] | None:
+        at = bisect.bisect_right(sorted_starts, item) - 1
+        if at < 0 or item >= source_end(sources[order[at]]):
+            return None
+        return order[at], sources[order[at]]
+
+    return find
+
+
+def item_files(sources: Sequence[dict], ids: torch.Tensor) -> tuple[list[list[str | None]], list[str]]:
+    """(the image file of each id (any 2-d shape), None where no source names it, or a built-in data
+    set does; why the sources that could not name their items could not). A folder is scanned once,
+    and only when asked for."""
+    find = source_finder(sources)
     resolved: dict[int, list[str] | None] = {}
     why: list[str] = []
 
     def file_of(item: int) -> str | None:
-        at = bisect.bisect_right(starts, item) - 1
-        if at < 0 or item >= source_end(sources[at]):
+        found = find(item)
+        if found is None:
             return None
-        source = sources[at]
+        at, source = found
         if at not in resolved:
-            if "files" in source:
+            if "dataset" in source:
+                resolved[at] = None
+            elif "files" in source:
                 resolved[at] = source["files"]
             else:
                 resolved[at], reason = folder_paths(source)

@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as datasets
+from .data.builtin import load_builtin
 from .distributed import all_reduce_sum, convert_batchnorm, destroy_process_group, init_from_env
 from .metrics import RetrievalMetrics, evaluate_codes, evaluate_features
 from .nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
@@ -191,19 +192,14 @@ def load_dataset(cfg: TrainConfig, progress: bool = False):
         raise ValueError("feature files need the mlp backbone (--backbone mlp)")
     if cfg.dataset != "features" and cfg.backbone == "mlp":
         raise ValueError("the mlp backbone takes feature files (--dataset features)")
-    if cfg.dataset == "orl":
-        raw = datasets.load_orl()
-    elif cfg.dataset == "fashion-mnist":
-        train, test = datasets.load_fashion_mnist("train"), datasets.load_fashion_mnist("test")
-        raw = datasets.LabeledImages(torch.cat([cast(torch.Tensor, train.images), cast(torch.Tensor, test.images)]),
-                                     torch.cat([train.labels, test.labels]), train.classes)
-    elif cfg.dataset == "folder":
-        raw = datasets.load_image_folder(cfg.data_path, (cfg.input_size, cfg.input_size), cfg.grayscale, cfg.stream,
-                                         cfg.loader_workers(), progress, cfg.cache_dir or None)
-        return raw.images, raw.labels, raw.classes  # read at the input size
-    else:
+    if cfg.dataset == "folder":
+        folder = datasets.load_image_folder(cfg.data_path, (cfg.input_size, cfg.input_size), cfg.grayscale,
+                                            cfg.stream, cfg.loader_workers(), progress, cfg.cache_dir or None)
+        return folder.images, folder.labels, folder.classes  # read at the input size
+    if cfg.dataset == "features":
         feats = datasets.load_features(cfg.data_path)
         return feats.features.float(), feats.labels, feats.classes
+    raw = load_builtin(cfg.dataset)
     return images_to_inputs(cast(torch.Tensor, raw.images), cfg.input_size), raw.labels, raw.classes  # in memory
 
 
