@@ -32,7 +32,8 @@ def image_file(path: str) -> torch.Tensor:
 
 def item_images(sources: Sequence[dict], ids: torch.Tensor) -> tuple[list[list[torch.Tensor | None]], list[str]]:
     """(the image uint8 ``[C, H, W]`` of each id (any 2-d shape), None where no source shows it; why
-    some could not be shown). A built-in data set is loaded once, and only when asked for."""
+    some could not be shown). Negative ids stand for no item. A built-in data set is loaded once,
+    and only when asked for."""
     files, why = item_files(sources, ids)
     find = source_finder(sources)
     datasets: dict[int, torch.Tensor | None] = {}
@@ -60,5 +61,9 @@ def item_images(sources: Sequence[dict], ids: torch.Tensor) -> tuple[list[list[t
             why.append(str(err))
             return None
 
-    return [[image_of(item, file) for item, file in zip(row, file_row)]
-            for row, file_row in zip(ids.tolist(), files)], why
+    images = [[image_of(item, file) for item, file in zip(row, file_row)] for row, file_row in zip(ids.tolist(), files)]
+    unsourced = sum(item >= 0 and find(item) is None for row in ids.tolist() for item in row)
+    if unsourced:
+        why.append(f"{unsourced} of the items come from no source the index records (added from Python, or indexed "
+                   f"before opqn recorded built-in data sets)")
+    return images, why
