@@ -40,6 +40,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_adc_books.py --bits 4 --books 8 16 32 64
 	$(PYTHON) benchmarks/bench_metrics.py
 	$(PYTHON) benchmarks/bench_index.py
+	$(PYTHON) benchmarks/bench_range_search.py
 	$(PYTHON) benchmarks/bench_folder_loader.py
 	$(PYTHON) benchmarks/bench_folder_cache.py
 

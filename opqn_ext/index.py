@@ -35,6 +35,9 @@ FORMAT_VERSION = 1
 _ARRAYS = ("codes", "ids", "labels", "assign_weight", "codebook")
 _PER_ITEM = ("codes", "ids", "labels")  # memory-mapped by load(mmap=True)
 _CRC_CHUNK = 64 << 20
+# range_search: the k of its first top-k scan, the factor by which k grows for queries whose top-k
+# all scored above the threshold, and the largest k (the CUDA scan's) before it computes every score
+RANGE_FIRST_K, RANGE_GROWTH, RANGE_MAX_K = 64, 16, 1024
 
 
 class IndexFileError(ValueError):
@@ -305,17 +308,36 @@ class OPQNIndex:
         identification: "is this person in the gallery?"), as FAISS returns ranges:
         ``(lims [nq + 1] int64, scores [lims[-1]] float32, ids [lims[-1]] int64)``; query ``q``'s
         results are ``scores[lims[q]:lims[q + 1]]``, descending, ties to the smaller id. The scores
-        are ``adc_topk``'s; they are computed for blocks of queries x items of ``batch_bytes`` at a time."""
+        are ``adc_topk``'s.
+
+        A query with few results (the usual open-set case) costs one top-k scan: its top
+        ``RANGE_FIRST_K`` holds all of them when the last scores below ``min_score``; queries whose
+        top-k is all above get top-k scans of ``RANGE_GROWTH`` times larger k, up to ``RANGE_MAX_K``;
+        for those still full, every score is computed, for blocks of queries x items of
+        ``batch_bytes`` at a time."""
         luts = self.query_lut(queries)  # [nq, M, K]
         nq, n = luts.shape[0], len(self)
-        rows = max(1, min(nq, 256))
-        cols = max(1, min(max(n, 1), batch_bytes // (4 * rows)))
         found_q, found_pos, found_scores = [], [], []
-        for q0 in range(0, nq, rows):
+        pending, k = torch.arange(nq), min(n, RANGE_FIRST_K)
+        while len(pending) and k:
+            top, pos = (t.cpu() for t in adc_topk(luts[pending.to(self.device)], self.codes, k))  # [p, k]
+            complete = (top[:, -1] < min_score) | (k == n)  # every item above the threshold is in the top-k
+            rows, cols = torch.nonzero(complete[:, None] & (top >= min_score), as_tuple=True)
+            found_q.append(pending[rows])
+            found_pos.append(pos[rows, cols])
+            found_scores.append(top[rows, cols])
+            pending = pending[~complete]
+            if k >= min(n, RANGE_MAX_K):
+                break
+            k = min(n, RANGE_MAX_K, k * RANGE_GROWTH)
+        rows_per_block = max(1, min(len(pending), 256))
+        cols = max(1, min(max(n, 1), batch_bytes // (4 * rows_per_block)))
+        for q0 in range(0, len(pending), rows_per_block):
+            block = pending[q0:q0 + rows_per_block]
             for i0 in range(0, n, cols):
-                scores = adc_scores(luts[q0:q0 + rows], self.codes[i0:i0 + cols])  # [rows, cols]
+                scores = adc_scores(luts[block.to(self.device)], self.codes[i0:i0 + cols])  # [rows, cols]
                 q, pos = torch.nonzero(scores >= min_score, as_tuple=True)
-                found_q.append(q.cpu() + q0)
+                found_q.append(block[q.cpu()])
                 found_pos.append(pos.cpu() + i0)
                 found_scores.append(scores[q, pos].cpu())
         q = torch.cat(found_q) if found_q else torch.zeros(0, dtype=torch.int64)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import opqn_ext
+from opqn_ext import index as index_module
 from opqn_ext.index import FORMAT_VERSION, IndexFileError, OPQNIndex
 from opqn_ext.nn import OrthoPQHead
 
@@ -372,8 +373,14 @@ def test_fast_scan_needs_small_codebooks():
         index.search(features(1, 2), 3, fast_scan=True)
 
 
+@pytest.mark.parametrize("growth", [(64, 16, 1024), (4, 2, 16), (1, 3, 250)], ids=["default", "to-scores", "to-all"])
 @pytest.mark.parametrize("batch_bytes", [64 << 20, 4 * 3 * 7])
-def test_range_search_returns_every_item_above_the_threshold_in_order(device, batch_bytes):
+def test_range_search_returns_every_item_above_the_threshold_in_order(device, batch_bytes, growth, monkeypatch):
+    # growth: (first k, growth factor, largest k) of the top-k scans; with (4, 2, 16) queries of more
+    # than 16 results fall through to computing every score, with (1, 3, 250) k reaches every item
+    monkeypatch.setattr(index_module, "RANGE_FIRST_K", growth[0])
+    monkeypatch.setattr(index_module, "RANGE_GROWTH", growth[1])
+    monkeypatch.setattr(index_module, "RANGE_MAX_K", growth[2])
     index, _ = make_index()
     index.to(device)
     db = features(200, 1)
@@ -381,19 +388,41 @@ def test_range_search_returns_every_item_above_the_threshold_in_order(device, ba
     queries = features(7, 2)
     luts = index.query_lut(queries)
     every = opqn_ext.adc_scores(luts, index.codes).cpu()  # [7, 250]
-    threshold = float(every.median())
-    lims, scores, ids = index.range_search(queries, threshold, batch_bytes=batch_bytes)
-    assert lims.shape == (8,) and lims[0] == 0 and lims[-1] == len(scores) == len(ids) == int((every >= threshold).sum())
-    for q in range(7):
-        keep = (every[q] >= threshold).nonzero().flatten()
-        order = sorted(keep.tolist(), key=lambda i: (-float(every[q, i]), i))
-        assert ids[lims[q]:lims[q + 1]].tolist() == order
-        assert torch.equal(scores[lims[q]:lims[q + 1]], every[q, order])
+    counts = set()
+    for threshold in (float(every.median()), float(every.quantile(0.97)), float(every.quantile(0.995))):
+        lims, scores, ids = index.range_search(queries, threshold, batch_bytes=batch_bytes)
+        assert lims.shape == (8,) and lims[0] == 0
+        assert lims[-1] == len(scores) == len(ids) == int((every >= threshold).sum())
+        for q in range(7):
+            keep = (every[q] >= threshold).nonzero().flatten()
+            order = sorted(keep.tolist(), key=lambda i: (-float(every[q, i]), i))
+            assert ids[lims[q]:lims[q + 1]].tolist() == order
+            assert torch.equal(scores[lims[q]:lims[q + 1]], every[q, order])
+            counts.add(len(order))
+    assert min(counts) < 4 and 16 < max(counts) < 250  # queries done by the first scan, by later ones, by scores
     all_lims, all_scores, all_ids = index.range_search(queries, float("-inf"), batch_bytes=batch_bytes)
     top_scores, top_ids = index.search(queries, 250)  # everything, as the top-k scan ranks it
     assert torch.equal(all_ids.view(7, 250), top_ids) and torch.equal(all_scores.view(7, 250), top_scores)
     none = index.range_search(queries, float(every.max()) + 1)
     assert none[0].tolist() == [0] * 8 and len(none[1]) == len(none[2]) == 0
+    empty = OPQNIndex.from_head(make_index()[1]).range_search(queries, 0.0)
+    assert empty[0].tolist() == [0] * 8 and len(empty[1]) == len(empty[2]) == 0
+
+
+def test_range_search_scans_once_when_queries_have_few_results(monkeypatch):
+    index, _ = make_index()
+    index.add(features(3000, 1))
+    queries = features(5, 2)
+    threshold = float(index.search(queries, 30)[0][:, -1].max())  # at most 30 results per query
+    low = float(index.search(queries, 100)[0][:, -1].min())  # 100 or more each
+    scans = []
+    monkeypatch.setattr(index_module, "adc_topk", lambda *a: scans.append(a[2]) or opqn_ext.adc_topk(*a))
+    monkeypatch.setattr(index_module, "adc_scores", lambda *a: scans.append("scores") or opqn_ext.adc_scores(*a))
+    lims, _, _ = index.range_search(queries, threshold)
+    assert scans == [64] and 0 < lims[-1] <= 5 * 30
+    scans.clear()
+    index.range_search(queries, low)
+    assert scans == [64, 1024]
 
 
 def test_reconstruct_gives_the_codewords_that_adc_scores_items_with(device):
