@@ -55,6 +55,36 @@ def check(ours, brute, theirs, threshold):
             assert abs(score - threshold) <= 1e-5, f"FAISS and opqn_ext disagree on item {item} ({score})"
 
 
+def measure(head, n: int, rows: list) -> None:
+    """Times the three range searches on ``n`` random codes, appending a row per (nq, target)."""
+    index = OPQNIndex.from_head(head)
+    g = torch.Generator().manual_seed(n)
+    index.add_codes(torch.randint(0, K, (n, M), dtype=torch.uint8, generator=g), ids=torch.arange(n))
+    peer = faiss_pq(index.codebook, index.codes, 8)
+    for nq in (1, 100):
+        queries = torch.randn(nq, D, generator=g)
+        vectors = soft_quantize(queries, index.assign_weight, index.codebook, index.query_scale,
+                                True).quantized.reshape(nq, D).contiguous()
+        for target in TARGETS:
+            threshold = float(index.search(queries, target)[0][:, -1].median())
+            ours = index.range_search(queries, threshold)
+            with_faiss = nq == 1  # FAISS decodes every code: 100 queries x 10M codes take many minutes
+            check(ours, every_score(lambda: index.range_search(queries, threshold)),
+                  faiss_ranges(peer, vectors, threshold) if with_faiss else ours, threshold)
+            repeats = 5 if nq == 1 else 2
+            t_ours = median_seconds(lambda: index.range_search(queries, threshold), repeats)
+            t_all = median_seconds(lambda: every_score(lambda: index.range_search(queries, threshold)), repeats)
+            t_faiss = median_seconds(lambda: peer.range_search(vectors.numpy(), threshold), 2) if with_faiss else None
+            found = float(ours[0][-1]) / nq
+            row = {"N": n, "nq": nq, "found_per_query": found, "ours_ms": t_ours * 1e3,
+                   "every_score_ms": t_all * 1e3, "faiss_ms": t_faiss * 1e3 if t_faiss else None,
+                   "x_every_score": t_all / t_ours, "x_faiss": ratio(t_faiss, t_ours)}
+            rows.append(row)
+            print(f"{n:>9} {nq:>4} {found:>8.0f} | {row['ours_ms']:>8.2f} {row['every_score_ms']:>9.2f} "
+                  f"{cell(row['faiss_ms'], 9, 1)} | {row['x_every_score']:>8.2f} {cell(row['x_faiss'], 8, 1)}",
+                  flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
@@ -63,38 +93,11 @@ def main():
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
     head = OrthoPQHead(D, 5, M, K, seed=0)
-    rows = []
+    rows: list = []
     print(f"{'N':>9} {'nq':>4} {'found/q':>8} | {'ours ms':>8} {'scores ms':>9} {'faiss ms':>9} | "
           f"{'x scores':>8} {'x faiss':>8}")
     for n in args.sizes:
-        index = OPQNIndex.from_head(head)
-        g = torch.Generator().manual_seed(n)
-        index.add_codes(torch.randint(0, K, (n, M), dtype=torch.uint8, generator=g), ids=torch.arange(n))
-        peer = faiss_pq(index.codebook, index.codes, 8)
-        for nq in (1, 100):
-            queries = torch.randn(nq, D, generator=g)
-            vectors = soft_quantize(queries, index.assign_weight, index.codebook, index.query_scale,
-                                    True).quantized.reshape(nq, D).contiguous()
-            for target in TARGETS:
-                threshold = float(index.search(queries, target)[0][:, -1].median())
-                ours = index.range_search(queries, threshold)
-                with_faiss = nq == 1  # FAISS decodes every code: 100 queries x 10M codes take many minutes
-                check(ours, every_score(lambda: index.range_search(queries, threshold)),
-                      faiss_ranges(peer, vectors, threshold) if with_faiss else ours, threshold)
-                repeats = 5 if nq == 1 else 2
-                t_ours = median_seconds(lambda: index.range_search(queries, threshold), repeats)
-                t_all = median_seconds(lambda: every_score(lambda: index.range_search(queries, threshold)), repeats)
-                t_faiss = median_seconds(lambda: peer.range_search(vectors.numpy(), threshold), 2) if with_faiss \
-                    else None
-                found = float(ours[0][-1]) / nq
-                row = {"N": n, "nq": nq, "found_per_query": found, "ours_ms": t_ours * 1e3,
-                       "every_score_ms": t_all * 1e3, "faiss_ms": t_faiss * 1e3 if t_faiss else None,
-                       "x_every_score": t_all / t_ours, "x_faiss": ratio(t_faiss, t_ours)}
-                rows.append(row)
-                print(f"{n:>9} {nq:>4} {found:>8.0f} | {row['ours_ms']:>8.2f} {row['every_score_ms']:>9.2f} "
-                      f"{cell(row['faiss_ms'], 9, 1)} | {row['x_every_score']:>8.2f} {cell(row['x_faiss'], 8, 1)}",
-                      flush=True)
-        del index, peer
+        measure(head, n, rows)
     write_results(args.json, "range_search.json", {
         "machine": f"{platform.machine()} CPU, {threads} threads, FAISS {faiss.__version__}", "rows": rows})
 

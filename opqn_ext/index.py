@@ -322,10 +322,10 @@ class OPQNIndex:
         while len(pending) and k:
             top, pos = (t.cpu() for t in adc_topk(luts[pending.to(self.device)], self.codes, k))  # [p, k]
             complete = (top[:, -1] < min_score) | (k == n)  # every item above the threshold is in the top-k
-            rows, cols = torch.nonzero(complete[:, None] & (top >= min_score), as_tuple=True)
-            found_q.append(pending[rows])
-            found_pos.append(pos[rows, cols])
-            found_scores.append(top[rows, cols])
+            row, col = torch.nonzero(complete[:, None] & (top >= min_score), as_tuple=True)
+            found_q.append(pending[row])
+            found_pos.append(pos[row, col])
+            found_scores.append(top[row, col])
             pending = pending[~complete]
             if k >= min(n, RANGE_MAX_K):
                 break
