@@ -401,6 +401,16 @@ def _search_montage(args, cfg: TrainConfig, index, prepared, idx: torch.Tensor, 
                         captions, query_captions)
 
 
+def _identity_items(index, names) -> torch.Tensor:
+    """The ids of the items of the identities ``names``, which the index must know."""
+    classes = index.settings.get("classes", [])
+    unknown = [name for name in names if name not in classes]
+    if unknown:
+        raise CliError(f"--identities: the index holds no identity {', '.join(unknown)}")
+    labels = torch.tensor([classes.index(name) for name in names], dtype=torch.int64)
+    return index.ids[torch.isin(index.labels, labels)]
+
+
 def cmd_search(args) -> int:
     from .index import OPQNIndex
 
@@ -417,8 +427,11 @@ def cmd_search(args) -> int:
         _check_same_model(index, model, args.index)
     else:
         index = _index_from_code_file(args.codes, model)
-    if not 1 <= args.k <= len(index):
-        raise CliError(f"-k must be in [1, {len(index)}] (the number of codes), got {args.k}")
+    subset = _identity_items(index, args.identities) if args.identities else None
+    scanned = index.subset_size(subset)
+    if not 1 <= args.k <= scanned:
+        raise CliError(f"-k must be in [1, {scanned}] (the number of codes"
+                       f"{' of --identities' if subset is not None else ''}), got {args.k}")
     if args.fast_scan and index.num_words > 16:
         raise CliError(f"--fast-scan scans 4-bit codes (K <= 16); these codes have K={index.num_words}")
     if args.rerank < 1:
@@ -426,7 +439,7 @@ def cmd_search(args) -> int:
     score_parts, id_parts, ms = [], [], 0.0
     for _, features in _feature_chunks(model, cfg, inputs, idx):
         start = time.perf_counter()
-        found = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank)
+        found = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank, subset=subset)
         ms += (time.perf_counter() - start) * 1e3
         score_parts.append(found[0])
         id_parts.append(found[1])
@@ -451,7 +464,7 @@ def cmd_search(args) -> int:
         print(f"query {what}: {shown}")
     for why in why_no_files:
         print(f"(database items without their image files: {why})")
-    print(f"{len(idx)} queries x {len(index)} codes, top-{args.k} in {ms:.2f} ms")
+    print(f"{len(idx)} queries x {scanned} codes, top-{args.k} in {ms:.2f} ms")
     _write_json(args.json, results)
     if args.montage:
         print(f"wrote {_search_montage(args, cfg, index, prepared, idx, query_names, results)}")
@@ -704,6 +717,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: query)")
     p.add_argument("--query", nargs="+", metavar="PATH", help="query images, or folders of them (any layout, no "
                    "identities needed), or for a model on features, feature files; instead of a data set's queries")
+    p.add_argument("--identities", nargs="+", metavar="NAME", help="search only among the items of these "
+                   "identities (is the probe one of these people, and which photo?)")
     p.add_argument("--show", type=int, default=5, help="queries to print (and to draw with --montage)")
     p.add_argument("--montage", metavar="PNG", help=f"draw the first --show queries and their first "
                    f"{MONTAGE_RESULTS} results here (image, rank, score, identity; framed green or red where the "

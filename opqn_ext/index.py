@@ -281,9 +281,11 @@ class OPQNIndex:
         return torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
 
     def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
-               rerank: int = 2):
+               rerank: int = 2, subset=None):
         """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
         scores descending, ties to the smaller id; queries go in batches (bounded memory).
+        ``subset``: ids of the items to search among (FAISS's ID selector; ids the index lacks are
+        ignored, k may not exceed the items found); their codes are gathered and scanned.
 
         No gradient flows (for differentiable scores, call :func:`~opqn_ext.adc_topk` on tables
         that require grad). ``fast_scan`` (K <= 16): the 4-bit scan ``adc_topk4``; on the CPU, register lookups with
@@ -292,23 +294,39 @@ class OPQNIndex:
         tests); on CUDA, an exact scan of the packed codes.
         """
         return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size,
-                            fast_scan, rerank)
+                            fast_scan, rerank, subset)
 
     def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
-                    rerank: int = 2):
+                    rerank: int = 2, subset=None):
         """Top-k of precomputed query tables ``[nq, M, K]``."""
         if luts.dim() != 3 or luts.shape[1:] != (self.num_books, self.num_words):
             raise ValueError(f"luts must be [nq, {self.num_books}, {self.num_words}], got {list(luts.shape)}")
         return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size,
-                            fast_scan, rerank)
+                            fast_scan, rerank, subset)
+
+    def subset_size(self, subset) -> int:
+        """How many items a search restricted to the ids ``subset`` scans (None: every item)."""
+        return len(self) if subset is None else len(self._positions(subset))
+
+    def _positions(self, subset) -> torch.Tensor:
+        """The positions, increasing, of the items whose ids are in ``subset``."""
+        pos, found = self._find(_integer_ids(subset).reshape(-1))
+        return torch.unique(pos[found])  # increasing positions: the scan's tie order stays the id order
+
+    def _scanned(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes ``[n, M]``, ids ``[n]``) of the items a search scans: all, or those of ``subset``."""
+        if subset is None:
+            return self.codes, self.ids
+        pos = self._positions(subset)
+        return self.codes[pos.to(self.device)], self.ids[pos]
 
     @torch.no_grad()
-    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20):
+    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20, subset=None):
         """Every item scoring at least ``min_score`` for each feature query ``[nq, M*d]`` (open-set
         identification: "is this person in the gallery?"), as FAISS returns ranges:
         ``(lims [nq + 1] int64, scores [lims[-1]] float32, ids [lims[-1]] int64)``; query ``q``'s
         results are ``scores[lims[q]:lims[q + 1]]``, descending, ties to the smaller id. The scores
-        are ``adc_topk``'s.
+        are ``adc_topk``'s. ``subset``: as in :meth:`search`.
 
         A query with few results (the usual open-set case) costs one top-k scan: its top
         ``RANGE_FIRST_K`` holds all of them when the last scores below ``min_score``; queries whose
@@ -316,11 +334,12 @@ class OPQNIndex:
         for those still full, every score is computed, for blocks of queries x items of
         ``batch_bytes`` at a time."""
         luts = self.query_lut(queries)  # [nq, M, K]
-        nq, n = luts.shape[0], len(self)
+        codes, item_ids = self._scanned(subset)
+        nq, n = luts.shape[0], len(item_ids)
         found_q, found_pos, found_scores = [], [], []
         pending, k = torch.arange(nq), min(n, RANGE_FIRST_K)
         while len(pending) and k:
-            top, pos = (t.cpu() for t in adc_topk(luts[pending.to(self.device)], self.codes, k))  # [p, k]
+            top, pos = (t.cpu() for t in adc_topk(luts[pending.to(self.device)], codes, k))  # [p, k]
             complete = (top[:, -1] < min_score) | (k == n)  # every item above the threshold is in the top-k
             row, col = torch.nonzero(complete[:, None] & (top >= min_score), as_tuple=True)
             found_q.append(pending[row])
@@ -335,7 +354,7 @@ class OPQNIndex:
         for q0 in range(0, len(pending), rows_per_block):
             block = pending[q0:q0 + rows_per_block]
             for i0 in range(0, n, cols):
-                scores = adc_scores(luts[block.to(self.device)], self.codes[i0:i0 + cols])  # [rows, cols]
+                scores = adc_scores(luts[block.to(self.device)], codes[i0:i0 + cols])  # [rows, cols]
                 q, pos = torch.nonzero(scores >= min_score, as_tuple=True)
                 found_q.append(block[q.cpu()])
                 found_pos.append(pos.cpu() + i0)
@@ -343,7 +362,7 @@ class OPQNIndex:
         q = torch.cat(found_q) if found_q else torch.zeros(0, dtype=torch.int64)
         pos = torch.cat(found_pos) if found_pos else torch.zeros(0, dtype=torch.int64)
         scores = torch.cat(found_scores) if found_scores else torch.zeros(0)
-        return _ranges(nq, q, scores, self.ids[pos])
+        return _ranges(nq, q, scores, item_ids[pos])
 
     def _packed(self) -> PackedCodes4:
         """The 4-bit layout of the codes. Codes appended since it was made are packed onto it (its
@@ -362,20 +381,24 @@ class OPQNIndex:
         return self._packed_codes
 
     @torch.no_grad()  # queries straight from a model in training mode would keep every batch's graph
-    def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2):
-        if not 1 <= k <= len(self):
-            raise ValueError(f"k must be in [1, len(index) = {len(self)}], got {k}")
+    def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2,
+                subset=None):
+        codes, item_ids = self._scanned(subset)
+        if not 1 <= k <= len(item_ids):
+            scanned = "len(index)" if subset is None else "the items of subset"
+            raise ValueError(f"k must be in [1, {scanned} = {len(item_ids)}], got {k}")
         if fast_scan and self.num_words > 16:
             raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.num_words}")
+        packed = (self._packed() if subset is None else pack_codes4(codes)) if fast_scan else None
         scores, ids = [], []
         for q0 in range(0, nq, batch_size):
             luts = lut_batch(q0, min(nq, q0 + batch_size))
-            if fast_scan:
-                s, pos = adc_topk4(luts, self._packed(), k, rerank)
+            if packed is not None:
+                s, pos = adc_topk4(luts, packed, k, rerank)
             else:
-                s, pos = adc_topk(luts, self.codes, k)
+                s, pos = adc_topk(luts, codes, k)
             scores.append(s.cpu())
-            ids.append(self.ids[pos.cpu()])
+            ids.append(item_ids[pos.cpu()])
         if not scores:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
         return torch.cat(scores), torch.cat(ids)
@@ -560,34 +583,36 @@ class ShardedIndex:
         return all_reduce_sum(vectors, self.group)  # exact: every other rank adds zeros
 
     def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
-               rerank: int = 2):
-        """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank; ``fast_scan`` and
-        ``rerank`` as in ``OPQNIndex.search``, on each shard."""
+               rerank: int = 2, subset=None):
+        """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank; ``fast_scan``,
+        ``rerank`` and ``subset`` as in ``OPQNIndex.search``, on each shard."""
         luts = self.shard.query_lut(queries) if len(queries) else None
-        return self._search(luts, len(queries), k, batch_size, fast_scan, rerank)
+        return self._search(luts, len(queries), k, batch_size, fast_scan, rerank, subset)
 
     def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
-                    rerank: int = 2):
-        return self._search(luts, len(luts), k, batch_size, fast_scan, rerank)
+                    rerank: int = 2, subset=None):
+        return self._search(luts, len(luts), k, batch_size, fast_scan, rerank, subset)
 
-    def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int):
-        total = len(self)
+    def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int, subset):
+        local = self.shard.subset_size(subset)
+        total = int(all_reduce_sum(torch.tensor([local], dtype=torch.int64), self.group))
         if not 1 <= k <= total:
-            raise ValueError(f"k must be in [1, len(index) = {total}], got {k}")
+            scanned = "len(index)" if subset is None else "the items of subset"
+            raise ValueError(f"k must be in [1, {scanned} = {total}], got {k}")
         if fast_scan and self.shard.num_words > 16:
             raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.shard.num_words}")
-        local_k = min(k, len(self.shard))
+        local_k = min(k, local)
         scores = torch.full((nq, k), float("-inf"))
         ids = torch.full((nq, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
         if local_k and nq:
-            s, i = self.shard.search_luts(luts, local_k, batch_size, fast_scan, rerank)
+            s, i = self.shard.search_luts(luts, local_k, batch_size, fast_scan, rerank, subset)
             scores[:, :local_k], ids[:, :local_k] = s, i
         return all_gather_topk(scores, ids, k, self.group)
 
-    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20):
+    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20, subset=None):
         """Every item of every shard scoring at least ``min_score`` for each query, as
         ``OPQNIndex.range_search`` returns it (the same order), on every rank."""
-        lims, scores, ids = self.shard.range_search(queries, min_score, batch_bytes)
+        lims, scores, ids = self.shard.range_search(queries, min_score, batch_bytes, subset)
         nq = len(lims) - 1
         query = torch.repeat_interleave(torch.arange(nq), lims.diff())
         query, scores, ids = (all_gather_rows(t, self.group) for t in (query, scores, ids))

@@ -22,6 +22,9 @@ q = features(30, 2)
 results = {"size": len(index), "first": index.search(q, 40), "shard_size": len(index.shard)}
 results["fast_scan"] = index.search(q, 40, fast_scan=True, rerank=4)
 results["range"] = index.range_search(q, 0.8)
+among = torch.arange(0, 12000, 7)  # some ids of each shard, and ids of none
+results["subset"] = index.search(q, 40, subset=among)
+results["range_subset"] = index.range_search(q, 0.8, subset=among)
 asked = torch.tensor([[3, 4], [12000, 6]])  # 4 and 12000 are no item's id
 results["labels"] = index.labels_of(asked)
 results["vectors"] = index.reconstruct(ids[:50])

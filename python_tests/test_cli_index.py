@@ -232,3 +232,21 @@ def test_search_with_a_minimum_score_may_match_no_one(tmp_path, capsys, gallery)
                  "--min-score", str(scores[0] + 1), "--json", str(tmp_path / "m.json")]) == 0
     assert f"no item scores {scores[0] + 1} or more" in capsys.readouterr().out
     assert json.loads((tmp_path / "m.json").read_text())[0]["results"] == []
+
+
+def test_search_among_some_identities_returns_only_their_items(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    probe = new / "s40" / "00.png"
+    everyone = search(run, built, probe, tmp_path, k=300)  # the whole index, ranked
+    among = {"s03", "s17"}
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probe), "-k", "20",
+                 "--identities", *sorted(among), "--json", str(tmp_path / "a.json")]) == 0
+    assert "1 queries x 20 codes, top-20" in capsys.readouterr().out
+    (result,) = json.loads((tmp_path / "a.json").read_text())
+    assert result["results"] == [x for x in everyone.values() if x["identity"] in among]  # in rank order
+    for args, message in ((["--identities", "s03", "carol", "dave"], "--identities: the index holds no identity "
+                                                                     "carol, dave"),
+                          (["--identities", "s03", "-k", "11"], "-k must be in [1, 10] (the number of codes of "
+                                                                "--identities), got 11")):
+        assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probe), *args]) == 2
+        assert message in capsys.readouterr().err

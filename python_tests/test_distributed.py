@@ -44,6 +44,10 @@ def test_sharded_search_equals_one_index(tmp_path):
     assert 30 < len(found) < 30 * 4000 and bool((lims.diff() > 0).any() and (lims.diff() == 0).any())
     for mine, theirs in zip(got["range"], (lims, scores, found)):
         assert torch.equal(mine, theirs)
+    among = torch.arange(0, 12000, 7)
+    subset = single.search(q, 40, subset=among)
+    assert torch.equal(got["subset"][0], subset[0]) and torch.equal(got["subset"][1], subset[1])
+    assert all(torch.equal(a, b) for a, b in zip(got["range_subset"], single.range_search(q, 0.8, subset=among)))
     assert got["labels"].tolist() == [[3 % 5, -1], [-1, 6 % 5]]
     assert torch.equal(got["vectors"], single.reconstruct(ids[:50]))
     assert got["reconstruct_missing"] == "ids not in the index: [4]"

@@ -425,6 +425,42 @@ def test_range_search_scans_once_when_queries_have_few_results(monkeypatch):
     assert scans == [64, 1024]
 
 
+def test_a_search_among_a_subset_of_ids_returns_only_them_as_a_scan_of_them_would(device):
+    index, _ = make_index()
+    index.to(device)
+    db = features(600, 1)
+    index.add(torch.cat([db, db[:100]]), ids=torch.arange(700) * 2)  # ids 1200-1398 repeat 0-198: ties
+    queries = features(9, 2)
+    g = torch.Generator().manual_seed(3)
+    subset = torch.randperm(1400, generator=g)[:500]  # about half of them are ids of the index
+    subset = torch.cat([subset, subset[:20], torch.tensor([5001, -3])])  # repeated ids, ids the index lacks
+    held = torch.unique(subset[torch.isin(subset, index.ids)])
+    luts = index.query_lut(queries)
+    every = opqn_ext.adc_scores(luts, index.codes).cpu()  # [9, 700]
+    cols = torch.searchsorted(index.ids, held)
+    for k in (1, 25, len(held)):
+        scores, ids = index.search(queries, k, subset=subset)
+        for q in range(9):
+            order = sorted(range(len(held)), key=lambda j: (-float(every[q, cols[j]]), int(held[j])))[:k]
+            assert ids[q].tolist() == held[order].tolist()
+            assert torch.equal(scores[q], every[q, cols[order]])
+    assert torch.equal(index.search_luts(luts, 25, subset=subset)[1], index.search(queries, 25, subset=subset)[1])
+    fast = index.search(queries, 25, fast_scan=True, rerank=8, subset=subset)
+    assert torch.equal(fast[1], index.search(queries, 25, subset=subset)[1])
+    assert index.subset_size(subset) == len(held) and index.subset_size(None) == 700
+    threshold = float(every.median())
+    lims, scores, ids = index.range_search(queries, threshold, subset=subset)
+    all_lims, all_scores, all_ids = index.range_search(queries, threshold)
+    for q in range(9):
+        keep = torch.isin(all_ids[all_lims[q]:all_lims[q + 1]], held)
+        assert torch.equal(ids[lims[q]:lims[q + 1]], all_ids[all_lims[q]:all_lims[q + 1]][keep])
+        assert torch.equal(scores[lims[q]:lims[q + 1]], all_scores[all_lims[q]:all_lims[q + 1]][keep])
+    with pytest.raises(ValueError, match=rf"k must be in \[1, the items of subset = {len(held)}\], got {len(held) + 1}"):
+        index.search(queries, len(held) + 1, subset=subset)
+    with pytest.raises(ValueError, match=r"k must be in \[1, the items of subset = 0\], got 1"):
+        index.search(queries, 1, subset=[1, 3])  # odd ids: none in the index
+
+
 def test_reconstruct_gives_the_codewords_that_adc_scores_items_with(device):
     index, head = make_index()
     index.to(device)
