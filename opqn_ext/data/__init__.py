@@ -10,7 +10,8 @@ from .orl import ORL_FILE_BYTES, OrlDataError, load_orl, orl_root, repair_orl_fi
 from .splits import RetrievalSplit, seen_split, unseen_split
 
 __all__ = [
-    "BUILTIN_DATASETS", "ImageFiles", "LabeledFeatures", "LabeledImages", "ORL_FILE_BYTES", "OrlDataError", "RetrievalSplit",
-    "input_batches", "load_builtin", "load_fashion_mnist", "load_features", "load_image_folder", "load_orl", "orl_root", "read_idx",
-    "read_image", "repair_orl_file", "save_features", "scan_image_folder", "seen_split", "unseen_split",
+    "BUILTIN_DATASETS", "ImageFiles", "LabeledFeatures", "LabeledImages", "ORL_FILE_BYTES", "OrlDataError",
+    "RetrievalSplit", "input_batches", "load_builtin", "load_fashion_mnist", "load_features", "load_image_folder",
+    "load_orl", "orl_root", "read_idx", "read_image", "repair_orl_file", "save_features", "scan_image_folder",
+    "seen_split", "unseen_split",
 ]
