@@ -65,12 +65,15 @@ def _is_integer(values: torch.Tensor) -> bool:
                                        or values.dtype == torch.bool)
 
 
-def _integer_ids(ids) -> torch.Tensor:
-    """``ids`` (a sequence, array or tensor of integers) as an int64 CPU tensor; floats and bools
-    are refused rather than truncated."""
-    ids = torch.as_tensor(ids).cpu()
+def _integer_ids(ids, name: str = "ids") -> torch.Tensor:
+    """``ids`` (a sequence, array or tensor of integers) as an int64 CPU tensor; floats, bools and
+    anything else are refused (a ValueError naming the argument ``name``) rather than truncated."""
+    try:
+        ids = torch.as_tensor(ids).cpu()
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"{name} must be integers, got {type(ids).__name__} ({err})") from None
     if not _is_integer(ids):
-        raise ValueError(f"ids must be integers, got {ids.dtype}")
+        raise ValueError(f"{name} must be integers, got {ids.dtype}")
     return ids.long()
 
 
@@ -310,7 +313,7 @@ class OPQNIndex:
 
     def _positions(self, subset) -> torch.Tensor:
         """The positions, increasing, of the items whose ids are in ``subset``."""
-        pos, found = self._find(_integer_ids(subset).reshape(-1))
+        pos, found = self._find(_integer_ids(subset, "subset").reshape(-1))
         return torch.unique(pos[found])  # increasing positions: the scan's tie order stays the id order
 
     def _scanned(self, subset) -> tuple[torch.Tensor, torch.Tensor]:

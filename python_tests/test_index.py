@@ -459,6 +459,11 @@ def test_a_search_among_a_subset_of_ids_returns_only_them_as_a_scan_of_them_woul
         index.search(queries, len(held) + 1, subset=subset)
     with pytest.raises(ValueError, match=r"k must be in \[1, the items of subset = 0\], got 1"):
         index.search(queries, 1, subset=[1, 3])  # odd ids: none in the index
+    for wrong, message in (([2.0, 4.0], "subset must be integers, got torch.float32"),
+                           (torch.ones(700, dtype=torch.bool), "subset must be integers, got torch.bool"),
+                           ("abc", "subset must be integers, got str")):
+        with pytest.raises(ValueError, match=message):
+            index.search(queries, 1, subset=wrong)
 
 
 def test_reconstruct_gives_the_codewords_that_adc_scores_items_with(device):
