@@ -194,11 +194,24 @@ def cmd_eval(args) -> int:
     model, cfg, prepared = _checkpoint_and_data(args)
     device = _device_of(model)
     evaluation = evaluate(model, prepared, device, cfg.loader_workers(device))
-    print(f"{cfg.dataset}, {prepared.split.protocol} protocol: {len(prepared.split.query)} queries, "
-          f"{len(prepared.split.database)} database items")
+    what = f"{cfg.dataset}, {prepared.split.protocol} protocol"
+    print(f"{what}: {len(prepared.split.query)} queries, {len(prepared.split.database)} database items")
     print(format_table(evaluation, cfg.feature_dim, cfg.code_bits))
-    _write_json(args.json, evaluation.summary())
+    summary = evaluation.summary()
+    summary["float"]["pr_curve"] = evaluation.float_metrics.pr_curve()
+    summary["opqn"]["pr_curve"] = evaluation.code_metrics.pr_curve()
+    _write_json(args.json, summary)
+    _write_pr_curves(args.pr_curve, {"float features": evaluation.float_metrics,
+                                     f"OPQN {cfg.code_bits}-bit": evaluation.code_metrics}, what)
     return 0
+
+
+def _write_pr_curves(path, curves: dict, title: str) -> None:
+    """``--pr-curve``: the precision-recall curves (label -> metrics) drawn into ``path`` (if given)."""
+    if path:
+        from .plots import save_pr_curves
+
+        print(f"wrote {save_pr_curves(curves, path, title)}")
 
 
 def _eval_index(args) -> int:
@@ -231,7 +244,10 @@ def _eval_index(args) -> int:
     print(f"{cfg.dataset} ({part}): {metrics.num_queries} queries against {args.index} ({len(index)} items)"
           + (f"; {_count(left_out, 'query', 'queries')} of identities without items there left out" if left_out else ""))
     print(_metrics_table([(f"OPQN codes ({index.code_bits} bits)", metrics, ms)]))
-    _write_json(args.json, {"opqn": metrics.summary() | {"query_ms": ms}, "left_out": left_out})
+    _write_json(args.json, {"opqn": metrics.summary() | {"query_ms": ms, "pr_curve": metrics.pr_curve()},
+                            "left_out": left_out})
+    _write_pr_curves(args.pr_curve, {f"OPQN {index.code_bits}-bit": metrics},
+                     f"{cfg.dataset} ({part}) against {Path(args.index).name}")
     return 0
 
 
@@ -694,7 +710,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "database; relevant items are those of the query's identity (by name)")
     p.add_argument("--part", choices=("database", "query", "all"), help="--index: which items are queries "
                    "(default: query; all: every item, without a split)")
-    p.add_argument("--json", help="write the metrics here")
+    p.add_argument("--json", help="write the metrics here (with each precision-recall curve's points)")
+    p.add_argument("--pr-curve", dest="pr_curve", metavar="PNG", help="draw the precision-recall curves here")
     p.set_defaults(func=cmd_eval)
 
     p = _checkpoint_parser(sub, "encode", "encode data into OPQN codes (a .safetensors file)")

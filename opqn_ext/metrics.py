@@ -52,6 +52,12 @@ class RetrievalMetrics:
         out.update({"queries": self.num_queries, "database": self.num_database, "seconds": self.seconds})
         return out
 
+    def pr_curve(self) -> dict:
+        """The precision-recall curve as JSON-friendly lists: rank cutoffs, mean precision and mean
+        recall at each."""
+        return {"cutoffs": self.pr_cutoffs.tolist(), "precision": self.pr_precision.tolist(),
+                "recall": self.pr_recall.tolist()}
+
 
 def pr_cutoffs(num_database: int, points: int = 64) -> list[int]:
     """Rank cutoffs for a PR curve: at most ``points`` values over 1..N (both included), half spread

@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from PIL import Image
 
 from opqn_ext.cli import main
 from opqn_ext.index import OPQNIndex
@@ -191,13 +192,23 @@ def test_eval_of_queries_against_an_index(tmp_path, capsys, gallery):
     split's queries against an index of its database give `opqn eval`'s OPQN metrics exactly."""
     run = tmp_path / "run"
     assert main(["train", "--epochs", "1", "--width", "4", "--out-dir", str(run), "--no-progress"]) == 0
-    assert main(["eval", str(run), *CPU, "--json", str(tmp_path / "e.json")]) == 0
+    assert main(["eval", str(run), *CPU, "--json", str(tmp_path / "e.json"), "--pr-curve", str(tmp_path / "e.png")]) == 0
     assert main(["index", "build", str(run), *CPU, "-o", str(tmp_path / "db.opqn")]) == 0
-    assert main(["eval", str(run), *CPU, "--index", str(tmp_path / "db.opqn"), "--json", str(tmp_path / "i.json")]) == 0
+    assert main(["eval", str(run), *CPU, "--index", str(tmp_path / "db.opqn"), "--json", str(tmp_path / "i.json"),
+                 "--pr-curve", str(tmp_path / "i.png")]) == 0
     whole, against_index = (json.loads((tmp_path / name).read_text()) for name in ("e.json", "i.json"))
     assert {k: v for k, v in against_index["opqn"].items() if k not in ("seconds", "query_ms")} == \
-        {k: v for k, v in whole["opqn"].items() if k not in ("seconds", "query_ms")}
-    assert against_index["left_out"] == 0 and "orl (query): 120 queries against" in capsys.readouterr().out
+        {k: v for k, v in whole["opqn"].items() if k not in ("seconds", "query_ms")}  # the PR curves too
+    out = capsys.readouterr().out
+    assert against_index["left_out"] == 0 and "orl (query): 120 queries against" in out
+    assert f"wrote {tmp_path / 'e.png'}" in out and f"wrote {tmp_path / 'i.png'}" in out
+    for curve in (whole["float"]["pr_curve"], whole["opqn"]["pr_curve"]):
+        assert len(curve["cutoffs"]) == len(curve["precision"]) == len(curve["recall"]) > 10
+        assert curve["cutoffs"][0] == 1 and curve["cutoffs"][-1] == 280 and curve["recall"][-1] == 1.0
+        assert curve["recall"] == sorted(curve["recall"]) and curve["precision"][-1] == pytest.approx(7 / 280)
+    for name in ("e.png", "i.png"):
+        with Image.open(tmp_path / name) as figure:
+            assert figure.format == "PNG"
 
     gallery_run, faces, new, built = gallery
     index_path = tmp_path / "faces.opqn"
