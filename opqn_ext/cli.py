@@ -19,10 +19,12 @@ from pathlib import Path
 
 import torch
 
+from .codebooks import KINDS as CODEBOOK_KINDS
 from .data import OrlDataError
 from .index import IndexFileError
-from .train import (DATASETS, BACKBONES, Evaluation, TrainConfig, evaluate, feature_chunks, load_checkpoint,
-                    load_dataset, model_from_checkpoint, prepare_data, resolve_device, train)
+from .nn import ASSIGNMENTS
+from .train import (BACKBONES, DATASETS, PROTOCOLS, Evaluation, TrainConfig, evaluate, feature_chunks,
+                    load_checkpoint, load_dataset, model_from_checkpoint, prepare_data, resolve_device, train)
 
 _HELP = {
     "dataset": f"data set: {', '.join(DATASETS)}",
@@ -46,7 +48,29 @@ _HELP = {
     "eval_every": "evaluate every n epochs (0: at the end only)",
     "amp": "bfloat16 autocast on CUDA",
     "cpu_amp": "bfloat16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; many times slower elsewhere)",
+    "query_per_class": "queries per identity; its other items are the database",
+    "split_seed": "seed of the split into training, database and query items",
+    "input_size": "images are resized to input_size x input_size pixels",
+    "feature_dim": "D, the feature dimension (M books of d = D / M)",
+    "dropout": "dropout before the feature layer",
+    "margin": "CosFace margin of the subspace-wise classification loss",
+    "entropy_weight": "weight of the entropy regularizer of the soft assignments",
+    "codebook_kind": "the fixed orthonormal codewords: dct (the paper's), random or hadamard (d a power of two)",
+    "assignment": "learned (assignment weights trained with the model) or codeword (the codebook itself)",
+    "learn_codebook": "train the codebook too (leaves orthonormality; query tables become inner products)",
+    "lr": "SGD learning rate",
+    "momentum": "SGD momentum",
+    "weight_decay": "SGD weight decay",
+    "lr_step": "epochs between learning-rate decays",
+    "lr_gamma": "factor of each learning-rate decay",
+    "warmup_epochs": "epochs of linear learning-rate warmup",
+    "augment": "random crops (4-pixel padding) and horizontal flips",
+    "seed": "seed of the weights, the batches and the augmentation",
+    "progress": "progress bars",
 }
+# the configuration options whose values are one of a few names
+_CHOICES = {"dataset": DATASETS, "protocol": PROTOCOLS, "backbone": BACKBONES, "codebook_kind": CODEBOOK_KINDS,
+            "assignment": ASSIGNMENTS}
 
 
 class CliError(Exception):
@@ -64,7 +88,8 @@ def _add_config_options(parser: argparse.ArgumentParser, defaults: TrainConfig) 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             shown = default if default != "" else "none"
-            parser.add_argument(flag, type=type(default), default=default, help=f"{help_text} (default: {shown})")
+            parser.add_argument(flag, type=type(default), default=default, choices=_CHOICES.get(f.name),
+                                help=f"{help_text} (default: {shown})")
     parser.add_argument("--bits", type=int, default=None,
                         help="code length; must equal num_books * log2(num_words) (alone: 4-bit books, K = 16)")
 
@@ -681,7 +706,7 @@ def _checkpoint_parser(subparsers, name: str, help_text: str, split: bool = True
     q.add_argument("--dataset", choices=DATASETS, help="data set (default: the training one)")
     q.add_argument("--data-path", dest="data_path", help="image folder or feature file")
     if split:
-        q.add_argument("--protocol", choices=("seen", "unseen"), help="split protocol (default: the training one)")
+        q.add_argument("--protocol", choices=PROTOCOLS, help="split protocol (default: the training one)")
     q.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
                    help=f"{_HELP['stream']} (default: as in training)")
     q.add_argument("--workers", type=int, help=f"{_HELP['workers']} (default: as in training)")

@@ -28,10 +28,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from . import data as datasets
+from .codebooks import KINDS as CODEBOOK_KINDS
 from .data.builtin import load_builtin
 from .distributed import all_reduce_sum, convert_batchnorm, destroy_process_group, init_from_env
 from .metrics import RetrievalMetrics, evaluate_codes, evaluate_features
-from .nn import EmbeddingMLP, FaceResNet20, OrthoPQHead
+from .nn import ASSIGNMENTS, EmbeddingMLP, FaceResNet20, OrthoPQHead
 from .ops import adc_topk
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -39,6 +40,7 @@ LOG_NAME = "log.jsonl"
 PROGRESS_EVERY = 20  # steps between the progress bar's loss updates (each waits for the device)
 DATASETS = ("orl", "fashion-mnist", "folder", "features")
 BACKBONES = ("resnet20", "mlp")
+PROTOCOLS = ("seen", "unseen")
 
 
 @dataclass
@@ -97,7 +99,7 @@ class TrainConfig:
             raise ValueError("stream decodes the images batch by batch, cache_dir maps them decoded once: choose one")
         if self.workers < -1:
             raise ValueError(f"workers must be >= 0, or -1 for one per CPU, got {self.workers}")
-        if self.protocol not in ("seen", "unseen"):
+        if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be 'seen' or 'unseen', got {self.protocol!r}")
         if self.backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {self.backbone!r}: choose one of {', '.join(BACKBONES)}")
@@ -107,9 +109,24 @@ class TrainConfig:
         if not 2 <= self.num_words <= min(d, 256):
             raise ValueError(f"num_words (K={self.num_words}) must be in [2, min(d, 256)] with d = "
                              f"feature_dim / num_books = {d}: orthonormal codewords need K <= d")
-        for name in ("epochs", "batch_size", "lr_step", "width", "input_size"):
+        if self.codebook_kind not in CODEBOOK_KINDS:
+            raise ValueError(f"codebook_kind must be one of {', '.join(CODEBOOK_KINDS)}, got {self.codebook_kind!r}")
+        if self.codebook_kind == "hadamard" and d & (d - 1):
+            raise ValueError(f"codebook_kind 'hadamard' needs d = feature_dim / num_books a power of two, got {d}")
+        if self.assignment not in ASSIGNMENTS:
+            raise ValueError(f"assignment must be one of {', '.join(ASSIGNMENTS)}, got {self.assignment!r}")
+        for name in ("epochs", "batch_size", "lr_step", "width", "input_size", "query_per_class"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("train_classes", "margin", "entropy_weight", "weight_decay", "warmup_epochs", "eval_every",
+                     "scale"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not (self.lr > 0 and 0 <= self.momentum < 1 and 0 < self.lr_gamma <= 1):
+            raise ValueError(f"lr must be > 0, momentum in [0, 1) and lr_gamma in (0, 1], got lr={self.lr}, "
+                             f"momentum={self.momentum}, lr_gamma={self.lr_gamma}")
 
     def loader_workers(self, model_device: torch.device | None = None) -> int:
         """``workers``; for -1, the loader processes (or, for data in memory or in a cache, the

@@ -36,7 +36,6 @@ def test_every_subcommand_has_help(sub, capsys):
         (["train", "--num-books", "8", "--num-words", "128"], "num_words (K=128) must be in [2, min(d, 256)] with d = feature_dim / num_books = 64"),
         (["train", "--bits", "30", "--num-books", "8", "--num-words", "16"], "--bits 30 does not equal num_books * log2(num_words) = 8 * log2(16)"),
         (["train", "--bits", "30"], "--bits 30 alone means 4-bit books"),
-        (["train", "--dataset", "mnist"], "unknown dataset 'mnist'"),
         (["eval", "/nonexistent/run"], "checkpoint /nonexistent/run does not exist"),
     ],
 )
@@ -46,6 +45,15 @@ def test_bad_arguments_give_one_clear_line(args, message):
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("opqn: error: ") and message in lines[0], proc.stderr
+
+
+@pytest.mark.parametrize("option,value,names", [("--dataset", "mnist", "'orl', 'fashion-mnist', 'folder', 'features'"),
+                                                 ("--codebook-kind", "pca", "'dct', 'random', 'hadamard'"),
+                                                 ("--assignment", "fixed", "'learned', 'codeword'")])
+def test_a_name_outside_an_options_choices_is_refused_before_anything_loads(option, value, names):
+    proc = run_cli("train", option, value, "--no-progress", "--out-dir", "/nonexistent/run")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    assert f"argument {option}: invalid choice: '{value}' (choose from {names})" in proc.stderr
 
 
 def test_unknown_subcommand_is_an_argparse_error():

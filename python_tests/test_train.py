@@ -132,6 +132,17 @@ def test_unseen_protocol_trains_on_held_in_identities_only(tmp_path):
     (dict(dataset="folder", data_path="f", stream=True, cache_dir="c"),
      "stream decodes .* cache_dir maps .*: choose one"),
     (dict(workers=-2), r"workers must be >= 0, or -1 for one per CPU, got -2"),
+    (dict(codebook_kind="pca"), "codebook_kind must be one of dct, random, hadamard, got 'pca'"),
+    (dict(codebook_kind="hadamard", feature_dim=480), "codebook_kind 'hadamard' needs d = feature_dim / num_books "
+                                                      "a power of two, got 60"),
+    (dict(assignment="fixed"), "assignment must be one of learned, codeword, got 'fixed'"),
+    (dict(query_per_class=0), "query_per_class must be >= 1, got 0"),
+    (dict(margin=-0.1), "margin must be >= 0, got -0.1"),
+    (dict(entropy_weight=float("nan")), "entropy_weight must be >= 0, got nan"),
+    (dict(warmup_epochs=-1), "warmup_epochs must be >= 0, got -1"),
+    (dict(dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (dict(lr=0.0), r"lr must be > 0, momentum in \[0, 1\) and lr_gamma in \(0, 1\], got lr=0.0"),
+    (dict(lr_gamma=1.5), "lr_gamma=1.5"),
 ])
 def test_config_errors(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
