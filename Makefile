@@ -41,6 +41,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_metrics.py
 	$(PYTHON) benchmarks/bench_index.py
 	$(PYTHON) benchmarks/bench_range_search.py
+	$(PYTHON) benchmarks/bench_subset_search.py
 	$(PYTHON) benchmarks/bench_folder_loader.py
 	$(PYTHON) benchmarks/bench_folder_cache.py
 

@@ -307,14 +307,24 @@ class OPQNIndex:
         return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size,
                             fast_scan, rerank, subset)
 
+    def restricted(self, ids) -> "OPQNIndex":
+        """A new index of the items whose ids are in ``ids`` (others ignored), with this one's model
+        and settings: for many searches among one large subset, whose ids ``search(subset=...)``
+        would sort and look up every time (about 0.1 s per 1M ids at 10M items, RESULTS.md)."""
+        pos = self._positions(ids)
+        part = OPQNIndex(self.assign_weight, self.codebook, self.query_scale, self.settings, self.orthonormal)
+        part.codes, part.ids, part.labels = self.codes[pos.to(self.device)], self.ids[pos], self.labels[pos]
+        return part
+
     def subset_size(self, subset) -> int:
         """How many items a search restricted to the ids ``subset`` scans (None: every item)."""
         return len(self) if subset is None else len(self._positions(subset))
 
     def _positions(self, subset) -> torch.Tensor:
         """The positions, increasing, of the items whose ids are in ``subset``."""
-        pos, found = self._find(_integer_ids(subset, "subset").reshape(-1))
-        return torch.unique(pos[found])  # increasing positions: the scan's tie order stays the id order
+        wanted = torch.unique(_integer_ids(subset, "subset").reshape(-1))  # sorted: a cache-friendly search
+        pos, found = self._find(wanted)
+        return pos[found]  # increasing, as the ids are: the scan's tie order stays the id order
 
     def _scanned(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes ``[n, M]``, ids ``[n]``) of the items a search scans: all, or those of ``subset``."""

@@ -448,6 +448,15 @@ def test_a_search_among_a_subset_of_ids_returns_only_them_as_a_scan_of_them_woul
     fast = index.search(queries, 25, fast_scan=True, rerank=8, subset=subset)
     assert torch.equal(fast[1], index.search(queries, 25, subset=subset)[1])
     assert index.subset_size(subset) == len(held) and index.subset_size(None) == 700
+    part = index.restricted(subset)
+    assert torch.equal(part.ids, held) and torch.equal(part.labels, index.labels_of(held))
+    assert torch.equal(part.codes, index.codes[cols.to(index.device)]) and part.device == index.device
+    for got, want in zip(part.search(queries, 25), index.search(queries, 25, subset=subset)):
+        assert torch.equal(got, want)
+    part.remove(held[:3])  # a change to the part leaves the index alone
+    part.add(features(2, 5), ids=[1, 3])
+    assert len(index) == 700 and len(part) == len(held) - 1 and part.ids[:2].tolist() == [1, 3]
+    assert index.labels_of([1, 3]).tolist() == [-1, -1]
     threshold = float(every.median())
     lims, scores, ids = index.range_search(queries, threshold, subset=subset)
     all_lims, all_scores, all_ids = index.range_search(queries, threshold)
