@@ -553,6 +553,18 @@ def _load_index(path, **kwargs):
     return OPQNIndex.load(path, **kwargs)
 
 
+def _refuse_repeats(index, sources) -> None:
+    """Refuses to add the items of ``sources`` that the index holds already (the same folder
+    unchanged, the same built-in data set, files named before)."""
+    from .item_sources import repeated_items
+
+    for source in sources:
+        repeated = repeated_items(index.settings.get("sources", []), source, index.contains)
+        if repeated:
+            raise CliError(f"{repeated}: adding them again would hold each twice (remove them first with "
+                           f"`opqn index remove --ids`)")
+
+
 def cmd_index_add(args) -> int:
     from .item_sources import files_source, merged_classes, next_free_id
 
@@ -569,12 +581,15 @@ def cmd_index_add(args) -> int:
         inputs, labels, classes = load_dataset(cfg, progress=True)
         naming = _naming(cfg, classes, len(labels))
         what = f"{len(labels)} items of {cfg.dataset}" + (f" {cfg.data_path}" if cfg.data_path else "")
-    _check_same_model(_load_index(args.index, verify=False), model, args.index)
+    before = _load_index(args.index, verify=False)
+    _check_same_model(before, model, args.index)
+    _refuse_repeats(before, naming["sources"])  # before encoding; again under the lock
     codes = torch.cat([model.head.encode(features.to(_device_of(model))).cpu()
                        for _, features in _feature_chunks(model, cfg, inputs, torch.arange(len(labels)))])
     with _changing_index(args.index):  # from here to the save: no other command changes the index
         index = _load_index(args.index)
         _check_same_model(index, model, args.index)
+        _refuse_repeats(index, naming["sources"])
         first = next_free_id(index.ids, index.settings)
         index.settings["classes"], to_index_label = merged_classes(index.settings.get("classes", []), naming["classes"])
         index.add_codes(codes, ids=torch.arange(first, first + len(codes)), labels=to_index_label(labels))

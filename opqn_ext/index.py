@@ -247,6 +247,11 @@ class OPQNIndex:
             self.mapped_codes, self._packed_codes = None, None
         return removed
 
+    def contains(self, ids) -> torch.Tensor:
+        """Whether each of ``ids`` (any shape) is the id of an item of the index (bool, same shape)."""
+        ids = _integer_ids(ids)
+        return self._find(ids.reshape(-1))[1].reshape(ids.shape)
+
     def labels_of(self, ids: torch.Tensor) -> torch.Tensor:
         """Labels of items given by id (any shape); -1 for ids not in the index."""
         ids = _integer_ids(ids)

@@ -46,6 +46,26 @@ def source_end(source: dict) -> int:
     return source["first_id"] + (len(source["files"]) if "files" in source else source["count"])
 
 
+def repeated_items(sources: Sequence[dict], new: dict, present: Callable[[torch.Tensor], torch.Tensor]) -> str:
+    """What adding the items of source ``new`` would add a second time ('' if nothing): the same
+    folder unchanged, the same built-in data set, or files named before, whose items (by id) are
+    still ``present`` (a function of ids giving a bool mask)."""
+    if "files" in new:
+        named = {path: s["first_id"] + i for s in sources if "files" in s for i, path in enumerate(s["files"])}
+        again = [path for path in new["files"] if path in named]
+        ids = torch.tensor([named[path] for path in again], dtype=torch.int64)
+        kept = [f"{path} (id {int(i)})" for path, i, held in zip(again, ids, present(ids)) if held]
+        more = f" and {len(kept) - 3} more" if len(kept) > 3 else ""
+        return f"already in the index: {', '.join(kept[:3])}{more}" if kept else ""
+    for old in sources:
+        same_folder = "root" in new and old.get("root") == new["root"] and old.get("fingerprint") == new["fingerprint"]
+        same_dataset = "dataset" in new and old.get("dataset") == new["dataset"] and old["count"] == new["count"]
+        if (same_folder or same_dataset) and bool(present(torch.arange(old["first_id"], source_end(old))).any()):
+            what = f"the folder {new['root']}, unchanged since," if same_folder else f"the data set {new['dataset']}"
+            return f"{what} is in the index already (items of ids {old['first_id']}-{source_end(old) - 1})"
+    return ""
+
+
 def next_free_id(ids: torch.Tensor, settings: dict) -> int:
     """The first id above every item of an index (``ids`` increasing) and every id its sources name:
     where the items of a new source start."""

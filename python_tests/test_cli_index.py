@@ -261,3 +261,30 @@ def test_search_among_some_identities_returns_only_their_items(tmp_path, capsys,
                                                                 "--identities), got 11")):
         assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probe), *args]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_adding_the_same_items_twice_is_refused_until_they_are_removed(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    index_path = tmp_path / "faces.opqn"
+    shutil.copy(built, index_path)
+    add = ["index", "add", str(run), *CPU, "--index", str(index_path)]
+    assert main([*add, "--data-path", str(faces)]) == 2  # the folder the index was built of
+    assert (f"the folder {faces}, unchanged since, is in the index already (items of ids 0-299): adding them again "
+            f"would hold each twice (remove them first with `opqn index remove --ids`)") in capsys.readouterr().err
+    photos = [new / "s31" / "00.png", new / "s31" / "01.png", new / "s32" / "00.png", new / "s32" / "01.png"]
+    assert main([*add, "--files", *map(str, photos)]) == 0
+    assert main([*add, "--files", str(new / "s33" / "00.png"), *map(str, photos)]) == 2
+    assert (f"already in the index: {photos[0]} (id 300), {photos[1]} (id 301), {photos[2]} (id 302) and 1 more: "
+            "adding them again") in capsys.readouterr().err
+    assert main(["index", "remove", "--index", str(index_path), "--ids", "300", "301", "302", "303"]) == 0
+    assert main([*add, "--files", str(photos[0])]) == 0  # removed: it may come back, under a new id
+    assert "(id 304)" in capsys.readouterr().out
+    mine = tmp_path / "mine"  # a folder of this test's own, which it may change
+    for name in ("s01", "s02"):
+        shutil.copytree(faces / name, mine / name)
+    assert main(["index", "build", str(run), *CPU, "--data-path", str(mine), "--part", "all", "-o",
+                 str(tmp_path / "mine.opqn")]) == 0
+    again = ["index", "add", str(run), *CPU, "--index", str(tmp_path / "mine.opqn"), "--data-path", str(mine)]
+    assert main(again) == 2 and "is in the index already (items of ids 0-19)" in capsys.readouterr().err
+    (mine / "s02" / "10.png").write_bytes((mine / "s02" / "00.png").read_bytes())  # another set of images now
+    assert main(again) == 0 and len(OPQNIndex.load(tmp_path / "mine.opqn")) == 41

@@ -79,6 +79,8 @@ def test_a_montage_of_query_files_shows_the_files_and_frames_nothing(tmp_path, m
     big = tmp_path / "big.png"  # an enrolled photo larger than a tile
     with Image.open(orl_folder / "s05" / "03.png") as face:
         face.resize((300, 400)).save(big)
+    assert main(["index", "add", str(run), *CPU, "--index", str(index)]) == 2  # ORL, whose source it is
+    assert "the data set orl is in the index already (items of ids 0-399)" in capsys.readouterr().err
     assert main(["index", "add", str(run), *CPU, "--index", str(index), "--files", str(big), "--identity", "eve"]) == 0
     assert main(["index", "remove", "--index", str(index), "--ids", *map(str, range(4, 400))]) == 0
     capsys.readouterr()
