@@ -631,6 +631,11 @@ def cmd_index_info(args) -> int:
             "ids": [int(index.ids[0]), int(index.ids[-1])] if len(index) else None,
             "identities": len(torch.unique(index.labels[index.labels >= 0])),
             "unlabeled": int((index.labels < 0).sum()), "checkpoint": index.settings.get("checkpoint"), "sources": []}
+    if args.identities:
+        labels, counts = torch.unique(index.labels[index.labels >= 0], return_counts=True)
+        classes = index.settings.get("classes", [])
+        info["items_per_identity"] = {classes[lab] if lab < len(classes) else f"label {lab}": count
+                                      for lab, count in zip(labels.tolist(), counts.tolist())}
     for source in index.settings.get("sources", []):
         entry = {"first_id": source["first_id"], "end_id": source_end(source)}
         if "files" in source:
@@ -657,6 +662,8 @@ def cmd_index_info(args) -> int:
         else:
             unnamed = f"; not named: {entry['unnamed']}" if entry["unnamed"] else ""
             print(f"source: folder {entry['folder']} ({_count(entry['images'], 'image')}, {span}{unnamed})")
+    for name, count in info.get("items_per_identity", {}).items():
+        print(f"identity {name}: {_count(count, 'item')}")
     _write_json(args.json, info)
     return 0
 
@@ -812,6 +819,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("index", help="the index file")
     p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
                    help="check every array's checksum (one read of the file)")
+    p.add_argument("--identities", action="store_true", help="also list each identity with its item count")
     p.add_argument("--json", help="write the description here")
     p.set_defaults(func=cmd_index_info)
 

@@ -81,15 +81,18 @@ def test_an_index_grows_by_folders_and_files_and_names_what_it_finds(tmp_path, c
     assert found[405]["label"] == -1 and "identity" not in found[405] and found[405]["file"] == str(new / "s32" / "03.png")
     assert found[412]["score"] == found[325]["score"]  # one image, one code
 
-    assert main(["index", "info", str(index_path), "--json", str(tmp_path / "info.json")]) == 0
+    assert main(["index", "info", str(index_path), "--identities", "--json", str(tmp_path / "info.json")]) == 0
     out = capsys.readouterr().out
     assert "413 items, 32-bit codes (M=8 books of K=16 words, d=64)" in out
+    assert "identity s01: 10 items\n" in out and "identity carol: 2 items\n" in out
+    assert "identity s33: 11 items\n" in out  # its folder's ten and the file named with it
     assert "ids from 0 to 412; 41 identities, 10 items without one" in out
     assert f"source: folder {new} (100 images, ids 300-399)" in out and "source: 1 file (id 412)" in out
     info = json.loads((tmp_path / "info.json").read_text())
     assert info["items"] == 413 and info["identities"] == 41 and info["unlabeled"] == 10 and info["orthonormal"]
     assert [(s["first_id"], s["end_id"]) for s in info["sources"]] == [(0, 300), (300, 400), (400, 402),
                                                                         (402, 412), (412, 413)]
+    assert len(info["items_per_identity"]) == 41 and sum(info["items_per_identity"].values()) == 403
 
     (faces / "s01" / "extra.png").write_bytes((faces / "s01" / "00.png").read_bytes())  # shifts the folder's items
     found = search(run, index_path, new / "s33" / "05.png", tmp_path, k=413)
