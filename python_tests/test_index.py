@@ -475,6 +475,25 @@ def test_a_search_among_a_subset_of_ids_returns_only_them_as_a_scan_of_them_woul
             index.search(queries, 1, subset=wrong)
 
 
+def test_searches_from_many_threads_at_once_return_what_one_thread_does(device):
+    # a search service answers queries from a thread pool: the scans release the GIL and run at
+    # once; the 4-bit layout is made lazily by whichever search needs it first
+    from concurrent.futures import ThreadPoolExecutor
+
+    index, _ = make_index()
+    index.to(device)
+    index.add(features(5000, 1))
+    queries = [features(3, 10 + i) for i in range(24)]
+    kinds = [dict(), dict(fast_scan=True, rerank=4), dict(subset=torch.arange(0, 5000, 3))]
+    want = [index.search(q, 20, **kinds[i % 3]) for i, q in enumerate(queries)]
+    fresh = OPQNIndex.from_head(make_index()[1]).to(device)  # no 4-bit layout yet
+    fresh.add(features(5000, 1))
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda i: fresh.search(queries[i], 20, **kinds[i % 3]), range(len(queries))))
+    for (s, i), (ws, wi) in zip(got, want):
+        assert torch.equal(i, wi) and torch.equal(s, ws)
+
+
 def test_reconstruct_gives_the_codewords_that_adc_scores_items_with(device):
     index, head = make_index()
     index.to(device)
