@@ -211,7 +211,18 @@ def _checkpoint_and_data(args):
     return model, cfg, prepare_data(cfg, progress=True)  # a bar on terminals while a folder is read
 
 
+def _require_matplotlib(option: str) -> None:
+    """Refuses ``option`` up front where matplotlib, which draws the figures, is not installed."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CliError(f"{option} draws with matplotlib, which is not installed: pip install 'opqn-ext[demo]' "
+                       f"(or matplotlib)") from None
+
+
 def cmd_eval(args) -> int:
+    if args.pr_curve:
+        _require_matplotlib("--pr-curve")
     if args.index:
         return _eval_index(args)
     if args.part is not None:
@@ -455,6 +466,8 @@ def _identity_items(index, names) -> torch.Tensor:
 def cmd_search(args) -> int:
     from .index import OPQNIndex
 
+    if args.montage:
+        _require_matplotlib("--montage")
     if args.query:
         model, cfg, query_names, inputs = _files_inputs(args, "--query", "queries")
         prepared, idx = None, torch.arange(len(query_names))
@@ -710,6 +723,7 @@ def cmd_cache(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
+    _require_matplotlib("opqn demo")  # its figures come after minutes of training
     run_demo(out_dir=Path(args.out_dir), epochs=args.epochs, width=args.width, unseen=args.unseen,
              progress=args.progress, seed=args.seed)
     return 0

@@ -3,6 +3,7 @@ the data set, image files or folder the index names (opqn_ext.item_images), fram
 where the query's is known."""
 import json
 import shutil
+import sys
 
 import pytest
 import torch
@@ -163,3 +164,16 @@ def test_the_demo_writes_its_report_and_figures(tmp_path, monkeypatch, capsys):
     for name in ("montage.png", "pr_curve.png"):
         with Image.open(tmp_path / name) as figure:
             assert figure.format == "PNG"
+
+
+@pytest.mark.parametrize("command", ["search", "eval", "demo"])
+def test_figures_without_matplotlib_are_refused_before_any_work(tmp_path, monkeypatch, capsys, orl_run, command):
+    run, index = orl_run
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib fails, as where it is not installed
+    option, args = {"search": ("--montage", ["search", str(run), *CPU, "--index", str(index), "--montage"]),
+                    "eval": ("--pr-curve", ["eval", str(run), *CPU, "--pr-curve"]),
+                    "demo": ("opqn demo", ["demo", "--epochs", "1", "--out-dir"])}[command]
+    assert main([*args, str(tmp_path / "f")]) == 2
+    captured = capsys.readouterr()
+    assert f"{option} draws with matplotlib, which is not installed: pip install 'opqn-ext[demo]'" in captured.err
+    assert captured.out == "" and not (tmp_path / "f").exists()
