@@ -449,7 +449,8 @@ def _search_montage(args, cfg: TrainConfig, index, prepared, idx: torch.Tensor, 
     for reason in dict.fromkeys(why + result_why):
         print(f"(--montage: {reason})")
     return save_montage(query_images, [row[: len(hits)] for row, hits in zip(result_images, found)], correct,
-                        args.montage, f"top-{min(args.k, MONTAGE_RESULTS)} by {index.code_bits}-bit OPQN codes",
+                        args.montage, (f"items scoring at least {args.min_score}" if args.all else
+                                       f"top-{min(args.k, MONTAGE_RESULTS)}") + f" by {index.code_bits}-bit OPQN codes",
                         captions, query_captions)
 
 
@@ -483,31 +484,43 @@ def cmd_search(args) -> int:
         index = _index_from_code_file(args.codes, model)
     subset = _identity_items(index, args.identities) if args.identities else None
     scanned = index.subset_size(subset)
-    if not 1 <= args.k <= scanned:
+    if args.all and args.min_score is None:
+        raise CliError("--all returns every item scoring at least --min-score: give --min-score")
+    if args.all and args.fast_scan:
+        raise CliError("--all scans every code exactly: --fast-scan does not apply")
+    if not args.all and not 1 <= args.k <= scanned:
         raise CliError(f"-k must be in [1, {scanned}] (the number of codes"
                        f"{' of --identities' if subset is not None else ''}), got {args.k}")
     if args.fast_scan and index.num_words > 16:
         raise CliError(f"--fast-scan scans 4-bit codes (K <= 16); these codes have K={index.num_words}")
     if args.rerank < 1:
         raise CliError(f"--rerank must be >= 1, got {args.rerank}")
-    score_parts, id_parts, ms = [], [], 0.0
+    found_scores, found_ids, ms = [], [], 0.0  # per query: [n] each
     for _, features in _feature_chunks(model, cfg, inputs, idx):
         start = time.perf_counter()
-        found = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank, subset=subset)
+        if args.all:
+            lims, scores, ids = index.range_search(features, args.min_score, subset=subset)
+            counts = lims.diff().tolist()
+            found_scores += scores.split(counts)
+            found_ids += ids.split(counts)
+        else:
+            scores, ids = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank, subset=subset)
+            found_scores += list(scores)
+            found_ids += list(ids)
         ms += (time.perf_counter() - start) * 1e3
-        score_parts.append(found[0])
-        id_parts.append(found[1])
-    scores, ids = torch.cat(score_parts), torch.cat(id_parts)
-    labels = index.labels_of(ids)
-    names, files, why_no_files = _result_names(index, ids)
-    results = []
-    for i, q in enumerate(idx.tolist()):
+    every_id = torch.cat(found_ids) if found_ids else torch.zeros(0, dtype=torch.int64)  # all queries' results
+    labels = index.labels_of(every_id).tolist()
+    names, files, why_no_files = _result_names(index, every_id[None])
+    results, at = [], 0
+    for q, scores, ids in zip(idx.tolist(), found_scores, found_ids):
         query = {"query": query_names[q]} if prepared is None else {"query_item": q,
                                                                     "query_label": int(prepared.labels[q])}
-        found = [{"item": int(h), "label": int(lab), "score": float(s)}
-                 for s, h, lab in zip(scores[i], ids[i], labels[i])]
-        for entry, name, file in zip(found, names[i], files[i]):
-            entry |= ({"identity": name} if name is not None else {}) | ({"file": file} if file is not None else {})
+        found = []
+        for j, (score, item) in enumerate(zip(scores.tolist(), ids.tolist()), start=at):
+            entry = {"item": item, "label": labels[j], "score": score}
+            found.append(entry | ({"identity": names[0][j]} if names[0][j] is not None else {})
+                         | ({"file": files[0][j]} if files[0][j] is not None else {}))
+        at += len(ids)
         if args.min_score is not None:  # open set: a query may match no one
             found = [entry for entry in found if entry["score"] >= args.min_score]
         results.append(query | {"results": found})
@@ -518,7 +531,8 @@ def cmd_search(args) -> int:
         print(f"query {what}: {shown}")
     for why in why_no_files:
         print(f"(database items without their image files: {why})")
-    print(f"{len(idx)} queries x {scanned} codes, top-{args.k} in {ms:.2f} ms")
+    what = f"every item scoring at least {args.min_score}" if args.all else f"top-{args.k}"
+    print(f"{len(idx)} queries x {scanned} codes, {what} in {ms:.2f} ms")
     _write_json(args.json, results)
     if args.montage:
         print(f"wrote {_search_montage(args, cfg, index, prepared, idx, query_names, results)}")
@@ -791,6 +805,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-score", dest="min_score", type=float, help="only results scoring at least this (of the top "
                    "k): a query of someone the index does not hold may get none (scores are sums over the M books "
                    "of probabilities, in [0, M] for an orthonormal codebook)")
+    p.add_argument("--all", action="store_true", help="with --min-score: every item scoring at least it, however "
+                   "many (a range search), instead of the top k")
     p.add_argument("--part", choices=("database", "query", "all"), help="which items of the data set are queries "
                    "(default: query)")
     p.add_argument("--query", nargs="+", metavar="PATH", help="query images, or folders of them (any layout, no "

@@ -248,6 +248,30 @@ def test_search_with_a_minimum_score_may_match_no_one(tmp_path, capsys, gallery)
     assert json.loads((tmp_path / "m.json").read_text())[0]["results"] == []
 
 
+def test_search_for_every_item_above_a_score(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    probes = [new / "s40" / "00.png", faces / "s07" / "03.png"]
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", *map(str, probes), "-k", "300",
+                 "--json", str(tmp_path / "all.json")]) == 0
+    ranked = [r["results"] for r in json.loads((tmp_path / "all.json").read_text())]  # the whole index, each
+    threshold = sorted(x["score"] for x in ranked[1])[-25]  # 25 or more items for one probe
+    capsys.readouterr()
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", *map(str, probes), "--min-score",
+                 str(threshold), "--all", "--json", str(tmp_path / "range.json")]) == 0
+    assert "2 queries x 300 codes, every item scoring at least" in capsys.readouterr().out
+    got = [r["results"] for r in json.loads((tmp_path / "range.json").read_text())]
+    assert got == [[x for x in row if x["score"] >= threshold] for row in ranked] and len(got[1]) >= 25
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", *map(str, probes), "--min-score",
+                 str(threshold), "--all", "--identities", "s07", "--json", str(tmp_path / "s07.json")]) == 0
+    among = json.loads((tmp_path / "s07.json").read_text())[1]  # the same batch of probes: the same features
+    assert among["results"] == [x for x in got[1] if x["identity"] == "s07"] != []
+    for args, message in ((["--all"], "--all returns every item scoring at least --min-score: give --min-score"),
+                          (["--all", "--min-score", "1", "--fast-scan"], "--all scans every code exactly: "
+                                                                         "--fast-scan does not apply")):
+        assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probes[0]), *args]) == 2
+        assert message in capsys.readouterr().err
+
+
 def test_search_among_some_identities_returns_only_their_items(tmp_path, capsys, gallery):
     run, faces, new, built = gallery
     probe = new / "s40" / "00.png"
