@@ -469,6 +469,8 @@ def cmd_search(args) -> int:
 
     if args.montage:
         _require_matplotlib("--montage")
+        if args.show < 1:
+            raise CliError(f"--montage draws the first --show queries: --show must be >= 1, got {args.show}")
     if args.query:
         model, cfg, query_names, inputs = _files_inputs(args, "--query", "queries")
         prepared, idx = None, torch.arange(len(query_names))

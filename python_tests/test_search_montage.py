@@ -61,6 +61,8 @@ def test_a_montage_of_data_set_queries_shows_the_data_set_images(tmp_path, monke
             assert correct[q][j] == (int(orl.labels[hit["item"]]) == r["query_label"])
             assert captions[q][j] == f"#{j + 1} {hit['score']:.3f}\n{orl.classes[hit['label']]}"
 
+    assert main(["search", str(run), *CPU, "--index", str(index), "--show", "0", "--montage", str(png)]) == 2
+    assert "--montage draws the first --show queries: --show must be >= 1, got 0" in capsys.readouterr().err
     sixth = [r["results"][5]["score"] for r in found]
     threshold = max(sixth)  # a query whose 6th result scores less keeps at most 5: rows of other lengths
     calls.clear()
