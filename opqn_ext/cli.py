@@ -486,6 +486,8 @@ def cmd_search(args) -> int:
         index = _index_from_code_file(args.codes, model)
     subset = _identity_items(index, args.identities) if args.identities else None
     scanned = index.subset_size(subset)
+    if args.min_score is not None and math.isnan(args.min_score):
+        raise CliError("--min-score must be a number, got nan")
     if args.all and args.min_score is None:
         raise CliError("--all returns every item scoring at least --min-score: give --min-score")
     if args.all and args.fast_scan:

@@ -351,6 +351,8 @@ class OPQNIndex:
         top-k is all above get top-k scans of ``RANGE_GROWTH`` times larger k, up to ``RANGE_MAX_K``;
         for those still full, every score is computed, for blocks of queries x items of
         ``batch_bytes`` at a time."""
+        if math.isnan(min_score):
+            raise ValueError("min_score must be a number, got nan")
         luts = self.query_lut(queries)  # [nq, M, K]
         codes, item_ids = self._scanned(subset)
         nq, n = luts.shape[0], len(item_ids)

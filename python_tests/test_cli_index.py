@@ -267,7 +267,8 @@ def test_search_for_every_item_above_a_score(tmp_path, capsys, gallery):
     assert among["results"] == [x for x in got[1] if x["identity"] == "s07"] != []
     for args, message in ((["--all"], "--all returns every item scoring at least --min-score: give --min-score"),
                           (["--all", "--min-score", "1", "--fast-scan"], "--all scans every code exactly: "
-                                                                         "--fast-scan does not apply")):
+                                                                         "--fast-scan does not apply"),
+                          (["--min-score", "nan"], "--min-score must be a number, got nan")):
         assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probes[0]), *args]) == 2
         assert message in capsys.readouterr().err
 

@@ -407,6 +407,8 @@ def test_range_search_returns_every_item_above_the_threshold_in_order(device, ba
     assert none[0].tolist() == [0] * 8 and len(none[1]) == len(none[2]) == 0
     empty = OPQNIndex.from_head(make_index()[1]).range_search(queries, 0.0)
     assert empty[0].tolist() == [0] * 8 and len(empty[1]) == len(empty[2]) == 0
+    with pytest.raises(ValueError, match="min_score must be a number, got nan"):
+        index.range_search(queries, float("nan"))
 
 
 def test_range_search_scans_once_when_queries_have_few_results(monkeypatch):
