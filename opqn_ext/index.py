@@ -583,6 +583,17 @@ class ShardedIndex:
         _, found = self.shard._find(ids)
         return found & (torch.remainder(ids, self.world) == self.rank)
 
+    def contains(self, ids) -> torch.Tensor:
+        """Whether each of ``ids`` (any shape) is the id of an item of some rank (the same on every rank)."""
+        ids = _integer_ids(ids)
+        held = self._owned(ids.reshape(-1)).long()
+        return (all_reduce_sum(held, self.group) > 0).reshape(ids.shape)
+
+    def restricted(self, ids) -> "ShardedIndex":
+        """The sharded index of the items whose ids are in ``ids``: each rank restricts its shard
+        (``OPQNIndex.restricted``)."""
+        return ShardedIndex(self.shard.restricted(ids), self.group)
+
     def labels_of(self, ids) -> torch.Tensor:
         """Labels of items given by id (any shape), from the rank holding each; -1 for ids no rank holds."""
         ids = _integer_ids(ids)

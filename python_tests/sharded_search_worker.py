@@ -25,6 +25,8 @@ results["range"] = index.range_search(q, 0.8)
 among = torch.arange(0, 12000, 7)  # some ids of each shard, and ids of none
 results["subset"] = index.search(q, 40, subset=among)
 results["range_subset"] = index.range_search(q, 0.8, subset=among)
+results["restricted"] = index.restricted(among).search(q, 40)
+results["contains"] = index.contains(torch.tensor([[0, 1], [11997, 12000]]))
 asked = torch.tensor([[3, 4], [12000, 6]])  # 4 and 12000 are no item's id
 results["labels"] = index.labels_of(asked)
 results["vectors"] = index.reconstruct(ids[:50])

@@ -48,6 +48,8 @@ def test_sharded_search_equals_one_index(tmp_path):
     subset = single.search(q, 40, subset=among)
     assert torch.equal(got["subset"][0], subset[0]) and torch.equal(got["subset"][1], subset[1])
     assert all(torch.equal(a, b) for a, b in zip(got["range_subset"], single.range_search(q, 0.8, subset=among)))
+    assert torch.equal(got["restricted"][0], subset[0]) and torch.equal(got["restricted"][1], subset[1])
+    assert got["contains"].tolist() == [[True, False], [True, False]]
     assert got["labels"].tolist() == [[3 % 5, -1], [-1, 6 % 5]]
     assert torch.equal(got["vectors"], single.reconstruct(ids[:50]))
     assert got["reconstruct_missing"] == "ids not in the index: [4]"
