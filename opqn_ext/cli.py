@@ -484,8 +484,9 @@ def cmd_search(args) -> int:
         _check_same_model(index, model, args.index)
     else:
         index = _index_from_code_file(args.codes, model)
-    subset = _identity_items(index, args.identities) if args.identities else None
-    scanned = index.subset_size(subset)
+    if args.identities:  # the index of their items, made once for every chunk of queries
+        index = index.restricted(_identity_items(index, args.identities))
+    scanned = len(index)
     if args.min_score is not None and math.isnan(args.min_score):
         raise CliError("--min-score must be a number, got nan")
     if args.all and args.min_score is None:
@@ -494,7 +495,7 @@ def cmd_search(args) -> int:
         raise CliError("--all scans every code exactly: --fast-scan does not apply")
     if not args.all and not 1 <= args.k <= scanned:
         raise CliError(f"-k must be in [1, {scanned}] (the number of codes"
-                       f"{' of --identities' if subset is not None else ''}), got {args.k}")
+                       f"{' of --identities' if args.identities else ''}), got {args.k}")
     if args.fast_scan and index.num_words > 16:
         raise CliError(f"--fast-scan scans 4-bit codes (K <= 16); these codes have K={index.num_words}")
     if args.rerank < 1:
@@ -503,12 +504,12 @@ def cmd_search(args) -> int:
     for _, features in _feature_chunks(model, cfg, inputs, idx):
         start = time.perf_counter()
         if args.all:
-            lims, scores, ids = index.range_search(features, args.min_score, subset=subset)
+            lims, scores, ids = index.range_search(features, args.min_score)
             counts = lims.diff().tolist()
             found_scores += scores.split(counts)
             found_ids += ids.split(counts)
         else:
-            scores, ids = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank, subset=subset)
+            scores, ids = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank)
             found_scores += list(scores)
             found_ids += list(ids)
         ms += (time.perf_counter() - start) * 1e3

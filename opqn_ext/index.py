@@ -331,12 +331,9 @@ class OPQNIndex:
         pos, found = self._find(wanted)
         return pos[found]  # increasing, as the ids are: the scan's tie order stays the id order
 
-    def _scanned(self, subset) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes ``[n, M]``, ids ``[n]``) of the items a search scans: all, or those of ``subset``."""
-        if subset is None:
-            return self.codes, self.ids
-        pos = self._positions(subset)
-        return self.codes[pos.to(self.device)], self.ids[pos]
+    def _scanned(self, subset) -> "OPQNIndex":
+        """The index a search scans: this one, or that of the items of ``subset``."""
+        return self if subset is None else self.restricted(subset)
 
     @torch.no_grad()
     def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20, subset=None):
@@ -354,7 +351,8 @@ class OPQNIndex:
         if math.isnan(min_score):
             raise ValueError("min_score must be a number, got nan")
         luts = self.query_lut(queries)  # [nq, M, K]
-        codes, item_ids = self._scanned(subset)
+        scanned = self._scanned(subset)
+        codes, item_ids = scanned.codes, scanned.ids
         nq, n = luts.shape[0], len(item_ids)
         found_q, found_pos, found_scores = [], [], []
         pending, k = torch.arange(nq), min(n, RANGE_FIRST_K)
@@ -403,22 +401,21 @@ class OPQNIndex:
     @torch.no_grad()  # queries straight from a model in training mode would keep every batch's graph
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2,
                 subset=None):
-        codes, item_ids = self._scanned(subset)
-        if not 1 <= k <= len(item_ids):
-            scanned = "len(index)" if subset is None else "the items of subset"
-            raise ValueError(f"k must be in [1, {scanned} = {len(item_ids)}], got {k}")
+        scanned = self._scanned(subset)
+        if not 1 <= k <= len(scanned):
+            what = "len(index)" if subset is None else "the items of subset"
+            raise ValueError(f"k must be in [1, {what} = {len(scanned)}], got {k}")
         if fast_scan and self.num_words > 16:
             raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.num_words}")
-        packed = (self._packed() if subset is None else pack_codes4(codes)) if fast_scan else None
         scores, ids = [], []
         for q0 in range(0, nq, batch_size):
             luts = lut_batch(q0, min(nq, q0 + batch_size))
-            if packed is not None:
-                s, pos = adc_topk4(luts, packed, k, rerank)
+            if fast_scan:
+                s, pos = adc_topk4(luts, scanned._packed(), k, rerank)
             else:
-                s, pos = adc_topk(luts, codes, k)
+                s, pos = adc_topk(luts, scanned.codes, k)
             scores.append(s.cpu())
-            ids.append(item_ids[pos.cpu()])
+            ids.append(scanned.ids[pos.cpu()])
         if not scores:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
         return torch.cat(scores), torch.cat(ids)
@@ -625,7 +622,8 @@ class ShardedIndex:
         return self._search(luts, len(luts), k, batch_size, fast_scan, rerank, subset)
 
     def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int, subset):
-        local = self.shard.subset_size(subset)
+        shard = self.shard._scanned(subset)  # the subset's ids looked up once
+        local = len(shard)
         total = int(all_reduce_sum(torch.tensor([local], dtype=torch.int64), self.group))
         if not 1 <= k <= total:
             scanned = "len(index)" if subset is None else "the items of subset"
@@ -636,7 +634,7 @@ class ShardedIndex:
         scores = torch.full((nq, k), float("-inf"))
         ids = torch.full((nq, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
         if local_k and nq:
-            s, i = self.shard.search_luts(luts, local_k, batch_size, fast_scan, rerank, subset)
+            s, i = shard.search_luts(luts, local_k, batch_size, fast_scan, rerank)
             scores[:, :local_k], ids[:, :local_k] = s, i
         return all_gather_topk(scores, ids, k, self.group)
 
