@@ -16,9 +16,11 @@ them, so an index larger than memory can be searched; checksums are verified on 
 """
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
+import re
 import zlib
 from pathlib import Path
 
@@ -316,10 +318,44 @@ class OPQNIndex:
         """A new index of the items whose ids are in ``ids`` (others ignored), with this one's model
         and settings: for many searches among one large subset, whose ids ``search(subset=...)``
         would sort and look up every time (about 0.1 s per 1M ids at 10M items, RESULTS.md)."""
-        pos = self._positions(ids)
+        return self._taking(self._positions(ids))
+
+    def _taking(self, pos: torch.Tensor) -> "OPQNIndex":
+        """A new index of the items at the increasing positions ``pos``, with this one's model and settings."""
         part = OPQNIndex(self.assign_weight, self.codebook, self.query_scale, self.settings, self.orthonormal)
         part.codes, part.ids, part.labels = self.codes[pos.to(self.device)], self.ids[pos], self.labels[pos]
         return part
+
+    def model_mismatch(self, other: "OPQNIndex") -> str:
+        """Why the codes of ``other`` do not compare with this index's queries ('' when they do): its
+        shapes, assignment weights, codebook, query scale or table kind differ."""
+        if (other.num_books, other.dim, other.num_words) != (self.num_books, self.dim, self.num_words):
+            return (f"its codes are M={other.num_books} books of K={other.num_words} words (d={other.dim}), "
+                    f"not M={self.num_books}, K={self.num_words} (d={self.dim})")
+        for what, mine, theirs in (("assignment weights", self.assign_weight, other.assign_weight),
+                                   ("codebook", self.codebook, other.codebook)):
+            if not torch.equal(mine.cpu(), theirs.cpu()):
+                return f"its {what} differ (another model made its codes)"
+        if other.query_scale != self.query_scale or other.orthonormal != self.orthonormal:
+            return "its query tables differ (query scale or codebook kind)"
+        return ""
+
+    def merge_from(self, other: "OPQNIndex", id_offset: int = 0) -> torch.Tensor:
+        """Add every item of ``other`` (an index of the same model: same assignment weights,
+        codebook and query scale) under its id plus ``id_offset``, with its label; ``other`` is
+        left as it is and the settings are this index's. Returns the ids added (increasing). An
+        id this index holds already, or another model's index, raises ValueError. FAISS's
+        ``merge_from``: indexes built apart (parts of a gallery, the shards of a
+        :class:`ShardedIndex`) become one."""
+        why = self.model_mismatch(other)
+        if why:
+            raise ValueError(f"other cannot be merged: {why}")
+        ids = other.ids + int(id_offset)
+        clash = self._find(ids)[1] if len(self) else torch.zeros(0, dtype=torch.bool)
+        if bool(clash.any()):
+            raise ValueError(f"other holds ids this index holds already: {ids[clash][:10].tolist()}"
+                             + (f" and {int(clash.sum()) - 10} more" if int(clash.sum()) > 10 else ""))
+        return self.add_codes(other.codes.to(self.device), ids, other.labels)
 
     def subset_size(self, subset) -> int:
         """How many items a search restricted to the ids ``subset`` scans (None: every item)."""
@@ -656,11 +692,57 @@ class ShardedIndex:
         return self.shard.save(self.shard_path(path))
 
     @classmethod
+    def from_index(cls, index: OPQNIndex, group=None) -> "ShardedIndex":
+        """The sharded index of the items of ``index`` (every rank passes an index holding them
+        all, e.g. loaded from one file): each rank keeps the items it owns."""
+        return cls(_owned_part(index, dist.get_rank(group), dist.get_world_size(group)), group)
+
+    @classmethod
     def load(cls, path: str | Path, group=None, mmap: bool = True, verify: bool = True) -> "ShardedIndex":
-        """Each rank reads the shard it saved (the world size must be the one it was saved with)."""
+        """Read a sharded index as each rank needs it: the shard this rank saved
+        (``<path>.shardRRRRR-of-WWWWW`` of this world size), or else, from shards saved by another
+        number of ranks or from one index file at ``path`` (e.g. ``opqn index build``'s), the items
+        this rank owns (every file is read; those items are copied out of the mappings)."""
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         path = Path(path)
         shard_file = path.with_name(f"{path.name}.shard{rank:05d}-of-{world:05d}")
-        if not shard_file.exists():
-            raise IndexFileError(f"{shard_file}: shard file does not exist (saved with another world size?)")
-        return cls(OPQNIndex.load(shard_file, mmap=mmap, verify=verify), group)
+        if shard_file.exists():
+            return cls(OPQNIndex.load(shard_file, mmap=mmap, verify=verify), group)
+        files = shard_files(path)
+        if not files:
+            if not path.exists():
+                raise IndexFileError(f"{path}: neither an index file nor the shard files of {world} or any other "
+                                     f"number of ranks exist")
+            files = [path]
+        parts = [_owned_part(OPQNIndex.load(file, mmap=True, verify=verify), rank, world) for file in files]
+        for part in parts[1:]:
+            parts[0].merge_from(part)
+        return cls(parts[0], group)
+
+
+def _owned_part(index: OPQNIndex, rank: int, world: int) -> OPQNIndex:
+    """The index of the items of ``index`` that rank ``rank`` of ``world`` owns (id = rank mod world)."""
+    return index._taking(torch.nonzero(torch.remainder(index.ids, world) == rank).reshape(-1))
+
+
+def shard_files(path: str | Path) -> list[Path]:
+    """The shard files of a :class:`ShardedIndex` saved at ``path`` (in rank order), of the one
+    number of ranks they were saved by; [] when there are none. A set with a file missing, or
+    shards of two numbers of ranks, raise IndexFileError."""
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.shard(\d{5})-of-(\d{5})")
+    found: dict[int, dict[int, Path]] = {}
+    for file in path.parent.glob(glob.escape(path.name) + ".shard*-of-*"):
+        match = pattern.fullmatch(file.name)
+        if match:
+            found.setdefault(int(match[2]), {})[int(match[1])] = file
+    if len(found) > 1:
+        raise IndexFileError(f"{path}: shard files of {' and of '.join(map(str, sorted(found)))} ranks; "
+                             f"remove the set that is out of date")
+    if not found:
+        return []
+    (world, ranks), = found.items()
+    missing = sorted(set(range(world)) - set(ranks))
+    if missing:
+        raise IndexFileError(f"{path}: shard files of ranks {missing[:10]} of {world} are missing")
+    return [ranks[r] for r in range(world)]

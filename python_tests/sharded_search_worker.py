@@ -1,14 +1,15 @@
 """Run by test_distributed.py under torchrun (2 gloo processes): builds a ShardedIndex from the
 same data on every rank, searches (exact and 4-bit scans, top-k and range), looks up labels and
 vectors by id, saves and reloads the shards, removes ids, and rank 0 writes every result to the
-file named by argv[1]; every rank checks that it got what rank 0 got."""
+file named by argv[1]; every rank checks that it got what rank 0 got. It also loads, as shards,
+one index file holding every item (argv[3]) and the shards of 3 ranks (argv[4])."""
 import sys
 
 import torch
 import torch.distributed as dist
 
 from opqn_ext.distributed import destroy_process_group
-from opqn_ext.index import OPQNIndex, ShardedIndex
+from opqn_ext.index import IndexFileError, OPQNIndex, ShardedIndex
 from opqn_ext.nn import OrthoPQHead
 
 from test_index import D, K, M, features
@@ -40,6 +41,17 @@ loaded = ShardedIndex.load(sys.argv[2], mmap=True)
 results["loaded"] = loaded.search(q, 40)
 all_sizes = [None, None]
 dist.all_gather_object(all_sizes, len(loaded.shard))
+results["owned"] = bool((loaded.shard.ids % 2 == dist.get_rank()).all())
+for name, path in (("from_one_file", sys.argv[3]), ("from_three_shards", sys.argv[4])):
+    other = ShardedIndex.load(path)
+    results[name] = other.search(q, 40)
+    assert torch.equal(other.shard.ids, loaded.shard.ids) and torch.equal(other.shard.codes, loaded.shard.codes)
+    assert torch.equal(other.shard.labels, loaded.shard.labels) and other.shard.settings == loaded.shard.settings
+try:
+    ShardedIndex.load(sys.argv[4] + ".none")
+except IndexFileError as e:
+    results["load_missing"] = str(e)
+results["from_index"] = ShardedIndex.from_index(OPQNIndex.load(sys.argv[3])).search(q, 40)
 results["removed"] = loaded.remove(torch.arange(0, 12000, 9))
 results["after_remove"] = loaded.search(q, 40)
 same = [None, None]

@@ -27,16 +27,25 @@ def torchrun(args, tmp_path, timeout=300):
 
 
 def test_sharded_search_equals_one_index(tmp_path):
-    torchrun([str(HERE / "sharded_search_worker.py"), str(tmp_path / "out.pt"), str(tmp_path / "db.opqn")], tmp_path)
-    got = torch.load(tmp_path / "out.pt", weights_only=False)
     head = OrthoPQHead(D, 5, M, K, seed=0)
     single = OPQNIndex.from_head(head)
     ids = torch.randperm(4000, generator=torch.Generator().manual_seed(0)) * 3
     single.add(features(4000, 1), ids=ids, labels=ids % 5)
+    single.save(tmp_path / "one.opqn")
+    for rank in range(3):  # the shards 3 ranks would have saved
+        shard = OPQNIndex.from_head(head)
+        shard.merge_from(single.restricted(single.ids[single.ids % 3 == rank]))
+        shard.save(tmp_path / f"three.opqn.shard{rank:05d}-of-00003")
+    torchrun([str(HERE / "sharded_search_worker.py"), str(tmp_path / "out.pt"), str(tmp_path / "db.opqn"),
+              str(tmp_path / "one.opqn"), str(tmp_path / "three.opqn")], tmp_path)
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
     q = features(30, 2)
     want = single.search(q, 40)
     assert got["size"] == 4000 and sum(got["shard_sizes"]) == 4000 and 1500 < got["shard_size"] < 2500
-    for key in ("first", "loaded"):
+    assert got["owned"]
+    assert got["load_missing"] == (f"{tmp_path / 'three.opqn.none'}: neither an index file nor the shard files of 2 "
+                                   f"or any other number of ranks exist")
+    for key in ("first", "loaded", "from_one_file", "from_three_shards", "from_index"):
         assert torch.equal(got[key][0], want[0]) and torch.equal(got[key][1], want[1]), key
     fast = single.search(q, 40, fast_scan=True, rerank=4)
     assert torch.equal(got["fast_scan"][0], fast[0]) and torch.equal(got["fast_scan"][1], fast[1])

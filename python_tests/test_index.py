@@ -514,3 +514,77 @@ def test_reconstruct_gives_the_codewords_that_adc_scores_items_with(device):
     torch.testing.assert_close(soft @ vectors.T, want, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match=r"ids not in the index: \[1, 2\]"):
         index.reconstruct([0, 1, 2])
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_indexes_built_apart_merge_into_what_one_index_holding_every_item_is(tmp_path, device, mmap):
+    db, q = features(3000, 1), features(20, 2)
+    ids = torch.randperm(3000, generator=torch.Generator().manual_seed(3)) * 2
+    labels = ids % 7
+    whole, _ = make_index()
+    whole.add(db, ids=ids, labels=labels)
+    parts = []
+    for rows in (slice(0, 1000), slice(1000, 2200), slice(2200, 3000)):  # interleaved ids: sorted in
+        part, _ = make_index()
+        part.add(db[rows], ids=ids[rows], labels=labels[rows])
+        part.save(tmp_path / f"part{len(parts)}.opqn")
+        parts.append(OPQNIndex.load(tmp_path / f"part{len(parts)}.opqn", mmap=mmap))
+    merged = parts[0].to(device)
+    before = [(p.codes.clone(), p.ids.clone()) for p in parts[1:]]
+    for part in parts[1:]:
+        added = merged.merge_from(part)
+        assert torch.equal(added, part.ids)
+    for part, (codes, part_ids) in zip(parts[1:], before):  # the others are left as they were
+        assert torch.equal(part.codes, codes) and torch.equal(part.ids, part_ids)
+    assert torch.equal(merged.ids, whole.ids) and torch.equal(merged.labels, whole.labels)
+    assert torch.equal(merged.codes.cpu(), whole.codes)
+    for kwargs in (dict(), dict(fast_scan=True, rerank=4)):
+        got, want = merged.search(q, 30, **kwargs), whole.search(q, 30, **kwargs)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert merged.settings == {"note": "test"}
+
+
+def test_merge_from_shifts_ids_and_refuses_clashes_and_other_models():
+    a, _ = make_index()
+    a.add(features(10, 1))
+    b, _ = make_index()
+    b.add(features(5, 2), labels=[0, 1, 2, 3, 4])
+    with pytest.raises(ValueError, match=r"other holds ids this index holds already: \[0, 1, 2, 3, 4\]"):
+        a.merge_from(b)
+    assert len(a) == 10  # nothing added
+    assert a.merge_from(b, id_offset=100).tolist() == [100, 101, 102, 103, 104]
+    assert a.labels_of([104, 3]).tolist() == [4, -1]
+    assert torch.equal(a.codes[10:], b.codes)
+    many, _ = make_index()
+    many.add(features(200, 3))  # 0-199: clashes with 0-9 and 100-104
+    with pytest.raises(ValueError, match=r"already: \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] and 5 more$"):
+        a.merge_from(many)
+    other, _ = make_index(seed=1)
+    with pytest.raises(ValueError, match="other cannot be merged: its assignment weights differ"):
+        a.merge_from(other)
+    head = OrthoPQHead(D, 5, M, K, seed=0)
+    rescaled = OPQNIndex(head.assign_weight, head.codebook, 3.0)
+    with pytest.raises(ValueError, match="its query tables differ"):
+        a.merge_from(rescaled)
+    smaller = OPQNIndex.from_head(OrthoPQHead(D, 5, M, 8, seed=0))
+    with pytest.raises(ValueError, match=r"M=4 books of K=8 words \(d=16\), not M=4, K=16"):
+        a.merge_from(smaller)
+    assert len(a) == 15
+
+
+def test_shard_files_are_found_in_rank_order_and_incomplete_or_mixed_sets_refused(tmp_path):
+    index, _ = make_index()
+    path = tmp_path / "db[1].opqn"  # glob characters in the name are taken literally
+    assert index_module.shard_files(path) == []
+    for rank in (2, 0, 1):
+        index.save(tmp_path / f"db[1].opqn.shard{rank:05d}-of-00003")
+    index.save(tmp_path / "db[1].opqn.shard00000-of-00003.tmp")  # not a shard file
+    index.save(tmp_path / "db1.opqn.shard00000-of-00002")  # another index's
+    assert [p.name for p in index_module.shard_files(path)] == [f"db[1].opqn.shard{r:05d}-of-00003" for r in range(3)]
+    (tmp_path / "db[1].opqn.shard00001-of-00003").unlink()
+    with pytest.raises(IndexFileError, match=r"shard files of ranks \[1\] of 3 are missing"):
+        index_module.shard_files(path)
+    index.save(tmp_path / "db[1].opqn.shard00001-of-00003")
+    index.save(tmp_path / "db[1].opqn.shard00000-of-00002")
+    with pytest.raises(IndexFileError, match="shard files of 2 and of 3 ranks; remove the set that is out of date"):
+        index_module.shard_files(path)
