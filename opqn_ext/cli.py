@@ -8,6 +8,7 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -633,6 +634,79 @@ def cmd_index_add(args) -> int:
     return 0
 
 
+def _merged_labels(merged, part, path) -> torch.Tensor:
+    """The labels of ``part``'s items in ``merged``, whose identity names (``classes``) it extends:
+    an identity both know keeps ``merged``'s label. Indexes that name no identities keep their
+    label numbers; one that names them and one that does not cannot be matched."""
+    from .item_sources import merged_classes
+
+    mine, theirs = merged.settings.get("classes"), part.settings.get("classes")
+    if mine is None and theirs is None:
+        return part.labels
+    if mine is None or theirs is None:
+        raise CliError(f"{path}: one index names its identities and the other does not, so their labels cannot "
+                       f"be matched")
+    if bool((part.labels >= len(theirs)).any()):
+        raise CliError(f"{path}: labels {int(part.labels.max())} and above have no identity name")
+    merged.settings["classes"], to_merged = merged_classes(mine, theirs)
+    return to_merged(part.labels)
+
+
+def _merged_sources(merged, part, path, shift: int) -> None:
+    """Adds ``part``'s item sources to ``merged``'s, their ids moved by ``shift``; a source ``merged``
+    has already (shards of one index, builds of one data set's parts) is kept once. Sources whose
+    ids overlap would name each other's items: refused."""
+    from .item_sources import source_end
+
+    sources = merged.settings.setdefault("sources", [])
+    for source in part.settings.get("sources", []):
+        source = source | {"first_id": source["first_id"] + shift}
+        if source in sources:
+            continue
+        for other in sources:
+            if source["first_id"] < source_end(other) and other["first_id"] < source_end(source):
+                raise CliError(f"{path}: its items of ids {source['first_id']}-{source_end(source) - 1} come from "
+                               f"another source than those of ids {other['first_id']}-{source_end(other) - 1} before "
+                               f"it; --renumber gives each index's items ids after those before it")
+        sources.append(source)
+
+
+def cmd_index_merge(args) -> int:
+    from .index import OPQNIndex
+    from .item_sources import next_free_id
+
+    with _changing_index(args.output):
+        parts = [(path, _load_index(path, verify=args.verify)) for path in args.indexes]
+        first = parts[0][1]
+        merged = OPQNIndex(first.assign_weight, first.codebook, first.query_scale, copy.deepcopy(first.settings),
+                           first.orthonormal)
+        merged.merge_from(first)
+        for path, part in parts[1:]:
+            why = merged.model_mismatch(part)
+            if why:
+                raise CliError(f"{path} cannot be merged with {args.indexes[0]}: {why}")
+            starts = [int(part.ids[0])] if len(part) else []
+            starts += [source["first_id"] for source in part.settings.get("sources", [])]
+            shift = next_free_id(merged.ids, merged.settings) - min(starts) if args.renumber and starts else 0
+            clash = merged.contains(part.ids + shift)
+            if bool(clash.any()):
+                raise CliError(f"{path} holds ids that the indexes before it hold too "
+                               f"({', '.join(map(str, part.ids[clash][:5].tolist()))}"
+                               f"{', ...' if int(clash.sum()) > 5 else ''}); --renumber gives each index's items "
+                               f"ids after those before it")
+            labels = _merged_labels(merged, part, path)
+            _merged_sources(merged, part, path, shift)
+            merged.add_codes(part.codes, part.ids + shift, labels)
+            if shift and len(part):
+                print(f"{path}: {_id_span(int(part.ids[0]), int(part.ids[-1]) + 1)} -> "
+                      f"{_id_span(int(part.ids[0]) + shift, int(part.ids[-1]) + 1 + shift)}")
+        merged.save(args.output)
+    identities = len(torch.unique(merged.labels[merged.labels >= 0]))
+    print(f"merged {_count(len(parts), 'index', 'indexes')} -> {args.output}: {_count(len(merged), 'item')}, "
+          f"{_count(identities, 'identity', 'identities')}")
+    return 0
+
+
 def cmd_index_remove(args) -> int:
     if not args.ids and not args.identity:
         raise CliError("name the items to remove: --ids or --identity")
@@ -828,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     index = sub.add_parser("index", help="build, grow, shrink and describe OPQN index files",
                            description="Build, grow, shrink and describe OPQN index files.")
-    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build,add,remove,info}")
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build,add,merge,remove,info}")
     p = _checkpoint_parser(index_sub, "build", "encode a data set with a trained model into an OPQN index file")
     p.add_argument("--part", choices=("database", "query", "all"), default="database", help="which items to index")
     p.add_argument("--output", "-o", required=True, help="the index file to write")
@@ -841,6 +915,20 @@ def build_parser() -> argparse.ArgumentParser:
                    "a model on features, feature files (a row per item); instead of a data set")
     p.add_argument("--identity", help="--files: the identity they show (new, or one the index knows); default: none")
     p.set_defaults(func=cmd_index_add)
+
+    p = index_sub.add_parser("merge", help="merge index files of one model into one",
+                             description="Merge index files made with one model (parts of a gallery built apart, "
+                             "the shard files of a sharded index) into one index file. Items keep their ids, "
+                             "identities are matched by name, and the items' sources (files, folders, data sets) "
+                             "are kept, so that searches of the merged index name and show them.")
+    p.add_argument("indexes", nargs="+", metavar="INDEX", help="the index files, in order")
+    p.add_argument("--output", "-o", required=True, help="the index file to write (may be one of the inputs)")
+    p.add_argument("--renumber", action="store_true", help="give the items of each index after the first new ids, "
+                   "following those before it (as `index add` does), instead of keeping theirs: for indexes whose "
+                   "ids clash, such as two `index build` runs")
+    p.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                   help="check every array's checksum while reading")
+    p.set_defaults(func=cmd_index_merge)
 
     p = index_sub.add_parser("remove", help="remove items from an index, by id or identity",
                              description="Remove items from an index file, by id or identity.")

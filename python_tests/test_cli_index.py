@@ -316,3 +316,68 @@ def test_adding_the_same_items_twice_is_refused_until_they_are_removed(tmp_path,
     assert main(again) == 2 and "is in the index already (items of ids 0-19)" in capsys.readouterr().err
     (mine / "s02" / "10.png").write_bytes((mine / "s02" / "00.png").read_bytes())  # another set of images now
     assert main(again) == 0 and len(OPQNIndex.load(tmp_path / "mine.opqn")) == 41
+
+
+def test_indexes_built_apart_merge_into_the_index_that_adding_to_one_makes(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    part, added = tmp_path / "new.opqn", tmp_path / "added.opqn"
+    carol = ["--files", str(new / "s31" / "00.png"), "--identity", "carol"]
+    assert main(["index", "build", str(run), *CPU, "--data-path", str(new), "--part", "all", "-o", str(part)]) == 0
+    assert main(["index", "add", str(run), *CPU, "--index", str(part), *carol]) == 0
+    shutil.copy(built, added)  # the same items added to the gallery one after the other
+    assert main(["index", "add", str(run), *CPU, "--index", str(added), "--data-path", str(new)]) == 0
+    assert main(["index", "add", str(run), *CPU, "--index", str(added), *carol]) == 0
+    capsys.readouterr()
+
+    merged = tmp_path / "merged.opqn"
+    assert main(["index", "merge", str(built), str(part), "-o", str(merged)]) == 2
+    assert (f"{part} holds ids that the indexes before it hold too (0, 1, 2, 3, 4, ...); --renumber gives each "
+            f"index's items ids after those before it") in capsys.readouterr().err
+    assert main(["index", "merge", str(built), str(part), "-o", str(merged), "--renumber"]) == 0
+    out = capsys.readouterr().out
+    assert f"{part}: ids 0-100 -> ids 300-400\nmerged 2 indexes -> {merged}: 401 items, 41 identities" in out
+    got, want = OPQNIndex.load(merged), OPQNIndex.load(added)
+    for name in ("codes", "ids", "labels"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.settings == want.settings  # identities by name, sources with their new ids, the model's settings
+    found = search(run, merged, new / "s33" / "05.png", tmp_path, k=401)
+    assert found[325]["file"] == str(new / "s33" / "05.png") and found[325]["identity"] == "s33"
+    assert found[400]["file"] == str(new / "s31" / "00.png") and found[400]["identity"] == "carol"
+
+    halves = [tmp_path / "database.opqn", tmp_path / "query.opqn"]  # disjoint ids of one folder: kept
+    for half, name in zip(halves, ("database", "query")):
+        assert main(["index", "build", str(run), *CPU, "--part", name, "-o", str(half)]) == 0
+    assert main(["index", "merge", *map(str, halves), "-o", str(merged)]) == 0
+    got, want = OPQNIndex.load(merged), OPQNIndex.load(built)  # built: --part all
+    for name in ("codes", "ids", "labels"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert got.settings == want.settings
+    assert main(["index", "merge", str(merged), str(part), "-o", str(merged), "--renumber"]) == 0  # in place
+    assert len(OPQNIndex.load(merged)) == 401
+
+
+def test_indexes_that_cannot_be_merged_are_refused_with_the_reason(tmp_path, capsys, gallery):
+    run, faces, new, built = gallery
+    part = tmp_path / "new.opqn"
+    assert main(["index", "build", str(run), *CPU, "--data-path", str(new), "--part", "all", "-o", str(part)]) == 0
+    other = OPQNIndex.load(built)
+    other.assign_weight = torch.randn_like(other.assign_weight)
+    other.save(tmp_path / "other.opqn")
+    unnamed = OPQNIndex.load(part)
+    unnamed.settings = {}
+    unnamed.save(tmp_path / "unnamed.opqn")
+    shrunk = OPQNIndex.load(built)
+    shrunk.remove(torch.arange(100))  # ids 100-299 left; the folder's source still names 0-299
+    shrunk.save(tmp_path / "shrunk.opqn")
+    merged = str(tmp_path / "merged.opqn")
+    for inputs, message in (
+            ([built, tmp_path / "other.opqn"], f"{tmp_path / 'other.opqn'} cannot be merged with {built}: its "
+                                               f"assignment weights differ (another model made its codes)"),
+            ([built, tmp_path / "unnamed.opqn", "--renumber"], "one index names its identities and the other does "
+                                                               "not, so their labels cannot be matched"),
+            ([tmp_path / "shrunk.opqn", part], f"{part}: its items of ids 0-99 come from another source than those "
+                                               f"of ids 0-299 before it; --renumber gives each index's items ids"),
+            ([built, tmp_path / "none.opqn"], f"index {tmp_path / 'none.opqn'} does not exist")):
+        assert main(["index", "merge", *map(str, inputs), "-o", merged]) == 2
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(merged)
