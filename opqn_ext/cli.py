@@ -579,9 +579,13 @@ def _id_span(start: int, end: int) -> str:
 
 
 def _load_index(path, **kwargs):
-    from .index import OPQNIndex
+    from .index import OPQNIndex, shard_files
 
     if not Path(path).exists():
+        shards = shard_files(path)
+        if shards:
+            raise CliError(f"index {path} does not exist, but the shard files of {len(shards)} ranks do: make one "
+                           f"index of them with `opqn index merge {path}.shard*-of-{len(shards):05d} -o {path}`")
         raise CliError(f"index {path} does not exist (build one with `opqn index build`)")
     return OPQNIndex.load(path, **kwargs)
 

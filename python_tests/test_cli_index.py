@@ -355,6 +355,16 @@ def test_indexes_built_apart_merge_into_the_index_that_adding_to_one_makes(tmp_p
     assert main(["index", "merge", str(merged), str(part), "-o", str(merged), "--renumber"]) == 0  # in place
     assert len(OPQNIndex.load(merged)) == 401
 
+    sharded = tmp_path / "sharded.opqn"  # what ShardedIndex.save on 2 ranks writes: shard files only
+    for rank, half in enumerate(halves):
+        shutil.copy(half, f"{sharded}.shard{rank:05d}-of-00002")
+    assert main(["index", "info", str(sharded)]) == 2
+    assert (f"index {sharded} does not exist, but the shard files of 2 ranks do: make one index of them with "
+            f"`opqn index merge {sharded}.shard*-of-00002 -o {sharded}`") in capsys.readouterr().err
+    assert main(["index", "merge", *sorted(map(str, tmp_path.glob("sharded.opqn.shard*-of-00002"))),
+                 "-o", str(sharded)]) == 0
+    assert main(["index", "info", str(sharded)]) == 0 and "300 items" in capsys.readouterr().out
+
 
 def test_indexes_that_cannot_be_merged_are_refused_with_the_reason(tmp_path, capsys, gallery):
     run, faces, new, built = gallery
