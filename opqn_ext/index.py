@@ -40,6 +40,7 @@ _CRC_CHUNK = 64 << 20
 # range_search: the k of its first top-k scan, the factor by which k grows for queries whose top-k
 # all scored above the threshold, and the largest k (the CUDA scan's) before it computes every score
 RANGE_FIRST_K, RANGE_GROWTH, RANGE_MAX_K = 64, 16, 1024
+Array = torch.Tensor | np.ndarray  # features, queries, codes and tables: tensors or NumPy arrays
 
 
 class IndexFileError(ValueError):
@@ -77,6 +78,17 @@ def _integer_ids(ids, name: str = "ids") -> torch.Tensor:
     if not _is_integer(ids):
         raise ValueError(f"{name} must be integers, got {ids.dtype}")
     return ids.long()
+
+
+def _array(values, name: str) -> torch.Tensor:
+    """``values`` as a tensor: a tensor as it is; a NumPy array (its memory shared) or a nested
+    sequence converted, as FAISS users pass them; anything else a TypeError naming ``name``."""
+    if isinstance(values, torch.Tensor):
+        return values
+    try:
+        return torch.as_tensor(values)
+    except (TypeError, ValueError, RuntimeError) as err:
+        raise TypeError(f"{name} must be a tensor or an array, got {type(values).__name__} ({err})") from None
 
 
 def _is_orthonormal(codebook: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -174,25 +186,27 @@ class OPQNIndex:
 
     # ---- adding and removing -------------------------------------------------------------
 
-    def encode(self, features: torch.Tensor, batch_size: int = 65536) -> torch.Tensor:
-        """Codes ``[B, M]`` uint8 of features ``[B, M*d]``, in batches."""
+    def encode(self, features: Array, batch_size: int = 65536) -> torch.Tensor:
+        """Codes ``[B, M]`` uint8 of features ``[B, M*d]`` (a tensor or array), in batches."""
+        features = _array(features, "features")
         if features.dim() != 2 or features.shape[1] != self.num_books * self.dim:
             raise ValueError(f"features must be [B, {self.num_books * self.dim}], got {list(features.shape)}")
         parts = [encode(features[i:i + batch_size].to(self.device, torch.float32), self.assign_weight)
                  for i in range(0, features.shape[0], batch_size)]
         return torch.cat(parts) if parts else torch.zeros(0, self.num_books, dtype=torch.uint8, device=self.device)
 
-    def add(self, features: torch.Tensor, ids=None, labels=None, batch_size: int = 65536) -> torch.Tensor:
+    def add(self, features: Array, ids=None, labels=None, batch_size: int = 65536) -> torch.Tensor:
         """Encode and add ``features [B, M*d]``; returns the ids given to them (int64 ``[B]``)."""
         return self.add_codes(self.encode(features, batch_size), ids, labels)
 
-    def add_codes(self, codes: torch.Tensor, ids=None, labels=None) -> torch.Tensor:
+    def add_codes(self, codes: Array, ids=None, labels=None) -> torch.Tensor:
         """Add precomputed codes ``[B, M]`` uint8 (every value < K); ids default to the next free
         ones; duplicate ids (within the call or with the index) are rejected.
 
         Ids above every id in the index (the default) are appended in amortized O(B): the per-item
         arrays keep spare room, grown by half when full. Other ids are looked up in the index
         (O(B log N)) and sorted in (O(N log N))."""
+        codes = _array(codes, "codes")
         if codes.dim() != 2 or codes.shape[1] != self.num_books or codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8 [B, {self.num_books}], got {codes.dtype} {list(codes.shape)}")
         n = codes.shape[0]
@@ -278,10 +292,11 @@ class OPQNIndex:
     # ---- search ----------------------------------------------------------------------------
 
     @torch.no_grad()
-    def query_lut(self, queries: torch.Tensor) -> torch.Tensor:
+    def query_lut(self, queries: Array) -> torch.Tensor:
         """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient): the inner
         products of the soft-quantized queries with the codewords, which an orthonormal codebook
         makes the assignment probabilities."""
+        queries = _array(queries, "queries")
         if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
             raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
         sq = soft_quantize(queries.to(self.device, torch.float32), self.assign_weight, self.codebook,
@@ -290,7 +305,7 @@ class OPQNIndex:
             return sq.probs
         return torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
 
-    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+    def search(self, queries: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                rerank: int = 2, subset=None):
         """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
         scores descending, ties to the smaller id; queries go in batches (bounded memory).
@@ -303,12 +318,14 @@ class OPQNIndex:
         exact scan whenever every true top-k item survives the approximate stage (recall measured in
         tests); on CUDA, an exact scan of the packed codes.
         """
+        queries = _array(queries, "queries")
         return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size,
                             fast_scan, rerank, subset)
 
-    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+    def search_luts(self, luts: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                     rerank: int = 2, subset=None):
         """Top-k of precomputed query tables ``[nq, M, K]``."""
+        luts = _array(luts, "luts")
         if luts.dim() != 3 or luts.shape[1:] != (self.num_books, self.num_words):
             raise ValueError(f"luts must be [nq, {self.num_books}, {self.num_words}], got {list(luts.shape)}")
         return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size,
@@ -372,7 +389,7 @@ class OPQNIndex:
         return self if subset is None else self.restricted(subset)
 
     @torch.no_grad()
-    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20, subset=None):
+    def range_search(self, queries: Array, min_score: float, batch_bytes: int = 64 << 20, subset=None):
         """Every item scoring at least ``min_score`` for each feature query ``[nq, M*d]`` (open-set
         identification: "is this person in the gallery?"), as FAISS returns ranges:
         ``(lims [nq + 1] int64, scores [lims[-1]] float32, ids [lims[-1]] int64)``; query ``q``'s
@@ -597,14 +614,14 @@ class ShardedIndex:
         mine = torch.remainder(ids, self.world) == self.rank
         return mine, ids[mine], None if labels is None else torch.as_tensor(labels)[mine]
 
-    def add(self, features: torch.Tensor, ids, labels=None) -> None:
+    def add(self, features: Array, ids, labels=None) -> None:
         """Add the items of ``features [B, M*d]`` with (required, global) ``ids`` that belong to this rank."""
         mine, ids, labels = self._mine(ids, labels)
-        self.shard.add(features[mine], ids, labels)
+        self.shard.add(_array(features, "features")[mine], ids, labels)
 
-    def add_codes(self, codes: torch.Tensor, ids, labels=None) -> None:
+    def add_codes(self, codes: Array, ids, labels=None) -> None:
         mine, ids, labels = self._mine(ids, labels)
-        self.shard.add_codes(codes[mine], ids, labels)
+        self.shard.add_codes(_array(codes, "codes")[mine], ids, labels)
 
     def remove(self, ids) -> int:
         """Remove ids from whichever shard holds them; returns the global count removed."""
@@ -646,14 +663,14 @@ class ShardedIndex:
         vectors[mine.to(vectors.device)] = self.shard.reconstruct(ids[mine])
         return all_reduce_sum(vectors, self.group)  # exact: every other rank adds zeros
 
-    def search(self, queries: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+    def search(self, queries: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                rerank: int = 2, subset=None):
         """Global top-k ``(scores [nq, k], ids [nq, k])``, the same on every rank; ``fast_scan``,
         ``rerank`` and ``subset`` as in ``OPQNIndex.search``, on each shard."""
         luts = self.shard.query_lut(queries) if len(queries) else None
         return self._search(luts, len(queries), k, batch_size, fast_scan, rerank, subset)
 
-    def search_luts(self, luts: torch.Tensor, k: int, batch_size: int = 4096, fast_scan: bool = False,
+    def search_luts(self, luts: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                     rerank: int = 2, subset=None):
         return self._search(luts, len(luts), k, batch_size, fast_scan, rerank, subset)
 
@@ -674,7 +691,7 @@ class ShardedIndex:
             scores[:, :local_k], ids[:, :local_k] = s, i
         return all_gather_topk(scores, ids, k, self.group)
 
-    def range_search(self, queries: torch.Tensor, min_score: float, batch_bytes: int = 64 << 20, subset=None):
+    def range_search(self, queries: Array, min_score: float, batch_bytes: int = 64 << 20, subset=None):
         """Every item of every shard scoring at least ``min_score`` for each query, as
         ``OPQNIndex.range_search`` returns it (the same order), on every rank."""
         lims, scores, ids = self.shard.range_search(queries, min_score, batch_bytes, subset)

@@ -588,3 +588,32 @@ def test_shard_files_are_found_in_rank_order_and_incomplete_or_mixed_sets_refuse
     index.save(tmp_path / "db[1].opqn.shard00000-of-00002")
     with pytest.raises(IndexFileError, match="shard files of 2 and of 3 ranks; remove the set that is out of date"):
         index_module.shard_files(path)
+
+
+def test_numpy_arrays_are_taken_wherever_tensors_are(device):
+    # FAISS users hold features, codes and tables as NumPy arrays: the same results as tensors
+    import numpy as np
+
+    db, q = features(500, 1), features(6, 2)
+    with_tensors, _ = make_index()
+    with_tensors.to(device)
+    with_tensors.add(db[:300], ids=torch.arange(300) * 2, labels=torch.arange(300) % 3)
+    with_tensors.add_codes(with_tensors.encode(db[300:]).cpu(), ids=torch.arange(300, 500) * 2 + 1)
+    with_arrays, _ = make_index()
+    with_arrays.to(device)
+    with_arrays.add(db[:300].double().numpy(), ids=np.arange(300) * 2, labels=np.arange(300) % 3)
+    with_arrays.add_codes(with_arrays.encode(db[300:].numpy()).cpu().numpy(), ids=np.arange(300, 500) * 2 + 1)
+    assert torch.equal(with_arrays.codes, with_tensors.codes) and torch.equal(with_arrays.ids, with_tensors.ids)
+    assert torch.equal(with_arrays.labels, with_tensors.labels)
+    luts = with_tensors.query_lut(q)
+    assert torch.equal(with_arrays.query_lut(q.numpy()), luts)
+    for got, want in ((with_arrays.search(q.numpy(), 7), with_tensors.search(q, 7)),
+                      (with_arrays.search_luts(luts.cpu().numpy(), 7), with_tensors.search_luts(luts, 7)),
+                      (with_arrays.range_search(q.numpy(), 0.9), with_tensors.range_search(q, 0.9))):
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for call, name in ((lambda: with_arrays.search("queries", 3), "queries"),
+                       (lambda: with_arrays.search_luts(object(), 3), "luts"),
+                       (lambda: with_arrays.add({"a": 1}), "features"),
+                       (lambda: with_arrays.add_codes(object()), "codes")):
+        with pytest.raises(TypeError, match=f"^{name} must be a tensor or an array, got "):
+            call()
