@@ -988,8 +988,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .item_sources import folder_listings
+
     try:
-        return args.func(args)
+        with folder_listings():  # a command scans each image folder it names items of once
+            return args.func(args)
     except (CliError, ValueError, FileNotFoundError, OrlDataError, IndexFileError) as err:
         print(f"opqn: error: {err}", file=sys.stderr)
         return 2

@@ -13,8 +13,9 @@ An index built or grown from data keeps in its settings the identity names of it
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -23,11 +24,39 @@ from .data.decoded_cache import folder_fingerprint
 from .data.folders import scan_image_folder
 
 
+_listings: dict[str, tuple[list[str], str]] | None = None  # root -> (paths, fingerprint) in a folder_listings scope
+
+
+@contextlib.contextmanager
+def folder_listings() -> Iterator[None]:
+    """A scope (one command) in which each folder is scanned and fingerprinted once, however often
+    its items are named, shown or described: about 0.4 s per 100k images each time saved. Folders
+    are taken not to change within it."""
+    global _listings
+    outer = _listings
+    _listings = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _listings = outer
+
+
+def _listing(root: str | Path) -> tuple[list[str], str]:
+    """(the image files of the folder ``root`` in :func:`scan_image_folder` order, their fingerprint)."""
+    key = str(Path(root).resolve())
+    if _listings is not None and key in _listings:
+        return _listings[key]
+    paths, _, _ = scan_image_folder(root)
+    listing = paths, folder_fingerprint(root, paths)
+    if _listings is not None:
+        _listings[key] = listing
+    return listing
+
+
 def folder_source(root: str | Path, first_id: int = 0) -> dict:
     """The source of items ``first_id + i``, the ``i``-th image of the folder ``root``."""
-    paths, _, _ = scan_image_folder(root)
-    return {"root": str(Path(root).resolve()), "count": len(paths), "fingerprint": folder_fingerprint(root, paths),
-            "first_id": first_id}
+    paths, fingerprint = _listing(root)
+    return {"root": str(Path(root).resolve()), "count": len(paths), "fingerprint": fingerprint, "first_id": first_id}
 
 
 def files_source(paths: Sequence[str], first_id: int) -> dict:
@@ -98,10 +127,10 @@ def folder_paths(source: dict) -> tuple[list[str] | None, str]:
     """(the image files of a folder source by position, None if they cannot be named; why not)."""
     root = source["root"]
     try:
-        paths, _, _ = scan_image_folder(root)
+        paths, fingerprint = _listing(root)
     except (OSError, ValueError) as err:
         return None, f"the image folder {root} cannot be read ({err})"
-    if len(paths) != source["count"] or folder_fingerprint(root, paths) != source["fingerprint"]:
+    if len(paths) != source["count"] or fingerprint != source["fingerprint"]:
         return None, f"{root} changed since its images were indexed"
     return paths, ""
 

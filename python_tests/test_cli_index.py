@@ -391,3 +391,28 @@ def test_indexes_that_cannot_be_merged_are_refused_with_the_reason(tmp_path, cap
         assert main(["index", "merge", *map(str, inputs), "-o", merged]) == 2
         assert message in capsys.readouterr().err
         assert not os.path.exists(merged)
+
+
+def test_a_command_scans_each_folder_it_names_items_of_once(tmp_path, monkeypatch, capsys, gallery):
+    from opqn_ext import item_sources
+
+    run, faces, new, built = gallery
+    scanned, scan = [], item_sources.scan_image_folder
+
+    def counted(root):
+        scanned.append(str(root))
+        return scan(root)
+
+    monkeypatch.setattr(item_sources, "scan_image_folder", counted)
+    searches = (["--query", str(new / "s33" / "05.png")],  # names the results, then shows them
+                ["--data-path", str(faces), "--show", "2"])  # and shows the data set's own queries
+    for args in searches:
+        scanned.clear()
+        assert main(["search", str(run), *CPU, "--index", str(built), *args, "-k", "3",
+                     "--montage", str(tmp_path / "m.png"), "--json", str(tmp_path / "r.json")]) == 0
+        assert scanned == [str(faces)], args
+        found = json.loads((tmp_path / "r.json").read_text())[0]["results"]
+        assert all(x["file"].startswith(str(faces)) for x in found)
+    scanned.clear()
+    assert main(["index", "info", str(built)]) == 0 and main(["index", "info", str(built)]) == 0
+    assert scanned == [str(faces), str(faces)]  # one per command: a later command sees the folder as it is then
