@@ -719,13 +719,17 @@ class ShardedIndex:
         """Read a sharded index as each rank needs it: the shard this rank saved
         (``<path>.shardRRRRR-of-WWWWW`` of this world size), or else, from shards saved by another
         number of ranks or from one index file at ``path`` (e.g. ``opqn index build``'s), the items
-        this rank owns (every file is read; those items are copied out of the mappings)."""
+        this rank owns (every file is read; those items are copied out of the mappings). An index
+        file written after the shard files beside it (changed by ``opqn index add``, say) is refused
+        rather than either being loaded silently."""
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         path = Path(path)
-        shard_file = path.with_name(f"{path.name}.shard{rank:05d}-of-{world:05d}")
-        if shard_file.exists():
-            return cls(OPQNIndex.load(shard_file, mmap=mmap, verify=verify), group)
         files = shard_files(path)
+        if files and path.exists() and path.stat().st_mtime_ns > max(f.stat().st_mtime_ns for f in files):
+            raise IndexFileError(f"{path} was written after its shard files (of {len(files)} ranks): remove them "
+                                 f"to load it, or it to load them")
+        if len(files) == world:
+            return cls(OPQNIndex.load(files[rank], mmap=mmap, verify=verify), group)
         if not files:
             if not path.exists():
                 raise IndexFileError(f"{path}: neither an index file nor the shard files of {world} or any other "

@@ -3,7 +3,10 @@ same data on every rank, searches (exact and 4-bit scans, top-k and range), look
 vectors by id, saves and reloads the shards, removes ids, and rank 0 writes every result to the
 file named by argv[1]; every rank checks that it got what rank 0 got. It also loads, as shards,
 one index file holding every item (argv[3]) and the shards of 3 ranks (argv[4])."""
+import os
+import shutil
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -51,6 +54,17 @@ try:
     ShardedIndex.load(sys.argv[4] + ".none")
 except IndexFileError as e:
     results["load_missing"] = str(e)
+if dist.get_rank() == 0:  # the index file changed after the shards were saved: which is meant?
+    shutil.copy(sys.argv[3], sys.argv[2])
+    os.utime(sys.argv[2], ns=(time.time_ns() + 10**9,) * 2)
+dist.barrier()
+try:
+    ShardedIndex.load(sys.argv[2])
+except IndexFileError as e:
+    results["newer_file"] = str(e)
+dist.barrier()
+if dist.get_rank() == 0:
+    os.unlink(sys.argv[2])
 results["from_index"] = ShardedIndex.from_index(OPQNIndex.load(sys.argv[3])).search(q, 40)
 results["removed"] = loaded.remove(torch.arange(0, 12000, 9))
 results["after_remove"] = loaded.search(q, 40)

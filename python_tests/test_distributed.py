@@ -43,6 +43,8 @@ def test_sharded_search_equals_one_index(tmp_path):
     want = single.search(q, 40)
     assert got["size"] == 4000 and sum(got["shard_sizes"]) == 4000 and 1500 < got["shard_size"] < 2500
     assert got["owned"]
+    assert got["newer_file"] == (f"{tmp_path / 'db.opqn'} was written after its shard files (of 2 ranks): remove them "
+                                 f"to load it, or it to load them")
     assert got["load_missing"] == (f"{tmp_path / 'three.opqn.none'}: neither an index file nor the shard files of 2 "
                                    f"or any other number of ranks exist")
     for key in ("first", "loaded", "from_one_file", "from_three_shards", "from_index"):
