@@ -651,7 +651,7 @@ def _merged_labels(merged, part, path) -> torch.Tensor:
         raise CliError(f"{path}: one index names its identities and the other does not, so their labels cannot "
                        f"be matched")
     if bool((part.labels >= len(theirs)).any()):
-        raise CliError(f"{path}: labels {int(part.labels.max())} and above have no identity name")
+        raise CliError(f"{path}: labels {len(theirs)} and above have no identity name")
     merged.settings["classes"], to_merged = merged_classes(mine, theirs)
     return to_merged(part.labels)
 
@@ -692,15 +692,16 @@ def cmd_index_merge(args) -> int:
             starts = [int(part.ids[0])] if len(part) else []
             starts += [source["first_id"] for source in part.settings.get("sources", [])]
             shift = next_free_id(merged.ids, merged.settings) - min(starts) if args.renumber and starts else 0
-            clash = merged.contains(part.ids + shift)
+            ids = part.ids + shift
+            clash = merged.contains(ids)
             if bool(clash.any()):
                 raise CliError(f"{path} holds ids that the indexes before it hold too "
-                               f"({', '.join(map(str, part.ids[clash][:5].tolist()))}"
+                               f"({', '.join(map(str, ids[clash][:5].tolist()))}"
                                f"{', ...' if int(clash.sum()) > 5 else ''}); --renumber gives each index's items "
                                f"ids after those before it")
             labels = _merged_labels(merged, part, path)
             _merged_sources(merged, part, path, shift)
-            merged.add_codes(part.codes, part.ids + shift, labels)
+            merged.add_codes(part.codes, ids, labels)
             if shift and len(part):
                 print(f"{path}: {_id_span(int(part.ids[0]), int(part.ids[-1]) + 1)} -> "
                       f"{_id_span(int(part.ids[0]) + shift, int(part.ids[-1]) + 1 + shift)}")

@@ -368,7 +368,7 @@ class OPQNIndex:
         if why:
             raise ValueError(f"other cannot be merged: {why}")
         ids = other.ids + int(id_offset)
-        clash = self._find(ids)[1] if len(self) else torch.zeros(0, dtype=torch.bool)
+        clash = self._find(ids)[1]
         if bool(clash.any()):
             raise ValueError(f"other holds ids this index holds already: {ids[clash][:10].tolist()}"
                              + (f" and {int(clash.sum()) - 10} more" if int(clash.sum()) > 10 else ""))

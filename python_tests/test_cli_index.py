@@ -376,6 +376,9 @@ def test_indexes_that_cannot_be_merged_are_refused_with_the_reason(tmp_path, cap
     unnamed = OPQNIndex.load(part)
     unnamed.settings = {}
     unnamed.save(tmp_path / "unnamed.opqn")
+    short = OPQNIndex.load(part)
+    short.settings["classes"] = short.settings["classes"][:3]  # items of labels 3-9 have no name
+    short.save(tmp_path / "short.opqn")
     shrunk = OPQNIndex.load(built)
     shrunk.remove(torch.arange(100))  # ids 100-299 left; the folder's source still names 0-299
     shrunk.save(tmp_path / "shrunk.opqn")
@@ -385,6 +388,8 @@ def test_indexes_that_cannot_be_merged_are_refused_with_the_reason(tmp_path, cap
                                                f"assignment weights differ (another model made its codes)"),
             ([built, tmp_path / "unnamed.opqn", "--renumber"], "one index names its identities and the other does "
                                                                "not, so their labels cannot be matched"),
+            ([built, tmp_path / "short.opqn", "--renumber"], f"{tmp_path / 'short.opqn'}: labels 3 and above have "
+                                                             f"no identity name"),
             ([tmp_path / "shrunk.opqn", part], f"{part}: its items of ids 0-99 come from another source than those "
                                                f"of ids 0-299 before it; --renumber gives each index's items ids"),
             ([built, tmp_path / "none.opqn"], f"index {tmp_path / 'none.opqn'} does not exist")):
