@@ -42,12 +42,13 @@ def folder_listings() -> Iterator[None]:
 
 
 def _listing(root: str | Path) -> tuple[list[str], str]:
-    """(the image files of the folder ``root`` in :func:`scan_image_folder` order, their fingerprint)."""
+    """(the image files of the folder ``root``, as paths below its absolute path, in
+    :func:`scan_image_folder` order; their fingerprint, which does not depend on that path)."""
     key = str(Path(root).resolve())
     if _listings is not None and key in _listings:
         return _listings[key]
-    paths, _, _ = scan_image_folder(root)
-    listing = paths, folder_fingerprint(root, paths)
+    paths, _, _ = scan_image_folder(key)
+    listing = paths, folder_fingerprint(key, paths)
     if _listings is not None:
         _listings[key] = listing
     return listing

@@ -421,3 +421,16 @@ def test_a_command_scans_each_folder_it_names_items_of_once(tmp_path, monkeypatc
     scanned.clear()
     assert main(["index", "info", str(built)]) == 0 and main(["index", "info", str(built)]) == 0
     assert scanned == [str(faces), str(faces)]  # one per command: a later command sees the folder as it is then
+
+
+def test_a_folder_named_by_a_relative_path_is_listed_once_by_its_absolute_one(tmp_path, monkeypatch, orl_folder):
+    from opqn_ext import item_sources
+
+    shutil.copytree(orl_folder / "s01", tmp_path / "faces" / "s01")
+    monkeypatch.chdir(tmp_path)
+    with item_sources.folder_listings():
+        source = item_sources.folder_source("faces")
+        paths, why = item_sources.folder_paths(source)
+    assert why == "" and source["root"] == str(tmp_path / "faces") and len(paths) == source["count"] == 10
+    assert paths[0] == str(tmp_path / "faces" / "s01" / "00.png")  # absolute, as without the scope
+    assert source == item_sources.folder_source(tmp_path / "faces")  # the fingerprint: whichever path names it
