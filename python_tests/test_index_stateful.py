@@ -1,11 +1,12 @@
-"""OPQNIndex under random sequences of adds (ids in any order), removes, saves and loads (mapped or
-read), checked after every step against a plain model of what it holds (id -> code, label): every
+"""OPQNIndex under random sequences of adds (ids in any order), merges of indexes built apart,
+removes, saves and loads (mapped or read), checked after every step against a plain model of what it holds (id -> code, label): every
 kind of search (exact, 4-bit, among a subset, by range), labels and reconstructed vectors. The
 tables have small integer values, so sums are exact and ties common."""
 import shutil
 import tempfile
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -55,6 +56,27 @@ class IndexMachine(RuleBasedStateMachine):
                                      labels=labels if labeled else None)
         assert added.tolist() == ids
         self.held |= {i: (c, lab) for i, c, lab in zip(ids, codes, labels)}
+
+    @rule(data=st.data(), n=st.integers(0, 30), offset=st.integers(-50, 50))
+    def merge(self, data, n, offset):
+        """merge_from an index of other items, built apart and saved; ids moved by ``offset``."""
+        free = [i for i in range(ID_RANGE) if i not in self.held and 0 <= i - offset < ID_RANGE]
+        ids = data.draw(st.lists(st.sampled_from(free), min_size=min(n, len(free)), max_size=min(n, len(free)),
+                                 unique=True)) if free else []
+        codes = data.draw(st.lists(st.lists(st.integers(0, K - 1), min_size=M, max_size=M), min_size=len(ids),
+                                   max_size=len(ids)))
+        other = OPQNIndex.from_head(self.head)
+        other.add_codes(torch.tensor(codes, dtype=torch.uint8).reshape(len(ids), M),
+                        ids=[i - offset for i in ids], labels=[i % 5 for i in ids])
+        other.save(self.folder / "other.opqn")
+        other = OPQNIndex.load(self.folder / "other.opqn", mmap=data.draw(st.booleans()))
+        if self.held and ids:  # an id held already: refused, nothing added
+            clash = OPQNIndex.from_head(self.head)
+            clash.add_codes(torch.zeros(1, M, dtype=torch.uint8), ids=[min(self.held) - offset])
+            with pytest.raises(ValueError, match="other holds ids this index holds already"):
+                self.index.merge_from(clash, id_offset=offset)
+        assert self.index.merge_from(other, id_offset=offset).tolist() == sorted(ids)
+        self.held |= {i: (c, i % 5) for i, c in zip(ids, codes)}
 
     @precondition(lambda self: self.held)
     @rule(data=st.data())
