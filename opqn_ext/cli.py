@@ -1,4 +1,4 @@
-"""The ``opqn`` command line: train, eval, encode, search, index (build, add, remove, info), cache,
+"""The ``opqn`` command line: train, eval, encode, search, index (build, add, merge, remove, info), cache,
 embed and demo.
 
 Every subcommand has ``--help``. A bad argument (K > d, a bit count that is not M * log2(K), an
@@ -905,8 +905,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write every query's results here")
     p.set_defaults(func=cmd_search)
 
-    index = sub.add_parser("index", help="build, grow, shrink and describe OPQN index files",
-                           description="Build, grow, shrink and describe OPQN index files.")
+    index = sub.add_parser("index", help="build, grow, shrink, merge and describe OPQN index files",
+                           description="Build, grow, shrink, merge and describe OPQN index files.")
     index_sub = index.add_subparsers(dest="index_command", required=True, metavar="{build,add,merge,remove,info}")
     p = _checkpoint_parser(index_sub, "build", "encode a data set with a trained model into an OPQN index file")
     p.add_argument("--part", choices=("database", "query", "all"), default="database", help="which items to index")
