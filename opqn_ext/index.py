@@ -608,6 +608,11 @@ class ShardedIndex:
     def __len__(self) -> int:
         return int(all_reduce_sum(torch.tensor([len(self.shard)], dtype=torch.int64), self.group))
 
+    def to(self, device) -> "ShardedIndex":
+        """Move this rank's shard to ``device`` (e.g. its own GPU); returns self."""
+        self.shard.to(device)
+        return self
+
     def _mine(self, ids, labels):
         """(mask, ids, labels) of the items of a batch that belong to this rank."""
         ids = _integer_ids(ids)
@@ -711,19 +716,25 @@ class ShardedIndex:
     @classmethod
     def from_index(cls, index: OPQNIndex, group=None) -> "ShardedIndex":
         """The sharded index of the items of ``index`` (every rank passes an index holding them
-        all, e.g. loaded from one file): each rank keeps the items it owns."""
+        all, e.g. loaded from one file): each rank keeps the items it owns, on the index's device."""
         return cls(_owned_part(index, dist.get_rank(group), dist.get_world_size(group)), group)
 
     @classmethod
-    def load(cls, path: str | Path, group=None, mmap: bool = True, verify: bool = True) -> "ShardedIndex":
+    def load(cls, path: str | Path, group=None, mmap: bool = True, verify: bool = True,
+             device=None) -> "ShardedIndex":
         """Read a sharded index as each rank needs it: the shard this rank saved
         (``<path>.shardRRRRR-of-WWWWW`` of this world size), or else, from shards saved by another
         number of ranks or from one index file at ``path`` (e.g. ``opqn index build``'s), the items
         this rank owns (every file is read; those items are copied out of the mappings). An index
         file written after the shard files beside it (changed by ``opqn index add``, say) is refused
-        rather than either being loaded silently."""
+        rather than either being loaded silently. ``device``: where this rank's shard goes (e.g.
+        ``cuda:<local rank>``); the CPU by default."""
+        loaded = cls._load(Path(path), group, mmap, verify)
+        return loaded.to(device) if device is not None else loaded
+
+    @classmethod
+    def _load(cls, path: Path, group, mmap: bool, verify: bool) -> "ShardedIndex":
         rank, world = dist.get_rank(group), dist.get_world_size(group)
-        path = Path(path)
         files = shard_files(path)
         if files and path.exists() and path.stat().st_mtime_ns > max(f.stat().st_mtime_ns for f in files):
             raise IndexFileError(f"{path} was written after its shard files (of {len(files)} ranks): remove them "

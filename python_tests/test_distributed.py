@@ -75,6 +75,37 @@ TINY = ["--dataset", "orl", "--width", "4", "--epochs", "2", "--batch-size", "64
         "--device", "cpu", "--no-progress"]
 
 
+@pytest.fixture
+def one_rank_group():
+    """A process group of this process alone (gloo, an in-process store), destroyed afterwards."""
+    import torch.distributed as dist
+
+    from opqn_ext.distributed import destroy_process_group
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    destroy_process_group()
+
+
+def test_a_sharded_index_loads_onto_a_device_and_searches_as_one_index_does(tmp_path, device, one_rank_group):
+    from opqn_ext.index import ShardedIndex
+
+    index = OPQNIndex.from_head(OrthoPQHead(D, 5, M, K, seed=0))
+    index.add(features(2000, 1), labels=torch.arange(2000) % 5)
+    index.save(tmp_path / "one.opqn")
+    q = features(9, 2)
+    want = index.search(q, 25)
+    for sharded in (ShardedIndex.load(tmp_path / "one.opqn", device=device),
+                    ShardedIndex.from_index(OPQNIndex.load(tmp_path / "one.opqn", device=device))):
+        assert sharded.shard.device.type == device.type and len(sharded) == 2000
+        for kwargs in (dict(), dict(fast_scan=True, rerank=4), dict(subset=torch.arange(0, 2000, 3))):
+            got, expected = sharded.search(q, 25, **kwargs), index.search(q, 25, **kwargs)
+            assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1]), kwargs
+        assert torch.equal(sharded.search(q, 25)[1], want[1])
+        assert torch.equal(sharded.labels_of(torch.tensor([7, 2000])), torch.tensor([2, -1]))
+        assert sharded.to("cpu") is sharded and sharded.shard.device.type == "cpu"
+
+
 @pytest.mark.parametrize("read", ["memory", "streamed", "cached"])
 def test_ddp_training_equals_one_process_in_float64(tmp_path, read, orl_folder):
     # float64 makes reduction-order differences negligible, so any difference in the data-parallel
