@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .arrays import Array, as_tensor
 from .distributed import all_gather_rows, all_gather_topk, all_reduce_sum
 from .ops import PackedCodes4, adc_scores, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
 from .safetensors_files import save_file
@@ -40,7 +41,6 @@ _CRC_CHUNK = 64 << 20
 # range_search: the k of its first top-k scan, the factor by which k grows for queries whose top-k
 # all scored above the threshold, and the largest k (the CUDA scan's) before it computes every score
 RANGE_FIRST_K, RANGE_GROWTH, RANGE_MAX_K = 64, 16, 1024
-Array = torch.Tensor | np.ndarray  # features, queries, codes and tables: tensors or NumPy arrays
 
 
 class IndexFileError(ValueError):
@@ -78,17 +78,6 @@ def _integer_ids(ids, name: str = "ids") -> torch.Tensor:
     if not _is_integer(ids):
         raise ValueError(f"{name} must be integers, got {ids.dtype}")
     return ids.long()
-
-
-def _array(values, name: str) -> torch.Tensor:
-    """``values`` as a tensor: a tensor as it is; a NumPy array (its memory shared) or a nested
-    sequence converted, as FAISS users pass them; anything else a TypeError naming ``name``."""
-    if isinstance(values, torch.Tensor):
-        return values
-    try:
-        return torch.as_tensor(values)
-    except (TypeError, ValueError, RuntimeError) as err:
-        raise TypeError(f"{name} must be a tensor or an array, got {type(values).__name__} ({err})") from None
 
 
 def _is_orthonormal(codebook: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -188,7 +177,7 @@ class OPQNIndex:
 
     def encode(self, features: Array, batch_size: int = 65536) -> torch.Tensor:
         """Codes ``[B, M]`` uint8 of features ``[B, M*d]`` (a tensor or array), in batches."""
-        features = _array(features, "features")
+        features = as_tensor(features, "features")
         if features.dim() != 2 or features.shape[1] != self.num_books * self.dim:
             raise ValueError(f"features must be [B, {self.num_books * self.dim}], got {list(features.shape)}")
         parts = [encode(features[i:i + batch_size].to(self.device, torch.float32), self.assign_weight)
@@ -206,7 +195,7 @@ class OPQNIndex:
         Ids above every id in the index (the default) are appended in amortized O(B): the per-item
         arrays keep spare room, grown by half when full. Other ids are looked up in the index
         (O(B log N)) and sorted in (O(N log N))."""
-        codes = _array(codes, "codes")
+        codes = as_tensor(codes, "codes")
         if codes.dim() != 2 or codes.shape[1] != self.num_books or codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8 [B, {self.num_books}], got {codes.dtype} {list(codes.shape)}")
         n = codes.shape[0]
@@ -296,7 +285,7 @@ class OPQNIndex:
         """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient): the inner
         products of the soft-quantized queries with the codewords, which an orthonormal codebook
         makes the assignment probabilities."""
-        queries = _array(queries, "queries")
+        queries = as_tensor(queries, "queries")
         if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
             raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
         sq = soft_quantize(queries.to(self.device, torch.float32), self.assign_weight, self.codebook,
@@ -318,14 +307,14 @@ class OPQNIndex:
         exact scan whenever every true top-k item survives the approximate stage (recall measured in
         tests); on CUDA, an exact scan of the packed codes.
         """
-        queries = _array(queries, "queries")
+        queries = as_tensor(queries, "queries")
         return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size,
                             fast_scan, rerank, subset)
 
     def search_luts(self, luts: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                     rerank: int = 2, subset=None):
         """Top-k of precomputed query tables ``[nq, M, K]``."""
-        luts = _array(luts, "luts")
+        luts = as_tensor(luts, "luts")
         if luts.dim() != 3 or luts.shape[1:] != (self.num_books, self.num_words):
             raise ValueError(f"luts must be [nq, {self.num_books}, {self.num_words}], got {list(luts.shape)}")
         return self._search(lambda q0, q1: luts[q0:q1].to(self.device, torch.float32), luts.shape[0], k, batch_size,
@@ -622,11 +611,11 @@ class ShardedIndex:
     def add(self, features: Array, ids, labels=None) -> None:
         """Add the items of ``features [B, M*d]`` with (required, global) ``ids`` that belong to this rank."""
         mine, ids, labels = self._mine(ids, labels)
-        self.shard.add(_array(features, "features")[mine], ids, labels)
+        self.shard.add(as_tensor(features, "features")[mine], ids, labels)
 
     def add_codes(self, codes: Array, ids, labels=None) -> None:
         mine, ids, labels = self._mine(ids, labels)
-        self.shard.add_codes(_array(codes, "codes")[mine], ids, labels)
+        self.shard.add_codes(as_tensor(codes, "codes")[mine], ids, labels)
 
     def remove(self, ids) -> int:
         """Remove ids from whichever shard holds them; returns the global count removed."""

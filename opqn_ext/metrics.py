@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .arrays import Array, as_tensor
 from .ops import adc_scores, rank_stats
 
 DEFAULT_KS = (5, 10, 50)
@@ -124,25 +125,27 @@ def evaluate_ranking(score_batch: Callable[[int, int], torch.Tensor], query_labe
     )
 
 
-def evaluate_codes(query_luts: torch.Tensor, db_codes: torch.Tensor, query_labels, db_labels,
+def evaluate_codes(query_luts: Array, db_codes: Array, query_labels, db_labels,
                    ks: Sequence[int] = DEFAULT_KS, pr_points: int = 64,
                    batch_size: int | None = None) -> RetrievalMetrics:
     """Metrics of ADC retrieval: query tables ``[nq, M, K]`` against database codes ``[N, M]``.
 
     Scores are ``adc_scores`` (on the device of the tables), so the rankings are exactly those of
-    ``adc_topk``.
+    ``adc_topk``. Tables, codes and labels may be tensors or NumPy arrays.
     """
-    query_luts = query_luts.float()
+    query_luts, db_codes = as_tensor(query_luts, "query_luts").float(), as_tensor(db_codes, "db_codes")
     if db_codes.device != query_luts.device:
         db_codes = db_codes.to(query_luts.device)
     return evaluate_ranking(lambda q0, q1: adc_scores(query_luts[q0:q1], db_codes), query_labels, db_labels,
                             ks, pr_points, batch_size)
 
 
-def evaluate_features(query_features: torch.Tensor, db_features: torch.Tensor, query_labels, db_labels,
+def evaluate_features(query_features: Array, db_features: Array, query_labels, db_labels,
                       ks: Sequence[int] = DEFAULT_KS, pr_points: int = 64,
                       batch_size: int | None = None) -> RetrievalMetrics:
-    """Metrics of float-feature retrieval by cosine similarity (the upper bound for any code)."""
+    """Metrics of float-feature retrieval by cosine similarity (the upper bound for any code);
+    features and labels may be tensors or NumPy arrays."""
+    query_features, db_features = as_tensor(query_features, "query_features"), as_tensor(db_features, "db_features")
     if query_features.dim() != 2 or db_features.dim() != 2 or query_features.shape[1] != db_features.shape[1]:
         raise ValueError(f"query_features [nq, D] and db_features [N, D] must share D, got "
                          f"{list(query_features.shape)} and {list(db_features.shape)}")

@@ -77,6 +77,25 @@ def test_float_metrics_match_their_code_free_definition():
     assert r.precision_at[50] == pytest.approx(float(rel[:, :50].mean()))
 
 
+def test_numpy_arrays_give_the_metrics_of_tensors():
+    lut, codes = problem(6, 4, 16, 500, seed=4, high=5)
+    g = torch.Generator().manual_seed(2)
+    ql, dbl = torch.randint(0, 3, (6,), generator=g), torch.randint(0, 3, (500,), generator=g)
+    q, db = torch.randn(6, 8, generator=g), torch.randn(500, 8, generator=g)
+    for got, want in ((metrics.evaluate_codes(lut.double().numpy(), codes.numpy(), ql.numpy(), dbl.numpy()),
+                       metrics.evaluate_codes(lut, codes, ql, dbl)),
+                      (metrics.evaluate_features(q.numpy(), db.numpy(), ql.numpy(), dbl.numpy()),
+                       metrics.evaluate_features(q, db, ql, dbl))):
+        timed = {"seconds"}  # all else equal
+        assert {k: v for k, v in got.summary().items() if k not in timed} == \
+            {k: v for k, v in want.summary().items() if k not in timed}
+        assert np.array_equal(got.average_precision, want.average_precision)
+    with pytest.raises(TypeError, match="^db_codes must be a tensor or an array, got object"):
+        metrics.evaluate_codes(lut, object(), ql, dbl)
+    with pytest.raises(TypeError, match="^query_features must be a tensor or an array, got str"):
+        metrics.evaluate_features("features", db, ql, dbl)
+
+
 def test_summary_is_flat():
     r = metrics.evaluate_features(torch.tensor([unit(0)]), DB, torch.tensor([0]), DB_LABELS)
     s = r.summary()
