@@ -699,9 +699,9 @@ def cmd_index_merge(args) -> int:
                                f"({', '.join(map(str, ids[clash][:5].tolist()))}"
                                f"{', ...' if int(clash.sum()) > 5 else ''}); --renumber gives each index's items "
                                f"ids after those before it")
-            labels = _merged_labels(merged, part, path)
+            part.labels = _merged_labels(merged, part, path)
             _merged_sources(merged, part, path, shift)
-            merged.add_codes(part.codes, ids, labels)
+            merged.merge_from(part, id_offset=shift)
             if shift and len(part):
                 print(f"{path}: {_id_span(int(part.ids[0]), int(part.ids[-1]) + 1)} -> "
                       f"{_id_span(int(part.ids[0]) + shift, int(part.ids[-1]) + 1 + shift)}")

@@ -217,13 +217,18 @@ class OPQNIndex:
             clash = self._find(ids)[1]
             if bool(clash.any()):
                 raise ValueError(f"ids already in the index: {ids[clash][:10].tolist()}")
-        for name, rows in (("codes", codes.to(self.device)), ("ids", ids), ("labels", labels.long())):
+        self._insert(codes, ids, labels.long(), in_order)
+        return ids
+
+    def _insert(self, codes: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor, in_order: bool) -> None:
+        """Adds rows already checked (codes < K, ids unique and new to the index); ``in_order``:
+        the ids increase and follow every id held, so the rows are appended, not sorted in."""
+        for name, rows in (("codes", codes.to(self.device)), ("ids", ids), ("labels", labels)):
             value, self._buffers[name] = _append_rows(getattr(self, name), self._buffers.get(name), rows)
             setattr(self, name, value)
         self.mapped_codes = None
         if not in_order:
             self._sort_by_id()  # the packed layout no longer describes a prefix of the codes
-        return ids
 
     def _sort_by_id(self) -> None:
         order = torch.argsort(self.ids, stable=True)
@@ -356,12 +361,15 @@ class OPQNIndex:
         why = self.model_mismatch(other)
         if why:
             raise ValueError(f"other cannot be merged: {why}")
-        ids = other.ids + int(id_offset)
-        clash = self._find(ids)[1]
-        if bool(clash.any()):
-            raise ValueError(f"other holds ids this index holds already: {ids[clash][:10].tolist()}"
-                             + (f" and {int(clash.sum()) - 10} more" if int(clash.sum()) > 10 else ""))
-        return self.add_codes(other.codes.to(self.device), ids, other.labels)
+        ids = other.ids + int(id_offset)  # increasing, as every index's
+        in_order = not len(ids) or not len(self) or int(ids[0]) > int(self.ids[-1])
+        if not in_order:
+            clash = self._find(ids)[1]
+            if bool(clash.any()):
+                raise ValueError(f"other holds ids this index holds already: {ids[clash][:10].tolist()}"
+                                 + (f" and {int(clash.sum()) - 10} more" if int(clash.sum()) > 10 else ""))
+        self._insert(other.codes, ids, other.labels, in_order)  # other's codes and ids are valid already
+        return ids
 
     def subset_size(self, subset) -> int:
         """How many items a search restricted to the ids ``subset`` scans (None: every item)."""
