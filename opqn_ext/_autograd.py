@@ -4,6 +4,7 @@ gradients back to the table entries they summed."""
 import torch
 
 from . import reference
+from .ops import codes4_at
 
 
 def _soft_quantize_setup_context(ctx, inputs, output):
@@ -91,16 +92,6 @@ def _adc_topk_backward(ctx, grad_scores, _grad_indices):
     return _table_grad_from_selected_codes(grad_scores, codes[indices], ctx.num_words), None, None
 
 
-def _codes4_at(packed, indices, num_books):
-    """The codes [nq, n, M] behind indices [nq, n] from a pack_codes4 layout (csrc/cpu/fastscan4.h):
-    code i of book m is in block i // 32, pair m // 2, byte (m % 2) * 16 + i % 16, low nibble for
-    i % 32 < 16, high nibble otherwise."""
-    books = torch.arange(num_books, device=packed.device)
-    i = indices.unsqueeze(2)
-    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16]
-    return torch.where(i % 32 < 16, byte & 15, byte >> 4)
-
-
 def _adc_topk4_setup_context(ctx, inputs, output):
     lut, packed, _, _, _ = inputs
     ctx.save_for_backward(packed, output[1])
@@ -109,7 +100,7 @@ def _adc_topk4_setup_context(ctx, inputs, output):
 
 def _adc_topk4_backward(ctx, grad_scores, _grad_indices):
     packed, indices = ctx.saved_tensors
-    selected = _codes4_at(packed, indices, ctx.num_books)
+    selected = codes4_at(packed, indices, ctx.num_books)
     return _table_grad_from_selected_codes(grad_scores, selected, ctx.num_words), None, None, None, None
 
 

@@ -4,6 +4,8 @@ from typing import NamedTuple
 
 import torch
 
+from . import _fake, function_transforms, reference
+
 
 def _integer(name: str, value) -> int:
     """``value`` as an int (Python and numpy integers, integer 0-d tensors, SymInts), or a
@@ -58,7 +60,14 @@ def soft_quantize(
     NaN or infinite values in ``x`` or the weights are not checked (that would cost a device
     sync): they make the outputs of the affected (sample, book) rows NaN and leave the others
     untouched.
+
+    Under forward-mode AD and torch.func's transforms (``grad``, ``jvp``, ``jacrev``, ``jacfwd``,
+    ``hessian``, ``vmap``) the result is computed by :func:`opqn_ext.reference.soft_quantize`
+    (see :mod:`opqn_ext.function_transforms`): the same values, with every derivative.
     """
+    if function_transforms.active(x, assign_weight, codebook):
+        function_transforms.check(_fake._check_args, x, assign_weight, codebook, float(scale))
+        return SoftQuantizeResult(*reference.soft_quantize(x, assign_weight, codebook, float(scale), bool(normalize)))
     probs, quantized, entropy = torch.ops.opqn_ext.soft_quantize(
         x, assign_weight, codebook, float(scale), bool(normalize)
     )
@@ -96,9 +105,15 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
         ``(scores [nq, k] float32, indices [nq, k] int64)``: scores descending, equal scores in
         increasing index order; identical on every code path, CPU instruction set and thread count.
         The scores are differentiable in ``lut`` (each entry gets the gradients of the scores
-        that summed it).
+        that summed it); under forward-mode AD and torch.func's transforms they are computed by
+        :func:`opqn_ext.reference.adc_topk` (every score of every code, then a sort; NaN is not
+        looked for there).
     """
-    scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, _integer("k", k))
+    k = _integer("k", k)
+    if function_transforms.active(lut, codes):
+        function_transforms.check(_fake._adc_topk_fake, lut, codes, k)
+        return reference.adc_topk(lut, codes, k)
+    scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, k)
     return scores, indices
 
 
@@ -110,8 +125,12 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     (evaluation); for search, ``adc_topk`` never materializes ``[nq, N]``.
 
     Returns:
-        ``scores [nq, N]`` float32, differentiable in ``lut``.
+        ``scores [nq, N]`` float32, differentiable in ``lut`` (under forward-mode AD and
+        torch.func's transforms, computed by :func:`opqn_ext.reference.adc_scores`).
     """
+    if function_transforms.active(lut, codes):
+        function_transforms.check(_fake._adc_scores_fake, lut, codes)
+        return reference.adc_scores(lut, codes)
     return torch.ops.opqn_ext.adc_scores(lut, codes)
 
 
@@ -152,6 +171,24 @@ def pack_codes4(codes: torch.Tensor) -> PackedCodes4:
     return PackedCodes4(torch.ops.opqn_ext.pack_codes4(codes), int(codes.shape[0]), int(codes.shape[1]))
 
 
+def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> torch.Tensor:
+    """The codes ``[..., M]`` of the items ``indices [...]`` from the data of a :class:`PackedCodes4`
+    (layout in csrc/cpu/fastscan4.h): code i of book m is in block i // 32, pair m // 2, byte
+    (m % 2) * 16 + i % 16, low nibble for i % 32 < 16, high nibble otherwise."""
+    books = torch.arange(num_books, device=packed.device)
+    i = indices.unsqueeze(-1)
+    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16]
+    return torch.where(i % 32 < 16, byte & 15, byte >> 4)
+
+
+def _check_topk4_args(lut, codes, k, rerank):
+    _fake._adc_topk_fake(lut, codes, k)
+    if lut.shape[2] > 16:
+        raise RuntimeError(f"lut must have K <= 16 words per book for 4-bit codes, got K={lut.shape[2]}")
+    if rerank < 1:
+        raise RuntimeError(f"rerank must be >= 1, got {rerank}")
+
+
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     """4-bit fast-scan top-k with exact re-scoring.
 
@@ -173,9 +210,15 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
 
     Returns:
         ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index;
-        the scores are differentiable in ``lut``.
+        the scores are differentiable in ``lut``. Under forward-mode AD and torch.func's
+        transforms, the result is exact ADC's, computed by :func:`opqn_ext.reference.adc_topk` on
+        the unpacked codes.
     """
     if lut.dim() == 3 and packed.num_books != lut.shape[1]:  # other ranks: the op's error names them
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
-    return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, _integer("k", k),
-                                        _integer("rerank", rerank))
+    k, rerank = _integer("k", k), _integer("rerank", rerank)
+    if function_transforms.active(lut):
+        codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
+        function_transforms.check(_check_topk4_args, lut, codes, k, rerank)
+        return reference.adc_topk(lut, codes, k)
+    return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, k, rerank)

@@ -35,11 +35,10 @@ def encode(x, assign_weight, normalize=True):
 def adc_scores(lut, codes):
     """All ADC scores ``[nq, N]``: ``sum_m lut[q, m, codes[i, m]]`` added in book order (float32)."""
     nq, M, K = lut.shape
-    padded = torch.zeros(nq, M, 256, dtype=lut.dtype, device=lut.device)
-    padded[:, :, :K] = lut
-    scores = torch.zeros(nq, codes.shape[0], dtype=lut.dtype, device=lut.device)
+    padded = F.pad(lut, (0, 256 - K))  # [nq, M, 256]: a code >= K reads a 0
+    scores = lut.new_zeros(nq, codes.shape[0])
     for m in range(M):
-        scores += padded[:, m, codes[:, m].long()]
+        scores = scores + padded[:, m, codes[:, m].long()]
     return scores
 
 
