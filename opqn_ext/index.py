@@ -106,6 +106,21 @@ def _ranges(nq: int, query: torch.Tensor, scores: torch.Tensor, ids: torch.Tenso
     return lims, scores[order], ids[order]
 
 
+def _rows(rows: list[int]) -> str:
+    shown = ", ".join(map(str, rows[:10]))
+    return f"rows [{shown}]" + (f" and {len(rows) - 10} more" if len(rows) > 10 else "")
+
+
+def _check_finite_rows(name: str, values: torch.Tensor, batch_size: int = 65536) -> None:
+    """A ValueError naming the rows of ``values [n, D]`` that hold NaN or infinite values, if any
+    (looked for ``batch_size`` rows at a time)."""
+    bad = [(~torch.isfinite(values[i:i + batch_size]).all(1)).nonzero().flatten().cpu() + i
+           for i in range(0, len(values), batch_size)]
+    rows = torch.cat(bad).tolist() if bad else []
+    if rows:
+        raise ValueError(f"{name} must be finite: {_rows(rows)} hold NaN or infinite values")
+
+
 class OPQNIndex:
     """Encode, add, remove, search, save and load OPQN codes.
 
@@ -132,6 +147,10 @@ class OPQNIndex:
         self.assign_weight = assign_weight.detach().float().contiguous()
         self.codebook = codebook.detach().float().contiguous()
         self.query_scale = float(query_scale)
+        for name, t in (("assign_weight", self.assign_weight), ("codebook", self.codebook),
+                        ("query_scale", torch.tensor(self.query_scale))):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} must be finite (in float32): it holds NaN or infinite values")
         self.orthonormal = _is_orthonormal(self.codebook) if orthonormal is None else bool(orthonormal)
         self.settings = dict(settings or {})
         self.num_books, self.dim, self.num_words = M, d, K
@@ -180,8 +199,14 @@ class OPQNIndex:
         features = as_tensor(features, "features")
         if features.dim() != 2 or features.shape[1] != self.num_books * self.dim:
             raise ValueError(f"features must be [B, {self.num_books * self.dim}], got {list(features.shape)}")
-        parts = [encode(features[i:i + batch_size].to(self.device, torch.float32), self.assign_weight)
-                 for i in range(0, features.shape[0], batch_size)]
+        parts = []
+        for i in range(0, features.shape[0], batch_size):
+            batch = features[i:i + batch_size].to(self.device, torch.float32)
+            try:
+                parts.append(encode(batch, self.assign_weight))
+            except RuntimeError:
+                _check_finite_rows("features", features, batch_size)
+                raise
         return torch.cat(parts) if parts else torch.zeros(0, self.num_books, dtype=torch.uint8, device=self.device)
 
     def add(self, features: Array, ids=None, labels=None, batch_size: int = 65536) -> torch.Tensor:
@@ -293,11 +318,15 @@ class OPQNIndex:
         queries = as_tensor(queries, "queries")
         if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
             raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
-        sq = soft_quantize(queries.to(self.device, torch.float32), self.assign_weight, self.codebook,
-                           self.query_scale, True)
-        if self.orthonormal:
-            return sq.probs
-        return torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
+        queries = queries.to(self.device, torch.float32)
+        sq = soft_quantize(queries, self.assign_weight, self.codebook, self.query_scale, True)
+        luts = sq.probs if self.orthonormal else torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
+        if not bool(torch.isfinite(luts).all()):
+            _check_finite_rows("queries", queries)
+            bad = (~torch.isfinite(luts).flatten(1).all(1)).nonzero().flatten().tolist()
+            raise ValueError(f"queries {_rows(bad)} give tables that are not finite: their values are too large "
+                             "for the squared norm of a sub-vector to be a float32")
+        return luts
 
     def search(self, queries: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                rerank: int = 2, subset=None):

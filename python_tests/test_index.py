@@ -75,6 +75,37 @@ def test_search_errors():
         index.search(torch.zeros(1, 10), 1)
 
 
+def test_rows_that_are_not_finite_are_named(device):
+    index, _ = make_index()
+    index.to(device)
+    bad = features(25, 1)
+    bad[[3, 17], 5], bad[20, 0] = float("nan"), float("-inf")
+    with pytest.raises(ValueError, match=r"features must be finite: rows \[3, 17, 20\] hold NaN or infinite"):
+        index.add(bad, batch_size=8)  # rows of the second and third batches are named too
+    assert len(index) == 0
+    index.add(features(5, 2))
+    with pytest.raises(ValueError, match=r"queries must be finite: rows \[3, 17, 20\] hold NaN or infinite"):
+        index.search(bad, 2)
+    with pytest.raises(ValueError, match=r"queries rows \[0\] give tables that are not finite"):
+        index.search(torch.full((1, D), 3e38), 2)  # finite, but the norm of a sub-vector overflows
+    many = torch.full((12, D), float("nan"))
+    with pytest.raises(ValueError, match=r"rows \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\] and 2 more hold"):
+        index.search(many, 2)
+
+
+@pytest.mark.parametrize("what", ["assign_weight", "codebook", "query_scale"])
+def test_a_model_that_is_not_finite_is_refused(what):
+    head = OrthoPQHead(D, 5, M, K, seed=0)
+    args = {"assign_weight": head.assignment_weight.detach().clone(), "codebook": head.codebook.clone(),
+            "query_scale": 5.0}
+    if what == "query_scale":
+        args[what] = float("inf")
+    else:
+        args[what][1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match=f"{what} must be finite \\(in float32\\): it holds NaN or infinite"):
+        OPQNIndex(**args)
+
+
 def test_ids_that_are_not_integers_are_refused_not_truncated():
     index, _ = make_index()
     index.add(features(5, 1))
