@@ -168,7 +168,7 @@ class OrthoPQHead(nn.Module):
         soft-quantized query with every codeword (= the assignment probabilities when the codebook
         is orthonormal)."""
         x = self._split(features)
-        scale = self.query_scale if self.query_scale is not None else float(self.feature_norm)
+        scale = self.query_scale if self.query_scale is not None else self.feature_norm
         sq = soft_quantize(x, self.assignment_weight.to(x.dtype), self.codebook.to(x.dtype), scale, True)
         if not self.learn_codebook:
             return sq.probs.float()

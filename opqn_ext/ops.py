@@ -4,7 +4,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import _fake, function_transforms, reference
+from . import _fake, op_fallbacks, reference
 
 
 def _integer(name: str, value) -> int:
@@ -36,7 +36,7 @@ def soft_quantize(
     x: torch.Tensor,
     assign_weight: torch.Tensor,
     codebook: torch.Tensor,
-    scale: float = 1.0,
+    scale: float | torch.Tensor = 1.0,
     normalize: bool = False,
 ) -> SoftQuantizeResult:
     """Fused soft product quantization of ``x`` (DESIGN.md section 1).
@@ -50,7 +50,9 @@ def soft_quantize(
             computed in float32 and returned in their dtype). May be non-contiguous.
         assign_weight: ``[M, d, K]`` assignment weights, same dtype and device as ``x``.
         codebook: ``[M, d, K]`` codewords (columns orthonormal per book, ``K <= d``).
-        scale: softmax temperature multiplier (finite).
+        scale: softmax temperature multiplier (finite): a number, or a one-element tensor such as
+            a module's buffer (read with ``float``; in ONNX export, under torch.func's transforms
+            and when torch.compile traces, it stays a tensor, an input of the computation).
         normalize: L2-normalize each sub-vector before the similarity.
 
     Returns:
@@ -62,12 +64,14 @@ def soft_quantize(
     untouched.
 
     Under forward-mode AD and torch.func's transforms (``grad``, ``jvp``, ``jacrev``, ``jacfwd``,
-    ``hessian``, ``vmap``) the result is computed by :func:`opqn_ext.reference.soft_quantize`
-    (see :mod:`opqn_ext.function_transforms`): the same values, with every derivative.
+    ``hessian``, ``vmap``), and in ONNX export, the result is computed by
+    :func:`opqn_ext.reference.soft_quantize` (see :mod:`opqn_ext.op_fallbacks`): the same values,
+    with every derivative, in standard operators.
     """
-    if function_transforms.active(x, assign_weight, codebook):
-        function_transforms.check(_fake._check_args, x, assign_weight, codebook, float(scale))
-        return SoftQuantizeResult(*reference.soft_quantize(x, assign_weight, codebook, float(scale), bool(normalize)))
+    if (op_fallbacks.differentiating(x, assign_weight, codebook) or op_fallbacks.exporting_onnx()
+            or op_fallbacks.traced_tensor(scale)):
+        op_fallbacks.check(_fake._check_args, x, assign_weight, codebook, scale)
+        return SoftQuantizeResult(*reference.soft_quantize(x, assign_weight, codebook, scale, bool(normalize)))
     probs, quantized, entropy = torch.ops.opqn_ext.soft_quantize(
         x, assign_weight, codebook, float(scale), bool(normalize)
     )
@@ -87,7 +91,13 @@ def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True)
 
     Returns:
         ``codes [B, M]`` uint8 (no gradient; inputs may require grad).
+
+    In ONNX export, standard operators (MatMul, ArgMax) compute the codes; an exported graph
+    cannot raise, so there non-finite inputs give codes instead of an error.
     """
+    if op_fallbacks.exporting_onnx():
+        op_fallbacks.check(_fake._encode_fake, x, assign_weight, normalize)
+        return op_fallbacks.encode_for_export(x, assign_weight)
     return torch.ops.opqn_ext.encode(x, assign_weight, bool(normalize))
 
 
@@ -110,8 +120,8 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
         looked for there).
     """
     k = _integer("k", k)
-    if function_transforms.active(lut, codes):
-        function_transforms.check(_fake._adc_topk_fake, lut, codes, k)
+    if op_fallbacks.differentiating(lut, codes):
+        op_fallbacks.check(_fake._adc_topk_fake, lut, codes, k)
         return reference.adc_topk(lut, codes, k)
     scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, k)
     return scores, indices
@@ -128,8 +138,8 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         ``scores [nq, N]`` float32, differentiable in ``lut`` (under forward-mode AD and
         torch.func's transforms, computed by :func:`opqn_ext.reference.adc_scores`).
     """
-    if function_transforms.active(lut, codes):
-        function_transforms.check(_fake._adc_scores_fake, lut, codes)
+    if op_fallbacks.differentiating(lut, codes):
+        op_fallbacks.check(_fake._adc_scores_fake, lut, codes)
         return reference.adc_scores(lut, codes)
     return torch.ops.opqn_ext.adc_scores(lut, codes)
 
@@ -217,8 +227,8 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     if lut.dim() == 3 and packed.num_books != lut.shape[1]:  # other ranks: the op's error names them
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
     k, rerank = _integer("k", k), _integer("rerank", rerank)
-    if function_transforms.active(lut):
+    if op_fallbacks.differentiating(lut):
         codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
-        function_transforms.check(_check_topk4_args, lut, codes, k, rerank)
+        op_fallbacks.check(_check_topk4_args, lut, codes, k, rerank)
         return reference.adc_topk(lut, codes, k)
     return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, k, rerank)

@@ -1,0 +1,60 @@
+"""When the public functions of :mod:`opqn_ext.ops` compute with plain torch operations instead
+of the registered ops.
+
+- torch.func transforms and forward-mode AD. The registered ops differentiate in reverse mode only
+  (``torch.library.register_autograd``), and that formula reaches neither forward-mode AD nor
+  torch.func's transforms: with a dual tensor (``torch.autograd.forward_ad``) the op's outputs
+  carry no tangent, so ``torch.func.jvp`` / ``jacfwd`` would silently give zeros, and
+  ``torch.func.grad`` / ``vjp`` / ``jacrev`` / ``hessian`` stop with an error about
+  ``setup_context``. Under those (and under ``vmap``), the pure-PyTorch references
+  (:mod:`opqn_ext.reference`) run, which every transform can go through.
+- ONNX export (``torch.onnx.export``, either exporter): an ONNX graph holds standard operators
+  only, so ``soft_quantize`` and ``encode`` are written with them (MatMul, Softmax, ArgMax), in the
+  input's precision, as a runtime such as ONNX Runtime or TensorRT runs them.
+- ``soft_quantize`` with a tensor as its scale, traced by torch.compile: the op takes a number.
+
+Everywhere else the fused kernels run.
+"""
+from collections.abc import Callable
+
+import torch
+from torch.autograd import forward_ad
+
+
+def differentiating(*tensors: torch.Tensor) -> bool:
+    """True inside a torch.func transform, or when one of ``tensors`` carries a forward-mode
+    tangent (under torch.compile, whose tracing sees no tangents: inside a ``dual_level`` context)."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    if torch.compiler.is_compiling():
+        return forward_ad._current_level >= 0
+    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def exporting_onnx() -> bool:
+    return torch.onnx.is_in_onnx_export()
+
+
+def traced_tensor(value) -> bool:
+    """True for a tensor while torch.compile traces: an op argument that takes a number cannot be
+    read from it then (a module's buffer used as soft_quantize's scale)."""
+    return isinstance(value, torch.Tensor) and torch.compiler.is_compiling()
+
+
+def check(checks: Callable[..., object], *args) -> None:
+    """Runs an op's argument ``checks`` (its fake kernel's) before plain torch code does its work;
+    not while torch.compile or torch.jit traces, which cannot follow them (there, a bad argument
+    fails inside that code, with torch's error)."""
+    if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+        checks(*args)
+
+
+def encode_for_export(x: torch.Tensor, assign_weight: torch.Tensor) -> torch.Tensor:
+    """``encode`` as standard operators: codes ``[B, M]`` uint8, the first largest similarity per
+    book (ArgMax keeps the first). Without the normalization: a positive factor per sub-vector
+    changes no argmax. Float16/bfloat16 computed in float32, as the op does."""
+    M, d, K = assign_weight.shape
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xs = x.reshape(x.shape[0], M, d).to(compute).transpose(0, 1)  # [M, B, d]
+    logits = torch.matmul(xs, assign_weight.to(compute))  # [M, B, K]
+    return logits.argmax(-1).transpose(0, 1).to(torch.uint8)

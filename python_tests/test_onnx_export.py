@@ -1,0 +1,88 @@
+"""ONNX export of models that end in the ops (torch.onnx.export, both exporters): the graphs hold
+standard operators only and, run by ONNX Runtime, give the codes and query tables of the model."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import opqn_ext
+from opqn_ext import op_fallbacks
+from opqn_ext.nn import EmbeddingMLP, OrthoPQHead
+
+onnx = pytest.importorskip("onnx")  # the dev extra installs onnx, onnxscript and onnxruntime
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+
+class Encoder(torch.nn.Module):
+    """What a deployment runs: an embedding network, then the database codes and query tables."""
+
+    def __init__(self, query_scale=None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.backbone = EmbeddingMLP(24, 64, hidden=48)
+        self.head = OrthoPQHead(64, 10, 4, 16, query_scale=query_scale, seed=0)
+        self.head.feature_norm.fill_(3.0)  # the running norm that training leaves
+
+    def forward(self, inputs):
+        features = self.backbone(inputs)
+        return self.head.encode(features), self.head.query_lut(features)
+
+
+def run_exported(path, inputs):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
+
+
+@pytest.mark.parametrize("query_scale", [None, 7.0])
+@pytest.mark.parametrize("dynamo", [True, False])
+def test_exported_model_gives_the_codes_and_tables_of_the_model(tmp_path, dynamo, query_scale):
+    model = Encoder(query_scale).eval()
+    path = tmp_path / "encoder.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation
+        if dynamo:
+            program = torch.onnx.export(model, (torch.randn(5, 24),), dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("batch")},))
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, (torch.randn(5, 24),), str(path), dynamo=False, input_names=["inputs"],
+                              dynamic_axes={"inputs": {0: "batch"}})
+    graph = onnx.load(str(path)).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # no custom operator left
+    operators = {node.op_type for node in graph.node}
+    assert "ArgMax" in operators and operators & {"Softmax", "LogSoftmax"}
+    inputs = torch.randn(37, 24, generator=torch.Generator().manual_seed(1))  # another batch size
+    codes, tables = run_exported(path, inputs)
+    want_codes, want_tables = model(inputs)
+    assert codes.dtype == np.uint8 and np.array_equal(codes, want_codes.numpy())
+    np.testing.assert_allclose(tables, want_tables.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_export_keeps_the_ops_precision_and_tie_order():
+    """encode's export formulation: float32 for float16 inputs, the first of equal similarities."""
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=torch.float16)
+    a = torch.tensor([[[1.0, 1.0, 0.5], [0.0, 0.0, 0.0]], [[0.0, 1.0, 1.0], [0.0, 0.0, 0.0]]], dtype=torch.float16)
+    codes = op_fallbacks.encode_for_export(x, a)
+    assert codes.dtype == torch.uint8 and torch.equal(codes, opqn_ext.encode(x, a)) and codes.tolist() == [[0, 1]]
+
+
+def test_outside_export_the_fused_ops_run(monkeypatch):
+    def refuse(*args):
+        raise AssertionError("the export formulation ran")
+
+    monkeypatch.setattr(op_fallbacks, "encode_for_export", refuse)
+    monkeypatch.setattr(opqn_ext.reference, "soft_quantize", refuse)
+    Encoder().eval()(torch.randn(3, 24))  # the scale read from the head's buffer
+    torch._dynamo.reset()
+    torch.compile(Encoder(7.0).eval(), fullgraph=True)(torch.randn(3, 24))
+
+
+def test_compiled_tables_with_the_buffer_as_scale_match_eager():
+    """The head's default scale is its running feature norm, a buffer: traced, it stays a tensor."""
+    model = Encoder().eval()
+    inputs = torch.randn(6, 24)
+    torch._dynamo.reset()
+    for got, want in zip(torch.compile(model, fullgraph=True)(inputs), model(inputs)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
