@@ -41,18 +41,29 @@ def traced_tensor(value) -> bool:
     return isinstance(value, torch.Tensor) and torch.compiler.is_compiling()
 
 
-def check(checks: Callable[..., object], *args) -> None:
-    """Runs an op's argument ``checks`` (its fake kernel's) before plain torch code does its work;
-    not while torch.compile or torch.jit traces, which cannot follow them (there, a bad argument
-    fails inside that code, with torch's error)."""
+def run(checks: Callable[..., object], plain: Callable, *args):
+    """``plain(*args)``, the plain torch code of an op, after the op's argument ``checks`` (its fake
+    kernel's), and inside torch.autocast as the op runs there (csrc/autocast.cpp): floating-point
+    tensors other than float64 cast to float32, autocast off. The checks are skipped while
+    torch.compile or torch.jit traces, which cannot follow them (there, a bad argument fails inside
+    ``plain``, with torch's error)."""
+    device = next(a for a in args if isinstance(a, torch.Tensor)).device.type
+    autocast = torch.is_autocast_enabled(device)
+    if autocast:
+        args = tuple(a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != torch.float64
+                     else a for a in args)
     if not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
         checks(*args)
+    if not autocast:
+        return plain(*args)
+    with torch.autocast(device, enabled=False):
+        return plain(*args)
 
 
-def encode_for_export(x: torch.Tensor, assign_weight: torch.Tensor) -> torch.Tensor:
+def encode_for_export(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
     """``encode`` as standard operators: codes ``[B, M]`` uint8, the first largest similarity per
-    book (ArgMax keeps the first). Without the normalization: a positive factor per sub-vector
-    changes no argmax. Float16/bfloat16 computed in float32, as the op does."""
+    book (ArgMax keeps the first). ``normalize`` changes nothing (a positive factor per sub-vector
+    changes no argmax), so it is left out. Float16/bfloat16 computed in float32, as the op does."""
     M, d, K = assign_weight.shape
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     xs = x.reshape(x.shape[0], M, d).to(compute).transpose(0, 1)  # [M, B, d]

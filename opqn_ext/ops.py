@@ -70,8 +70,8 @@ def soft_quantize(
     """
     if (op_fallbacks.differentiating(x, assign_weight, codebook) or op_fallbacks.exporting_onnx()
             or op_fallbacks.traced_tensor(scale)):
-        op_fallbacks.check(_fake._check_args, x, assign_weight, codebook, scale)
-        return SoftQuantizeResult(*reference.soft_quantize(x, assign_weight, codebook, scale, bool(normalize)))
+        return SoftQuantizeResult(*op_fallbacks.run(_fake._soft_quantize_fake, reference.soft_quantize,
+                                                    x, assign_weight, codebook, scale, bool(normalize)))
     probs, quantized, entropy = torch.ops.opqn_ext.soft_quantize(
         x, assign_weight, codebook, float(scale), bool(normalize)
     )
@@ -96,8 +96,7 @@ def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True)
     cannot raise, so there non-finite inputs give codes instead of an error.
     """
     if op_fallbacks.exporting_onnx():
-        op_fallbacks.check(_fake._encode_fake, x, assign_weight, normalize)
-        return op_fallbacks.encode_for_export(x, assign_weight)
+        return op_fallbacks.run(_fake._encode_fake, op_fallbacks.encode_for_export, x, assign_weight, bool(normalize))
     return torch.ops.opqn_ext.encode(x, assign_weight, bool(normalize))
 
 
@@ -121,8 +120,7 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
     """
     k = _integer("k", k)
     if op_fallbacks.differentiating(lut, codes):
-        op_fallbacks.check(_fake._adc_topk_fake, lut, codes, k)
-        return reference.adc_topk(lut, codes, k)
+        return op_fallbacks.run(_fake._adc_topk_fake, reference.adc_topk, lut, codes, k)
     scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, k)
     return scores, indices
 
@@ -139,8 +137,7 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         torch.func's transforms, computed by :func:`opqn_ext.reference.adc_scores`).
     """
     if op_fallbacks.differentiating(lut, codes):
-        op_fallbacks.check(_fake._adc_scores_fake, lut, codes)
-        return reference.adc_scores(lut, codes)
+        return op_fallbacks.run(_fake._adc_scores_fake, reference.adc_scores, lut, codes)
     return torch.ops.opqn_ext.adc_scores(lut, codes)
 
 
@@ -191,12 +188,10 @@ def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> to
     return torch.where(i % 32 < 16, byte & 15, byte >> 4)
 
 
-def _check_topk4_args(lut, codes, k, rerank):
+def _check_topk4_args(lut, codes, k):
     _fake._adc_topk_fake(lut, codes, k)
     if lut.shape[2] > 16:
         raise RuntimeError(f"lut must have K <= 16 words per book for 4-bit codes, got K={lut.shape[2]}")
-    if rerank < 1:
-        raise RuntimeError(f"rerank must be >= 1, got {rerank}")
 
 
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
@@ -229,6 +224,7 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     k, rerank = _integer("k", k), _integer("rerank", rerank)
     if op_fallbacks.differentiating(lut):
         codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
-        op_fallbacks.check(_check_topk4_args, lut, codes, k, rerank)
-        return reference.adc_topk(lut, codes, k)
+        if rerank < 1:
+            raise RuntimeError(f"rerank must be >= 1 (candidates re-scored per result), got {rerank}")
+        return op_fallbacks.run(_check_topk4_args, reference.adc_topk, lut, codes, k)
     return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, k, rerank)

@@ -96,6 +96,26 @@ def test_vmap_over_a_batch_of_inputs_equals_the_op_per_input(device):
             torch.testing.assert_close(g[i], w, rtol=1e-12, atol=1e-12)
 
 
+def test_inside_autocast_the_references_compute_in_float32_as_the_ops_do():
+    (x, a, c), (tx, _, _) = problem("cpu")
+    x, a, c, tx = (t.to(torch.bfloat16) for t in (x, a, c, tx))
+    lut = torch.rand(2, 3, 4, dtype=torch.bfloat16)
+    codes = torch.randint(0, 4, (9, 3), dtype=torch.uint8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = opqn_ext.soft_quantize(x, a, c, 1.5, True)  # the op: float32 arguments and outputs
+        got, _ = jvp(lambda t: opqn_ext.soft_quantize(t, a, c, 1.5, True), (x,), (tx,))
+        want_scores = opqn_ext.adc_topk(lut, codes, 4)[0]
+        scores_in_transform = jvp(lambda t: opqn_ext.adc_topk(t, codes, 4)[0], (lut,), (lut,))[0]
+        got_grad = grad(lambda t: opqn_ext.adc_topk(t, codes, 4)[0].sum())(lut)
+        leaf = lut.clone().requires_grad_()
+        opqn_ext.adc_topk(leaf, codes, 4)[0].sum().backward()
+    for g, w in zip(got, want):
+        assert g.dtype == w.dtype == torch.float32
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-7)
+    assert scores_in_transform.dtype == torch.float32 and torch.equal(scores_in_transform, want_scores)
+    assert torch.equal(got_grad, leaf.grad)  # bfloat16, through the cast to float32
+
+
 def test_without_a_transform_the_fused_op_runs(monkeypatch):
     def refuse(*args):
         raise AssertionError("the reference ran")

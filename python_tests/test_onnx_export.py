@@ -35,8 +35,14 @@ def run_exported(path, inputs):
     return session.run(None, {session.get_inputs()[0].name: inputs.numpy()})
 
 
+DYNAMO_EXPORTER = pytest.param(True, marks=pytest.mark.skipif(
+    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9),
+    reason="before torch 2.9 (where it became the default), torch.onnx's dynamo exporter fails on the "
+           "backbone's BatchNorm with current onnxscript (seen on torch 2.6), not on these ops"))
+
+
 @pytest.mark.parametrize("query_scale", [None, 7.0])
-@pytest.mark.parametrize("dynamo", [True, False])
+@pytest.mark.parametrize("dynamo", [DYNAMO_EXPORTER, False])
 def test_exported_model_gives_the_codes_and_tables_of_the_model(tmp_path, dynamo, query_scale):
     model = Encoder(query_scale).eval()
     path = tmp_path / "encoder.onnx"
