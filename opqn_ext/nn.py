@@ -92,19 +92,35 @@ class OrthoPQHead(nn.Module):
         self.assignment, self.learn_codebook = assignment, bool(learn_codebook)
         self.assign_scale = float(assign_scale)
         self.query_scale = None if query_scale is None else float(query_scale)
-        self.codebook_kind = codebook_kind
-        g = torch.Generator().manual_seed(seed) if seed is not None else None
+        self.codebook_kind, self.seed = codebook_kind, seed
         codebook = orthonormal_codebooks(num_books, d, num_words, kind=codebook_kind, seed=seed)
         if self.learn_codebook:
             self.codebook = nn.Parameter(codebook)
         else:
             self.register_buffer("codebook", codebook)
         if assignment == "learned":
-            bound = math.sqrt(6.0 / (d + num_words))  # Xavier-uniform for a [d, K] matrix
-            self.assign_weight = nn.Parameter(torch.empty(num_books, d, num_words).uniform_(-bound, bound, generator=g))
-        bound = math.sqrt(6.0 / (num_classes + d))
-        self.class_weight = nn.Parameter(torch.empty(num_books, num_classes, d).uniform_(-bound, bound, generator=g))
-        self.register_buffer("feature_norm", torch.tensor(math.sqrt(d)))
+            self.assign_weight = nn.Parameter(torch.empty(num_books, d, num_words))
+        self.class_weight = nn.Parameter(torch.empty(num_books, num_classes, d))
+        self.register_buffer("feature_norm", torch.empty(()))
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """(Re)initializes every parameter and buffer in place, on their device: the orthonormal
+        codebook, Xavier-uniform ``assign_weight`` and ``class_weight`` (from ``seed`` when one was
+        given: the same values every time), ``feature_norm = sqrt(d)``. Models made on the meta
+        device and materialized with ``to_empty`` (FSDP2's recipe) call it to get their values."""
+        if self.class_weight.is_meta:  # nothing to fill before to_empty
+            return
+        M, d, K = self.num_books, self.dim, self.num_words
+        g = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
+        self.codebook.copy_(orthonormal_codebooks(M, d, K, kind=self.codebook_kind, seed=self.seed))
+        if self.assignment == "learned":
+            bound = math.sqrt(6.0 / (d + K))  # Xavier-uniform for a [d, K] matrix
+            self.assign_weight.copy_(torch.empty(M, d, K, device="cpu").uniform_(-bound, bound, generator=g))
+        bound = math.sqrt(6.0 / (self.num_classes + d))
+        self.class_weight.copy_(torch.empty(M, self.num_classes, d, device="cpu").uniform_(-bound, bound, generator=g))
+        self.feature_norm.fill_(math.sqrt(d))
 
     @property
     def assignment_weight(self) -> torch.Tensor:

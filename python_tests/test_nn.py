@@ -90,6 +90,35 @@ def test_encode_and_query_lut():
     assert torch.allclose(lut, torch.einsum("bmd,mdk->bmk", sq.quantized, head.codebook), atol=1e-6)
 
 
+@pytest.mark.parametrize("kwargs", [dict(seed=3), dict(seed=3, codebook_kind="random", learn_codebook=True),
+                                    dict(seed=3, assignment="codeword", codebook_kind="hadamard")])
+def test_a_head_made_on_the_meta_device_gets_the_values_of_a_head_made_directly(kwargs):
+    """FSDP2's recipe: build on the meta device, to_empty, then reset_parameters every module."""
+    want = OrthoPQHead(64, 7, 4, 16, **kwargs).state_dict()
+    with torch.device("meta"):
+        model = torch.nn.Sequential(torch.nn.Linear(8, 64), OrthoPQHead(64, 7, 4, 16, **kwargs))
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    got = model[1].state_dict()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+
+
+def test_reset_parameters_restores_the_initial_values_after_training():
+    head = OrthoPQHead(64, 7, 4, 16, seed=5)
+    initial = {k: v.clone() for k, v in head.state_dict().items()}
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    head(torch.randn(9, 64), torch.randint(0, 7, (9,))).loss.backward()
+    optimizer.step()
+    assert not torch.equal(head.assign_weight, initial["assign_weight"])
+    head.reset_parameters()
+    for name, value in head.state_dict().items():
+        assert torch.equal(value, initial[name]), name
+
+
 def test_feature_norm_tracks_training_features():
     head = OrthoPQHead(16, 3, 2, 4)
     for _ in range(500):
