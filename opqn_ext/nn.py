@@ -44,6 +44,17 @@ def margin_cross_entropy(features: torch.Tensor, class_weight: torch.Tensor, lab
     return F.cross_entropy(logits.reshape(M * B, -1), labels.repeat(M))
 
 
+def _assign(target: torch.Tensor, value: torch.Tensor) -> None:
+    """``target.copy_(value)``, where ``target`` may be a DTensor (a parameter that FSDP2 shards):
+    it then gets its own part of ``value`` (the first rank's value, for all ranks)."""
+    if dist.is_available():
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        if isinstance(target, DTensor):
+            value = distribute_tensor(value.to(target.device), target.device_mesh, target.placements)
+    target.copy_(value)
+
+
 class OrthoPQHead(nn.Module):
     """Orthonormal product quantization head (OPQN).
 
@@ -114,12 +125,12 @@ class OrthoPQHead(nn.Module):
             return
         M, d, K = self.num_books, self.dim, self.num_words
         g = torch.Generator().manual_seed(self.seed) if self.seed is not None else None
-        self.codebook.copy_(orthonormal_codebooks(M, d, K, kind=self.codebook_kind, seed=self.seed))
+        _assign(self.codebook, orthonormal_codebooks(M, d, K, kind=self.codebook_kind, seed=self.seed))
         if self.assignment == "learned":
             bound = math.sqrt(6.0 / (d + K))  # Xavier-uniform for a [d, K] matrix
-            self.assign_weight.copy_(torch.empty(M, d, K, device="cpu").uniform_(-bound, bound, generator=g))
+            _assign(self.assign_weight, torch.empty(M, d, K, device="cpu").uniform_(-bound, bound, generator=g))
         bound = math.sqrt(6.0 / (self.num_classes + d))
-        self.class_weight.copy_(torch.empty(M, self.num_classes, d, device="cpu").uniform_(-bound, bound, generator=g))
+        _assign(self.class_weight, torch.empty(M, self.num_classes, d, device="cpu").uniform_(-bound, bound, generator=g))
         self.feature_norm.fill_(math.sqrt(d))
 
     @property

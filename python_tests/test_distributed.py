@@ -71,6 +71,23 @@ def test_sharded_search_equals_one_index(tmp_path):
     assert torch.equal(got["after_remove"][0], want[0]) and torch.equal(got["after_remove"][1], want[1])
 
 
+def test_a_head_sharded_by_fsdp2_initializes_and_trains_as_one_head(tmp_path):
+    """Built on the meta device, sharded over 2 ranks, to_empty + reset_parameters: the values of a
+    head made directly; one step on half a batch per rank: one step of one head on the batch."""
+    torchrun([str(HERE / "fsdp_head_worker.py"), str(tmp_path / "out.pt")], tmp_path)
+    got = torch.load(tmp_path / "out.pt", weights_only=False)
+    assert got["sharded"] == ["assign_weight", "class_weight"]  # parameters; the codebook is a buffer
+    head = OrthoPQHead(64, 7, 4, 16, seed=3)
+    for name, value in head.state_dict().items():
+        assert torch.equal(got["initial"][name], value), name
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+    head(got["features"], got["labels"]).loss.backward()
+    optimizer.step()
+    for name, value in head.state_dict().items():
+        torch.testing.assert_close(got["after"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert not torch.equal(got["after"]["class_weight"], got["initial"]["class_weight"])
+
+
 TINY = ["--dataset", "orl", "--width", "4", "--epochs", "2", "--batch-size", "64", "--lr-step", "20", "--seed", "0",
         "--device", "cpu", "--no-progress"]
 
