@@ -71,6 +71,8 @@ def test_sharded_search_equals_one_index(tmp_path):
     assert torch.equal(got["after_remove"][0], want[0]) and torch.equal(got["after_remove"][1], want[1])
 
 
+@pytest.mark.skipif(tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 7),
+                    reason="torch 2.6's FSDP2 does not run on the CPU ('Stream' object has no attribute 'record_event')")
 def test_a_head_sharded_by_fsdp2_initializes_and_trains_as_one_head(tmp_path):
     """Built on the meta device, sharded over 2 ranks, to_empty + reset_parameters: the values of a
     head made directly; one step on half a batch per rank: one step of one head on the batch."""
