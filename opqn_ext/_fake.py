@@ -66,13 +66,22 @@ def _encode_fake(x, assign_weight, normalize):
     return x.new_empty(x.shape[0], M, dtype=torch.uint8)
 
 
-def _check_lut_and_codes(lut, codes):
+def _check_lut_and_codes(lut, codes, max_words=256, words="uint8 codes"):
+    """The checks of csrc/adc_common.cpp's check_lut_and_codes but NaN (that needs the values)."""
     if lut.dim() != 3 or codes.dim() != 2:
         raise RuntimeError("lut must have shape [nq, M, K] and codes [N, M]")
     if lut.dtype != torch.float32:
         raise RuntimeError(f"lut must be float32, got {lut.dtype}")
+    M, K = lut.shape[1], lut.shape[2]
+    torch._check(1 <= M <= 256, lambda: f"lut must have 1 <= M <= 256 books, got shape {list(lut.shape)}")
+    torch._check(1 <= K <= max_words,
+                 lambda: f"lut must have 1 <= K <= {max_words} words per book ({words}), got shape {list(lut.shape)}")
     if codes.dtype != torch.uint8:
         raise RuntimeError(f"codes must be uint8, got {codes.dtype}")
+    if codes.device != lut.device:
+        raise RuntimeError(f"codes must be on the device of lut ({lut.device}), got {codes.device}")
+    torch._check(codes.shape[1] == M,
+                 lambda: f"codes must have M={M} columns to match lut {list(lut.shape)}, got shape {list(codes.shape)}")
 
 
 @torch.library.register_fake("opqn_ext::adc_topk")

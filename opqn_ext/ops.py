@@ -189,9 +189,8 @@ def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> to
 
 
 def _check_topk4_args(lut, codes, k):
+    _fake._check_lut_and_codes(lut, codes, 16, "4-bit codes")
     _fake._adc_topk_fake(lut, codes, k)
-    if lut.shape[2] > 16:
-        raise RuntimeError(f"lut must have K <= 16 words per book for 4-bit codes, got K={lut.shape[2]}")
 
 
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):

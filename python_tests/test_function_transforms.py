@@ -146,6 +146,10 @@ def test_bad_arguments_are_named_under_a_transform():
         grad(lambda t: opqn_ext.adc_topk4(t, packed, 2, rerank=0)[0].sum())(lut)
     with pytest.raises(RuntimeError, match="K <= 16"):
         grad(lambda t: opqn_ext.adc_topk4(t, packed, 2)[0].sum())(torch.rand(2, 3, 17))
+    with pytest.raises(RuntimeError, match="lut must have 1 <= K <= 256 words per book"):
+        grad(lambda t: opqn_ext.adc_scores(t, codes).sum())(torch.rand(2, 3, 257))  # not cut to 256 words
+    with pytest.raises(RuntimeError, match="codes must have M=3 columns to match lut"):
+        jvp(lambda t: opqn_ext.adc_topk(t, codes[:, :2], 2)[0], (lut,), (lut,))
 
 
 def scan_problem(device, nq=3, N=70, M=5, K=16):
