@@ -39,7 +39,8 @@ def margin_cross_entropy(features: torch.Tensor, class_weight: torch.Tensor, lab
     """
     B, M, _ = features.shape
     cos = torch.einsum("bmd,mcd->mbc", F.normalize(features, dim=-1), F.normalize(class_weight, dim=-1))
-    target = F.one_hot(labels, class_weight.shape[1]).to(cos.dtype)  # [B, C]
+    classes = torch.arange(class_weight.shape[1], device=labels.device)
+    target = (labels.unsqueeze(1) == classes).to(cos.dtype)  # [B, C] one-hot (F.one_hot is not vmap-able)
     logits = scale * (cos - margin * target)  # [M, B, C]
     return F.cross_entropy(logits.reshape(M * B, -1), labels.repeat(M))
 
@@ -149,12 +150,17 @@ class OrthoPQHead(nn.Module):
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> OPQNLoss:
         """The OPQN loss of a batch: ``features [B, D]``, ``labels [B]`` int64 in ``[0, num_classes)``
-        (the range is checked in eager mode on the CPU; on CUDA it would cost a sync per step)."""
+        (the range is checked in eager mode on the CPU; on CUDA it would cost a sync per step).
+
+        Under torch.func's transforms (per-sample gradients: ``vmap(grad(...))`` over
+        ``functional_call``) the loss and its derivatives are the same, but the running feature
+        norm is not updated (a transform may not change a buffer; as for BatchNorm's running
+        statistics) and the label range is not checked."""
         x = self._split(features)
         self._check_labels(labels, x.shape[0])
         codebook = self.codebook.to(x.dtype)
         sq = soft_quantize(x, self.assignment_weight.to(x.dtype), codebook, self.assign_scale, False)
-        if self.training:
+        if self.training and not torch._C._are_functorch_transforms_active():
             self._track_feature_norm(x.detach())
         class_weight = self.class_weight.to(x.dtype)
         original = margin_cross_entropy(x, class_weight, labels, self.scale, self.margin)
@@ -168,6 +174,7 @@ class OrthoPQHead(nn.Module):
             raise ValueError(f"labels must be int64 [{batch}] (one class index per feature row), got "
                              f"{labels.dtype} {list(labels.shape)}")
         if (labels.device.type == "cpu" and batch and not torch.compiler.is_compiling()
+                and not torch._C._are_functorch_transforms_active()
                 and not 0 <= int(labels.min()) <= int(labels.max()) < self.num_classes):
             raise ValueError(f"labels must lie in [0, num_classes={self.num_classes}), got "
                              f"[{int(labels.min())}, {int(labels.max())}]")

@@ -119,6 +119,30 @@ def test_reset_parameters_restores_the_initial_values_after_training():
         assert torch.equal(value, initial[name]), name
 
 
+@pytest.mark.parametrize("training", [False, True])
+def test_per_sample_gradients_of_the_head_equal_one_backward_per_sample(training):
+    """torch.func over the whole head (vmap(grad) of functional_call), as DP-SGD and influence
+    methods use it: each sample's gradients equal an ordinary backward of that sample alone."""
+    from torch.func import functional_call, grad, vmap
+
+    head = OrthoPQHead(64, 7, 4, 16, seed=0).train(training)
+    params = {name: p.detach() for name, p in head.named_parameters()}
+    norm_before = head.feature_norm.clone()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(5, 64, generator=g, dtype=torch.float32), torch.randint(0, 7, (5,), generator=g)
+
+    def loss(p, features, labels):
+        return functional_call(head, p, (features.unsqueeze(0), labels.unsqueeze(0))).loss
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    assert torch.equal(head.feature_norm, norm_before)  # not updated under the transform
+    for b in range(5):
+        head.zero_grad()
+        head(x[b:b + 1], y[b:b + 1]).loss.backward()
+        for name, p in head.named_parameters():
+            torch.testing.assert_close(per_sample[name][b], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_feature_norm_tracks_training_features():
     head = OrthoPQHead(16, 3, 2, 4)
     for _ in range(500):
