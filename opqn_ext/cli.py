@@ -779,6 +779,31 @@ def cmd_index_info(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .onnx_export import check_onnx, export_onnx
+
+    ckpt = load_checkpoint(args.checkpoint)
+    model, cfg = model_from_checkpoint(ckpt)
+    shape = tuple(ckpt["input_shape"])
+    try:
+        export_onnx(model, shape, args.output)
+    except ImportError as err:
+        raise CliError(str(err)) from None
+    head = model.head
+    inputs = f"images [B, {', '.join(map(str, shape))}] uint8" if len(shape) == 3 else f"features [B, {shape[0]}] float32"
+    print(f"exported {inputs} -> codes [B, {head.num_books}] uint8 ({cfg.code_bits}-bit database codes), "
+          f"tables [B, {head.num_books}, {head.num_words}] float32 (query tables) -> {args.output} "
+          f"({_size_text(Path(args.output).stat().st_size)})")
+    check = check_onnx(model, shape, args.output)
+    if check is None:
+        print("not checked: onnxruntime is not installed")
+    else:
+        total = check.rows * head.num_books
+        print(f"checked with ONNX Runtime on {check.rows} random inputs: {total - check.codes_differing} of {total} "
+              f"codes equal the model's, tables within {check.table_error:.1e}")
+    return 0
+
+
 def cmd_embed(args) -> int:
     from .data import load_orl, save_features
     from .data.face_embeddings import embed_faces, embed_image_folder
@@ -854,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="opqn", description="Orthonormal Product Quantization Networks: "
                                      "train, evaluate and search compact face codes.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,eval,encode,search,index,cache,embed,demo}")
+                                metavar="{train,eval,encode,search,index,export,cache,embed,demo}")
     defaults = TrainConfig()
 
     p = sub.add_parser("train", help="train an OPQN model", description="Train OPQN (DESIGN.md section 1 defaults).")
@@ -950,6 +975,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--identities", action="store_true", help="also list each identity with its item count")
     p.add_argument("--json", help="write the description here")
     p.set_defaults(func=cmd_index_info)
+
+    p = sub.add_parser("export", help="a trained model as an ONNX graph: inputs -> codes and query tables",
+                       description="Export a trained model for deployment: one ONNX graph from its inputs (uint8 "
+                                   "images, or feature vectors for the MLP backbone; any batch size) to the database "
+                                   "codes and the query tables of every row, in standard operators (ONNX Runtime, "
+                                   "TensorRT). Checked against the model with ONNX Runtime when it is installed. "
+                                   "Needs onnx and onnxscript (pip install 'opqn-ext[export]').")
+    p.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
+    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embed", help="128-d dlib face embeddings of a data set (the faces extra)",
                        description="Compute dlib's 128-d face descriptors of ORL or an image folder and write a "

@@ -13,7 +13,7 @@ from opqn_ext.cli import main
 from opqn_ext.train import load_checkpoint, model_from_checkpoint
 from test_decoded_cache import no_decoding
 
-SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build", "index add", "index remove", "index info",
+SUBCOMMANDS = ["train", "eval", "encode", "search", "demo", "index build", "index add", "index remove", "index info", "export",
                "cache", "embed"]
 CPU = ["--device", "cpu"]  # results compared across batch sizes: a GPU's convolutions may round them differently
 
