@@ -26,13 +26,15 @@ def differentiating(*tensors: torch.Tensor) -> bool:
     tangent (under torch.compile, whose tracing sees no tangents: inside a ``dual_level`` context)."""
     if torch._C._are_functorch_transforms_active():
         return True
-    if torch.compiler.is_compiling():
-        return forward_ad._current_level >= 0
-    return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if forward_ad._current_level < 0:  # no dual level entered: no tangents (the common case, first)
+        return False
+    return torch.compiler.is_compiling() or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
 
 def exporting_onnx() -> bool:
-    return torch.onnx.is_in_onnx_export()
+    """True while torch.onnx.export traces (either exporter: the dynamo one compiles, the TorchScript
+    one traces); asked only then, since the question itself takes microseconds."""
+    return (torch.compiler.is_compiling() or torch.jit.is_tracing()) and torch.onnx.is_in_onnx_export()
 
 
 def traced_tensor(value) -> bool:
