@@ -44,6 +44,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_subset_search.py
 	$(PYTHON) benchmarks/bench_folder_loader.py
 	$(PYTHON) benchmarks/bench_folder_cache.py
+	$(PYTHON) benchmarks/bench_onnx_export.py
 
 # Release files in dist/: the sdist, and a wheel built from that sdist alone against the venv's torch
 # (with the CUDA kernels where `make test` builds them; WHEEL_ENV=OPQN_WITH_CUDA=0: CPU kernels only).
