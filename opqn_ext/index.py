@@ -324,8 +324,8 @@ class OPQNIndex:
         if not bool(torch.isfinite(luts).all()):
             _check_finite_rows("queries", queries)
             bad = (~torch.isfinite(luts).flatten(1).all(1)).nonzero().flatten().tolist()
-            raise ValueError(f"queries {_rows(bad)} give tables that are not finite: their values are too large "
-                             "for the squared norm of a sub-vector to be a float32")
+            raise ValueError(f"queries {_rows(bad)} give tables that are not finite: their values are so large "
+                             "that a sub-vector's products with the weights or its squared norm overflow float32")
         return luts
 
     def search(self, queries: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
