@@ -380,18 +380,25 @@ def test_search_names_the_image_files_of_a_folder_index_while_the_folder_matches
     assert all("file" not in x and "identity" in x for x in result["results"])
 
 
-def test_search_with_query_feature_files(tmp_path, capsys):
-    import numpy as np
-
+def train_on_a_feature_file(tmp_path, identities: int, per_identity: int):
+    """A feature file of ``identities`` clusters of 32-d vectors (ids ``id0``, ...), and a one-epoch
+    MLP run trained on it at ``tmp_path / "run"``; returns the features [N, 32]."""
     from opqn_ext.data import save_features
 
     g = torch.Generator().manual_seed(0)
-    centers, labels = torch.randn(20, 32, generator=g), torch.arange(20).repeat_interleave(10)
-    features = centers[labels] + 0.3 * torch.randn(200, 32, generator=g)
-    save_features(tmp_path / "f.safetensors", features, labels, [f"id{i}" for i in range(20)])
-    run, index = tmp_path / "run", tmp_path / "db.opqn"
+    centers, labels = torch.randn(identities, 32, generator=g), torch.arange(identities).repeat_interleave(per_identity)
+    features = centers[labels] + 0.3 * torch.randn(len(labels), 32, generator=g)
+    save_features(tmp_path / "f.safetensors", features, labels, [f"id{i}" for i in range(identities)])
     assert main(["train", "--dataset", "features", "--data-path", str(tmp_path / "f.safetensors"), "--backbone", "mlp",
-                 "--epochs", "1", "--out-dir", str(run), "--no-progress"]) == 0
+                 "--epochs", "1", "--out-dir", str(tmp_path / "run"), "--no-progress", *CPU]) == 0
+    return features
+
+
+def test_search_with_query_feature_files(tmp_path, capsys):
+    import numpy as np
+
+    features = train_on_a_feature_file(tmp_path, 20, 10)
+    run, index = tmp_path / "run", tmp_path / "db.opqn"
     assert main(["index", "build", str(run), *CPU, "--part", "all", "-o", str(index)]) == 0
     assert main(["search", str(run), *CPU, "--index", str(index), "--part", "all", "-k", "3",
                  "--json", str(tmp_path / "all.json")]) == 0

@@ -137,17 +137,12 @@ def test_opqn_export_without_onnxscript_says_what_to_install(tmp_path, capsys, m
 
 def test_opqn_export_of_an_mlp_run_takes_feature_vectors(tmp_path, capsys):
     from opqn_ext.cli import main
-    from opqn_ext.data import save_features
     from opqn_ext.onnx_export import RetrievalEncoder
     from opqn_ext.train import load_checkpoint, model_from_checkpoint
+    from test_cli import train_on_a_feature_file
 
-    g = torch.Generator().manual_seed(0)
-    centers, labels = torch.randn(10, 32, generator=g), torch.arange(10).repeat_interleave(8)
-    features = centers[labels] + 0.3 * torch.randn(80, 32, generator=g)
-    save_features(tmp_path / "f.safetensors", features, labels, [f"id{i}" for i in range(10)])
+    features = train_on_a_feature_file(tmp_path, 10, 8)
     run, path = tmp_path / "run", tmp_path / "mlp.onnx"
-    assert main(["train", "--dataset", "features", "--data-path", str(tmp_path / "f.safetensors"), "--backbone", "mlp",
-                 "--epochs", "1", "--out-dir", str(run), "--no-progress", "--device", "cpu"]) == 0
     capsys.readouterr()
     assert main(["export", str(run), "-o", str(path)]) == 0
     assert capsys.readouterr().out.startswith("exported features [B, 32] float32 -> codes [B, 8] uint8")
