@@ -7,8 +7,10 @@ from the same weights and must produce the same loss before anything is timed.
 
 With --autocast, the fused step also runs with the backbone under bfloat16 autocast (the OPQN ops
 compute in float32 inside it): the default on CUDA (TrainConfig.amp), opt-in on the CPU (cpu_amp).
+With --compile, the fused step also runs with its forward under torch.compile (`opqn train
+--compile`), the fused ops in its graph.
 
-    python benchmarks/bench_train.py [--device cpu|cuda] [--steps 30] [--autocast] [--json PATH]
+    python benchmarks/bench_train.py [--device cpu|cuda] [--steps 30] [--autocast] [--compile] [--json PATH]
 """
 import argparse
 import json
@@ -47,11 +49,11 @@ def loss_of(model, inputs, labels, autocast):
         return model["head"](model["backbone"](inputs).float(), labels).loss
 
 
-def step_seconds(model, inputs, labels, steps, device, autocast=False):
+def step_seconds(model, inputs, labels, steps, device, autocast=False, forward=loss_of):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
     def step():
-        loss = loss_of(model, inputs, labels, autocast)
+        loss = forward(model, inputs, labels, autocast)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,6 +78,7 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--autocast", action="store_true", help="also time the fused step under bfloat16 autocast")
+    parser.add_argument("--compile", action="store_true", help="also time the fused step compiled by torch.compile")
     parser.add_argument("--json", default="benchmarks/results/train_step.json")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -100,15 +103,26 @@ def main():
                 assert abs(mixed_loss - losses["fused"]) < 2e-2 * abs(losses["fused"]), (mixed_loss, losses)
                 mixed = step_seconds(model, inputs, labels, steps, device, autocast=True)
                 row.update(autocast_ms=mixed * 1e3, autocast_speedup=times["fused"] / mixed)
+            if args.compile:  # the compiled kernels round differently, no more
+                torch._dynamo.reset()
+                compiled = torch.compile(loss_of)
+                model, inputs, labels = make(setting, M, K, device)
+                with torch.no_grad():
+                    compiled_loss = float(compiled(model, inputs, labels, False))
+                assert abs(compiled_loss - losses["fused"]) < 1e-4 * abs(losses["fused"]), (compiled_loss, losses)
+                fast = step_seconds(model, inputs, labels, steps, device, forward=compiled)
+                row.update(compiled_ms=fast * 1e3, compiled_speedup=times["fused"] / fast)
             rows.append(row)
             print(json.dumps(rows[-1]), flush=True)
     print(f"\nOPQN training step, B=256, D=512, 1000 classes, {device} ({torch.get_num_threads()} threads)")
     amp_head = f" {'bf16 autocast ms':>17} {'x fused':>8}" if args.autocast else ""
-    print(f"{'backbone':>9} {'M x K':>7} {'fused ms':>9} {'reference ms':>13} {'speedup':>8}{amp_head}")
+    compile_head = f" {'compiled ms':>12} {'x fused':>8}" if args.compile else ""
+    print(f"{'backbone':>9} {'M x K':>7} {'fused ms':>9} {'reference ms':>13} {'speedup':>8}{amp_head}{compile_head}")
     for r in rows:
         amp = f" {r['autocast_ms']:17.2f} {r['autocast_speedup']:7.2f}x" if args.autocast else ""
+        fast = f" {r['compiled_ms']:12.2f} {r['compiled_speedup']:7.2f}x" if args.compile else ""
         print(f"{r['setting']:>9} {r['M']:>3} x {r['K']:<3} {r['fused_ms']:9.2f} {r['reference_ms']:13.2f} "
-              f"{r['speedup']:7.2f}x{amp}")
+              f"{r['speedup']:7.2f}x{amp}{fast}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"device": str(device), "threads": torch.get_num_threads(), "rows": rows}, f, indent=2)

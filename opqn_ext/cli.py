@@ -49,6 +49,7 @@ _HELP = {
     "eval_every": "evaluate every n epochs (0: at the end only)",
     "amp": "bfloat16 autocast on CUDA",
     "cpu_amp": "bfloat16 autocast on the CPU (fast where the CPU has AVX512-BF16 or AMX; many times slower elsewhere)",
+    "compile": "torch.compile the model for training (its first steps compile it; the fused ops stay in its graph)",
     "query_per_class": "queries per identity; its other items are the database",
     "split_seed": "seed of the split into training, database and query items",
     "input_size": "images are resized to input_size x input_size pixels",

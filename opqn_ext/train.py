@@ -83,6 +83,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bfloat16 autocast on CUDA
     cpu_amp: bool = False  # bfloat16 autocast on the CPU: faster where it computes bfloat16 natively (AVX512-BF16, AMX)
+    compile: bool = False  # torch.compile the training step's model (the first steps compile it)
     eval_every: int = 0  # evaluate every n epochs (0: only at the end)
     out_dir: str = "runs/opqn"
     progress: bool = True
@@ -365,7 +366,7 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 # how a run reads its data and reports, not what it computes: may change when a run is resumed
-RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers", "cache_dir")
+RUN_ONLY_FIELDS = ("progress", "out_dir", "stream", "workers", "cache_dir", "compile")
 
 
 def _what_runs(config: dict) -> dict:
@@ -449,6 +450,8 @@ def train(cfg: TrainConfig, resume: bool = False, prepared: PreparedData | None 
     runner: nn.Module = model
     if distributed:
         runner = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:  # the model itself stays as it is: checkpoints and evaluation use it
+        runner = cast(nn.Module, torch.compile(runner))
     log = None  # the main process's
     if main:  # a resumed run rewrites the log from the checkpoint: lines of a lost epoch disappear
         log = open(out_dir / LOG_NAME, "w")

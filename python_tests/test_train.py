@@ -51,6 +51,30 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, orl_see
     assert [h["loss"] for h in straight.history] == [h["loss"] for h in resumed.history]
 
 
+def test_a_compiled_run_trains_as_an_eager_run_and_may_resume_either_way(tmp_path):
+    """--compile: the same losses and weights up to the compiled kernels' rounding, checkpoints of the
+    model itself (no torch.compile wrapper in their keys), and compile changes nothing a resume checks."""
+    from opqn_ext.data import save_features
+
+    g = torch.Generator().manual_seed(0)
+    centers, labels = torch.randn(20, 32, generator=g), torch.arange(20).repeat_interleave(10)
+    save_features(tmp_path / "f.safetensors", centers[labels] + 0.3 * torch.randn(200, 32, generator=g), labels,
+                  [f"id{i}" for i in range(20)])
+    cfg = TrainConfig(dataset="features", data_path=str(tmp_path / "f.safetensors"), backbone="mlp", epochs=2,
+                      batch_size=64, progress=False, device="cpu", out_dir=str(tmp_path / "eager"))
+    eager = train(cfg, evaluate_at_end=False)
+    compiled_cfg = dataclasses.replace(cfg, compile=True, out_dir=str(tmp_path / "compiled"))
+    torch._dynamo.reset()
+    first = train(compiled_cfg, stop_after=1, evaluate_at_end=False)
+    assert list(load_checkpoint(tmp_path / "compiled")["model"]) == list(eager.model.state_dict())
+    resumed = train(dataclasses.replace(compiled_cfg, compile=False), resume=True, evaluate_at_end=False)
+    assert len(first.history) == 1 and [h["epoch"] for h in resumed.history] == [1, 2]
+    for mine, theirs in zip(resumed.history, eager.history):
+        assert mine["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+    for name, value in eager.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
 def test_resume_refuses_a_different_configuration(tmp_path, orl_seen):
     train(tiny(tmp_path, epochs=1), prepared=orl_seen, evaluate_at_end=False)
     with pytest.raises(ValueError, match="different configuration"):
