@@ -44,22 +44,32 @@ def example_inputs(input_shape: tuple[int, ...], rows: int, seed: int = 0) -> to
     return torch.randn(rows, *input_shape, generator=g)
 
 
+def dynamo_exporter_works() -> bool:
+    """torch.onnx's dynamo exporter is used from torch 2.9 on, where it became the default; before,
+    it failed on the backbones' BatchNorm and in-place input scaling (seen on torch 2.6), and the
+    TorchScript exporter writes the graph instead."""
+    return tuple(int(v) for v in torch.__version__.split(".")[:2]) >= (2, 9)
+
+
 def export_onnx(model: OPQNModel, input_shape: tuple[int, ...], path: str | Path) -> None:
-    """Writes the model's :class:`RetrievalEncoder` to ``path`` (torch.onnx's dynamo exporter, any
-    batch size). Needs the onnx and onnxscript packages."""
+    """Writes the model's :class:`RetrievalEncoder` to ``path``, for any batch size. Needs the onnx
+    and onnxscript packages."""
     for package in ("onnx", "onnxscript"):
         try:
             __import__(package)
         except ImportError:
             raise ImportError(f"exporting to ONNX needs the {package} package: pip install 'opqn-ext[export]'") from None
     encoder = RetrievalEncoder(model.eval().cpu())
-    images = len(input_shape) == 3
+    inputs, outputs = ["images" if len(input_shape) == 3 else "features"], ["codes", "tables"]
+    example = (example_inputs(input_shape, 2),)
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the exporter's notes on its own internals
-        program = torch.onnx.export(encoder, (example_inputs(input_shape, 2),), dynamo=True, verbose=False,
-                                    input_names=["images" if images else "features"],
-                                    output_names=["codes", "tables"],
-                                    dynamic_shapes=({0: torch.export.Dim("batch")},))
+        warnings.simplefilter("ignore")  # the exporters' notes on their own internals
+        if not dynamo_exporter_works():
+            torch.onnx.export(encoder, example, str(path), dynamo=False, input_names=inputs, output_names=outputs,
+                              dynamic_axes={name: {0: "batch"} for name in inputs + outputs})
+            return
+        program = torch.onnx.export(encoder, example, dynamo=True, verbose=False, input_names=inputs,
+                                    output_names=outputs, dynamic_shapes=({0: torch.export.Dim("batch")},))
     if program is None:  # the dynamo exporter returns its program; only the TorchScript one writes files itself
         raise RuntimeError("torch.onnx.export returned no ONNX program")
     program.save(str(path))

@@ -9,6 +9,7 @@ import torch
 import opqn_ext
 from opqn_ext import op_fallbacks
 from opqn_ext.nn import EmbeddingMLP, OrthoPQHead
+from opqn_ext.onnx_export import dynamo_exporter_works
 
 onnx = pytest.importorskip("onnx")  # the dev extra installs onnx, onnxscript and onnxruntime
 ort = pytest.importorskip("onnxruntime")
@@ -36,7 +37,7 @@ def run_exported(path, inputs):
 
 
 DYNAMO_EXPORTER = pytest.param(True, marks=pytest.mark.skipif(
-    tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 9),
+    not dynamo_exporter_works(),
     reason="before torch 2.9 (where it became the default), torch.onnx's dynamo exporter fails on the "
            "backbone's BatchNorm with current onnxscript (seen on torch 2.6), not on these ops"))
 
