@@ -84,11 +84,15 @@ def _check_lut_and_codes(lut, codes, max_words=256, words="uint8 codes"):
                  lambda: f"codes must have M={M} columns to match lut {list(lut.shape)}, got shape {list(codes.shape)}")
 
 
-@torch.library.register_fake("opqn_ext::adc_topk")
-def _adc_topk_fake(lut, codes, k):
-    _check_lut_and_codes(lut, codes)
+def _check_topk_args(lut, codes, k, max_words=256, words="uint8 codes"):
+    _check_lut_and_codes(lut, codes, max_words, words)
     torch._check(k >= 1, lambda: f"k must be >= 1, got {k}")
     torch._check(k <= codes.shape[0], lambda: f"k ({k}) must be <= the number of codes N ({codes.shape[0]})")
+
+
+@torch.library.register_fake("opqn_ext::adc_topk")
+def _adc_topk_fake(lut, codes, k):
+    _check_topk_args(lut, codes, k)
     return lut.new_empty(lut.shape[0], k), lut.new_empty(lut.shape[0], k, dtype=torch.int64)
 
 

@@ -1,5 +1,6 @@
 """Typed wrappers over torch.ops.opqn_ext.*, with the shapes they take and give."""
 import operator
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -188,11 +189,6 @@ def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> to
     return torch.where(i % 32 < 16, byte & 15, byte >> 4)
 
 
-def _check_topk4_args(lut, codes, k):
-    _fake._check_lut_and_codes(lut, codes, 16, "4-bit codes")
-    _fake._adc_topk_fake(lut, codes, k)
-
-
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
     """4-bit fast-scan top-k with exact re-scoring.
 
@@ -222,8 +218,9 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
     k, rerank = _integer("k", k), _integer("rerank", rerank)
     if op_fallbacks.differentiating(lut):
-        codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
         if rerank < 1:
             raise RuntimeError(f"rerank must be >= 1 (candidates re-scored per result), got {rerank}")
-        return op_fallbacks.run(_check_topk4_args, reference.adc_topk, lut, codes, k)
+        codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
+        checks = partial(_fake._check_topk_args, max_words=16, words="4-bit codes")
+        return op_fallbacks.run(checks, reference.adc_topk, lut, codes, k)
     return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, k, rerank)
