@@ -495,9 +495,8 @@ def cmd_search(args) -> int:
         raise CliError("--all returns every item scoring at least --min-score: give --min-score")
     if args.all and args.fast_scan:
         raise CliError("--all scans every code exactly: --fast-scan does not apply")
-    if not args.all and not 1 <= args.k <= scanned:
-        raise CliError(f"-k must be in [1, {scanned}] (the number of codes"
-                       f"{' of --identities' if args.identities else ''}), got {args.k}")
+    if not args.all and args.k < 1:
+        raise CliError(f"-k must be >= 1, got {args.k}")
     if args.fast_scan and index.num_words > 16:
         raise CliError(f"--fast-scan scans 4-bit codes (K <= 16); these codes have K={index.num_words}")
     if args.rerank < 1:
@@ -512,8 +511,8 @@ def cmd_search(args) -> int:
             found_ids += ids.split(counts)
         else:
             scores, ids = index.search(features, args.k, fast_scan=args.fast_scan, rerank=args.rerank)
-            found_scores += list(scores)
-            found_ids += list(ids)
+            found_scores += list(scores[:, :scanned])  # -k beyond the codes: every code, no padding
+            found_ids += list(ids[:, :scanned])
         ms += (time.perf_counter() - start) * 1e3
     every_id = torch.cat(found_ids) if found_ids else torch.zeros(0, dtype=torch.int64)  # all queries' results
     labels = index.labels_of(every_id).tolist()
@@ -908,7 +907,7 @@ def build_parser() -> argparse.ArgumentParser:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--index", help="an index file from `opqn index build` / `add` (memory-mapped)")
     source.add_argument("--codes", help="a code file from `opqn encode`")
-    p.add_argument("-k", type=int, default=10, help="results per query")
+    p.add_argument("-k", type=int, default=10, help="results per query (at most every code searched)")
     p.add_argument("--fast-scan", action="store_true", help="K <= 16: the 4-bit scan (tables of bytes looked up in "
                    "registers, --rerank x k candidates re-scored exactly; on CUDA an exact scan of 4-bit codes)")
     p.add_argument("--rerank", type=int, default=2, help="--fast-scan: candidates re-scored per result (default 2)")

@@ -41,6 +41,8 @@ _CRC_CHUNK = 64 << 20
 # range_search: the k of its first top-k scan, the factor by which k grows for queries whose top-k
 # all scored above the threshold, and the largest k (the CUDA scan's) before it computes every score
 RANGE_FIRST_K, RANGE_GROWTH, RANGE_MAX_K = 64, 16, 1024
+# the id of the places in a top-k beyond the items searched (as FAISS); never an item's id
+NO_ID = -1
 
 
 class IndexFileError(ValueError):
@@ -78,6 +80,22 @@ def _integer_ids(ids, name: str = "ids") -> torch.Tensor:
     if not _is_integer(ids):
         raise ValueError(f"{name} must be integers, got {ids.dtype}")
     return ids.long()
+
+
+def _check_item_ids(ids: torch.Tensor, name: str = "ids") -> None:
+    """Refuses NO_ID, which search returns where fewer than k items exist."""
+    if bool((ids == NO_ID).any()):
+        raise ValueError(f"{name} must not hold {NO_ID}: search returns that id where fewer than k items "
+                         "exist (as FAISS)")
+
+
+def _padded_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[nq, n]`` results (n <= k) widened to ``[nq, k]`` with score -inf and id NO_ID."""
+    nq, n = scores.shape
+    if n == k:
+        return scores, ids
+    return (torch.cat([scores, scores.new_full((nq, k - n), float("-inf"))], 1),
+            torch.cat([ids, ids.new_full((nq, k - n), NO_ID)], 1))
 
 
 def _is_orthonormal(codebook: torch.Tensor, tol: float = 1e-4) -> bool:
@@ -214,8 +232,9 @@ class OPQNIndex:
         return self.add_codes(self.encode(features, batch_size), ids, labels)
 
     def add_codes(self, codes: Array, ids=None, labels=None) -> torch.Tensor:
-        """Add precomputed codes ``[B, M]`` uint8 (every value < K); ids default to the next free
-        ones; duplicate ids (within the call or with the index) are rejected.
+        """Add precomputed codes ``[B, M]`` uint8 (every value < K); ids default to those after the
+        largest id held (from 0); duplicate ids (within the call or with the index) and the id -1
+        (search's mark of a missing result) are rejected.
 
         Ids above every id in the index (the default) are appended in amortized O(B): the per-item
         arrays keep spare room, grown by half when full. Other ids are looked up in the index
@@ -226,12 +245,13 @@ class OPQNIndex:
         n = codes.shape[0]
         if n and int(codes.max()) >= self.num_words:
             raise ValueError(f"codes must be < K={self.num_words}, got a code {int(codes.max())}")
-        last = int(self.ids[-1]) if len(self) else -1
-        start = last + 1
+        last = int(self.ids[-1]) if len(self) else NO_ID
+        start = max(last + 1, 0)
         ids = torch.arange(start, start + n) if ids is None else torch.as_tensor(ids).cpu()
         if ids.dim() != 1 or len(ids) != n or not _is_integer(ids):
             raise ValueError(f"ids must be {n} integers, got {ids.dtype} {list(ids.shape)}")
         ids = ids.long()
+        _check_item_ids(ids)
         labels = torch.full((n,), -1, dtype=torch.int64) if labels is None else torch.as_tensor(labels).cpu()
         if labels.dim() != 1 or len(labels) != n or not _is_integer(labels):
             raise ValueError(f"labels must be {n} integers, got {labels.dtype} {list(labels.shape)}")
@@ -331,9 +351,11 @@ class OPQNIndex:
     def search(self, queries: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                rerank: int = 2, subset=None):
         """Top-k of feature queries ``[nq, M*d]``: ``(scores [nq, k] float32, ids [nq, k] int64)``,
-        scores descending, ties to the smaller id; queries go in batches (bounded memory).
+        scores descending, ties to the smaller id; queries go in batches (bounded memory). Where
+        fewer than k items are searched, the places after them hold score -inf and id -1 (FAISS
+        writes -1 and the lowest float there).
         ``subset``: ids of the items to search among (FAISS's ID selector; ids the index lacks are
-        ignored, k may not exceed the items found); their codes are gathered and scanned.
+        ignored); their codes are gathered and scanned.
 
         No gradient flows (for differentiable scores, call :func:`~opqn_ext.adc_topk` on tables
         that require grad). ``fast_scan`` (K <= 16): the 4-bit scan ``adc_topk4``; on the CPU, register lookups with
@@ -391,6 +413,7 @@ class OPQNIndex:
         if why:
             raise ValueError(f"other cannot be merged: {why}")
         ids = other.ids + int(id_offset)  # increasing, as every index's
+        _check_item_ids(ids, "other's ids plus id_offset")
         in_order = not len(ids) or not len(self) or int(ids[0]) > int(self.ids[-1])
         if not in_order:
             clash = self._find(ids)[1]
@@ -480,21 +503,24 @@ class OPQNIndex:
     @torch.no_grad()  # queries straight from a model in training mode would keep every batch's graph
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2,
                 subset=None):
-        scanned = self._scanned(subset)
-        if not 1 <= k <= len(scanned):
-            what = "len(index)" if subset is None else "the items of subset"
-            raise ValueError(f"k must be in [1, {what} = {len(scanned)}], got {k}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         if fast_scan and self.num_words > 16:
             raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.num_words}")
+        scanned = self._scanned(subset)
+        found = min(k, len(scanned))  # the rest of each row: padding
         scores, ids = [], []
         for q0 in range(0, nq, batch_size):
             luts = lut_batch(q0, min(nq, q0 + batch_size))
-            if fast_scan:
-                s, pos = adc_topk4(luts, scanned._packed(), k, rerank)
+            if not found:
+                s, pos = torch.zeros(len(luts), 0), torch.zeros(len(luts), 0, dtype=torch.int64)
+            elif fast_scan:
+                s, pos = adc_topk4(luts, scanned._packed(), found, rerank)
             else:
-                s, pos = adc_topk(luts, scanned.codes, k)
-            scores.append(s.cpu())
-            ids.append(scanned.ids[pos.cpu()])
+                s, pos = adc_topk(luts, scanned.codes, found)
+            s, item_ids = _padded_topk(s.cpu(), scanned.ids[pos.cpu()], k)
+            scores.append(s)
+            ids.append(item_ids)
         if not scores:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
         return torch.cat(scores), torch.cat(ids)
@@ -573,6 +599,8 @@ class OPQNIndex:
         index.mapped_codes = mapped
         if n > 1 and not bool((index.ids[1:] > index.ids[:-1]).all()):
             raise IndexFileError(f"{path}: ids are not strictly increasing")
+        if n and bool(index._find(torch.tensor([NO_ID]))[1]):
+            raise IndexFileError(f"{path}: holds an item of id {NO_ID}, which search reserves for missing results")
         return index.to(device) if device is not None else index
 
 
@@ -642,6 +670,7 @@ class ShardedIndex:
     def _mine(self, ids, labels):
         """(mask, ids, labels) of the items of a batch that belong to this rank."""
         ids = _integer_ids(ids)
+        _check_item_ids(ids)  # on every rank, not only on the one the id -1 would go to
         mine = torch.remainder(ids, self.world) == self.rank
         return mine, ids[mine], None if labels is None else torch.as_tensor(labels)[mine]
 
@@ -706,21 +735,21 @@ class ShardedIndex:
         return self._search(luts, len(luts), k, batch_size, fast_scan, rerank, subset)
 
     def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int, subset):
-        shard = self.shard._scanned(subset)  # the subset's ids looked up once
-        local = len(shard)
-        total = int(all_reduce_sum(torch.tensor([local], dtype=torch.int64), self.group))
-        if not 1 <= k <= total:
-            scanned = "len(index)" if subset is None else "the items of subset"
-            raise ValueError(f"k must be in [1, {scanned} = {total}], got {k}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
         if fast_scan and self.shard.num_words > 16:
             raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.shard.num_words}")
-        local_k = min(k, local)
+        shard = self.shard._scanned(subset)  # the subset's ids looked up once
+        total = int(all_reduce_sum(torch.tensor([len(shard)], dtype=torch.int64), self.group))
+        local_k = min(k, len(shard))
         scores = torch.full((nq, k), float("-inf"))
-        ids = torch.full((nq, k), torch.iinfo(torch.int64).max, dtype=torch.int64)
+        ids = torch.full((nq, k), torch.iinfo(torch.int64).max, dtype=torch.int64)  # sorted after every item
         if local_k and nq:
             s, i = shard.search_luts(luts, local_k, batch_size, fast_scan, rerank)
             scores[:, :local_k], ids[:, :local_k] = s, i
-        return all_gather_topk(scores, ids, k, self.group)
+        scores, ids = all_gather_topk(scores, ids, k, self.group)
+        ids[:, total:] = NO_ID  # fewer than k items in all: as OPQNIndex.search
+        return scores, ids
 
     def range_search(self, queries: Array, min_score: float, batch_bytes: int = 64 << 20, subset=None):
         """Every item of every shard scoring at least ``min_score`` for each query, as

@@ -30,6 +30,11 @@ among = torch.arange(0, 12000, 7)  # some ids of each shard, and ids of none
 results["subset"] = index.search(q, 40, subset=among)
 results["range_subset"] = index.range_search(q, 0.8, subset=among)
 results["restricted"] = index.restricted(among).search(q, 40)
+results["few"] = index.search(q, 40, subset=[0, 3, 6, 7, 9, 12, 15])  # 6 items, 3 on each rank; 7 is none
+try:
+    index.add(features(2, 3), ids=[12001, -1])
+except ValueError as e:  # on both ranks, though only rank 1 would hold the id -1
+    results["minus_one"] = str(e)
 results["contains"] = index.contains(torch.tensor([[0, 1], [11997, 12000]]))
 asked = torch.tensor([[3, 4], [12000, 6]])  # 4 and 12000 are no item's id
 results["labels"] = index.labels_of(asked)

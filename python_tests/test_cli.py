@@ -90,8 +90,10 @@ def test_train_eval_encode_search(tmp_path, capsys):
     scores = [r["score"] for r in results[0]["results"]]
     assert scores == sorted(scores, reverse=True)
     assert "top-5" in capsys.readouterr().out
-    assert main(["search", str(run), "--codes", str(codes_file), "-k", "281"]) == 2
-    assert "-k must be in [1, 280]" in capsys.readouterr().err
+    assert main(["search", str(run), "--codes", str(codes_file), "-k", "281", "--json", str(tmp_path / "all.json")]) == 0
+    assert [len(r["results"]) for r in json.loads((tmp_path / "all.json").read_text())] == [280] * 120  # every code
+    assert main(["search", str(run), "--codes", str(codes_file), "-k", "0"]) == 2
+    assert "-k must be >= 1, got 0" in capsys.readouterr().err
     # 4-bit codes (K = 16): the fast scan returns what the exact scan returns
     assert main(["search", str(run), "--codes", str(codes_file), "-k", "5", "--fast-scan", "--rerank", "3",
                  "--json", str(tmp_path / "f.json")]) == 0

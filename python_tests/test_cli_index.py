@@ -283,10 +283,13 @@ def test_search_among_some_identities_returns_only_their_items(tmp_path, capsys,
     assert "1 queries x 20 codes, top-20" in capsys.readouterr().out
     (result,) = json.loads((tmp_path / "a.json").read_text())
     assert result["results"] == [x for x in everyone.values() if x["identity"] in among]  # in rank order
+    assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probe), "-k", "11",
+                 "--identities", "s03", "--json", str(tmp_path / "b.json")]) == 0
+    (result,) = json.loads((tmp_path / "b.json").read_text())  # -k beyond the identity's 10 items: all of them
+    assert result["results"] == [x for x in everyone.values() if x["identity"] == "s03"]
     for args, message in ((["--identities", "s03", "carol", "dave"], "--identities: the index holds no identity "
                                                                      "carol, dave"),
-                          (["--identities", "s03", "-k", "11"], "-k must be in [1, 10] (the number of codes of "
-                                                                "--identities), got 11")):
+                          (["--identities", "s03", "-k", "0"], "-k must be >= 1, got 0")):
         assert main(["search", str(run), *CPU, "--index", str(built), "--query", str(probe), *args]) == 2
         assert message in capsys.readouterr().err
 

@@ -60,6 +60,10 @@ def test_sharded_search_equals_one_index(tmp_path):
     assert torch.equal(got["subset"][0], subset[0]) and torch.equal(got["subset"][1], subset[1])
     assert all(torch.equal(a, b) for a, b in zip(got["range_subset"], single.range_search(q, 0.8, subset=among)))
     assert torch.equal(got["restricted"][0], subset[0]) and torch.equal(got["restricted"][1], subset[1])
+    few = single.search(q, 40, subset=[0, 3, 6, 7, 9, 12, 15])
+    assert torch.equal(got["few"][0], few[0]) and torch.equal(got["few"][1], few[1])
+    assert sorted(got["few"][1][0, :6].tolist()) == [0, 3, 6, 9, 12, 15] and bool((got["few"][1][:, 6:] == -1).all())
+    assert got["minus_one"] == "ids must not hold -1: search returns that id where fewer than k items exist (as FAISS)"
     assert got["contains"].tolist() == [[True, False], [True, False]]
     assert got["labels"].tolist() == [[3 % 5, -1], [-1, 6 % 5]]
     assert torch.equal(got["vectors"], single.reconstruct(ids[:50]))

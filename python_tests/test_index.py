@@ -56,6 +56,50 @@ def test_ids_continue_and_duplicates_are_rejected():
     assert len(index) == 10
 
 
+def test_the_id_minus_one_is_refused_and_default_ids_start_at_zero():
+    index, _ = make_index()
+    message = r"ids must not hold -1: search returns that id where fewer than k items exist \(as FAISS\)"
+    with pytest.raises(ValueError, match=message):
+        index.add(features(3, 1), ids=[-5, -1, 4])
+    assert len(index) == 0
+    index.add(features(2, 1), ids=[-5, -2])
+    assert index.add(features(2, 2)).tolist() == [0, 1]  # not -1, 0: after the largest id, from 0
+    other, _ = make_index()
+    other.add(features(2, 3), ids=[0, 9])
+    with pytest.raises(ValueError, match=message.replace("ids must", "other's ids plus id_offset must")):
+        index.merge_from(other, id_offset=-10)
+    assert index.ids.tolist() == [-5, -2, 0, 1]
+
+
+def test_a_saved_index_holding_the_id_minus_one_is_refused(tmp_path):
+    index, _ = make_index()
+    index.add(features(3, 1), ids=[-3, -2, 0])
+    index.ids = torch.tensor([-3, -1, 0])  # as a file written without the check would hold
+    index.save(tmp_path / "a.opqn")
+    with pytest.raises(IndexFileError, match="holds an item of id -1, which search reserves for missing results"):
+        OPQNIndex.load(tmp_path / "a.opqn")
+
+
+@pytest.mark.parametrize("fast_scan", [False, True])
+def test_a_top_k_beyond_the_items_is_padded_as_faiss_pads_it(device, fast_scan):
+    index, _ = make_index()
+    index.to(device)
+    q = features(7, 2)
+    scores, ids = index.search(q, 4, fast_scan=fast_scan)  # an empty index: padding only
+    assert torch.equal(scores, torch.full((7, 4), float("-inf"))) and torch.equal(ids, torch.full((7, 4), -1))
+    index.add(features(5, 1), ids=[10, 20, 30, 40, 50])
+    want_s, want_i = index.search(q, 5, batch_size=3, fast_scan=fast_scan)  # tables as in the batches below
+    scores, ids = index.search(q, 8, batch_size=3, fast_scan=fast_scan)
+    assert scores.shape == ids.shape == (7, 8) and scores.dtype == torch.float32 and ids.dtype == torch.int64
+    assert torch.equal(scores[:, :5], want_s) and torch.equal(ids[:, :5], want_i)
+    assert bool((scores[:, 5:] == float("-inf")).all()) and bool((ids[:, 5:] == -1).all())
+    scores, ids = index.search(q, 3, subset=[20, 50, 60], fast_scan=fast_scan)  # 60 is no item's id
+    assert sorted(ids[0, :2].tolist()) == [20, 50] and ids[:, 2].tolist() == [-1] * 7
+    assert scores[:, 2].tolist() == [float("-inf")] * 7 and bool(torch.isfinite(scores[:, :2]).all())
+    assert torch.equal(index.search_luts(index.query_lut(q), 8, fast_scan=fast_scan)[1][:, 5:], torch.full((7, 3), -1))
+    assert index.search(q[:0], 8)[0].shape == (0, 8)
+
+
 def test_add_codes_validates():
     index, _ = make_index()
     with pytest.raises(ValueError, match="codes must be < K=16, got a code 16"):
@@ -69,8 +113,9 @@ def test_add_codes_validates():
 def test_search_errors():
     index, _ = make_index()
     index.add(features(5, 1))
-    with pytest.raises(ValueError, match=r"k must be in \[1, len\(index\) = 5\]"):
-        index.search(features(1, 2), 6)
+    for k in (0, -1):
+        with pytest.raises(ValueError, match=rf"k must be >= 1, got {k}"):
+            index.search(features(1, 2), k)
     with pytest.raises(ValueError, match=r"queries must be \[nq, 64\]"):
         index.search(torch.zeros(1, 10), 1)
 
@@ -498,10 +543,10 @@ def test_a_search_among_a_subset_of_ids_returns_only_them_as_a_scan_of_them_woul
         keep = torch.isin(all_ids[all_lims[q]:all_lims[q + 1]], held)
         assert torch.equal(ids[lims[q]:lims[q + 1]], all_ids[all_lims[q]:all_lims[q + 1]][keep])
         assert torch.equal(scores[lims[q]:lims[q + 1]], all_scores[all_lims[q]:all_lims[q + 1]][keep])
-    with pytest.raises(ValueError, match=rf"k must be in \[1, the items of subset = {len(held)}\], got {len(held) + 1}"):
-        index.search(queries, len(held) + 1, subset=subset)
-    with pytest.raises(ValueError, match=r"k must be in \[1, the items of subset = 0\], got 1"):
-        index.search(queries, 1, subset=[1, 3])  # odd ids: none in the index
+    scores, ids = index.search(queries, len(held) + 1, subset=subset)  # one place more than the subset's items
+    assert torch.equal(ids[:, :-1], index.search(queries, len(held), subset=subset)[1]) and ids[:, -1].tolist() == [-1] * 9
+    scores, ids = index.search(queries, 2, subset=[1, 3])  # odd ids: none in the index
+    assert ids.tolist() == [[-1, -1]] * 9 and scores.tolist() == [[float("-inf")] * 2] * 9
     for wrong, message in (([2.0, 4.0], "subset must be integers, got torch.float32"),
                            (torch.ones(700, dtype=torch.bool), "subset must be integers, got torch.bool"),
                            ("abc", "subset must be integers, got str")):
