@@ -130,9 +130,10 @@ def test_source_distribution_holds_everything_a_build_and_the_tests_need(tmp_pat
     sdist = tmp_path / "dist" / proc.stdout.split()[-1]
     with tarfile.open(sdist) as tar:
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
-    needed = [f for f in tracked if f.startswith(("csrc/", "opqn_ext/", "python_tests/"))
+    needed = [f for f in tracked if f.startswith(("csrc/", "opqn_ext/", "python_tests/", "cmake/", "cpp_tests/"))
               or f in ("setup.py", "pyproject.toml", "CMakeLists.txt", "README.md")]
     assert any(f.endswith(".cuh") for f in needed) and any(f.endswith(".h") for f in needed)
+    assert "cmake/opqn_extConfig.cmake.in" in needed and "cpp_tests/CMakeLists.txt" in needed
     assert sorted(set(needed) - packed) == []
     assert not any("__pycache__" in name or name.endswith((".so", ".o", ".pyc")) for name in packed)
 

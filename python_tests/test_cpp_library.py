@@ -1,0 +1,117 @@
+"""The C++ library as libtorch users take it: CMakeLists.txt configured, built and installed with
+CMake (the ops library opqn_ext_ops, CPU kernels, no Python module), then the programs of
+cpp_tests/ built against the installed package through find_package(opqn_ext): the typed C++ API
+against brute-force loops, and an AOTInductor package of a model that calls the ops, run in a
+process without Python. The build stays in build/cpp-library (incremental, as setup.py's)."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+import opqn_ext
+from opqn_ext.file_lock import exclusive_lock
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD = os.path.join(ROOT, "build", "cpp-library")
+
+
+def cmake(*args, cwd=ROOT):
+    done = subprocess.run(["cmake", *args], cwd=cwd, capture_output=True, text=True)
+    assert done.returncode == 0, f"cmake {' '.join(args)} failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """The installed prefix and the folder of the built cpp_tests programs."""
+    if shutil.which("cmake") is None:
+        pytest.skip("cmake is not installed")
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    prefix, tests = os.path.join(BUILD, "prefix"), os.path.join(BUILD, "tests")
+    torch_cmake = torch.utils.cmake_prefix_path
+    jobs = str(os.cpu_count() or 2)
+    os.makedirs(BUILD, exist_ok=True)
+    with exclusive_lock(os.path.join(BUILD, ".lock"), "another test process building the C++ library"):  # xdist
+        cmake("-S", ROOT, "-B", os.path.join(BUILD, "library"), *generator, "-DOPQN_WITH_CUDA=OFF",
+              "-DOPQN_BUILD_PYTHON_MODULE=OFF", f"-DCMAKE_PREFIX_PATH={torch_cmake}")
+        cmake("--build", os.path.join(BUILD, "library"), "-j", jobs)
+        cmake("--install", os.path.join(BUILD, "library"), "--prefix", prefix)
+        cmake("-S", os.path.join(ROOT, "cpp_tests"), "-B", tests, *generator, "-DCMAKE_BUILD_TYPE=Release",
+              f"-DCMAKE_PREFIX_PATH={prefix};{torch_cmake}")
+        cmake("--build", tests, "-j", jobs)
+    return prefix, tests
+
+
+def test_the_installed_package_holds_the_library_header_and_cmake_files(programs):
+    prefix, _ = programs
+    lib = os.path.join(prefix, "lib")
+    assert os.path.isfile(os.path.join(prefix, "include", "opqn_ext", "ops.h"))
+    assert {"opqn_extConfig.cmake", "opqn_extConfigVersion.cmake", "opqn_extTargets.cmake",
+            "opqn_extFindTorch.cmake"} <= set(os.listdir(os.path.join(lib, "cmake", "opqn_ext")))
+    library = os.path.join(lib, "libopqn_ext_ops.so")
+    needed = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
+    assert "libtorch" in needed and "python" not in needed.lower()  # nothing of Python
+
+
+def test_the_cpp_api_agrees_with_brute_force_and_names_bad_arguments(programs):
+    _, tests = programs
+    done = subprocess.run([os.path.join(tests, "test_cpp_api")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip() == "every check passed"
+
+
+class Retrieval(torch.nn.Module):
+    """A model ending in the ops: assignments, codes, and top-k and every score over fixed codes."""
+
+    def __init__(self, M=4, d=16, K=16, N=300):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.features = torch.nn.Linear(32, M * d)
+        self.assign_weight = torch.nn.Parameter(torch.randn(M, d, K, generator=g))
+        self.register_buffer("codebook", opqn_ext.orthonormal_codebooks(M, d, K))
+        self.register_buffer("db_codes", torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8))
+
+    def forward(self, inputs):
+        x = self.features(inputs)
+        probs, quantized, entropy = opqn_ext.soft_quantize(x, self.assign_weight, self.codebook, 2.0, True)
+        scores, ids = opqn_ext.adc_topk(probs, self.db_codes, 7)
+        return (opqn_ext.encode(x, self.assign_weight), quantized, entropy, scores, ids,
+                opqn_ext.adc_scores(probs, self.db_codes))
+
+
+def test_an_aotinductor_package_calling_the_ops_runs_in_cpp_without_python(programs, tmp_path):
+    _, tests = programs
+    model = Retrieval().eval()
+    batch = torch.export.Dim("batch", min=1)
+    with torch.no_grad():
+        exported = torch.export.export(model, (torch.randn(8, 32),), dynamic_shapes={"inputs": {0: batch}})
+        package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "model.pt2"))
+    calls = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
+    assert {"opqn_ext.soft_quantize.default", "opqn_ext.adc_topk.default", "opqn_ext.encode.default",
+            "opqn_ext.adc_scores.default"} <= calls  # the fused ops themselves, not a decomposition
+    inputs = torch.randn(13, 32, generator=torch.Generator().manual_seed(1))  # another batch size
+    torch.save((inputs,), tmp_path / "inputs.pt")
+    done = subprocess.run([os.path.join(tests, "run_aoti_package"), package, str(tmp_path / "inputs.pt"),
+                           str(tmp_path / "outputs.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    got = torch.load(tmp_path / "outputs.pt")
+    with torch.no_grad():
+        in_python = torch._inductor.aoti_load_package(package)(inputs)
+        eager = model(inputs)
+    assert len(got) == len(eager) == 6
+    for mine, python, want in zip(got, in_python, eager):
+        assert mine.dtype == want.dtype and mine.shape == want.shape
+        assert torch.equal(mine, python)  # the same compiled code, in C++ and in Python
+        if want.is_floating_point():
+            torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(mine, want)
+
+
+def test_the_cmake_project_version_is_the_package_version():
+    with open(os.path.join(ROOT, "CMakeLists.txt")) as f:
+        assert f"project(opqn_ext VERSION {opqn_ext.__version__} LANGUAGES CXX)" in f.read()
+
+
