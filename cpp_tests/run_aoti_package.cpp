@@ -39,9 +39,9 @@ int main(int argc, char** argv) {
   try {
     std::vector<at::Tensor> inputs;
     const c10::IValue loaded = torch::jit::pickle_load(read_file(argv[2]));
-    const std::vector<c10::IValue> values =
+    const std::vector<c10::IValue> given =
         loaded.isTuple() ? loaded.toTupleRef().elements().vec() : loaded.toListRef().vec();
-    for (const c10::IValue& value : values) inputs.push_back(value.toTensor());
+    for (const c10::IValue& value : given) inputs.push_back(value.toTensor());
     torch::inductor::AOTIModelPackageLoader model(argv[1]);
     const std::vector<at::Tensor> outputs = model.run(inputs);
     if (python_is_loaded()) {
