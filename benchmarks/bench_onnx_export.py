@@ -1,4 +1,5 @@
-"""The graph `opqn export` writes, run by ONNX Runtime, against the same model in PyTorch (eager
+"""The graph `opqn export` writes, run by ONNX Runtime, and its AOTInductor package (`-o
+model.pt2`, run by torch._inductor.aoti_load_package), against the same model in PyTorch (eager
 and torch.compile) on the CPU: uint8 face images [B, 3, S, S] -> database codes and query tables,
 the work a deployment does per image. FaceResNet20 (the paper's backbone) with 512-d features and
 32-bit codes (8 books of 16 words). Every runtime's codes and tables are checked against eager
@@ -18,6 +19,7 @@ from pathlib import Path
 import onnxruntime
 import torch
 
+from opqn_ext.aoti_export import export_aoti
 from opqn_ext.nn import FaceResNet20, OrthoPQHead
 from opqn_ext.onnx_export import RetrievalEncoder, example_inputs, export_onnx
 from opqn_ext.train import OPQNModel
@@ -53,12 +55,15 @@ def main():
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        export_aoti(model, shape, Path(tmp) / "encoder.pt2")
+        package = torch._inductor.aoti_load_package(str(Path(tmp) / "encoder.pt2"))
     compiled = torch.compile(encoder)
     feeds = {session.get_inputs()[0].name: images.numpy()}
     runtimes = {
         "pytorch eager": lambda: encoder(images),
         "torch.compile": lambda: compiled(images),
         "onnxruntime": lambda: tuple(torch.from_numpy(a) for a in session.run(None, feeds)),
+        "aotinductor": lambda: package(images),
     }
     with torch.no_grad():
         want_codes, want_tables = encoder(images)

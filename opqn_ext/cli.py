@@ -24,6 +24,7 @@ from .codebooks import KINDS as CODEBOOK_KINDS
 from .data import OrlDataError
 from .index import IndexFileError
 from .nn import ASSIGNMENTS
+from .onnx_export import ExportCheck
 from .train import (BACKBONES, DATASETS, PROTOCOLS, Evaluation, TrainConfig, evaluate, feature_chunks,
                     load_checkpoint, load_dataset, model_from_checkpoint, prepare_data, resolve_device, train)
 
@@ -780,26 +781,37 @@ def cmd_index_info(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .onnx_export import check_onnx, export_onnx
-
+    suffix = Path(args.output).suffix
+    if suffix not in (".onnx", ".pt2"):
+        raise CliError(f"-o must name an .onnx file (an ONNX graph) or a .pt2 file (an AOTInductor package), "
+                       f"got {args.output}")
     ckpt = load_checkpoint(args.checkpoint)
     model, cfg = model_from_checkpoint(ckpt)
     shape = tuple(ckpt["input_shape"])
-    try:
-        export_onnx(model, shape, args.output)
-    except ImportError as err:
-        raise CliError(str(err)) from None
+    check: ExportCheck | None  # None: not checked (ONNX without onnxruntime)
+    if suffix == ".pt2":
+        from .aoti_export import check_aoti, export_aoti
+
+        export_aoti(model, shape, args.output)
+        check, checker = check_aoti(model, shape, args.output), "torch._inductor.aoti_load_package"
+    else:
+        from .onnx_export import check_onnx, export_onnx
+
+        try:
+            export_onnx(model, shape, args.output)
+        except ImportError as err:
+            raise CliError(str(err)) from None
+        check, checker = check_onnx(model, shape, args.output), "ONNX Runtime"
     head = model.head
     inputs = f"images [B, {', '.join(map(str, shape))}] uint8" if len(shape) == 3 else f"features [B, {shape[0]}] float32"
     print(f"exported {inputs} -> codes [B, {head.num_books}] uint8 ({cfg.code_bits}-bit database codes), "
           f"tables [B, {head.num_books}, {head.num_words}] float32 (query tables) -> {args.output} "
           f"({_size_text(Path(args.output).stat().st_size)})")
-    check = check_onnx(model, shape, args.output)
     if check is None:
         print("not checked: onnxruntime is not installed")
     else:
         total = check.rows * head.num_books
-        print(f"checked with ONNX Runtime on {check.rows} random inputs: {total - check.codes_differing} of {total} "
+        print(f"checked with {checker} on {check.rows} random inputs: {total - check.codes_differing} of {total} "
               f"codes equal the model's, tables within {check.table_error:.1e}")
     return 0
 
@@ -976,14 +988,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the description here")
     p.set_defaults(func=cmd_index_info)
 
-    p = sub.add_parser("export", help="a trained model as an ONNX graph: inputs -> codes and query tables",
-                       description="Export a trained model for deployment: one ONNX graph from its inputs (uint8 "
-                                   "images, or feature vectors for the MLP backbone; any batch size) to the database "
-                                   "codes and the query tables of every row, in standard operators (ONNX Runtime, "
-                                   "TensorRT). Checked against the model with ONNX Runtime when it is installed. "
-                                   "Needs onnx and onnxscript (pip install 'opqn-ext[export]').")
+    p = sub.add_parser("export", help="a trained model as an ONNX graph or an AOTInductor package: inputs -> "
+                                      "codes and query tables",
+                       description="Export a trained model for deployment: from its inputs (uint8 images, or feature "
+                                   "vectors for the MLP backbone; any batch size) to the database codes and the query "
+                                   "tables of every row. model.onnx: one ONNX graph in standard operators (ONNX "
+                                   "Runtime, TensorRT), checked with ONNX Runtime when it is installed; needs onnx and "
+                                   "onnxscript (pip install 'opqn-ext[export]'). model.pt2: an AOTInductor package "
+                                   "compiled for the CPU, calling the fused ops, for torch._inductor.aoti_load_package "
+                                   "or C++ (AOTIModelPackageLoader with the opqn_ext_ops library); checked by running it.")
     p.add_argument("checkpoint", help="checkpoint.pt or the run folder holding it")
-    p.add_argument("-o", "--output", required=True, help="the .onnx file to write")
+    p.add_argument("-o", "--output", required=True, help="the file to write: .onnx or .pt2")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("embed", help="128-d dlib face embeddings of a data set (the faces extra)",

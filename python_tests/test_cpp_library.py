@@ -115,3 +115,44 @@ def test_the_cmake_project_version_is_the_package_version():
         assert f"project(opqn_ext VERSION {opqn_ext.__version__} LANGUAGES CXX)" in f.read()
 
 
+
+
+def test_opqn_export_writes_a_package_that_cpp_runs_on_the_data_sets_images(programs, tmp_path, capsys):
+    """A trained ORL run exported with `opqn export -o model.pt2`, run in C++ without Python on the
+    data set's uint8 images: the codes `opqn encode` stores and the tables of the model's head."""
+    from safetensors.torch import load_file
+
+    from opqn_ext.cli import main
+    from opqn_ext.onnx_export import RetrievalEncoder
+    from opqn_ext.train import load_checkpoint, model_from_checkpoint, prepare_data
+
+    _, tests = programs
+    run, package = tmp_path / "run", tmp_path / "encoder.pt2"
+    assert main(["train", "--epochs", "1", "--width", "4", "--bits", "32", "--out-dir", str(run), "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert main(["encode", str(run), "--device", "cpu", "--part", "all", "-o", str(tmp_path / "codes.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "-o", str(package)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exported images [B, 1, 32, 32] uint8 -> codes [B, 8] uint8 (32-bit database codes), "
+                          f"tables [B, 8, 16] float32 (query tables) -> {package}")
+    assert "checked with torch._inductor.aoti_load_package on 7 random inputs: 56 of 56 codes equal the model's" in out
+    model, cfg = model_from_checkpoint(load_checkpoint(str(run)))
+    images = prepare_data(cfg).inputs  # uint8 [400, 1, 32, 32], as training read them
+    torch.save((images,), tmp_path / "images.pt")
+    done = subprocess.run([os.path.join(tests, "run_aoti_package"), str(package), str(tmp_path / "images.pt"),
+                           str(tmp_path / "outputs.pt")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    codes, tables = torch.load(tmp_path / "outputs.pt")
+    stored = load_file(str(tmp_path / "codes.safetensors"))
+    assert torch.equal(codes[stored["items"]], stored["codes"])
+    with torch.no_grad():
+        torch.testing.assert_close(tables, RetrievalEncoder(model)(images)[1], rtol=1e-4, atol=1e-6)
+
+
+def test_opqn_export_names_the_formats_it_writes(tmp_path, capsys):
+    from opqn_ext.cli import main
+
+    assert main(["export", str(tmp_path / "run"), "-o", str(tmp_path / "model.bin")]) == 2
+    assert (f"-o must name an .onnx file (an ONNX graph) or a .pt2 file (an AOTInductor package), got "
+            f"{tmp_path / 'model.bin'}") in capsys.readouterr().err
