@@ -4,6 +4,7 @@ cpp_tests/ built against the installed package through find_package(opqn_ext): t
 against brute-force loops, and an AOTInductor package of a model that calls the ops, run in a
 process without Python. The build stays in build/cpp-library (incremental, as setup.py's)."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -23,11 +24,25 @@ def cmake(*args, cwd=ROOT):
     return done.stdout
 
 
+def toolkit_release():
+    """The major version of the CUDA toolkit torch's CMake package finds (cmake/opqn_extFindTorch.cmake
+    prefers /usr/local/cuda), or None where there is none."""
+    nvcc = "/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    found = re.search(r"release (\d+)\.", subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout)
+    return found.group(1) if found else None
+
+
 @pytest.fixture(scope="module")
 def programs():
     """The installed prefix and the folder of the built cpp_tests programs."""
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
+    toolkit = toolkit_release()
+    if torch.version.cuda is not None and toolkit is not None and toolkit != torch.version.cuda.split(".")[0]:
+        pytest.skip(f"torch's CMake package (a CUDA {torch.version.cuda} build) fails to configure with the "
+                    f"CUDA {toolkit} toolkit here (it needs one of its own major version)")
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     prefix, tests = os.path.join(BUILD, "prefix"), os.path.join(BUILD, "tests")
     torch_cmake = torch.utils.cmake_prefix_path
