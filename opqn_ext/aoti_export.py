@@ -2,9 +2,9 @@
 graph of :class:`~opqn_ext.onnx_export.RetrievalEncoder` (inputs as training read them -> codes
 [B, M] uint8 and query tables [B, M, K] float32, any batch size) compiled ahead of time by
 Inductor for the CPU into one file. Python runs it with ``torch._inductor.aoti_load_package``
-once opqn_ext is imported (the import registers the ops the package calls); a
-C++ program with ``torch::inductor::AOTIModelPackageLoader``, linked with the opqn_ext_ops library
-(CMakeLists.txt), whose fused ops the graph calls."""
+once opqn_ext is imported (the import registers the ops the package calls); a C++ program with
+``torch::inductor::AOTIModelPackageLoader``, linked with the opqn_ext_ops library (CMakeLists.txt),
+whose loading registers them."""
 from __future__ import annotations
 
 from pathlib import Path
