@@ -2,7 +2,7 @@
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
 # kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), compute-sanitizer
 # over the CUDA kernels (memcheck; racecheck of the kernels that share memory between threads), OPQN
-# training on ORL on the GPU, then the whole test suite. Steps run in that order of importance, each
+# training on ORL on the GPU, the C++ library's CUDA kernels from C++, then the whole test suite. Steps run in that order of importance, each
 # capped, all within BUDGET seconds (default 540), so that one device call of 600 s brings
 # everything back. What comes back ($OUT, at most 8 files): gpu_check.log (every step's output),
 # summary.txt (one line per step) and the benchmarks' JSON files.
@@ -66,5 +66,7 @@ step racecheck_soft_quantize 45 compute-sanitizer --tool racecheck --error-exitc
 step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --autocast --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
   --no-progress --out-dir /tmp/orl_cuda --json "$OUT/orl_cuda.json"
+# the C++ library with its CUDA kernels, from a C++ program: each op on CUDA against the CPU
+step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot"
 step all_tests 300 $PYTEST -n 8 python_tests -k "not emulat"  # the emulated kernels run in CI already
 echo "total ${SECONDS}s" | tee -a "$SUMMARY"

@@ -1,6 +1,8 @@
 // The C++ API (opqn_ext/ops.h) from a program that links opqn_ext_ops and nothing of Python:
 // every op against brute-force loops (integer-valued data where the results must be exact), and
-// its errors. Prints one line per failed check; exits 1 if any failed.
+// its errors; where the library has CUDA kernels and a GPU is present, each op on CUDA against the
+// same call on the CPU. Prints whether CUDA was checked and one line per failed check; exits 1 if
+// any failed.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -10,6 +12,8 @@
 #include <string>
 #include <vector>
 
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
@@ -175,12 +179,49 @@ void test_soft_quantize() {
               "soft_quantize x of another shape");
 }
 
+// Why the CUDA kernels cannot be checked here ("" when they can).
+std::string why_no_cuda() {
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("opqn_ext::adc_topk", "");
+  if (!op.hasKernelForDispatchKey(c10::DispatchKey::CUDA)) return "the library has no CUDA kernels";
+  if (!at::hasCUDA()) return "no GPU";
+  return "";
+}
+
+void test_cuda_equals_cpu() {
+  Numbers rng{4};
+  const int64_t nq = 5, M = 8, K = 16, N = 5000, B = 300, d = 16;
+  const at::Tensor lut = filled({nq, M, K}, at::kFloat, [&] { return static_cast<double>(rng.below(10)); });
+  const at::Tensor codes = filled({N, M}, at::kByte, [&] { return static_cast<double>(rng.below(K)); });
+  const auto [scores, ids] = opqn_ext::adc_topk(lut, codes, 100);  // integers: exact, ties included
+  const auto [cuda_scores, cuda_ids] = opqn_ext::adc_topk(lut.cuda(), codes.cuda(), 100);
+  check(cuda_scores.cpu().equal(scores) && cuda_ids.cpu().equal(ids), "adc_topk on CUDA equals the CPU's");
+  check(opqn_ext::adc_scores(lut.cuda(), codes.cuda()).cpu().equal(opqn_ext::adc_scores(lut, codes)),
+        "adc_scores on CUDA equals the CPU's");
+  const auto [scores4, ids4] = opqn_ext::adc_topk4(lut.cuda(), opqn_ext::pack_codes4(codes.cuda()), 100);
+  check(scores4.cpu().equal(scores) && ids4.cpu().equal(ids), "adc_topk4 on CUDA (exact there) equals adc_topk");
+  const at::Tensor x = filled({B, M * d}, at::kFloat, [&] { return static_cast<double>(rng.below(5) - 2); });
+  const at::Tensor w = filled({M, d, K}, at::kFloat, [&] { return static_cast<double>(rng.below(3) - 1); });
+  check(opqn_ext::encode(x.cuda(), w.cuda(), false).cpu().equal(opqn_ext::encode(x, w, false)),
+        "encode on CUDA equals the CPU's (exact similarities, ties to the smaller word)");
+  const auto cpu = opqn_ext::soft_quantize(x, w, w, 0.5, true);
+  const auto gpu = opqn_ext::soft_quantize(x.cuda(), w.cuda(), w.cuda(), 0.5, true);
+  const auto difference = [](const at::Tensor& on_gpu, const at::Tensor& on_cpu) {
+    return on_gpu.cpu().sub(on_cpu).abs().max().item<double>();
+  };
+  const double worst = std::max({difference(gpu.probs, cpu.probs), difference(gpu.quantized, cpu.quantized),
+                                 difference(gpu.entropy, cpu.entropy)});
+  check(worst < 1e-5, "soft_quantize on CUDA agrees with the CPU (worst difference " + std::to_string(worst) + ")");
+}
+
 }  // namespace
 
 int main() {
   test_scans();
   test_encode();
   test_soft_quantize();
+  const std::string why = why_no_cuda();
+  std::cout << "cuda: " << (why.empty() ? "checked" : "not checked (" + why + ")") << "\n";
+  if (why.empty()) test_cuda_equals_cpu();
   std::cout << (failures ? "failed: " + std::to_string(failures) + " checks\n" : std::string("every check passed\n"));
   return failures ? 1 : 0;
 }

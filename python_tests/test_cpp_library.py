@@ -2,7 +2,9 @@
 CMake (the ops library opqn_ext_ops, CPU kernels, no Python module), then the programs of
 cpp_tests/ built against the installed package through find_package(opqn_ext): the typed C++ API
 against brute-force loops, and an AOTInductor package of a model that calls the ops, run in a
-process without Python. The build stays in build/cpp-library (incremental, as setup.py's)."""
+process without Python. The build stays in build/cpp-library (incremental, as setup.py's).
+OPQN_CPP_TESTS_CUDA=1 (benchmarks/gpu_check.sh) builds the library with its CUDA kernels instead, in
+build/cpp-library-cuda, and requires the C++ API's CUDA checks to run."""
 import os
 import re
 import shutil
@@ -15,7 +17,8 @@ import opqn_ext
 from opqn_ext.file_lock import exclusive_lock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD = os.path.join(ROOT, "build", "cpp-library")
+CUDA = os.environ.get("OPQN_CPP_TESTS_CUDA") == "1"
+BUILD = os.path.join(ROOT, "build", "cpp-library-cuda" if CUDA else "cpp-library")
 
 
 def cmake(*args, cwd=ROOT):
@@ -49,7 +52,7 @@ def programs():
     jobs = str(os.cpu_count() or 2)
     os.makedirs(BUILD, exist_ok=True)
     with exclusive_lock(os.path.join(BUILD, ".lock"), "another test process building the C++ library"):  # xdist
-        cmake("-S", ROOT, "-B", os.path.join(BUILD, "library"), *generator, "-DOPQN_WITH_CUDA=OFF",
+        cmake("-S", ROOT, "-B", os.path.join(BUILD, "library"), *generator, f"-DOPQN_WITH_CUDA={'ON' if CUDA else 'OFF'}",
               "-DOPQN_BUILD_PYTHON_MODULE=OFF", f"-DCMAKE_PREFIX_PATH={torch_cmake}")
         cmake("--build", os.path.join(BUILD, "library"), "-j", jobs)
         cmake("--install", os.path.join(BUILD, "library"), "--prefix", prefix)
@@ -74,7 +77,12 @@ def test_the_cpp_api_agrees_with_brute_force_and_names_bad_arguments(programs):
     _, tests = programs
     done = subprocess.run([os.path.join(tests, "test_cpp_api")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip() == "every check passed"
+    cuda, verdict = done.stdout.strip().splitlines()
+    assert verdict == "every check passed"
+    if CUDA:
+        assert cuda == "cuda: checked"
+    else:
+        assert cuda == "cuda: not checked (the library has no CUDA kernels)"
 
 
 class Retrieval(torch.nn.Module):
