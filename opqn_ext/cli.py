@@ -24,7 +24,8 @@ from .codebooks import KINDS as CODEBOOK_KINDS
 from .data import OrlDataError
 from .index import IndexFileError
 from .nn import ASSIGNMENTS
-from .onnx_export import ExportCheck
+from .aoti_export import check_aoti, export_aoti
+from .onnx_export import ExportCheck, check_onnx, export_onnx
 from .train import (BACKBONES, DATASETS, PROTOCOLS, Evaluation, TrainConfig, evaluate, feature_chunks,
                     load_checkpoint, load_dataset, model_from_checkpoint, prepare_data, resolve_device, train)
 
@@ -790,13 +791,9 @@ def cmd_export(args) -> int:
     shape = tuple(ckpt["input_shape"])
     check: ExportCheck | None  # None: not checked (ONNX without onnxruntime)
     if suffix == ".pt2":
-        from .aoti_export import check_aoti, export_aoti
-
         export_aoti(model, shape, args.output)
         check, checker = check_aoti(model, shape, args.output), "torch._inductor.aoti_load_package"
     else:
-        from .onnx_export import check_onnx, export_onnx
-
         try:
             export_onnx(model, shape, args.output)
         except ImportError as err:

@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from .arrays import Array, as_tensor
 from .distributed import all_gather_rows, all_gather_topk, all_reduce_sum
-from .ops import PackedCodes4, adc_scores, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
+from .ops import PackedCodes4, _integer, adc_scores, adc_topk, adc_topk4, encode, pack_codes4, soft_quantize
 from .safetensors_files import save_file
 
 FORMAT = "opqn-index"
@@ -503,6 +503,7 @@ class OPQNIndex:
     @torch.no_grad()  # queries straight from a model in training mode would keep every batch's graph
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2,
                 subset=None):
+        k = _integer("k", k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if fast_scan and self.num_words > 16:
@@ -735,6 +736,7 @@ class ShardedIndex:
         return self._search(luts, len(luts), k, batch_size, fast_scan, rerank, subset)
 
     def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int, subset):
+        k = _integer("k", k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         if fast_scan and self.shard.num_words > 16:

@@ -116,6 +116,8 @@ def test_search_errors():
     for k in (0, -1):
         with pytest.raises(ValueError, match=rf"k must be >= 1, got {k}"):
             index.search(features(1, 2), k)
+    with pytest.raises(ValueError, match=r"k must be an integer, got 6.5"):
+        index.search(features(1, 2), 6.5)  # beyond the items: padded, were it an integer
     with pytest.raises(ValueError, match=r"queries must be \[nq, 64\]"):
         index.search(torch.zeros(1, 10), 1)
 

@@ -20,10 +20,13 @@ ID_RANGE = 400
 
 
 def brute_topk(luts: torch.Tensor, ids: list[int], codes: torch.Tensor, k: int):
-    """(scores, ids) of the model: every score, ranked by score descending, then smaller id."""
+    """(scores, ids) of the model: every score, ranked by score descending, then smaller id; places
+    beyond the items hold score -inf and id -1."""
     scores = opqn_ext.adc_scores(luts, codes)  # [nq, n]
     ranked = [sorted(range(len(ids)), key=lambda j: (-float(row[j]), ids[j]))[:k] for row in scores]
-    return torch.stack([row[r] for row, r in zip(scores, ranked)]), torch.tensor([[ids[j] for j in r] for r in ranked])
+    pad = k - len(ranked[0])
+    return (torch.stack([torch.cat([row[r], torch.full((pad,), float("-inf"))]) for row, r in zip(scores, ranked)]),
+            torch.tensor([[ids[j] for j in r] + [-1] * pad for r in ranked], dtype=torch.int64))
 
 
 class IndexMachine(RuleBasedStateMachine):
@@ -70,9 +73,10 @@ class IndexMachine(RuleBasedStateMachine):
                         ids=[i - offset for i in ids], labels=[i % 5 for i in ids])
         other.save(self.folder / "other.opqn")
         other = OPQNIndex.load(self.folder / "other.opqn", mmap=data.draw(st.booleans()))
-        if self.held and ids:  # an id held already: refused, nothing added
+        held_there = [i - offset for i in sorted(self.held) if i - offset != -1]  # -1 is no item's id
+        if held_there and ids:  # an id held already: refused, nothing added
             clash = OPQNIndex.from_head(self.head)
-            clash.add_codes(torch.zeros(1, M, dtype=torch.uint8), ids=[min(self.held) - offset])
+            clash.add_codes(torch.zeros(1, M, dtype=torch.uint8), ids=held_there[:1])
             with pytest.raises(ValueError, match="other holds ids this index holds already"):
                 self.index.merge_from(clash, id_offset=offset)
         assert self.index.merge_from(other, id_offset=offset).tolist() == sorted(ids)
@@ -94,10 +98,9 @@ class IndexMachine(RuleBasedStateMachine):
         self.index.save(path)
         self.index = OPQNIndex.load(path, mmap=mmap, verify=verify)
 
-    @precondition(lambda self: self.held)
     @rule(data=st.data(), fast_scan=st.booleans())
     def search(self, data, fast_scan):
-        k = data.draw(st.integers(1, len(self.held)))
+        k = data.draw(st.integers(1, len(self.held) + 3))  # beyond the items: padded
         ids, codes = self._model()
         rerank = len(ids) // k + 1  # every code re-scored: the 4-bit scan must be exact
         scores, found = self.index.search_luts(self.luts, k, fast_scan=fast_scan, rerank=rerank)
@@ -109,9 +112,7 @@ class IndexMachine(RuleBasedStateMachine):
     def search_a_subset(self, data):
         subset = data.draw(st.lists(st.integers(0, ID_RANGE), min_size=1, max_size=60))  # any order, repeats
         ids, codes = self._model(set(subset))
-        if not ids:
-            return
-        k = data.draw(st.integers(1, len(ids)))
+        k = data.draw(st.integers(1, len(ids) + 3))  # beyond the subset's items (maybe none): padded
         scores, found = self.index.search_luts(self.luts, k, subset=subset)
         want_scores, want_ids = brute_topk(self.luts, ids, codes, k)
         assert torch.equal(found, want_ids) and torch.equal(scores, want_scores)
