@@ -382,6 +382,25 @@ def test_search_names_the_image_files_of_a_folder_index_while_the_folder_matches
     assert all("file" not in x and "identity" in x for x in result["results"])
 
 
+def export_an_orl_run(tmp_path, capsys, output: str):
+    """A one-epoch ORL run (width 4, 32-bit codes) at ``tmp_path / "run"``, the codes of all its
+    images by `opqn encode` (``tmp_path / "codes.safetensors"``), and `opqn export -o tmp_path /
+    output`; returns (the run's model, its data, the exported file, what export printed)."""
+    from opqn_ext.train import prepare_data
+
+    run, path = tmp_path / "run", tmp_path / output
+    assert main(["train", "--epochs", "1", "--width", "4", "--bits", "32", "--out-dir", str(run), "--no-progress",
+                 "--device", "cpu"]) == 0
+    assert main(["encode", str(run), "--device", "cpu", "--part", "all", "-o", str(tmp_path / "codes.safetensors")]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "-o", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("exported images [B, 1, 32, 32] uint8 -> codes [B, 8] uint8 (32-bit database codes), "
+                          f"tables [B, 8, 16] float32 (query tables) -> {path}")
+    model, cfg = model_from_checkpoint(load_checkpoint(str(run)))
+    return model, prepare_data(cfg), path, out
+
+
 def train_on_a_feature_file(tmp_path, identities: int, per_identity: int):
     """A feature file of ``identities`` clusters of 32-d vectors (ids ``id0``, ...), and a one-epoch
     MLP run trained on it at ``tmp_path / "run"``; returns the features [N, 32]."""

@@ -26,7 +26,11 @@ def test_compile_fullgraph_matches_eager_forward_and_backward(device):
 
 
 class Retrieval(torch.nn.Module):
-    """A model that ends in the ops: soft assignments, codes and a top-k scan of a fixed database."""
+    """A model that ends in the ops: soft assignments, codes, and a top-k scan and every score of a
+    fixed database (also compiled ahead of time in test_cpp_library.py)."""
+
+    OPS = {"opqn_ext.soft_quantize.default", "opqn_ext.adc_topk.default", "opqn_ext.encode.default",
+           "opqn_ext.adc_scores.default"}
 
     def __init__(self, M=4, d=16, K=16, N=300):
         super().__init__()
@@ -38,9 +42,10 @@ class Retrieval(torch.nn.Module):
 
     def forward(self, inputs):
         x = self.features(inputs)
-        probs, _, entropy = opqn_ext.soft_quantize(x, self.assign_weight, self.codebook, 1.0, True)
-        scores, ids = opqn_ext.adc_topk(probs, self.db_codes, 5)
-        return opqn_ext.encode(x, self.assign_weight), entropy, scores, ids
+        probs, quantized, entropy = opqn_ext.soft_quantize(x, self.assign_weight, self.codebook, 2.0, True)
+        scores, ids = opqn_ext.adc_topk(probs, self.db_codes, 7)
+        return (opqn_ext.encode(x, self.assign_weight), quantized, entropy, scores, ids,
+                opqn_ext.adc_scores(probs, self.db_codes))
 
 
 def test_export_with_a_dynamic_batch_matches_eager():
@@ -48,7 +53,7 @@ def test_export_with_a_dynamic_batch_matches_eager():
     batch = torch.export.Dim("batch", min=2)
     exported = torch.export.export(model, (torch.randn(8, 32),), dynamic_shapes={"inputs": {0: batch}})
     calls = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert {"opqn_ext.soft_quantize.default", "opqn_ext.adc_topk.default", "opqn_ext.encode.default"} <= calls
+    assert Retrieval.OPS <= calls
     inputs = torch.randn(13, 32)
     for got, want in zip(exported.module()(inputs), model(inputs)):
         assert torch.equal(got, want)

@@ -15,6 +15,7 @@ import torch
 
 import opqn_ext
 from opqn_ext.file_lock import exclusive_lock
+from test_compile import Retrieval
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = os.environ.get("OPQN_CPP_TESTS_CUDA") == "1"
@@ -86,25 +87,6 @@ def test_the_cpp_api_agrees_with_brute_force_and_names_bad_arguments(programs):
         assert cuda == "cuda: not checked (the library has no CUDA kernels)"
 
 
-class Retrieval(torch.nn.Module):
-    """A model ending in the ops: assignments, codes, and top-k and every score over fixed codes."""
-
-    def __init__(self, M=4, d=16, K=16, N=300):
-        super().__init__()
-        g = torch.Generator().manual_seed(0)
-        self.features = torch.nn.Linear(32, M * d)
-        self.assign_weight = torch.nn.Parameter(torch.randn(M, d, K, generator=g))
-        self.register_buffer("codebook", opqn_ext.orthonormal_codebooks(M, d, K))
-        self.register_buffer("db_codes", torch.randint(0, K, (N, M), generator=g, dtype=torch.uint8))
-
-    def forward(self, inputs):
-        x = self.features(inputs)
-        probs, quantized, entropy = opqn_ext.soft_quantize(x, self.assign_weight, self.codebook, 2.0, True)
-        scores, ids = opqn_ext.adc_topk(probs, self.db_codes, 7)
-        return (opqn_ext.encode(x, self.assign_weight), quantized, entropy, scores, ids,
-                opqn_ext.adc_scores(probs, self.db_codes))
-
-
 def test_an_aotinductor_package_calling_the_ops_runs_in_cpp_without_python(programs, tmp_path):
     _, tests = programs
     model = Retrieval().eval()
@@ -113,8 +95,7 @@ def test_an_aotinductor_package_calling_the_ops_runs_in_cpp_without_python(progr
         exported = torch.export.export(model, (torch.randn(8, 32),), dynamic_shapes={"inputs": {0: batch}})
         package = torch._inductor.aoti_compile_and_package(exported, package_path=str(tmp_path / "model.pt2"))
     calls = {str(n.target) for n in exported.graph.nodes if n.op == "call_function"}
-    assert {"opqn_ext.soft_quantize.default", "opqn_ext.adc_topk.default", "opqn_ext.encode.default",
-            "opqn_ext.adc_scores.default"} <= calls  # the fused ops themselves, not a decomposition
+    assert Retrieval.OPS <= calls  # the fused ops themselves, not a decomposition
     inputs = torch.randn(13, 32, generator=torch.Generator().manual_seed(1))  # another batch size
     torch.save((inputs,), tmp_path / "inputs.pt")
     done = subprocess.run([os.path.join(tests, "run_aoti_package"), package, str(tmp_path / "inputs.pt"),
@@ -146,23 +127,13 @@ def test_opqn_export_writes_a_package_that_cpp_runs_on_the_data_sets_images(prog
     data set's uint8 images: the codes `opqn encode` stores and the tables of the model's head."""
     from safetensors.torch import load_file
 
-    from opqn_ext.cli import main
     from opqn_ext.onnx_export import RetrievalEncoder
-    from opqn_ext.train import load_checkpoint, model_from_checkpoint, prepare_data
+    from test_cli import export_an_orl_run
 
     _, tests = programs
-    run, package = tmp_path / "run", tmp_path / "encoder.pt2"
-    assert main(["train", "--epochs", "1", "--width", "4", "--bits", "32", "--out-dir", str(run), "--no-progress",
-                 "--device", "cpu"]) == 0
-    assert main(["encode", str(run), "--device", "cpu", "--part", "all", "-o", str(tmp_path / "codes.safetensors")]) == 0
-    capsys.readouterr()
-    assert main(["export", str(run), "-o", str(package)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("exported images [B, 1, 32, 32] uint8 -> codes [B, 8] uint8 (32-bit database codes), "
-                          f"tables [B, 8, 16] float32 (query tables) -> {package}")
+    model, data, package, out = export_an_orl_run(tmp_path, capsys, "encoder.pt2")
     assert "checked with torch._inductor.aoti_load_package on 7 random inputs: 56 of 56 codes equal the model's" in out
-    model, cfg = model_from_checkpoint(load_checkpoint(str(run)))
-    images = prepare_data(cfg).inputs  # uint8 [400, 1, 32, 32], as training read them
+    images = data.inputs  # uint8 [400, 1, 32, 32], as training read them
     torch.save((images,), tmp_path / "images.pt")
     done = subprocess.run([os.path.join(tests, "run_aoti_package"), str(package), str(tmp_path / "images.pt"),
                            str(tmp_path / "outputs.pt")], capture_output=True, text=True)

@@ -100,22 +100,12 @@ def test_opqn_export_writes_a_graph_that_gives_the_codes_of_opqn_encode(tmp_path
     `opqn encode` stores and the tables the model's head computes."""
     from safetensors.torch import load_file
 
-    from opqn_ext.cli import main
     from opqn_ext.onnx_export import RetrievalEncoder
-    from opqn_ext.train import load_checkpoint, model_from_checkpoint, prepare_data
+    from test_cli import export_an_orl_run
 
-    run, path = tmp_path / "run", tmp_path / "encoder.onnx"
-    assert main(["train", "--epochs", "1", "--width", "4", "--bits", "32", "--out-dir", str(run), "--no-progress",
-                 "--device", "cpu"]) == 0
-    assert main(["encode", str(run), "--device", "cpu", "--part", "all", "-o", str(tmp_path / "codes.safetensors")]) == 0
-    capsys.readouterr()
-    assert main(["export", str(run), "-o", str(path)]) == 0
-    out = capsys.readouterr().out
-    assert out.startswith("exported images [B, 1, 32, 32] uint8 -> codes [B, 8] uint8 (32-bit database codes), "
-                          f"tables [B, 8, 16] float32 (query tables) -> {path}")
+    model, data, path, out = export_an_orl_run(tmp_path, capsys, "encoder.onnx")
     assert "checked with ONNX Runtime on 7 random inputs: 56 of 56 codes equal the model's" in out
-    model, cfg = model_from_checkpoint(load_checkpoint(str(run)))
-    images = prepare_data(cfg).inputs  # uint8 [400, 1, 32, 32], as training read them
+    images = data.inputs  # uint8 [400, 1, 32, 32], as training read them
     codes, tables = run_exported(path, images)
     stored = load_file(str(tmp_path / "codes.safetensors"))
     assert np.array_equal(codes[stored["items"].numpy()], stored["codes"].numpy())
