@@ -334,19 +334,24 @@ class OPQNIndex:
     def query_lut(self, queries: Array) -> torch.Tensor:
         """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient): the inner
         products of the soft-quantized queries with the codewords, which an orthonormal codebook
-        makes the assignment probabilities."""
+        makes the assignment probabilities. Queries that give tables with NaN or infinities (their
+        own, or products that overflow) are named in a ValueError."""
         queries = as_tensor(queries, "queries")
-        if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
-            raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
-        queries = queries.to(self.device, torch.float32)
-        sq = soft_quantize(queries, self.assign_weight, self.codebook, self.query_scale, True)
-        luts = sq.probs if self.orthonormal else torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
+        luts = self._tables(queries)
         if not bool(torch.isfinite(luts).all()):
             _check_finite_rows("queries", queries)
             bad = (~torch.isfinite(luts).flatten(1).all(1)).nonzero().flatten().tolist()
             raise ValueError(f"queries {_rows(bad)} give tables that are not finite: their values are so large "
                              "that a sub-vector's products with the weights or its squared norm overflow float32")
         return luts
+
+    def _tables(self, queries: torch.Tensor) -> torch.Tensor:
+        """query_lut's tables, unchecked: search leaves the check to the scan, which makes it anyway."""
+        if queries.dim() != 2 or queries.shape[1] != self.num_books * self.dim:
+            raise ValueError(f"queries must be [nq, {self.num_books * self.dim}], got {list(queries.shape)}")
+        queries = queries.to(self.device, torch.float32)
+        sq = soft_quantize(queries, self.assign_weight, self.codebook, self.query_scale, True)
+        return sq.probs if self.orthonormal else torch.einsum("bmd,mdk->bmk", sq.quantized, self.codebook)
 
     def search(self, queries: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                rerank: int = 2, subset=None):
@@ -364,8 +369,8 @@ class OPQNIndex:
         tests); on CUDA, an exact scan of the packed codes.
         """
         queries = as_tensor(queries, "queries")
-        return self._search(lambda q0, q1: self.query_lut(queries[q0:q1]), queries.shape[0], k, batch_size,
-                            fast_scan, rerank, subset)
+        return self._search(lambda q0, q1: self._tables(queries[q0:q1]), queries.shape[0], k, batch_size,
+                            fast_scan, rerank, subset, lambda q0, q1: self.query_lut(queries[q0:q1]))
 
     def search_luts(self, luts: Array, k: int, batch_size: int = 4096, fast_scan: bool = False,
                     rerank: int = 2, subset=None):
@@ -502,7 +507,10 @@ class OPQNIndex:
 
     @torch.no_grad()  # queries straight from a model in training mode would keep every batch's graph
     def _search(self, lut_batch, nq: int, k: int, batch_size: int, fast_scan: bool = False, rerank: int = 2,
-                subset=None):
+                subset=None, checked_lut_batch=None):
+        """Top-k of the tables ``lut_batch(q0, q1)`` gives; ``checked_lut_batch``: the same tables,
+        with the error that names the queries whose tables are not finite (the scans reject such
+        tables, then it says which), or None (the tables are the caller's)."""
         k = _integer("k", k)
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -512,16 +520,26 @@ class OPQNIndex:
         found = min(k, len(scanned))  # the rest of each row: padding
         scores, ids = [], []
         for q0 in range(0, nq, batch_size):
-            luts = lut_batch(q0, min(nq, q0 + batch_size))
-            if not found:
+            q1 = min(nq, q0 + batch_size)
+            if not found:  # nothing to scan: the tables are only checked
+                luts = (checked_lut_batch or lut_batch)(q0, q1)
                 s, pos = torch.zeros(len(luts), 0), torch.zeros(len(luts), 0, dtype=torch.int64)
-            elif fast_scan:
-                s, pos = adc_topk4(luts, scanned._packed(), found, rerank)
             else:
-                s, pos = adc_topk(luts, scanned.codes, found)
+                luts = lut_batch(q0, q1)
+                try:
+                    if fast_scan:
+                        s, pos = adc_topk4(luts, scanned._packed(), found, rerank)
+                    else:
+                        s, pos = adc_topk(luts, scanned.codes, found)
+                except RuntimeError as err:
+                    if checked_lut_batch is not None and "lut must be finite" in str(err):
+                        checked_lut_batch(q0, q1)  # raises the error that names the queries
+                    raise
             s, item_ids = _padded_topk(s.cpu(), scanned.ids[pos.cpu()], k)
             scores.append(s)
             ids.append(item_ids)
+        if len(scores) == 1:
+            return scores[0], ids[0]
         if not scores:
             return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.int64)
         return torch.cat(scores), torch.cat(ids)

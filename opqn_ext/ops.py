@@ -19,6 +19,19 @@ def _integer(name: str, value) -> int:
         raise ValueError(f"{name} must be an integer, got {value!r}") from None
 
 
+_below_autograd = torch._C._AutoDispatchBelowAutograd  # a guard: op calls inside it skip autograd
+
+
+def _without_autograd(*tensors: torch.Tensor) -> bool:
+    """Whether an op call may go straight to its kernel, past the autograd layer of its Python
+    ``register_autograd`` formula (5-10 us a call): no gradient can flow (grad mode off, or no input
+    requires grad) and nothing traces the call (torch.compile and torch.jit keep the op and its
+    formula in their graphs)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return False
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+
+
 class PackedCodes4(NamedTuple):
     """4-bit codes packed for :func:`adc_topk4` (layout in csrc/cpu/fastscan4.h)."""
 
@@ -73,10 +86,11 @@ def soft_quantize(
             or op_fallbacks.traced_tensor(scale)):
         return SoftQuantizeResult(*op_fallbacks.run(_fake._soft_quantize_fake, reference.soft_quantize,
                                                     x, assign_weight, codebook, scale, bool(normalize)))
-    probs, quantized, entropy = torch.ops.opqn_ext.soft_quantize(
-        x, assign_weight, codebook, float(scale), bool(normalize)
-    )
-    return SoftQuantizeResult(probs, quantized, entropy)
+    args = (x, assign_weight, codebook, float(scale), bool(normalize))
+    if _without_autograd(x, assign_weight, codebook):
+        with _below_autograd():
+            return SoftQuantizeResult(*torch.ops.opqn_ext.soft_quantize(*args))
+    return SoftQuantizeResult(*torch.ops.opqn_ext.soft_quantize(*args))
 
 
 def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -122,8 +136,10 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
     k = _integer("k", k)
     if op_fallbacks.differentiating(lut, codes):
         return op_fallbacks.run(_fake._adc_topk_fake, reference.adc_topk, lut, codes, k)
-    scores, indices = torch.ops.opqn_ext.adc_topk(lut, codes, k)
-    return scores, indices
+    if _without_autograd(lut):
+        with _below_autograd():
+            return torch.ops.opqn_ext.adc_topk(lut, codes, k)
+    return torch.ops.opqn_ext.adc_topk(lut, codes, k)
 
 
 def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -139,6 +155,9 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """
     if op_fallbacks.differentiating(lut, codes):
         return op_fallbacks.run(_fake._adc_scores_fake, reference.adc_scores, lut, codes)
+    if _without_autograd(lut):
+        with _below_autograd():
+            return torch.ops.opqn_ext.adc_scores(lut, codes)
     return torch.ops.opqn_ext.adc_scores(lut, codes)
 
 
@@ -223,4 +242,8 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
         checks = partial(_fake._check_topk_args, max_words=16, words="4-bit codes")
         return op_fallbacks.run(checks, reference.adc_topk, lut, codes, k)
-    return torch.ops.opqn_ext.adc_topk4(lut, packed.data, packed.num_codes, k, rerank)
+    args = (lut, packed.data, packed.num_codes, k, rerank)
+    if _without_autograd(lut):
+        with _below_autograd():
+            return torch.ops.opqn_ext.adc_topk4(*args)
+    return torch.ops.opqn_ext.adc_topk4(*args)

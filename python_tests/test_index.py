@@ -130,9 +130,12 @@ def test_rows_that_are_not_finite_are_named(device):
     with pytest.raises(ValueError, match=r"features must be finite: rows \[3, 17, 20\] hold NaN or infinite"):
         index.add(bad, batch_size=8)  # rows of the second and third batches are named too
     assert len(index) == 0
-    index.add(features(5, 2))
     with pytest.raises(ValueError, match=r"queries must be finite: rows \[3, 17, 20\] hold NaN or infinite"):
-        index.search(bad, 2)
+        index.search(bad, 2)  # nothing to scan: the queries are checked all the same
+    index.add(features(5, 2))
+    for fast_scan in (False, True):  # the scans find the tables not finite, then the queries are named
+        with pytest.raises(ValueError, match=r"queries must be finite: rows \[3, 17, 20\] hold NaN or infinite"):
+            index.search(bad, 2, fast_scan=fast_scan)
     if device.type == "cpu":  # where sums overflow depends on the order a kernel adds in
         with pytest.raises(ValueError, match=r"queries rows \[0\] give tables that are not finite"):
             index.search(torch.full((1, D), 3e38), 2)  # finite, but a sub-vector's products overflow

@@ -49,11 +49,14 @@ void build_filter_tables(const float* luts, int64_t nq, int64_t M, FilterTables&
       const double low = double(highest[m]) - 255.0 * step;
       low_sum += low;
       // a first guess (truncation of a clamped, non-negative value: its floor), then one raised
-      // wherever rounding left it low; fmax/fmin clamp a NaN (from a non-finite table, which the ops
-      // reject) to 0, never to an undefined conversion that would start the raising far below 0
+      // wherever rounding left it low; the clamp sends a NaN (from a non-finite table, which the ops
+      // reject) to 0, never to an undefined conversion that would start the raising far below 0.
+      // Written as comparisons, not std::fmax/fmin (library calls here), so that the loop vectorizes.
       int32_t levels[256];
-      for (int64_t w = 0; w < 256; ++w)
-        levels[w] = static_cast<int32_t>(std::fmin(std::fmax((double(row[w]) - low) * per_step, 0.0), 255.0));
+      for (int64_t w = 0; w < 256; ++w) {
+        const double scaled = (double(row[w]) - low) * per_step;
+        levels[w] = static_cast<int32_t>(scaled > 0.0 ? (scaled < 255.0 ? scaled : 255.0) : 0.0);
+      }
       for (int64_t w = 0; w < 256; ++w) {
         int32_t level = levels[w];
         while (level < 255 && low + double(level + 1) * step < double(row[w])) ++level;

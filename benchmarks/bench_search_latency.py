@@ -1,0 +1,78 @@
+"""The latency of one query (nq = 1), what an online face search pays per probe: OPQNIndex.search
+(features -> tables -> scan -> ids), OPQNIndex.search_luts (precomputed tables), the adc_topk op
+alone, and FAISS IndexPQ (inner product, 8 x 8-bit codes whose centroids are the OPQN codewords,
+codes ours) searched with the soft-quantized query on the same codes. The top-k ids are checked
+against adc_topk's before timing (FAISS's up to swaps of scores equal within rounding); the best of
+7 rounds of repeated calls.
+
+    python benchmarks/bench_search_latency.py [--sizes 1000 10000 100000 1000000] [--json PATH]
+"""
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import faiss
+import torch
+
+import opqn_ext
+from bench_adc import check_same_ranking, faiss_pq
+from opqn_ext.index import OPQNIndex
+from opqn_ext.nn import OrthoPQHead
+
+D, M, K = 512, 8, 16
+
+
+def best_us(fn, n):
+    """The best of 7 rounds of n calls, microseconds per call."""
+    for _ in range(min(n, 100)):
+        fn()
+    rounds = []
+    for _ in range(7):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        rounds.append((time.perf_counter() - start) / n * 1e6)
+    return min(rounds)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
+    parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    head = OrthoPQHead(D, 10, M, K, seed=0)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    print(f"nq = 1, top-{args.k}, {M} x {K}-word codes, {torch.get_num_threads()} threads "
+          f"({platform.processor() or platform.machine()}, torch {torch.__version__}, faiss {faiss.__version__})")
+    print(f"{'N':>9} | {'search us':>9} {'luts us':>8} {'adc_topk us':>11} {'faiss us':>9} | {'faiss/search':>12}")
+    for n in args.sizes:
+        index = OPQNIndex.from_head(head)
+        index.add(torch.randn(n, D, generator=g))
+        query = torch.randn(1, D, generator=g)
+        lut = index.query_lut(query)
+        quantized = opqn_ext.soft_quantize(query, index.assign_weight, index.codebook, index.query_scale,
+                                           True).quantized.reshape(1, -1).numpy()
+        pq = faiss_pq(index.codebook, index.codes, 8)
+        exact = opqn_ext.adc_topk(lut, index.codes, args.k)
+        assert torch.equal(index.search(query, args.k)[1], exact[1]) and torch.equal(index.search_luts(lut, args.k)[1], exact[1])
+        check_same_ranking(exact, pq.search(quantized, args.k), args.k)
+        calls = max(20, min(3000, 30_000_000 // max(n, 1)))
+        row = {"N": n, "search_us": best_us(lambda: index.search(query, args.k), calls),
+               "search_luts_us": best_us(lambda: index.search_luts(lut, args.k), calls),
+               "adc_topk_us": best_us(lambda: opqn_ext.adc_topk(lut, index.codes, args.k), calls),
+               "faiss_us": best_us(lambda: pq.search(quantized, args.k), calls)}
+        row["faiss_over_search"] = row["faiss_us"] / row["search_us"]
+        rows.append(row)
+        print(f"{n:>9} | {row['search_us']:9.1f} {row['search_luts_us']:8.1f} {row['adc_topk_us']:11.1f} "
+              f"{row['faiss_us']:9.1f} | {row['faiss_over_search']:12.2f}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows},
+                                              indent=2))
+
+
+if __name__ == "__main__":
+    main()
