@@ -17,6 +17,7 @@ namespace opqn::cpu {
 struct FilterTables {
   int64_t M = 0;
   std::vector<uint8_t> bytes;  // [nq, M, 256]
+  std::vector<int16_t> widths;  // [nq, M]: every byte from this one on equals the table's last
   std::vector<double> base;    // [nq]: sum_m low[m] + M * step
   std::vector<double> step;    // [nq]
   std::vector<double> slack;   // [nq]: bound on |float score - exact score| of any code

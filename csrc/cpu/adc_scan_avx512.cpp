@@ -190,16 +190,8 @@ __m512i look_up(const uint8_t* table, __m512i words, __mmask64 beyond) {
 
 // 1, 2 or 4: the table registers that hold every distinct entry of the chunk's byte tables.
 int regs_needed(const FilterTables& tables, int64_t nq) {
-  int regs = 1;
-  for (int64_t t = 0; t < nq * tables.M; ++t) {
-    const uint8_t* table = tables.bytes.data() + t * 256;
-    const auto differs = [&](int64_t from) {
-      return std::any_of(table + from, table + 256, [&](uint8_t b) { return b != table[255]; });
-    };
-    if (differs(128)) return 4;
-    if (differs(64)) regs = 2;
-  }
-  return regs;
+  const int16_t widest = *std::max_element(tables.widths.begin(), tables.widths.begin() + nq * tables.M);
+  return widest <= 64 ? 1 : widest <= 128 ? 2 : 4;
 }
 
 template <int64_t kM, int kRegs>
