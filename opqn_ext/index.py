@@ -89,6 +89,16 @@ def _check_item_ids(ids: torch.Tensor, name: str = "ids") -> None:
                          "exist (as FAISS)")
 
 
+def _checked_k(k, fast_scan: bool, num_words: int) -> int:
+    """A search's k as an int, after the checks of k and fast_scan every search makes."""
+    k = _integer("k", k)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if fast_scan and num_words > 16:
+        raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={num_words}")
+    return k
+
+
 def _padded_topk(scores: torch.Tensor, ids: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``[nq, n]`` results (n <= k) widened to ``[nq, k]`` with score -inf and id NO_ID."""
     nq, n = scores.shape
@@ -511,11 +521,7 @@ class OPQNIndex:
         """Top-k of the tables ``lut_batch(q0, q1)`` gives; ``checked_lut_batch``: the same tables,
         with the error that names the queries whose tables are not finite (the scans reject such
         tables, then it says which), or None (the tables are the caller's)."""
-        k = _integer("k", k)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if fast_scan and self.num_words > 16:
-            raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.num_words}")
+        k = _checked_k(k, fast_scan, self.num_words)
         scanned = self._scanned(subset)
         found = min(k, len(scanned))  # the rest of each row: padding
         scores, ids = [], []
@@ -754,11 +760,7 @@ class ShardedIndex:
         return self._search(luts, len(luts), k, batch_size, fast_scan, rerank, subset)
 
     def _search(self, luts, nq: int, k: int, batch_size: int, fast_scan: bool, rerank: int, subset):
-        k = _integer("k", k)
-        if k < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
-        if fast_scan and self.shard.num_words > 16:
-            raise ValueError(f"fast_scan needs K <= 16 codes; this index has K={self.shard.num_words}")
+        k = _checked_k(k, fast_scan, self.shard.num_words)
         shard = self.shard._scanned(subset)  # the subset's ids looked up once
         total = int(all_reduce_sum(torch.tensor([len(shard)], dtype=torch.int64), self.group))
         local_k = min(k, len(shard))

@@ -22,14 +22,17 @@ def _integer(name: str, value) -> int:
 _below_autograd = torch._C._AutoDispatchBelowAutograd  # a guard: op calls inside it skip autograd
 
 
-def _without_autograd(*tensors: torch.Tensor) -> bool:
-    """Whether an op call may go straight to its kernel, past the autograd layer of its Python
-    ``register_autograd`` formula (5-10 us a call): no gradient can flow (grad mode off, or no input
-    requires grad) and nothing traces the call (torch.compile and torch.jit keep the op and its
-    formula in their graphs)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return False
-    return not (torch.compiler.is_compiling() or torch.jit.is_tracing())
+def _call(op, differentiable: tuple[torch.Tensor, ...], *args):
+    """``op(*args)``, straight to its kernel, past the autograd layer of its Python
+    ``register_autograd`` formula (5-10 us a call), when no gradient can flow (grad mode off, or none
+    of the ``differentiable`` inputs requires grad) and nothing traces the call (torch.compile and
+    torch.jit keep the op and its formula in their graphs)."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in differentiable):
+        return op(*args)
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return op(*args)
+    with _below_autograd():
+        return op(*args)
 
 
 class PackedCodes4(NamedTuple):
@@ -86,11 +89,8 @@ def soft_quantize(
             or op_fallbacks.traced_tensor(scale)):
         return SoftQuantizeResult(*op_fallbacks.run(_fake._soft_quantize_fake, reference.soft_quantize,
                                                     x, assign_weight, codebook, scale, bool(normalize)))
-    args = (x, assign_weight, codebook, float(scale), bool(normalize))
-    if _without_autograd(x, assign_weight, codebook):
-        with _below_autograd():
-            return SoftQuantizeResult(*torch.ops.opqn_ext.soft_quantize(*args))
-    return SoftQuantizeResult(*torch.ops.opqn_ext.soft_quantize(*args))
+    return SoftQuantizeResult(*_call(torch.ops.opqn_ext.soft_quantize, (x, assign_weight, codebook),
+                                     x, assign_weight, codebook, float(scale), bool(normalize)))
 
 
 def encode(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -136,10 +136,7 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
     k = _integer("k", k)
     if op_fallbacks.differentiating(lut, codes):
         return op_fallbacks.run(_fake._adc_topk_fake, reference.adc_topk, lut, codes, k)
-    if _without_autograd(lut):
-        with _below_autograd():
-            return torch.ops.opqn_ext.adc_topk(lut, codes, k)
-    return torch.ops.opqn_ext.adc_topk(lut, codes, k)
+    return _call(torch.ops.opqn_ext.adc_topk, (lut,), lut, codes, k)
 
 
 def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -155,10 +152,7 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """
     if op_fallbacks.differentiating(lut, codes):
         return op_fallbacks.run(_fake._adc_scores_fake, reference.adc_scores, lut, codes)
-    if _without_autograd(lut):
-        with _below_autograd():
-            return torch.ops.opqn_ext.adc_scores(lut, codes)
-    return torch.ops.opqn_ext.adc_scores(lut, codes)
+    return _call(torch.ops.opqn_ext.adc_scores, (lut,), lut, codes)
 
 
 class RankStats(NamedTuple):
@@ -242,8 +236,4 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
         checks = partial(_fake._check_topk_args, max_words=16, words="4-bit codes")
         return op_fallbacks.run(checks, reference.adc_topk, lut, codes, k)
-    args = (lut, packed.data, packed.num_codes, k, rerank)
-    if _without_autograd(lut):
-        with _below_autograd():
-            return torch.ops.opqn_ext.adc_topk4(*args)
-    return torch.ops.opqn_ext.adc_topk4(*args)
+    return _call(torch.ops.opqn_ext.adc_topk4, (lut,), lut, packed.data, packed.num_codes, k, rerank)
