@@ -1,6 +1,7 @@
 """The latency of one query (nq = 1), what an online face search pays per probe: OPQNIndex.search
 (features -> tables -> scan -> ids), OPQNIndex.search_luts (precomputed tables), the adc_topk op
-alone, and FAISS IndexPQ (inner product, 8 x 8-bit codes whose centroids are the OPQN codewords,
+alone, a query's tables alone (OPQNIndex.query_lut), the encode op of one feature vector (what
+adding one face to a gallery computes), and FAISS IndexPQ (inner product, 8 x 8-bit codes whose centroids are the OPQN codewords,
 codes ours) searched with the soft-quantized query on the same codes. The top-k ids are checked
 against adc_topk's before timing (FAISS's up to swaps of scores equal within rounding); the best of
 7 rounds of repeated calls.
@@ -17,6 +18,7 @@ import faiss
 import torch
 
 import opqn_ext
+from opqn_ext import reference
 from bench_adc import check_same_ranking, faiss_pq
 from opqn_ext.index import OPQNIndex
 from opqn_ext.nn import OrthoPQHead
@@ -48,7 +50,8 @@ def main():
     rows = []
     print(f"nq = 1, top-{args.k}, {M} x {K}-word codes, {torch.get_num_threads()} threads "
           f"({platform.processor() or platform.machine()}, torch {torch.__version__}, faiss {faiss.__version__})")
-    print(f"{'N':>9} | {'search us':>9} {'luts us':>8} {'adc_topk us':>11} {'faiss us':>9} | {'faiss/search':>12}")
+    print(f"{'N':>9} | {'search us':>9} {'luts us':>8} {'adc_topk us':>11} {'tables us':>9} {'encode us':>9} "
+          f"{'faiss us':>9} | {'faiss/search':>12}")
     for n in args.sizes:
         index = OPQNIndex.from_head(head)
         index.add(torch.randn(n, D, generator=g))
@@ -60,15 +63,19 @@ def main():
         exact = opqn_ext.adc_topk(lut, index.codes, args.k)
         assert torch.equal(index.search(query, args.k)[1], exact[1]) and torch.equal(index.search_luts(lut, args.k)[1], exact[1])
         check_same_ranking(exact, pq.search(quantized, args.k), args.k)
+        assert torch.equal(opqn_ext.encode(query, index.assign_weight), reference.encode(query, index.assign_weight))
         calls = max(20, min(3000, 30_000_000 // max(n, 1)))
         row = {"N": n, "search_us": best_us(lambda: index.search(query, args.k), calls),
                "search_luts_us": best_us(lambda: index.search_luts(lut, args.k), calls),
                "adc_topk_us": best_us(lambda: opqn_ext.adc_topk(lut, index.codes, args.k), calls),
+               "tables_us": best_us(lambda: index.query_lut(query), calls),
+               "encode_us": best_us(lambda: opqn_ext.encode(query, index.assign_weight), calls),
                "faiss_us": best_us(lambda: pq.search(quantized, args.k), calls)}
         row["faiss_over_search"] = row["faiss_us"] / row["search_us"]
         rows.append(row)
         print(f"{n:>9} | {row['search_us']:9.1f} {row['search_luts_us']:8.1f} {row['adc_topk_us']:11.1f} "
-              f"{row['faiss_us']:9.1f} | {row['faiss_over_search']:12.2f}", flush=True)
+              f"{row['tables_us']:9.1f} {row['encode_us']:9.1f} {row['faiss_us']:9.1f} | "
+              f"{row['faiss_over_search']:12.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows},
                                               indent=2))

@@ -1,8 +1,10 @@
 #include "adc.h"
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
+#include <ATen/ops/empty.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/zeros.h>
 
@@ -80,8 +82,21 @@ void check_adc4_args(const at::Tensor& lut, const at::Tensor& packed, int64_t nu
 
 at::Tensor pad_lut(const at::Tensor& lut, int64_t width) {
   if (lut.size(2) == width) return lut.contiguous();  // nothing to pad
-  at::Tensor padded = at::zeros({lut.size(0), lut.size(1), width}, lut.options());
-  padded.narrow(2, 0, lut.size(2)).copy_(lut);
+  if (!lut.is_cpu()) {
+    at::Tensor padded = at::zeros({lut.size(0), lut.size(1), width}, lut.options());
+    padded.narrow(2, 0, lut.size(2)).copy_(lut);
+    return padded;
+  }
+  // on the CPU a plain copy: three dispatched ops cost more than a short scan
+  const at::Tensor values = lut.contiguous();  // [rows, K] float32
+  at::Tensor padded = at::empty({lut.size(0), lut.size(1), width}, lut.options());
+  const int64_t rows = lut.size(0) * lut.size(1), K = lut.size(2);
+  const float* in = values.const_data_ptr<float>();
+  float* out = padded.mutable_data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    std::copy(in + r * K, in + (r + 1) * K, out + r * width);
+    std::fill(out + r * width + K, out + (r + 1) * width, 0.0f);
+  }
   return padded;
 }
 

@@ -541,7 +541,7 @@ class OPQNIndex:
                     if checked_lut_batch is not None and "lut must be finite" in str(err):
                         checked_lut_batch(q0, q1)  # raises the error that names the queries
                     raise
-            s, item_ids = _padded_topk(s.cpu(), scanned.ids[pos.cpu()], k)
+            s, item_ids = _padded_topk(s.cpu(), scanned.ids.take(pos.cpu()), k)  # take: one op, no indexing
             scores.append(s)
             ids.append(item_ids)
         if len(scores) == 1:

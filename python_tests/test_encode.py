@@ -31,6 +31,19 @@ def test_encode_breaks_ties_to_the_smaller_word(device):
     assert opqn_ext.encode(x, a).view(-1).tolist() == [1, 0, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_sample_alone_gets_its_codes_in_a_batch(dtype, cpu_isa):
+    # a sample alone runs the row loops (csrc/cpu/row_kernels.h), a batch of 300 one BLAS product per
+    # book; small integers make every similarity exact, with many ties, so the codes must be equal
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(-3, 4, (300, 8 * 13), generator=g).to(dtype)
+    a = torch.randint(-2, 3, (8, 13, 11), generator=g).to(dtype)
+    batch = opqn_ext.encode(x, a, normalize=False)
+    alone = torch.cat([opqn_ext.encode(x[i:i + 1], a, normalize=False) for i in range(300)])
+    assert torch.equal(alone, batch)
+    assert torch.equal(batch, reference.encode(x, a, normalize=False))
+
+
 def test_normalize_does_not_change_codes(device):
     x, a, _ = make_problem(300, 4, 16, 16, dtype=torch.float32, device=device)
     assert torch.equal(opqn_ext.encode(x, a, normalize=True), opqn_ext.encode(x * 7.5, a, normalize=False))

@@ -214,6 +214,20 @@ def test_cpu_isa_paths_agree(cpu_isa):
         torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("M,d,K", [(8, 64, 16), (3, 37, 13)])
+def test_a_sample_alone_gets_its_values_in_a_batch(M, d, K, dtype, cpu_isa):
+    # a sample alone runs the forward's row loops (a few samples, csrc/cpu/row_kernels.h), a batch of
+    # 64 the BLAS products: the same values to rounding, at K a multiple of the vector width or not
+    x, a, c = make_problem(64, M, d, K, dtype=dtype, seed=5)
+    batch = opqn_ext.soft_quantize(x, a, c, 3.0, True)
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)
+    for i in (0, 17, 63):
+        alone = opqn_ext.soft_quantize(x[i:i + 1], a, c, 3.0, True)
+        for name, u, v in zip(("probs", "quantized", "entropy"), alone, batch):
+            torch.testing.assert_close(u[0], v[i], **tol, msg=lambda m: f"sample {i} {name}: {m}")
+
+
 def test_results_do_not_depend_on_thread_count():
     x, a, c = make_problem(700, 4, 32, 16, dtype=torch.float32, seed=4)
     before = torch.get_num_threads()

@@ -11,8 +11,17 @@ namespace {
 // Where a table's constant tail starts: every entry from it on equals the last one (a table of
 // K < 256 words is padded with one value; a full one has a tail of one entry).
 int64_t tail_start(const float* row) {
-  int64_t w = 255;
-  while (w > 0 && row[w - 1] == row[255]) --w;
+  constexpr int64_t kChunk = 16;  // whole chunks are compared without a branch per entry
+  const float last = row[255];
+  int64_t w = 256;
+  while (w >= kChunk) {
+    bool same = true;
+    for (int64_t i = w - kChunk; i < w; ++i) same &= row[i] == last;
+    if (!same) break;
+    w -= kChunk;
+  }
+  w = std::min<int64_t>(w, 255);
+  while (w > 0 && row[w - 1] == last) --w;
   return w;
 }
 

@@ -16,6 +16,7 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <immintrin.h>
@@ -68,32 +69,50 @@ struct GroupTranspose {
 // M = 2, 4, 8, 16 take the staged transpose; any other M (1 included) the masked permutes.
 constexpr bool staged(int64_t M) { return M >= 2 && (M & (M - 1)) == 0; }
 
-// Fills the half of `plan` that M's transpose uses.
-void plan_transpose(int64_t M, GroupTranspose& plan) {
-  if (!staged(M)) {
-    for (int64_t m = 0; m < M; ++m) {
-      for (int64_t w = 0; w < M; ++w) {
-        plan.lanes[m * M + w] = 0;
-        std::fill(plan.index[m * M + w], plan.index[m * M + w] + 64, uint8_t(0));
-      }
-      for (int64_t i = 0; i < kGroupCodes; ++i) {
-        const int64_t byte = i * M + m, w = byte / 64;
-        plan.index[m * M + w][i] = static_cast<uint8_t>(byte % 64);
-        plan.lanes[m * M + w] |= __mmask64(1) << i;
+// The staged transposes' vpermi2b indices for M = 2, 4, 8, 16 ([log2 M]): they depend on M alone,
+// so they are computed once (their divisions cost a short scan more than its codes).
+struct StagedIndices {
+  alignas(64) uint8_t stages[5][4][2][64];
+};
+
+const StagedIndices& staged_indices() {
+  static const StagedIndices indices = [] {
+    StagedIndices out{};
+    for (int log2_m = 1; log2_m <= 4; ++log2_m) {
+      const int64_t M = int64_t(1) << log2_m;
+      int stage = 0;
+      for (int64_t books_in = M; books_in > 1; books_in /= 2, ++stage) {
+        const int64_t books_out = books_in / 2, codes_in = 64 / books_in, codes_out = 2 * codes_in;
+        for (int half = 0; half < 2; ++half) {
+          for (int64_t p = 0; p < 64; ++p) {
+            const int64_t b = p / codes_out + half * books_out, c = p % codes_out;
+            const int64_t source = c / codes_in, cc = c % codes_in;  // source 0: first register of the pair
+            const int64_t at = books_in == M ? cc * M + b : b * codes_in + cc;
+            out.stages[log2_m][stage][half][p] = static_cast<uint8_t>(source * 64 + at);
+          }
+        }
       }
     }
+    return out;
+  }();
+  return indices;
+}
+
+// Fills the half of `plan` that M's transpose uses.
+void plan_transpose(int64_t M, GroupTranspose& plan) {
+  if (staged(M)) {
+    std::memcpy(plan.stages, staged_indices().stages[__builtin_ctzll(static_cast<uint64_t>(M))], sizeof(plan.stages));
     return;
   }
-  int stage = 0;
-  for (int64_t books_in = M; books_in > 1; books_in /= 2, ++stage) {
-    const int64_t books_out = books_in / 2, codes_in = 64 / books_in, codes_out = 2 * codes_in;
-    for (int half = 0; half < 2; ++half) {
-      for (int64_t p = 0; p < 64; ++p) {
-        const int64_t b = p / codes_out + half * books_out, c = p % codes_out;
-        const int64_t source = c / codes_in, cc = c % codes_in;  // source 0: first register of the pair
-        const int64_t at = books_in == M ? cc * M + b : b * codes_in + cc;
-        plan.stages[stage][half][p] = static_cast<uint8_t>(source * 64 + at);
-      }
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t w = 0; w < M; ++w) {
+      plan.lanes[m * M + w] = 0;
+      std::fill(plan.index[m * M + w], plan.index[m * M + w] + 64, uint8_t(0));
+    }
+    for (int64_t i = 0; i < kGroupCodes; ++i) {
+      const int64_t byte = i * M + m, w = byte / 64;
+      plan.index[m * M + w][i] = static_cast<uint8_t>(byte % 64);
+      plan.lanes[m * M + w] |= __mmask64(1) << i;
     }
   }
 }

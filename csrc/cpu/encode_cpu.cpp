@@ -1,6 +1,7 @@
 // CPU kernel of encode: codes[b, m] = argmax_k x[b, m] @ assign_weight[m] (ties to the smaller k).
 // Rows go in blocks of kRowsPerBlock: one BLAS GEMM per book into a [rows, K] scratch (bounded
-// memory whatever B is), then a parallel argmax over its rows, which also checks that every
+// memory whatever B is; a few samples: row loops, row_kernels.h), then a parallel argmax over its
+// rows, which also checks that every
 // similarity is finite (encode.h). normalize scales each row by a positive factor, which leaves
 // the argmax as it is, so it needs no work here. float16/bfloat16 inputs are encoded from float32
 // copies.
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/row_kernels.h"
 #include "encode.h"
 
 namespace opqn::cpu {
@@ -43,10 +45,20 @@ at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, b
   const at::Tensor x = x_in.contiguous().view({B, M, d});
   const at::Tensor A = assign_weight.contiguous();
   at::Tensor codes = at::empty({B, M}, x.options().dtype(at::kByte));
-  at::Tensor logits = at::empty({std::min(B, kRowsPerBlock), K}, x.options());
   uint8_t* out = codes.mutable_data_ptr<uint8_t>();
   std::atomic<bool> all_finite{true};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "encode_cpu", [&] {
+    if (B * M * d * K <= kRowProductsMaxMacs) {
+      at::Tensor l = at::empty({B * M, K}, x.options());  // [B * M, K]
+      scalar_t* lp = l.mutable_data_ptr<scalar_t>();
+      row_kernels<scalar_t>().row_products(x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), B * M, M, d,
+                                           K, lp);
+      bool finite = true;
+      for (int64_t r = 0; r < B * M; ++r) out[r] = argmax_row(lp + r * K, K, finite);
+      all_finite.store(finite);
+      return;
+    }
+    at::Tensor logits = at::empty({std::min(B, kRowsPerBlock), K}, x.options());  // [rows, K]
     for (int64_t r0 = 0; r0 < B; r0 += kRowsPerBlock) {
       const int64_t rows = std::min(kRowsPerBlock, B - r0);
       at::Tensor l = logits.narrow(0, 0, rows);

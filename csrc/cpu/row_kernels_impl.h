@@ -185,6 +185,28 @@ void normalize_backward_rows(const T* x, const T* norms, T* g, int64_t rows, int
   }
 }
 
+template <typename T>
+void row_products(const T* x, const T* A, int64_t rows, int64_t M, int64_t d, int64_t K, T* logits) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* xr = x + r * d;
+    const T* a = A + (r % M) * d * K;
+    T* l = logits + r * K;
+    for (int64_t k = 0; k < K; ++k) l[k] = T(0);
+    for (int64_t j = 0; j < d; ++j) {
+      const T xj = xr[j];
+      for (int64_t k = 0; k < K; ++k) l[k] += xj * a[j * K + k];
+    }
+  }
+}
+
+template <typename T>
+void row_reconstructions(const T* probs, const T* C, int64_t rows, int64_t M, int64_t d, int64_t K, T* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* c = C + (r % M) * d * K;
+    for (int64_t j = 0; j < d; ++j) out[r * d + j] = dot(c + j * K, probs + r * K, K);
+  }
+}
+
 // ---- float rows in vectors ----
 template <>
 float dot<float>(const float* a, const float* b, int64_t n) {
@@ -255,10 +277,55 @@ void softmax_backward_rows<float>(const float* probs, const float* grad_entropy,
   }
 }
 
+// The lanes' sum as a tree of three adds (hsum's chain of seven costs more than a short dot).
+inline float hsum_tree(VecF v) {
+  typedef float Vec4 __attribute__((vector_size(16)));
+  Vec4 s = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  s += __builtin_shufflevector(s, s, 2, 3, 0, 1);
+  s += __builtin_shufflevector(s, s, 1, 0, 3, 2);
+  return s[0];
+}
+
+template <>
+void row_products<float>(const float* x, const float* A, int64_t rows, int64_t M, int64_t d, int64_t K,
+                         float* logits) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * d;
+    const float* a = A + (r % M) * d * K;
+    for (int64_t k = 0; k < K; k += kW) {  // a register of K's columns over all of d
+      const int64_t n = K - k < kW ? K - k : kW;
+      VecF acc = splat(0.0f);
+      if (n == kW) {
+        for (int64_t j = 0; j < d; ++j) acc += xr[j] * load(a + j * K + k);
+      } else {
+        for (int64_t j = 0; j < d; ++j) acc += xr[j] * load_n(a + j * K + k, n, 0.0f);
+      }
+      store_n(logits + r * K + k, acc, n);
+    }
+  }
+}
+
+template <>
+void row_reconstructions<float>(const float* probs, const float* C, int64_t rows, int64_t M, int64_t d, int64_t K,
+                                float* out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* c = C + (r % M) * d * K;
+    const float* p = probs + r * K;
+    for (int64_t j = 0; j < d; ++j) {
+      const float* cj = c + j * K;
+      VecF acc = splat(0.0f);
+      int64_t k = 0;
+      for (; k + kW <= K; k += kW) acc += load(cj + k) * load(p + k);
+      if (k < K) acc += load_n(cj + k, K - k, 0.0f) * load_n(p + k, K - k, 0.0f);
+      out[r * d + j] = hsum_tree(acc);
+    }
+  }
+}
+
 template <typename T>
 constexpr RowKernels<T> kernel_set() {
-  return {&row_norms<T>, &softmax_entropy_rows<T>, &softmax_backward_rows<T>,
-          &normalize_backward_rows<T>};
+  return {&row_norms<T>,        &softmax_entropy_rows<T>, &softmax_backward_rows<T>,
+          &normalize_backward_rows<T>, &row_products<T>, &row_reconstructions<T>};
 }
 
 }  // namespace

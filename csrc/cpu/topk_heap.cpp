@@ -83,12 +83,36 @@ void topk_set_floor(TopK& top, float floor) {
 
 namespace {
 
+// Up to this many entries (k <= 32) a comparison selection keeps the best k: the radix selection's
+// four passes over 256 digit counts cost more than its branches save.
+constexpr int64_t kSmallReservoir = 64;
+
+// compact() for reservoirs of at most kSmallReservoir entries: the k-th best pair in result order
+// is selected from a copy; the pairs that rank at or before it stay, in the order they were offered.
+void compact_small(TopK& top) {
+  const int64_t n = top.size;
+  ScoredId ranked[kSmallReservoir];
+  std::copy(top.entries, top.entries + n, ranked);
+  std::nth_element(ranked, ranked + (top.k - 1), ranked + n, before);
+  const ScoredId kth = ranked[top.k - 1];
+  int64_t kept = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const ScoredId e = top.entries[i];
+    top.entries[kept] = e;
+    kept += !before(kth, e);
+  }
+  top.size = kept;
+  top.bound = kth;
+  top.threshold = kth.score;
+}
+
 // Keeps the best k of the 2k entries. The k-th best score is found by a radix selection on
 // descending_score_key, one 8-bit digit per pass, counting only the keys that share the digits
 // found so far (no branch on the data, unlike a comparison selection of scores this close
 // together); of the entries with that score, the smallest ids stay. The same pairs stay, and the
 // same bound results, as from a selection in result order.
 void compact(TopK& top) {
+  if (top.size <= kSmallReservoir) return compact_small(top);
   constexpr int64_t kStackEntries = 512;  // scratch on the stack up to here (k <= 256), else on the heap
   const int64_t n = top.size;
   uint32_t stack_keys[kStackEntries];
