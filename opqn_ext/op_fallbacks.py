@@ -18,6 +18,7 @@ Everywhere else the fused kernels run.
 from collections.abc import Callable
 
 import torch
+from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
 
 
@@ -29,6 +30,23 @@ def differentiating(*tensors: torch.Tensor) -> bool:
     if forward_ad._current_level < 0:  # no dual level entered: no tangents (the common case, first)
         return False
     return torch.compiler.is_compiling() or any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def vmapped() -> bool:
+    """True inside torch.func.vmap (also as jacfwd and hessian run it), where no tensor's values can
+    decide anything: each holds a whole batch."""
+    return any(i.key() == torch._C._functorch.TransformType.Vmap for i in retrieve_all_functorch_interpreters())
+
+
+def with_finite_lut(checks: Callable[..., object]) -> Callable[..., object]:
+    """A scan's argument ``checks`` followed by the check its kernels make of ``lut`` (the first
+    argument): NaN or infinities raise the op's error, never a ranking of NaN scores. Not made under
+    vmap (see :func:`vmapped`), where the fallback's scores hold the NaN instead."""
+    def checked(lut: torch.Tensor, *rest):
+        checks(lut, *rest)
+        if not vmapped() and not bool(torch.isfinite(lut).all()):
+            raise RuntimeError("lut must be finite: it contains NaN or infinite values")
+    return checked
 
 
 def exporting_onnx() -> bool:

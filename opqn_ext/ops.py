@@ -130,12 +130,13 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
         increasing index order; identical on every code path, CPU instruction set and thread count.
         The scores are differentiable in ``lut`` (each entry gets the gradients of the scores
         that summed it); under forward-mode AD and torch.func's transforms they are computed by
-        :func:`opqn_ext.reference.adc_topk` (every score of every code, then a sort; NaN is not
-        looked for there).
+        :func:`opqn_ext.reference.adc_topk` (every score of every code, then a sort; a ``lut``
+        with NaN raises there too, except under ``vmap``, ``jacfwd`` and ``hessian``, whose batched
+        values decide nothing: there the NaN scores are returned).
     """
     k = _integer("k", k)
     if op_fallbacks.differentiating(lut, codes):
-        return op_fallbacks.run(_fake._adc_topk_fake, reference.adc_topk, lut, codes, k)
+        return op_fallbacks.run(op_fallbacks.with_finite_lut(_fake._adc_topk_fake), reference.adc_topk, lut, codes, k)
     return _call(torch.ops.opqn_ext.adc_topk, (lut,), lut, codes, k)
 
 
@@ -148,10 +149,11 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
 
     Returns:
         ``scores [nq, N]`` float32, differentiable in ``lut`` (under forward-mode AD and
-        torch.func's transforms, computed by :func:`opqn_ext.reference.adc_scores`).
+        torch.func's transforms, computed by :func:`opqn_ext.reference.adc_scores`, with the NaN
+        check of :func:`adc_topk`'s fallback).
     """
     if op_fallbacks.differentiating(lut, codes):
-        return op_fallbacks.run(_fake._adc_scores_fake, reference.adc_scores, lut, codes)
+        return op_fallbacks.run(op_fallbacks.with_finite_lut(_fake._adc_scores_fake), reference.adc_scores, lut, codes)
     return _call(torch.ops.opqn_ext.adc_scores, (lut,), lut, codes)
 
 
@@ -225,7 +227,7 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index;
         the scores are differentiable in ``lut``. Under forward-mode AD and torch.func's
         transforms, the result is exact ADC's, computed by :func:`opqn_ext.reference.adc_topk` on
-        the unpacked codes.
+        the unpacked codes (with the NaN check of :func:`adc_topk`'s fallback).
     """
     if lut.dim() == 3 and packed.num_books != lut.shape[1]:  # other ranks: the op's error names them
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
@@ -235,5 +237,5 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
             raise RuntimeError(f"rerank must be >= 1 (candidates re-scored per result), got {rerank}")
         codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
         checks = partial(_fake._check_topk_args, max_words=16, words="4-bit codes")
-        return op_fallbacks.run(checks, reference.adc_topk, lut, codes, k)
+        return op_fallbacks.run(op_fallbacks.with_finite_lut(checks), reference.adc_topk, lut, codes, k)
     return _call(torch.ops.opqn_ext.adc_topk4, (lut,), lut, packed.data, packed.num_codes, k, rerank)

@@ -152,6 +152,25 @@ def test_bad_arguments_are_named_under_a_transform():
         jvp(lambda t: opqn_ext.adc_topk(t, codes[:, :2], 2)[0], (lut,), (lut,))
 
 
+@pytest.mark.parametrize("scan", ["adc_topk", "adc_topk4", "adc_scores"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_scan_tables_with_nan_raise_under_a_transform_as_the_op_does(scan, bad):
+    lut, codes = torch.rand(2, 3, 4), torch.randint(0, 4, (5, 3), dtype=torch.uint8)
+    run = {"adc_topk": lambda t: opqn_ext.adc_topk(t, codes, 2)[0],
+           "adc_topk4": lambda t: opqn_ext.adc_topk4(t, opqn_ext.pack_codes4(codes), 2)[0],
+           "adc_scores": lambda t: opqn_ext.adc_scores(t, codes)}[scan]
+    lut[1, 2, 0] = bad
+    for transformed in (lambda: run(lut), lambda: grad(lambda t: run(t).sum())(lut),
+                        lambda: jvp(run, (lut,), (torch.ones_like(lut),)), lambda: jacrev(run)(lut)):
+        with pytest.raises(RuntimeError, match="lut must be finite"):
+            transformed()
+    with fwAD.dual_level(), pytest.raises(RuntimeError, match="lut must be finite"):
+        run(fwAD.make_dual(lut, torch.ones_like(lut)))
+    # under vmap a value cannot raise: the NaN reaches the scores of its own query only (documented)
+    scores = vmap(lambda t: run(t[None])[0])(lut)
+    assert torch.isfinite(scores[0]).all() and not torch.isfinite(scores[1]).all()
+
+
 def scan_problem(device, nq=3, N=70, M=5, K=16):
     g = torch.Generator().manual_seed(2)
     lut = torch.rand(nq, M, K, generator=g).to(device)
