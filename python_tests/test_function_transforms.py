@@ -155,7 +155,9 @@ def test_bad_arguments_are_named_under_a_transform():
 @pytest.mark.parametrize("scan", ["adc_topk", "adc_topk4", "adc_scores"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_scan_tables_with_nan_raise_under_a_transform_as_the_op_does(scan, bad):
-    lut, codes = torch.rand(2, 3, 4), torch.randint(0, 4, (5, 3), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(4)
+    lut, codes = torch.rand(2, 3, 4, generator=g), torch.randint(0, 4, (5, 3), generator=g, dtype=torch.uint8)
+    codes[0, 2] = 0  # a code that sums the bad entry
     run = {"adc_topk": lambda t: opqn_ext.adc_topk(t, codes, 2)[0],
            "adc_topk4": lambda t: opqn_ext.adc_topk4(t, opqn_ext.pack_codes4(codes), 2)[0],
            "adc_scores": lambda t: opqn_ext.adc_scores(t, codes)}[scan]
