@@ -10,7 +10,8 @@ of the registered ops.
   (:mod:`opqn_ext.reference`) run, which every transform can go through.
 - ONNX export (``torch.onnx.export``, either exporter): an ONNX graph holds standard operators
   only, so ``soft_quantize`` and ``encode`` are written with them (MatMul, Softmax, ArgMax), in the
-  input's precision, as a runtime such as ONNX Runtime or TensorRT runs them.
+  input's precision, as a runtime such as ONNX Runtime or TensorRT runs them; the scans as every
+  score (Gather, Add) then TopK (``adc_topk``, ``adc_topk4``: exact ADC, memory ``[nq, N]``).
 - ``soft_quantize`` with a tensor as its scale, traced by torch.compile: the op takes a number.
 
 Everywhere else the fused kernels run.
@@ -20,6 +21,8 @@ from collections.abc import Callable
 import torch
 from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 from torch.autograd import forward_ad
+
+from . import reference
 
 
 def differentiating(*tensors: torch.Tensor) -> bool:
@@ -78,6 +81,14 @@ def run(checks: Callable[..., object], plain: Callable, *args):
         return plain(*args)
     with torch.autocast(device, enabled=False):
         return plain(*args)
+
+
+def adc_topk_for_export(lut: torch.Tensor, codes: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``adc_topk`` as standard operators: every score, added in book order as the kernels add it
+    (the same values, bit for bit), then TopK, which ONNX specifies to put the smaller index first
+    among equal values: the op's order."""
+    top = torch.topk(reference.adc_scores(lut, codes), k, dim=1)
+    return top.values, top.indices
 
 
 def encode_for_export(x: torch.Tensor, assign_weight: torch.Tensor, normalize: bool = True) -> torch.Tensor:

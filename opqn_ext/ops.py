@@ -132,9 +132,12 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
         that summed it); under forward-mode AD and torch.func's transforms they are computed by
         :func:`opqn_ext.reference.adc_topk` (every score of every code, then a sort; a ``lut``
         with NaN raises there too, except under ``vmap``, ``jacfwd`` and ``hessian``, whose batched
-        values decide nothing: there the NaN scores are returned).
+        values decide nothing: there the NaN scores are returned). In ONNX export, standard
+        operators: every score (Gather, Add), then TopK, whose ties ONNX orders by index as well.
     """
     k = _integer("k", k)
+    if op_fallbacks.exporting_onnx():
+        return op_fallbacks.run(_fake._adc_topk_fake, op_fallbacks.adc_topk_for_export, lut, codes, k)
     if op_fallbacks.differentiating(lut, codes):
         return op_fallbacks.run(op_fallbacks.with_finite_lut(_fake._adc_topk_fake), reference.adc_topk, lut, codes, k)
     return _call(torch.ops.opqn_ext.adc_topk, (lut,), lut, codes, k)
@@ -150,9 +153,9 @@ def adc_scores(lut: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     Returns:
         ``scores [nq, N]`` float32, differentiable in ``lut`` (under forward-mode AD and
         torch.func's transforms, computed by :func:`opqn_ext.reference.adc_scores`, with the NaN
-        check of :func:`adc_topk`'s fallback).
+        check of :func:`adc_topk`'s fallback). In ONNX export, the same in standard operators.
     """
-    if op_fallbacks.differentiating(lut, codes):
+    if op_fallbacks.differentiating(lut, codes) or op_fallbacks.exporting_onnx():
         return op_fallbacks.run(op_fallbacks.with_finite_lut(_fake._adc_scores_fake), reference.adc_scores, lut, codes)
     return _call(torch.ops.opqn_ext.adc_scores, (lut,), lut, codes)
 
@@ -200,8 +203,8 @@ def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> to
     (m % 2) * 16 + i % 16, low nibble for i % 32 < 16, high nibble otherwise."""
     books = torch.arange(num_books, device=packed.device)
     i = indices.unsqueeze(-1)
-    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16]
-    return torch.where(i % 32 < 16, byte & 15, byte >> 4)
+    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16].to(torch.int32)  # int32: ONNX types the 15 int8
+    return torch.where(i % 32 < 16, byte & 15, byte >> 4).to(torch.uint8)
 
 
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
@@ -227,15 +230,18 @@ def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
         ``(scores [nq, k] float32, indices [nq, k] int64)``: exact scores, descending, ties by index;
         the scores are differentiable in ``lut``. Under forward-mode AD and torch.func's
         transforms, the result is exact ADC's, computed by :func:`opqn_ext.reference.adc_topk` on
-        the unpacked codes (with the NaN check of :func:`adc_topk`'s fallback).
+        the unpacked codes (with the NaN check of :func:`adc_topk`'s fallback); in ONNX export too,
+        as :func:`adc_topk` is exported.
     """
     if lut.dim() == 3 and packed.num_books != lut.shape[1]:  # other ranks: the op's error names them
         raise ValueError(f"packed codes have {packed.num_books} books but lut has M={lut.shape[1]}")
     k, rerank = _integer("k", k), _integer("rerank", rerank)
-    if op_fallbacks.differentiating(lut):
+    exporting = op_fallbacks.exporting_onnx()
+    if exporting or op_fallbacks.differentiating(lut):
         if rerank < 1:
             raise RuntimeError(f"rerank must be >= 1 (candidates re-scored per result), got {rerank}")
         codes = codes4_at(packed.data, torch.arange(packed.num_codes, device=packed.data.device), packed.num_books)
         checks = partial(_fake._check_topk_args, max_words=16, words="4-bit codes")
-        return op_fallbacks.run(op_fallbacks.with_finite_lut(checks), reference.adc_topk, lut, codes, k)
+        scan = op_fallbacks.adc_topk_for_export if exporting else reference.adc_topk
+        return op_fallbacks.run(op_fallbacks.with_finite_lut(checks), scan, lut, codes, k)
     return _call(torch.ops.opqn_ext.adc_topk4, (lut,), lut, packed.data, packed.num_codes, k, rerank)

@@ -67,6 +67,55 @@ def test_exported_model_gives_the_codes_and_tables_of_the_model(tmp_path, dynamo
     np.testing.assert_allclose(tables, want_tables.numpy(), rtol=1e-5, atol=1e-6)
 
 
+class Gallery(torch.nn.Module):
+    """A search graph: query tables in, the top-k of a gallery of codes held as a buffer out."""
+
+    def __init__(self, scan, codes, k=6):
+        super().__init__()
+        self.scan, self.k = scan, k
+        self.register_buffer("codes", codes)
+        self.register_buffer("packed", opqn_ext.pack_codes4(codes).data)
+
+    def forward(self, luts):
+        if self.scan == "adc_scores":
+            return opqn_ext.adc_scores(luts, self.codes)
+        if self.scan == "adc_topk4":
+            packed = opqn_ext.PackedCodes4(self.packed, self.codes.shape[0], self.codes.shape[1])
+            return opqn_ext.adc_topk4(luts, packed, self.k)
+        return opqn_ext.adc_topk(luts, self.codes, self.k)
+
+
+@pytest.mark.parametrize("scan", ["adc_topk", "adc_topk4", "adc_scores"])
+@pytest.mark.parametrize("dynamo", [DYNAMO_EXPORTER, False])
+def test_exported_scans_give_the_ops_results_and_tie_order(tmp_path, dynamo, scan):
+    g = torch.Generator().manual_seed(2)
+    codes = torch.randint(0, 16, (300, 5), generator=g, dtype=torch.uint8)
+    codes[:, 4] = 15  # K = 12 tables below: codes >= K add 0
+    model = Gallery(scan, codes).eval()
+    path = tmp_path / "gallery.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            program = torch.onnx.export(model, (torch.rand(3, 5, 12),), dynamo=True, verbose=False,
+                                        dynamic_shapes=({0: torch.export.Dim("queries")},))
+            program.save(str(path))
+        else:
+            torch.onnx.export(model, (torch.rand(3, 5, 12),), str(path), dynamo=False, input_names=["luts"],
+                              dynamic_axes={"luts": {0: "queries"}})
+    graph = onnx.load(str(path)).graph
+    assert {node.domain for node in graph.node} <= {"", "ai.onnx"}  # no custom operator left
+    assert scan == "adc_scores" or "TopK" in {node.op_type for node in graph.node}
+    # small integers: every score exact and many equal, so the results must be the op's, order included
+    luts = torch.randint(0, 4, (7, 5, 12), generator=g).float()
+    got = run_exported(path, luts)
+    if scan == "adc_scores":
+        assert np.array_equal(got[0], opqn_ext.adc_scores(luts, codes).numpy())
+        return
+    scores, ids = opqn_ext.adc_topk(luts, codes, 6)  # exact ADC, which adc_topk4 exports as
+    assert np.array_equal(got[0], scores.numpy()) and np.array_equal(got[1], ids.numpy())
+    assert len(set(scores.flatten().tolist())) < scores.numel()  # ties were there to order
+
+
 def test_export_keeps_the_ops_precision_and_tie_order():
     """encode's export formulation: float32 for float16 inputs, the first of equal similarities."""
     x = torch.tensor([[1.0, 0.0, 1.0, 0.0]], dtype=torch.float16)
