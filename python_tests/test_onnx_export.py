@@ -1,5 +1,6 @@
 """ONNX export of models that end in the ops (torch.onnx.export, both exporters): the graphs hold
-standard operators only and, run by ONNX Runtime, give the codes and query tables of the model."""
+standard operators only and, run by ONNX Runtime, give the codes and query tables of the model, and
+the scans' scores and top-k (ties in the ops' order)."""
 import warnings
 
 import numpy as np
