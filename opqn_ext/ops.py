@@ -203,7 +203,8 @@ def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> to
     (m % 2) * 16 + i % 16, low nibble for i % 32 < 16, high nibble otherwise."""
     books = torch.arange(num_books, device=packed.device)
     i = indices.unsqueeze(-1)
-    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16].to(torch.int32)  # int32: ONNX types the 15 int8
+    # in int32: the dynamo ONNX exporter types the literal 15 int8, which a uint8 operand refuses
+    byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16].to(torch.int32)
     return torch.where(i % 32 < 16, byte & 15, byte >> 4).to(torch.uint8)
 
 

@@ -197,8 +197,6 @@ Index Index::to(const c10::Device& device) const {
 at::Tensor Index::query_lut(const at::Tensor& features) const {
   const int64_t M = codes.size(1), D = M * codebook.size(1);
   TORCH_CHECK(features.dim() == 2 && features.size(1) == D, "queries must be [nq, ", D, "], got ", features.sizes());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()), "queries must be floating point, got ",
-              features.scalar_type());
   const at::Tensor queries = features.to(codebook.device(), at::kFloat);
   const SoftQuantizeResult sq = soft_quantize(queries, assign_weight, codebook, query_scale, true);
   if (orthonormal) return sq.probs;

@@ -37,7 +37,7 @@ struct OPQN_EXT_API Index {
   // This index with its codes and model on `device` (ids and labels stay on the CPU).
   Index to(const c10::Device& device) const;
 
-  // Query tables [nq, M, K] float32 of features [nq, M*d] (any floating dtype, cast to float32).
+  // Query tables [nq, M, K] float32 of features [nq, M*d] (any dtype, cast to float32 as in Python).
   at::Tensor query_lut(const at::Tensor& features) const;
 
   // Top-k of feature queries [nq, M*d], k >= 1: (scores [nq, k] float32 descending, ids [nq, k]
