@@ -4,13 +4,17 @@ alone, a query's tables alone (OPQNIndex.query_lut), the encode op of one featur
 adding one face to a gallery computes), and FAISS IndexPQ (inner product, 8 x 8-bit codes whose centroids are the OPQN codewords,
 codes ours) searched with the soft-quantized query on the same codes. The top-k ids are checked
 against adc_topk's before timing (FAISS's up to swaps of scores equal within rounding); the best of
-7 rounds of repeated calls.
+7 rounds of repeated calls. With ``--cpp PREFIX`` (an opqn_ext C++ library installed there by
+``cmake --install``, with its index-file reader), also opqn_ext::Index::search from a C++ program
+(benchmarks/cpp, built under build/bench-cpp) on the index saved to a file, its ids checked too.
 
-    python benchmarks/bench_search_latency.py [--sizes 1000 10000 100000 1000000] [--json PATH]
+    python benchmarks/bench_search_latency.py [--sizes 1000 10000 100000 1000000] [--cpp PREFIX] [--json PATH]
 """
 import argparse
 import json
 import platform
+import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +28,7 @@ from opqn_ext.index import OPQNIndex
 from opqn_ext.nn import OrthoPQHead
 
 D, M, K = 512, 8, 16
+HERE = Path(__file__).parent
 
 
 def best_us(fn, n):
@@ -39,19 +44,46 @@ def best_us(fn, n):
     return min(rounds)
 
 
+def cpp_timer(prefix: str) -> Path:
+    """benchmarks/cpp built against the opqn_ext installed at ``prefix``: the time_index_search program."""
+    build = HERE.parent / "build" / "bench-cpp"
+    for command in (["cmake", "-S", str(HERE / "cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
+                     f"-DCMAKE_PREFIX_PATH={Path(prefix).resolve()};{torch.utils.cmake_prefix_path}"],
+                    ["cmake", "--build", str(build)]):
+        done = subprocess.run(command, capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
+    return build / "time_index_search"
+
+
+def cpp_search_us(program: Path, index: OPQNIndex, query: torch.Tensor, k: int, calls: int,
+                  want_ids: torch.Tensor) -> float:
+    """Microseconds per Index::search of ``query`` from C++, after checking its ids equal ``want_ids``."""
+    with tempfile.TemporaryDirectory() as folder:
+        index.save(Path(folder) / "index.opqn")
+        torch.save(query, Path(folder) / "query.pt")
+        done = subprocess.run([str(program), str(Path(folder) / "index.opqn"), str(Path(folder) / "query.pt"), str(k),
+                               str(calls)], capture_output=True, text=True, check=True)
+    ids, micros = done.stdout.split("\n")[:2]
+    assert [int(i) for i in ids.split()] == want_ids[0].tolist(), "C++ search gave other ids"
+    return float(micros)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10_000, 100_000, 1_000_000])
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--cpp", metavar="PREFIX", help="an installed opqn_ext C++ library: time its Index::search too")
     parser.add_argument("--json")
     args = parser.parse_args()
+    program = cpp_timer(args.cpp) if args.cpp else None
     head = OrthoPQHead(D, 10, M, K, seed=0)
     g = torch.Generator().manual_seed(0)
     rows = []
     print(f"nq = 1, top-{args.k}, {M} x {K}-word codes, {torch.get_num_threads()} threads "
           f"({platform.processor() or platform.machine()}, torch {torch.__version__}, faiss {faiss.__version__})")
     print(f"{'N':>9} | {'search us':>9} {'luts us':>8} {'adc_topk us':>11} {'tables us':>9} {'encode us':>9} "
-          f"{'faiss us':>9} | {'faiss/search':>12}")
+          f"{'faiss us':>9}{' C++ us' if program else ''} | {'faiss/search':>12}")
     for n in args.sizes:
         index = OPQNIndex.from_head(head)
         index.add(torch.randn(n, D, generator=g))
@@ -71,10 +103,13 @@ def main():
                "tables_us": best_us(lambda: index.query_lut(query), calls),
                "encode_us": best_us(lambda: opqn_ext.encode(query, index.assign_weight), calls),
                "faiss_us": best_us(lambda: pq.search(quantized, args.k), calls)}
+        if program:
+            row["cpp_search_us"] = cpp_search_us(program, index, query, args.k, calls, exact[1])
         row["faiss_over_search"] = row["faiss_us"] / row["search_us"]
         rows.append(row)
+        cpp = f" {row['cpp_search_us']:6.1f}" if program else ""
         print(f"{n:>9} | {row['search_us']:9.1f} {row['search_luts_us']:8.1f} {row['adc_topk_us']:11.1f} "
-              f"{row['tables_us']:9.1f} {row['encode_us']:9.1f} {row['faiss_us']:9.1f} | "
+              f"{row['tables_us']:9.1f} {row['encode_us']:9.1f} {row['faiss_us']:9.1f}{cpp} | "
               f"{row['faiss_over_search']:12.2f}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "threads": torch.get_num_threads(), "rows": rows},

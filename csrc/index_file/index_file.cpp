@@ -101,6 +101,15 @@ std::string rows_of(const at::Tensor& rows) {  // "rows [3, 7]" as the Python in
   return text;
 }
 
+// An error naming the queries whose tables [nq, M, K] hold NaN or infinities, if any: the scan
+// makes the check itself, so it is looked for only where there is no scan or the scan refused them.
+void check_finite_tables(const at::Tensor& tables) {
+  const at::Tensor bad = at::nonzero(at::isfinite(tables).flatten(1).all(1).logical_not()).flatten();
+  TORCH_CHECK(bad.size(0) == 0, "queries ", rows_of(bad),
+              " give tables that are not finite: NaN or infinite features, or values so large that a sub-vector's "
+              "products with the weights or its squared norm overflow float32");
+}
+
 }  // namespace
 
 Index Index::load(const std::string& path, bool verify) {
@@ -206,17 +215,20 @@ at::Tensor Index::query_lut(const at::Tensor& features) const {
 std::tuple<at::Tensor, at::Tensor> Index::search(const at::Tensor& features, int64_t k) const {
   TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
   const at::Tensor tables = query_lut(features);  // [nq, M, K]
-  const at::Tensor bad = at::nonzero(at::isfinite(tables).flatten(1).all(1).logical_not()).flatten();
-  TORCH_CHECK(bad.size(0) == 0, "queries ", rows_of(bad),
-              " give tables that are not finite: NaN or infinite features, or values so large that a sub-vector's "
-              "products with the weights or its squared norm overflow float32");
   const int64_t nq = tables.size(0), found = std::min(k, size());
   if (nq == 0) return {at::empty({0, k}, at::kFloat), at::empty({0, k}, at::kLong)};
   at::Tensor scores = at::empty({nq, 0}, at::kFloat), found_ids = at::empty({nq, 0}, at::kLong);
-  if (found > 0) {
-    auto [top, pos] = adc_topk(tables, codes, found);
-    scores = top.cpu();
-    found_ids = at::take(ids, pos.cpu());
+  if (found == 0) {
+    check_finite_tables(tables);  // nothing to scan: the tables are only checked
+  } else {
+    try {
+      auto [top, pos] = adc_topk(tables, codes, found);
+      scores = top.cpu();
+      found_ids = at::take(ids, pos.cpu());
+    } catch (const c10::Error&) {
+      check_finite_tables(tables);  // the scan refuses such tables: this names the queries
+      throw;
+    }
   }
   if (found == k) return {scores, found_ids};
   return {at::cat({scores, at::full({nq, k - found}, -std::numeric_limits<float>::infinity(), at::kFloat)}, 1),
