@@ -203,9 +203,10 @@ def codes4_at(packed: torch.Tensor, indices: torch.Tensor, num_books: int) -> to
     (m % 2) * 16 + i % 16, low nibble for i % 32 < 16, high nibble otherwise."""
     books = torch.arange(num_books, device=packed.device)
     i = indices.unsqueeze(-1)
-    # in int32: the dynamo ONNX exporter types the literal 15 int8, which a uint8 operand refuses
+    # nibbles by % and // in int32, for ONNX export: the dynamo exporter types a literal int8 against
+    # uint8 bytes, and the TorchScript exporter (opset 17) has no bitwise operators on integers
     byte = packed[i // 32, books // 2, (books % 2) * 16 + i % 16].to(torch.int32)
-    return torch.where(i % 32 < 16, byte & 15, byte >> 4).to(torch.uint8)
+    return torch.where(i % 32 < 16, byte % 16, byte // 16).to(torch.uint8)
 
 
 def adc_topk4(lut: torch.Tensor, packed: PackedCodes4, k: int, rerank: int = 2):
