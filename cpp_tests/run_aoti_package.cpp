@@ -4,12 +4,12 @@
 // opqn_ext_ops, whose loading registers them; it refuses to run inside a process holding Python.
 #include <fstream>
 #include <iostream>
-#include <iterator>
 #include <string>
 #include <vector>
 
 #include <torch/csrc/inductor/aoti_package/model_package_loader.h>
-#include <torch/csrc/jit/serialization/pickle.h>
+
+#include "pickled_files.h"
 
 namespace {
 
@@ -23,12 +23,6 @@ bool python_is_loaded() {
   return false;
 }
 
-std::vector<char> read_file(const char* path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error(std::string("cannot read ") + path);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -38,7 +32,7 @@ int main(int argc, char** argv) {
   }
   try {
     std::vector<at::Tensor> inputs;
-    const c10::IValue loaded = torch::jit::pickle_load(read_file(argv[2]));
+    const c10::IValue loaded = load_pickled(argv[2]);
     const std::vector<c10::IValue> given =
         loaded.isTuple() ? loaded.toTupleRef().elements().vec() : loaded.toListRef().vec();
     for (const c10::IValue& value : given) inputs.push_back(value.toTensor());
@@ -48,9 +42,7 @@ int main(int argc, char** argv) {
       std::cerr << "run_aoti_package: Python was loaded into the process\n";
       return 3;
     }
-    std::vector<c10::IValue> values(outputs.begin(), outputs.end());
-    const std::vector<char> bytes = torch::jit::pickle_save(c10::ivalue::Tuple::create(std::move(values)));
-    std::ofstream(argv[3], std::ios::binary).write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+    save_pickled(argv[3], std::vector<c10::IValue>(outputs.begin(), outputs.end()));
     std::cout << "ran " << argv[1] << ": " << outputs.size() << " outputs\n";
   } catch (const std::exception& e) {
     std::cerr << "run_aoti_package: " << e.what() << "\n";

@@ -136,10 +136,10 @@ def adc_topk(lut: torch.Tensor, codes: torch.Tensor, k: int):
         operators: every score (Gather, Add), then TopK, whose ties ONNX orders by index as well.
     """
     k = _integer("k", k)
-    if op_fallbacks.exporting_onnx():
-        return op_fallbacks.run(_fake._adc_topk_fake, op_fallbacks.adc_topk_for_export, lut, codes, k)
-    if op_fallbacks.differentiating(lut, codes):
-        return op_fallbacks.run(op_fallbacks.with_finite_lut(_fake._adc_topk_fake), reference.adc_topk, lut, codes, k)
+    exporting = op_fallbacks.exporting_onnx()
+    if exporting or op_fallbacks.differentiating(lut, codes):
+        scan = op_fallbacks.adc_topk_for_export if exporting else reference.adc_topk
+        return op_fallbacks.run(op_fallbacks.with_finite_lut(_fake._adc_topk_fake), scan, lut, codes, k)
     return _call(torch.ops.opqn_ext.adc_topk, (lut,), lut, codes, k)
 
 

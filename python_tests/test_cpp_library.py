@@ -7,7 +7,6 @@ reader, where the nlohmann-json package of the dev extra is installed). The buil
 OPQN_CPP_TESTS_CUDA=1 (benchmarks/gpu_check.sh) builds the library with its CUDA kernels instead, in
 build/cpp-library-cuda, and requires the C++ API's CUDA checks to run."""
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -21,6 +20,7 @@ from opqn_ext.file_lock import exclusive_lock
 from opqn_ext.index import OPQNIndex
 from opqn_ext.nn import OrthoPQHead
 from test_compile import Retrieval
+from test_index import flip_a_bit_in_array
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = os.environ.get("OPQN_CPP_TESTS_CUDA") == "1"
@@ -233,11 +233,8 @@ def test_the_cpp_reader_names_what_is_wrong(index_file_search, tmp_path):
     assert "does not exist" in index_file_search(tmp_path / "missing.opqn", queries, 2)
     path.write_bytes(good[:-40])
     assert "truncated index file (array" in index_file_search(path, queries, 2)
-    header = int.from_bytes(good[:8], "little")
-    codes_at = 8 + header + json.loads(good[8:8 + header])["codes"]["data_offsets"][0]
-    flipped = bytearray(good)
-    flipped[codes_at + 3] ^= 0xFF  # a byte of the codes
-    path.write_bytes(bytes(flipped))
+    path.write_bytes(good)
+    flip_a_bit_in_array(path, "codes")
     message = index_file_search(path, queries, 2)
     assert "is corrupted (CRC-32 mismatch)" in message and "array codes" in message
     from safetensors.torch import save_file

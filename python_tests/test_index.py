@@ -348,13 +348,18 @@ def test_flipped_bytes_in_codes_are_detected(saved):
         OPQNIndex.load(saved, mmap=True)
 
 
-@pytest.mark.parametrize("array", ["codes", "ids", "labels", "assign_weight", "codebook"])
-def test_flipped_byte_in_every_array_is_detected(saved, array):
-    data = bytearray(saved.read_bytes())
+def flip_a_bit_in_array(path, array):
+    """Flips one bit in the middle of the bytes of ``array`` in the index file at ``path``."""
+    data = bytearray(path.read_bytes())
     header_len = int.from_bytes(data[:8], "little")
     begin, end = json.loads(data[8:8 + header_len])[array]["data_offsets"]
     data[8 + header_len + (begin + end) // 2] ^= 0x01
-    saved.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("array", ["codes", "ids", "labels", "assign_weight", "codebook"])
+def test_flipped_byte_in_every_array_is_detected(saved, array):
+    flip_a_bit_in_array(saved, array)
     with pytest.raises(IndexFileError, match=f"array {array} is corrupted"):
         OPQNIndex.load(saved)
     try:  # without checksums the damage may pass unnoticed, or trip a structural check

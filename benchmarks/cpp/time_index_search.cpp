@@ -4,23 +4,19 @@
 // the caller to check against Python's) and the best round's microseconds per search.
 #include <algorithm>
 #include <chrono>
-#include <fstream>
 #include <iostream>
-#include <iterator>
 #include <string>
-#include <vector>
 
 #include <opqn_ext/index.h>
-#include <torch/csrc/jit/serialization/pickle.h>
+
+#include "pickled_files.h"
 
 int main(int argc, char** argv) {
   if (argc != 5) {
     std::cerr << "usage: time_index_search INDEX QUERY K CALLS\n";
     return 2;
   }
-  std::ifstream in(argv[2], std::ios::binary);
-  const std::vector<char> bytes{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-  const at::Tensor query = torch::jit::pickle_load(bytes).toTensor();
+  const at::Tensor query = load_pickled(argv[2]).toTensor();
   const opqn_ext::Index index = opqn_ext::Index::load(argv[1]);
   const int64_t k = std::stoll(argv[3]), calls = std::stoll(argv[4]);
   const auto [scores, ids] = index.search(query, k);
