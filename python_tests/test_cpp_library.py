@@ -2,8 +2,9 @@
 CMake (the ops library opqn_ext_ops, CPU kernels, no Python module), then the programs of
 cpp_tests/ built against the installed package through find_package(opqn_ext): the typed C++ API
 against brute-force loops, an AOTInductor package of a model that calls the ops, run in a
-process without Python, and index files of OPQNIndex.save read and searched in C++ (with the
-reader, where the nlohmann-json package of the dev extra is installed). The build stays in build/cpp-library (incremental, as setup.py's).
+process without Python, and index files (where the nlohmann-json package of the dev extra is
+installed): files of OPQNIndex.save read and searched in C++, items added in C++ and saved for
+OPQNIndex.load. The build stays in build/cpp-library (incremental, as setup.py's).
 OPQN_CPP_TESTS_CUDA=1 (benchmarks/gpu_check.sh) builds the library with its CUDA kernels instead, in
 build/cpp-library-cuda, and requires the C++ API's CUDA checks to run."""
 import importlib.util
@@ -60,9 +61,9 @@ def programs():
     jobs = str(os.cpu_count() or 2)
     os.makedirs(BUILD, exist_ok=True)
     with exclusive_lock(os.path.join(BUILD, ".lock"), "another test process building the C++ library"):  # xdist
-        reader = [f"-DOPQN_WITH_INDEX_READER={'ON' if JSON_PREFIX else 'OFF'}"]
+        index_files = [f"-DOPQN_WITH_INDEX_FILES={'ON' if JSON_PREFIX else 'OFF'}"]
         cmake("-S", ROOT, "-B", os.path.join(BUILD, "library"), *generator, f"-DOPQN_WITH_CUDA={'ON' if CUDA else 'OFF'}",
-              "-DOPQN_BUILD_PYTHON_MODULE=OFF", *reader, f"-DCMAKE_PREFIX_PATH={torch_cmake};{JSON_PREFIX or ''}")
+              "-DOPQN_BUILD_PYTHON_MODULE=OFF", *index_files, f"-DCMAKE_PREFIX_PATH={torch_cmake};{JSON_PREFIX or ''}")
         cmake("--build", os.path.join(BUILD, "library"), "-j", jobs)
         cmake("--install", os.path.join(BUILD, "library"), "--prefix", prefix)
         cmake("-S", os.path.join(ROOT, "cpp_tests"), "-B", tests, *generator, "-DCMAKE_BUILD_TYPE=Release",
@@ -75,7 +76,7 @@ def test_the_installed_package_holds_the_library_header_and_cmake_files(programs
     prefix, _ = programs
     lib = os.path.join(prefix, "lib")
     assert os.path.isfile(os.path.join(prefix, "include", "opqn_ext", "ops.h"))
-    # the reader's header only with the reader (nlohmann-json installed: built; otherwise left out)
+    # index.h only with the index files (nlohmann-json installed: built; otherwise left out)
     assert os.path.isfile(os.path.join(prefix, "include", "opqn_ext", "index.h")) == (JSON_PREFIX is not None)
     assert {"opqn_extConfig.cmake", "opqn_extConfigVersion.cmake", "opqn_extTargets.cmake",
             "opqn_extFindTorch.cmake"} <= set(os.listdir(os.path.join(lib, "cmake", "opqn_ext")))
@@ -168,7 +169,7 @@ def index_file_search(programs, tmp_path_factory):
     """search_index_file(index_path, queries, k, device) -> (scores, ids, tables) from the C++ program,
     or the program's error message (a str)."""
     if JSON_PREFIX is None:
-        pytest.skip("the C++ index-file reader needs nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
+        pytest.skip("the C++ index files need nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
     program = os.path.join(programs[1], "search_index_file")
     folder = tmp_path_factory.mktemp("index_file_search")
 
@@ -245,3 +246,144 @@ def test_the_cpp_reader_names_what_is_wrong(index_file_search, tmp_path):
     assert "k must be >= 1, got 0" in index_file_search(path, queries, 0)
     queries[3, 5] = float("nan")
     assert "queries rows [3] give tables that are not finite" in index_file_search(path, queries, 2)
+
+
+@pytest.fixture(scope="module")
+def index_file_update(programs, tmp_path_factory):
+    """index_file_update(source, batches, output, device) -> the ids each batch got, from the C++
+    program update_index_file (source: an index file, or a model tuple for Index::create), or its
+    error message (a str)."""
+    if JSON_PREFIX is None:
+        pytest.skip("the C++ index files need nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
+    program = os.path.join(programs[1], "update_index_file")
+    folder = tmp_path_factory.mktemp("index_file_update")
+
+    def update(source, batches, output, device="cpu"):
+        if isinstance(source, tuple):
+            torch.save(source, folder / "model.pt")
+            source = folder / "model.pt"
+        torch.save(batches, folder / "batches.pt")
+        done = subprocess.run([program, str(source), str(folder / "batches.pt"), str(output), str(folder / "ids.pt"),
+                               device], capture_output=True, text=True)
+        if done.returncode == 1 and done.stderr.startswith("error: "):
+            return done.stderr[len("error: "):].strip()
+        assert done.returncode == 0, done.stdout + done.stderr
+        return list(torch.load(folder / "ids.pt"))
+    return update
+
+
+def updates(D, M, K, seed=0):
+    """Batches of every kind add takes: features with default ids (after those held), with ids after
+    those, with ids between them in no order (sorted in), codes with labels, an empty batch, float64
+    features."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(40, D, generator=g), None, None),
+            (torch.randn(30, D, generator=g), torch.arange(30, dtype=torch.int32) * 7 + 2000,
+             torch.randint(0, 5, (30,), generator=g)),
+            (torch.randn(25, D, generator=g), torch.randperm(25, generator=g) * 3 + 1000, None),
+            (torch.randint(0, K, (9, M), generator=g, dtype=torch.uint8), None, torch.arange(9)),
+            (torch.zeros(0, D), None, None),
+            (torch.randn(3, D, generator=g, dtype=torch.float64), None, None)]
+
+
+def apply_in_python(index, batches):
+    return [index.add_codes(values, ids, labels) if values.dtype == torch.uint8 else index.add(values, ids, labels)
+            for values, ids, labels in batches]
+
+
+def assert_same_index(loaded, index):
+    for name in ("codes", "ids", "labels", "assign_weight", "codebook"):
+        assert torch.equal(getattr(loaded, name).cpu(), getattr(index, name).cpu()), name
+    assert (loaded.query_scale, loaded.orthonormal, loaded.settings) == (index.query_scale, index.orthonormal,
+                                                                         index.settings)
+
+
+@pytest.mark.parametrize("num_words,learn_codebook", [(16, False), (256, True)])
+def test_items_added_and_saved_in_cpp_load_in_python_as_python_adds_them(index_file_update, tmp_path, num_words,
+                                                                         learn_codebook):
+    index, path, queries = gallery(tmp_path, items=60, num_words=num_words, learn_codebook=learn_codebook)
+    index.settings = {"backbone": "resnet20", "bits": [32, 64], "note": "é"}
+    index.save(path)
+    batches = updates(index.num_books * index.dim, index.num_books, num_words)
+    given = index_file_update(path, batches, tmp_path / "updated.opqn")
+    want = apply_in_python(index, batches)
+    assert len(given) == len(want) and all(torch.equal(g, w) for g, w in zip(given, want))
+    loaded = OPQNIndex.load(tmp_path / "updated.opqn")
+    assert len(loaded) == 60 + 40 + 30 + 25 + 9 + 3
+    assert_same_index(loaded, index)
+    for got, expected in zip(loaded.search(queries, 12), index.search(queries, 12)):
+        assert torch.equal(got, expected)
+
+
+def test_an_index_made_in_cpp_is_a_safetensors_file_python_reads(index_file_update, tmp_path):
+    head = OrthoPQHead(64, 10, 4, 16, seed=3)
+    index = OPQNIndex.from_head(head, settings={"dataset": "orl"})
+    model = (index.assign_weight, index.codebook, index.query_scale, '{"dataset": "orl"}', None)
+    batches = updates(64, 4, 16, seed=1)
+    given = index_file_update(model, batches, tmp_path / "made.opqn")
+    assert all(torch.equal(g, w) for g, w in zip(given, apply_in_python(index, batches)))
+    loaded = OPQNIndex.load(tmp_path / "made.opqn", mmap=True)
+    assert loaded.orthonormal and loaded.settings == {"dataset": "orl"}
+    assert_same_index(loaded, index)
+    from safetensors import safe_open
+    with safe_open(tmp_path / "made.opqn", "pt") as f:  # the reference reader of the format
+        assert set(f.keys()) == {"codes", "ids", "labels", "assign_weight", "codebook"}
+        assert torch.equal(f.get_tensor("ids"), index.ids) and torch.equal(f.get_tensor("codes"), index.codes)
+    header_len = int.from_bytes((tmp_path / "made.opqn").read_bytes()[:8], "little")
+    assert header_len % 8 == 0  # the arrays start aligned: 8-byte ids first, memory-mapped by load
+
+
+def test_an_index_saved_in_cpp_replaces_the_file_whole_and_keeps_its_permissions(index_file_update, tmp_path):
+    _, path, _ = gallery(tmp_path, items=20)
+    os.chmod(path, 0o640)
+    assert index_file_update(path, [(torch.randn(5, 64), None, None)], path)[0].tolist() == list(range(63, 68))
+    assert os.stat(path).st_mode & 0o777 == 0o640 and len(OPQNIndex.load(path)) == 25
+    assert sorted(os.listdir(tmp_path)) == ["gallery.opqn"]  # no temporary file left
+    fresh = tmp_path / "fresh.opqn"
+    index_file_update(path, [], fresh)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(fresh).st_mode & 0o777 == 0o666 & ~umask
+    message = index_file_update(path, [], tmp_path / "no_such_folder" / "x.opqn")
+    assert "cannot create the index file" in message and "No such file or directory" in message
+
+
+def test_the_cpp_index_names_bad_items_and_models(index_file_update, tmp_path):
+    _, path, _ = gallery(tmp_path, items=20)  # ids 5, 8, ..., 62
+    out = tmp_path / "out.opqn"
+    nan = torch.randn(6, 64)
+    nan[4, 2] = float("nan")
+    for batch, expected in [
+            ((torch.randn(3, 60), None, None), "features must be [B, 64], got [3, 60]"),
+            ((nan, None, None), "features must be finite: rows [4] hold NaN or infinite values"),
+            ((torch.zeros(2, 4, dtype=torch.int32), None, None), "features must be"),
+            ((torch.full((2, 4), 16, dtype=torch.uint8), None, None), "codes must be < K=16, got a code 16"),
+            ((torch.zeros(2, 3, dtype=torch.uint8), None, None), "codes must be uint8 [B, 4], got Byte [2, 3]"),
+            ((torch.randn(2, 64), torch.tensor([1.0, 2.0]), None), "ids must be 2 integers, got Float [2]"),
+            ((torch.randn(2, 64), torch.tensor([100]), None), "ids must be 2 integers, got Long [1]"),
+            ((torch.randn(2, 64), torch.tensor([7, 7]), None), "ids must be unique: the batch repeats an id"),
+            ((torch.randn(3, 64), torch.tensor([7, 8, 11]), None), "ids already in the index: [8, 11]"),
+            ((torch.randn(2, 64), torch.tensor([-1, 3]), None), "ids must not hold -1"),
+            ((torch.randn(2, 64), None, torch.tensor([True, False])), "labels must be 2 integers, got Bool [2]")]:
+        message = index_file_update(path, [batch], out)
+        assert isinstance(message, str) and expected in message, (expected, message)
+    assert not out.exists()  # nothing saved after a refused batch
+    A = torch.randn(2, 8, 4)
+    for model, expected in [
+            ((A, A[:, :, :3], 1.0, "{}", None), "assign_weight and codebook must both be [M, d, K]"),
+            ((torch.randn(1, 300, 257), torch.randn(1, 300, 257), 1.0, "{}", None), "K must be <= 256, got K=257"),
+            ((A.masked_fill(A > 1, float("inf")), A, 1.0, "{}", None), "assign_weight must be finite"),
+            ((A, A, float("nan"), "{}", None), "query_scale must be finite"),
+            ((A, A, 1.0, "[1, 2]", None), "settings must be the text of a JSON object, got [1, 2]"),
+            ((A, A, 1.0, "{", None), "settings must be the text of a JSON object")]:
+        message = index_file_update(model, [], out)
+        assert isinstance(message, str) and expected in message, (expected, message)
+
+
+@pytest.mark.skipif(not (CUDA and torch.cuda.is_available()), reason="the library's CUDA kernels and a GPU")
+def test_items_added_on_cuda_in_cpp_are_those_python_adds(index_file_update, tmp_path):
+    index, path, queries = gallery(tmp_path, items=60)
+    batches = updates(64, 4, 16)
+    index_file_update(path, batches, tmp_path / "updated.opqn", "cuda")
+    apply_in_python(index.to("cuda"), batches)
+    assert_same_index(OPQNIndex.load(tmp_path / "updated.opqn"), index)

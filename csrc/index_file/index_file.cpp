@@ -1,4 +1,4 @@
-// opqn_ext/index.h: the index-file reader and search of the C++ library. The file layout is
+// opqn_ext/index.h: reading index files, and search, in the C++ library. The file layout is
 // safetensors (8 bytes of little-endian header length, a JSON header naming each array's dtype,
 // shape and byte range, then the data); its metadata entry "opqn_index" is our own JSON header
 // (format, version, sizes, query scale, codebook kind, each array's CRC-32). Every check of
@@ -17,16 +17,15 @@
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/eye.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/nonzero.h>
 #include <ATen/ops/take.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
 #include <nlohmann/json.hpp>
-#include <zlib.h>
+
+#include "index_format.h"
 
 static_assert(std::endian::native == std::endian::little, "index files hold little-endian arrays");
 
@@ -35,21 +34,9 @@ namespace {
 
 using nlohmann::json;
 
-constexpr const char* kFormat = "opqn-index";
-constexpr int64_t kFormatVersion = 1;
-constexpr int64_t kMaxHeaderBytes = int64_t(100) << 20;
-constexpr int64_t kCrcChunk = int64_t(1) << 30;  // zlib's crc32 takes at most 4 GiB a call
+using namespace index_format;
 
-struct ArraySpec {
-  const char* name;
-  const char* dtype;  // safetensors' name of its dtype
-  at::ScalarType type;
-};
-constexpr ArraySpec kArrays[] = {{"codes", "U8", at::kByte},
-                                 {"ids", "I64", at::kLong},
-                                 {"labels", "I64", at::kLong},
-                                 {"assign_weight", "F32", at::kFloat},
-                                 {"codebook", "F32", at::kFloat}};
+constexpr int64_t kMaxHeaderBytes = int64_t(100) << 20;
 
 // The JSON member `key` of `object` as T, or an error naming the file and the member.
 template <typename T>
@@ -75,36 +62,10 @@ int64_t bytes_of(const std::vector<int64_t>& shape, int64_t item_bytes, int64_t 
   return bytes;
 }
 
-uint32_t crc32_of(const at::Tensor& array) {
-  const auto* bytes = static_cast<const Bytef*>(array.const_data_ptr());
-  const int64_t n = array.nbytes();
-  uLong crc = crc32(0L, Z_NULL, 0);
-  for (int64_t start = 0; start < n; start += kCrcChunk)
-    crc = crc32(crc, bytes + start, static_cast<uInt>(std::min(kCrcChunk, n - start)));
-  return static_cast<uint32_t>(crc);
-}
-
-// Whether every book's C_m^T C_m is within 1e-4 of the identity (OPQNIndex's test, in float64).
-bool is_orthonormal(const at::Tensor& codebook) {
-  const at::Tensor c = codebook.to(at::kDouble);
-  const at::Tensor gram = at::bmm(c.transpose(1, 2), c);  // [M, K, K]
-  return gram.sub(at::eye(codebook.size(2), gram.options())).abs().max().item<double>() <= 1e-4;
-}
-
-std::string rows_of(const at::Tensor& rows) {  // "rows [3, 7]" as the Python index names them
-  const at::Tensor shown = rows.narrow(0, 0, std::min<int64_t>(rows.size(0), 10)).cpu().contiguous();
-  const int64_t* row = shown.const_data_ptr<int64_t>();
-  std::string text = "rows [";
-  for (int64_t i = 0; i < shown.size(0); ++i) text += (i ? ", " : "") + std::to_string(row[i]);
-  text += "]";
-  if (rows.size(0) > 10) text += " and " + std::to_string(rows.size(0) - 10) + " more";
-  return text;
-}
-
 // An error naming the queries whose tables [nq, M, K] hold NaN or infinities, if any: the scan
 // makes the check itself, so it is looked for only where there is no scan or the scan refused them.
 void check_finite_tables(const at::Tensor& tables) {
-  const at::Tensor bad = at::nonzero(at::isfinite(tables).flatten(1).all(1).logical_not()).flatten();
+  const at::Tensor bad = rows_not_finite(tables);
   TORCH_CHECK(bad.size(0) == 0, "queries ", rows_of(bad),
               " give tables that are not finite: NaN or infinite features, or values so large that a sub-vector's "
               "products with the weights or its squared norm overflow float32");
@@ -132,7 +93,7 @@ Index Index::load(const std::string& path, bool verify) {
   }
   TORCH_CHECK(layout.is_object(), path, ": corrupted index file header");
   try {
-    header = json::parse(layout.at("__metadata__").at("opqn_index").get<std::string>());
+    header = json::parse(layout.at("__metadata__").at(kMetadataKey).get<std::string>());
   } catch (const json::exception&) {
     C10_THROW_ERROR(Error, c10::str(path, ": not an OPQN index (no opqn_index header)"));
   }
@@ -144,10 +105,8 @@ Index Index::load(const std::string& path, bool verify) {
 
   const int64_t data_start = 8 + static_cast<int64_t>(header_len);
   Index index;
-  at::Tensor* targets[] = {&index.codes, &index.ids, &index.labels, &index.assign_weight, &index.codebook};
   const json crcs = header.value("crc32", json::object());
-  for (size_t a = 0; a < std::size(kArrays); ++a) {
-    const ArraySpec& spec = kArrays[a];
+  for (const ArraySpec& spec : kArrays) {
     TORCH_CHECK(layout.contains(spec.name), path, ": array ", spec.name, " is missing");
     const json& info = layout[spec.name];
     const auto offsets = member<std::vector<int64_t>>(info, "data_offsets", path, spec.name);
@@ -169,7 +128,7 @@ Index Index::load(const std::string& path, bool verify) {
                       crcs[spec.name].get<uint64_t>() == crc32_of(array),
                   path, ": array ", spec.name, " is corrupted (CRC-32 mismatch)");
     }
-    *targets[a] = array;
+    array_of(index, spec.name) = array;
   }
 
   const auto n = member<int64_t>(header, "num_items", path, "the opqn_index header");
@@ -192,6 +151,9 @@ Index Index::load(const std::string& path, bool verify) {
   index.query_scale = member<double>(header, "query_scale", path, "the opqn_index header");
   const json orthonormal = header.value("orthonormal", json());
   index.orthonormal = orthonormal.is_boolean() ? orthonormal.get<bool>() : is_orthonormal(index.codebook);
+  const json settings = header.value("settings", json::object());
+  TORCH_CHECK(settings.is_object(), path, ": corrupted index file header (settings is not a JSON object)");
+  index.settings = settings.dump();
   return index;
 }
 

@@ -1,12 +1,14 @@
 // Index files for C++ programs (libtorch, no Python): read what OPQNIndex.save wrote (format
-// "opqn-index", version 1: a safetensors file whose metadata holds the index header) and search it
-// as OPQNIndex.search does, with the same kernels, so the results are the Python index's, bit for
-// bit. Part of opqn_ext_ops where CMake found nlohmann/json.hpp and zlib (OPQN_WITH_INDEX_READER);
-// then OPQN_EXT_INDEX_READER is defined for programs linking opqn_ext::opqn_ext_ops. Every
-// problem (a missing, truncated or corrupted file, bad queries) throws c10::Error saying what.
+// "opqn-index", version 1: a safetensors file whose metadata holds the index header), search it as
+// OPQNIndex.search does, with the same kernels, so the results are the Python index's, bit for
+// bit; add items as OPQNIndex.add does and save files that OPQNIndex.load reads. Part of
+// opqn_ext_ops where CMake found nlohmann/json.hpp and zlib (OPQN_WITH_INDEX_FILES); then
+// OPQN_EXT_INDEX_FILES is defined for programs linking opqn_ext::opqn_ext_ops. Every problem (a
+// missing, truncated or corrupted file, bad queries or items) throws c10::Error saying what.
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -28,9 +30,21 @@ struct OPQN_EXT_API Index {
   at::Tensor codebook;       // [M, d, K] float32
   double query_scale = 1.0;  // the softmax scale of query tables
   bool orthonormal = true;   // tables are the assignment probabilities (else products with the codebook)
+  std::string settings = "{}";  // the model settings kept with the index: the text of a JSON object
+
+  // An empty index of a model (OPQNIndex's constructor): assign_weight and codebook [M, d, K <= 256],
+  // finite, on the device the codes will be; `orthonormal` unset: whether every C_m^T C_m is within
+  // 1e-4 of the identity.
+  static Index create(const at::Tensor& assign_weight, const at::Tensor& codebook, double query_scale,
+                      std::optional<bool> orthonormal = std::nullopt, std::string settings = "{}");
 
   // Reads an index file; `verify` checks every array's CRC-32 (one pass over the file).
   static Index load(const std::string& path, bool verify = true);
+
+  // Writes the index to `path` as OPQNIndex.save does: a temporary file next to it, flushed to disk
+  // and renamed over it (a crash leaves the previous file whole); it keeps the permissions of the
+  // file it replaces.
+  void save(const std::string& path) const;
 
   int64_t size() const { return codes.size(0); }
 
@@ -40,9 +54,24 @@ struct OPQN_EXT_API Index {
   // Query tables [nq, M, K] float32 of features [nq, M*d] (any dtype, cast to float32 as in Python).
   at::Tensor query_lut(const at::Tensor& features) const;
 
+  // Encodes features [B, M*d] (in batches, cast to float32) and adds them; returns their ids. See
+  // add_codes for `ids` and `labels`.
+  at::Tensor add(const at::Tensor& features, const at::Tensor& ids = {}, const at::Tensor& labels = {});
+
+  // Adds codes [B, M] uint8 (every value < K) with `ids` [B] (any integer dtype; undefined: those
+  // after the largest id held, from 0) and `labels` [B] (undefined: -1); returns the ids (int64).
+  // Repeated ids, ids already held and the id kNoId are refused. Ids above every id held are
+  // appended in amortized O(B) (the arrays keep spare rows, grown by half when full; a copy of the
+  // index never shares them); others are sorted in.
+  at::Tensor add_codes(const at::Tensor& codes, const at::Tensor& ids = {}, const at::Tensor& labels = {});
+
   // Top-k of feature queries [nq, M*d], k >= 1: (scores [nq, k] float32 descending, ids [nq, k]
   // int64), ties to the smaller id; places beyond the items hold score -inf and id kNoId.
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& features, int64_t k) const;
+
+ private:
+  // codes, ids and labels are prefixes of these after an append, with room for more rows
+  at::Tensor codes_room_, ids_room_, labels_room_;
 };
 
 }  // namespace opqn_ext

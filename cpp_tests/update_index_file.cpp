@@ -1,0 +1,71 @@
+// update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE]: the index of SOURCE (an index file, or a
+// torch.save file ending in .pt holding a model (assign_weight, codebook, query_scale, settings,
+// orthonormal or None) for Index::create), on DEVICE (default cpu), gets each batch of BATCHES (a
+// torch.save file of a list of (values, ids or None, labels or None): float features for add, uint8
+// codes for add_codes), is saved to OUTPUT, and the ids each batch got go to RESULTS (readable by
+// torch.load). Then two copies of the index each add a row: each must keep its own. An error goes to
+// stderr as "error: <message>" with exit status 1.
+#include <iostream>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <ATen/ops/full.h>
+#include <opqn_ext/index.h>
+
+#include "pickled_files.h"
+
+namespace {
+
+opqn_ext::Index source_index(const std::string& source) {
+  if (!source.ends_with(".pt")) return opqn_ext::Index::load(source);
+  const c10::IValue pickled = load_pickled(source.c_str());
+  const auto& model = pickled.toTupleRef().elements();
+  const std::optional<bool> orthonormal = model[4].isNone() ? std::nullopt : std::optional<bool>(model[4].toBool());
+  return opqn_ext::Index::create(model[0].toTensor(), model[1].toTensor(), model[2].toDouble(),
+                                 orthonormal, model[3].toStringRef());
+}
+
+at::Tensor optional_tensor(const c10::IValue& value) { return value.isNone() ? at::Tensor() : value.toTensor(); }
+
+// Whether two copies of `index` that each add a row (0s to one, 1s to the other) keep their own rows.
+bool copies_keep_their_rows(const opqn_ext::Index& index) {
+  opqn_ext::Index zeros = index, ones = zeros;
+  const int64_t M = index.codes.size(1);
+  zeros.add_codes(at::full({1, M}, 0, at::kByte));
+  ones.add_codes(at::full({1, M}, 1, at::kByte));
+  const int64_t n = index.size();
+  return zeros.size() == n + 1 && ones.size() == n + 1 && zeros.codes[n].eq(0).all().item<bool>() &&
+         ones.codes[n].eq(1).all().item<bool>();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 5 && argc != 6) {
+    std::cerr << "usage: update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE]\n";
+    return 2;
+  }
+  try {
+    opqn_ext::Index index = source_index(argv[1]).to(c10::Device(argc == 6 ? argv[5] : "cpu"));
+    const c10::IValue batches = load_pickled(argv[2]);
+    std::vector<c10::IValue> given;
+    for (const c10::IValue& batch : batches.toListRef()) {
+      const auto parts = batch.toTupleRef().elements();
+      const at::Tensor values = parts[0].toTensor(), ids = optional_tensor(parts[1]), labels = optional_tensor(parts[2]);
+      given.emplace_back(values.scalar_type() == at::kByte ? index.add_codes(values, ids, labels)
+                                                           : index.add(values, ids, labels));
+    }
+    index.save(argv[3]);
+    save_pickled(argv[4], given);
+    if (index.codebook.size(2) >= 2 && !copies_keep_their_rows(index)) {
+      std::cerr << "error: copies of an index share the rows they add\n";
+      return 1;
+    }
+    std::cout << "saved " << index.size() << " items\n";
+  } catch (const c10::Error& e) {
+    std::cerr << "error: " << e.what_without_backtrace() << "\n";
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,149 @@
+// opqn_ext/index.h: making an index and adding items to it in C++, as OPQNIndex's constructor,
+// add and add_codes do in Python (opqn_ext/index.py), with the same checks.
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <ATen/ops/arange.h>
+#include <ATen/ops/argsort.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/isfinite.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/unique_dim.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <nlohmann/json.hpp>
+
+#include "index_format.h"
+#include "opqn_ext/index.h"
+
+namespace opqn_ext {
+namespace {
+
+constexpr int64_t kEncodeBatch = 65536;  // rows encoded at a time (OPQNIndex.add's batch_size)
+
+// `current ++ rows`, kept as a prefix of `room`: rows go into room's spare rows; where there are too
+// few, or `current` is not room's prefix, or another index (a copy) holds room too, a new room with
+// half as many rows again takes over.
+at::Tensor append_rows(const at::Tensor& current, at::Tensor& room, const at::Tensor& rows) {
+  const int64_t n = current.size(0), need = n + rows.size(0);
+  const bool fits = room.defined() && room.use_count() == 1 && room.device() == current.device() &&
+                    need <= room.size(0) && (n == 0 || current.data_ptr() == room.data_ptr());
+  if (!fits) {
+    std::vector<int64_t> shape = current.sizes().vec();
+    shape[0] = n == 0 ? need : std::max(need, n + n / 2);
+    room = at::empty(shape, current.options());
+    room.narrow(0, 0, n).copy_(current);
+  }
+  room.narrow(0, n, rows.size(0)).copy_(rows);
+  return room.narrow(0, 0, need);
+}
+
+// `values` [n] of any integer dtype as int64 on the CPU; undefined: `otherwise`.
+at::Tensor integers(const char* name, const at::Tensor& values, int64_t n, at::Tensor otherwise) {
+  if (!values.defined()) return otherwise;
+  TORCH_CHECK(values.dim() == 1 && values.size(0) == n &&
+                  (n == 0 || (at::isIntegralType(values.scalar_type(), false))),
+              name, " must be ", n, " integers, got ", values.scalar_type(), " ", values.sizes());
+  return values.to(at::kCPU, at::kLong).contiguous();
+}
+
+bool increasing(const at::Tensor& ids) {  // ids [n] int64 on the CPU
+  const int64_t* id = ids.const_data_ptr<int64_t>();
+  return std::adjacent_find(id, id + ids.size(0), [](int64_t a, int64_t b) { return a >= b; }) ==
+         id + ids.size(0);
+}
+
+}  // namespace
+
+Index Index::create(const at::Tensor& assign_weight, const at::Tensor& codebook, double query_scale,
+                    std::optional<bool> orthonormal, std::string settings) {
+  TORCH_CHECK(assign_weight.dim() == 3 && assign_weight.sizes() == codebook.sizes(),
+              "assign_weight and codebook must both be [M, d, K], got ", assign_weight.sizes(), " and ",
+              codebook.sizes());
+  TORCH_CHECK(assign_weight.device() == codebook.device(), "assign_weight and codebook must be on one device, got ",
+              assign_weight.device(), " and ", codebook.device());
+  TORCH_CHECK(assign_weight.size(2) <= 256, "codes are uint8, so K must be <= 256, got K=", assign_weight.size(2));
+  Index index;
+  index.assign_weight = assign_weight.detach().to(at::kFloat).contiguous();
+  index.codebook = codebook.detach().to(at::kFloat).contiguous();
+  index.query_scale = query_scale;
+  TORCH_CHECK(at::isfinite(index.assign_weight).all().item<bool>(),
+              "assign_weight must be finite (in float32): it holds NaN or infinite values");
+  TORCH_CHECK(at::isfinite(index.codebook).all().item<bool>(),
+              "codebook must be finite (in float32): it holds NaN or infinite values");
+  TORCH_CHECK(std::isfinite(static_cast<float>(query_scale)), "query_scale must be finite (in float32), got ",
+              query_scale);
+  TORCH_CHECK(nlohmann::json::accept(settings) && nlohmann::json::parse(settings).is_object(),
+              "settings must be the text of a JSON object, got ", settings);
+  index.settings = std::move(settings);
+  index.orthonormal = orthonormal.has_value() ? *orthonormal : index_format::is_orthonormal(index.codebook);
+  const int64_t M = assign_weight.size(0);
+  index.codes = at::zeros({0, M}, index.assign_weight.options().dtype(at::kByte));
+  index.ids = at::zeros({0}, at::kLong);
+  index.labels = at::zeros({0}, at::kLong);
+  return index;
+}
+
+at::Tensor Index::add(const at::Tensor& features, const at::Tensor& ids, const at::Tensor& labels) {
+  const int64_t M = assign_weight.size(0), D = M * assign_weight.size(1);
+  TORCH_CHECK(features.dim() == 2 && features.size(1) == D, "features must be [B, ", D, "], got ",
+              features.sizes());
+  std::vector<at::Tensor> parts;
+  for (int64_t start = 0; start < features.size(0); start += kEncodeBatch) {
+    const at::Tensor batch = features.narrow(0, start, std::min(kEncodeBatch, features.size(0) - start));
+    try {
+      parts.push_back(encode(batch.to(assign_weight.device(), at::kFloat), assign_weight, true));
+    } catch (const c10::Error&) {
+      const at::Tensor bad = index_format::rows_not_finite(features);
+      TORCH_CHECK(bad.size(0) == 0, "features must be finite: ", index_format::rows_of(bad),
+                  " hold NaN or infinite values");
+      throw;
+    }
+  }
+  return add_codes(parts.empty() ? at::zeros({0, M}, codes.options()) : at::cat(parts), ids, labels);
+}
+
+at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, const at::Tensor& labels) {
+  const int64_t M = assign_weight.size(0), K = assign_weight.size(2);
+  TORCH_CHECK(new_codes.dim() == 2 && new_codes.size(1) == M && new_codes.scalar_type() == at::kByte,
+              "codes must be uint8 [B, ", M, "], got ", new_codes.scalar_type(), " ", new_codes.sizes());
+  const int64_t n = new_codes.size(0), held = size();
+  if (n > 0) {
+    const int64_t largest = new_codes.max().item<int64_t>();
+    TORCH_CHECK(largest < K, "codes must be < K=", K, ", got a code ", largest);
+  }
+  const int64_t last = held ? this->ids[held - 1].item<int64_t>() : kNoId;
+  const int64_t first = std::max<int64_t>(last + 1, 0);
+  const at::Tensor new_ids = integers("ids", ids, n, at::arange(first, first + n, at::kLong));
+  TORCH_CHECK(!new_ids.eq(kNoId).any().item<bool>(), "ids must not hold ", kNoId,
+              ": search returns that id where fewer than k items exist (as FAISS)");
+  const at::Tensor new_labels = integers("labels", labels, n, at::full({n}, -1, at::kLong));
+  const bool in_order = increasing(new_ids) && (n == 0 || new_ids[0].item<int64_t>() > last);
+  if (!in_order) {
+    TORCH_CHECK(std::get<0>(at::unique_dim(new_ids, 0)).size(0) == n, "ids must be unique: the batch repeats an id");
+    if (held) {
+      const at::Tensor pos = at::searchsorted(this->ids, new_ids).clamp_max(held - 1);
+      const at::Tensor clash = this->ids.index_select(0, pos).eq(new_ids);
+      TORCH_CHECK(!clash.any().item<bool>(), "ids already in the index: ",
+                  index_format::list_of(new_ids.masked_select(clash)));
+    }
+  }
+  codes = append_rows(codes, codes_room_, new_codes.to(codes.device()));
+  this->ids = append_rows(this->ids, ids_room_, new_ids);
+  this->labels = append_rows(this->labels, labels_room_, new_labels);
+  if (!in_order) {  // sorted by id: the scan's tie order (the smaller position first) is the smaller id's
+    const at::Tensor order = at::argsort(this->ids, /*stable=*/true);
+    this->ids = this->ids.index_select(0, order);
+    this->labels = this->labels.index_select(0, order);
+    codes = codes.index_select(0, order.to(codes.device()));
+    codes_room_ = ids_room_ = labels_room_ = at::Tensor();
+  }
+  return new_ids;
+}
+
+}  // namespace opqn_ext
