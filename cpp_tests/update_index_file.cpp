@@ -1,9 +1,10 @@
 // update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE]: the index of SOURCE (an index file, or a
 // torch.save file ending in .pt holding a model (assign_weight, codebook, query_scale, settings,
-// orthonormal or None) for Index::create), on DEVICE (default cpu), gets each batch of BATCHES (a
+// orthonormal or None) for Index::create), on DEVICE (default cpu), takes each step of BATCHES (a
 // torch.save file of a list of (values, ids or None, labels or None): float features for add, uint8
-// codes for add_codes), is saved to OUTPUT, and the ids each batch got go to RESULTS (readable by
-// torch.load). Then two copies of the index each add a row: each must keep its own. An error goes to
+// codes for add_codes, None to remove the ids), is saved to OUTPUT, and what each step gave goes to
+// RESULTS (readable by torch.load): the ids of an add; for a removal, contains(ids) before it and
+// the count removed. Then two copies of the index each add a row: each must keep its own. An error goes to
 // stderr as "error: <message>" with exit status 1.
 #include <iostream>
 #include <optional>
@@ -52,9 +53,15 @@ int main(int argc, char** argv) {
     std::vector<c10::IValue> given;
     for (const c10::IValue& batch : batches.toListRef()) {
       const auto parts = batch.toTupleRef().elements();
-      const at::Tensor values = parts[0].toTensor(), ids = optional_tensor(parts[1]), labels = optional_tensor(parts[2]);
-      given.emplace_back(values.scalar_type() == at::kByte ? index.add_codes(values, ids, labels)
-                                                           : index.add(values, ids, labels));
+      const at::Tensor values = optional_tensor(parts[0]), ids = optional_tensor(parts[1]);
+      const at::Tensor labels = optional_tensor(parts[2]);
+      if (!values.defined()) {
+        given.emplace_back(index.contains(ids));
+        given.emplace_back(at::full({1}, index.remove(ids), at::kLong));
+      } else {
+        given.emplace_back(values.scalar_type() == at::kByte ? index.add_codes(values, ids, labels)
+                                                             : index.add(values, ids, labels));
+      }
     }
     index.save(argv[3]);
     save_pickled(argv[4], given);

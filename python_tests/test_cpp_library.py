@@ -273,9 +273,9 @@ def index_file_update(programs, tmp_path_factory):
 
 
 def updates(D, M, K, seed=0):
-    """Batches of every kind add takes: features with default ids (after those held), with ids after
-    those, with ids between them in no order (sorted in), codes with labels, an empty batch, float64
-    features."""
+    """Steps of every kind: features with default ids (after those held), with ids after those, with
+    ids between them in no order (sorted in), codes with labels, an empty batch, a removal of ids
+    held and not held, float64 features."""
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(40, D, generator=g), None, None),
             (torch.randn(30, D, generator=g), torch.arange(30, dtype=torch.int32) * 7 + 2000,
@@ -283,12 +283,20 @@ def updates(D, M, K, seed=0):
             (torch.randn(25, D, generator=g), torch.randperm(25, generator=g) * 3 + 1000, None),
             (torch.randint(0, K, (9, M), generator=g, dtype=torch.uint8), None, torch.arange(9)),
             (torch.zeros(0, D), None, None),
+            (None, torch.tensor([[1000, 1003, 7], [5, 2000, 30_000]], dtype=torch.int16), None),
             (torch.randn(3, D, generator=g, dtype=torch.float64), None, None)]
 
 
 def apply_in_python(index, batches):
-    return [index.add_codes(values, ids, labels) if values.dtype == torch.uint8 else index.add(values, ids, labels)
-            for values, ids, labels in batches]
+    """What update_index_file gives for the steps of `batches`, done by OPQNIndex."""
+    given = []
+    for values, ids, labels in batches:
+        if values is None:
+            given += [index.contains(ids), torch.tensor([index.remove(ids)])]
+        else:
+            given.append(index.add_codes(values, ids, labels) if values.dtype == torch.uint8
+                         else index.add(values, ids, labels))
+    return given
 
 
 def assert_same_index(loaded, index):
@@ -309,7 +317,8 @@ def test_items_added_and_saved_in_cpp_load_in_python_as_python_adds_them(index_f
     want = apply_in_python(index, batches)
     assert len(given) == len(want) and all(torch.equal(g, w) for g, w in zip(given, want))
     loaded = OPQNIndex.load(tmp_path / "updated.opqn")
-    assert len(loaded) == 60 + 40 + 30 + 25 + 9 + 3
+    assert given[5].tolist() == [[True, True, False], [True, True, False]] and given[6].item() == 4
+    assert len(loaded) == 60 + 40 + 30 + 25 + 9 - 4 + 3
     assert_same_index(loaded, index)
     for got, expected in zip(loaded.search(queries, 12), index.search(queries, 12)):
         assert torch.equal(got, expected)
@@ -364,7 +373,8 @@ def test_the_cpp_index_names_bad_items_and_models(index_file_update, tmp_path):
             ((torch.randn(2, 64), torch.tensor([7, 7]), None), "ids must be unique: the batch repeats an id"),
             ((torch.randn(3, 64), torch.tensor([7, 8, 11]), None), "ids already in the index: [8, 11]"),
             ((torch.randn(2, 64), torch.tensor([-1, 3]), None), "ids must not hold -1"),
-            ((torch.randn(2, 64), None, torch.tensor([True, False])), "labels must be 2 integers, got Bool [2]")]:
+            ((torch.randn(2, 64), None, torch.tensor([True, False])), "labels must be 2 integers, got Bool [2]"),
+            ((None, torch.tensor([5.0]), None), "ids must be integers, got Float")]:
         message = index_file_update(path, [batch], out)
         assert isinstance(message, str) and expected in message, (expected, message)
     assert not out.exists()  # nothing saved after a refused batch

@@ -1,5 +1,6 @@
-// opqn_ext/index.h: making an index and adding items to it in C++, as OPQNIndex's constructor,
-// add and add_codes do in Python (opqn_ext/index.py), with the same checks.
+// opqn_ext/index.h: making an index, adding items to it and removing them in C++, as OPQNIndex's
+// constructor, add, add_codes, remove and contains do in Python (opqn_ext/index.py), with the same
+// checks.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -12,9 +13,11 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
+#include <ATen/ops/nonzero.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/unique_dim.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <nlohmann/json.hpp>
 
@@ -50,6 +53,21 @@ at::Tensor integers(const char* name, const at::Tensor& values, int64_t n, at::T
                   (n == 0 || (at::isIntegralType(values.scalar_type(), false))),
               name, " must be ", n, " integers, got ", values.scalar_type(), " ", values.sizes());
   return values.to(at::kCPU, at::kLong).contiguous();
+}
+
+// Any-shape `ids` of an integer dtype as int64 [n] on the CPU.
+at::Tensor integer_ids(const at::Tensor& ids) {
+  TORCH_CHECK(ids.numel() == 0 || at::isIntegralType(ids.scalar_type(), false), "ids must be integers, got ",
+              ids.scalar_type());
+  return ids.to(at::kCPU, at::kLong).reshape(-1).contiguous();
+}
+
+// (positions, whether found) of `ids` [n] int64 in `held` [N] (sorted); positions of ids not found
+// are any valid position (0 where nothing is held).
+std::pair<at::Tensor, at::Tensor> find(const at::Tensor& held, const at::Tensor& ids) {
+  if (held.size(0) == 0) return {at::zeros_like(ids), at::zeros_like(ids, at::kBool)};
+  const at::Tensor pos = at::searchsorted(held, ids).clamp_max(held.size(0) - 1);
+  return {pos, held.index_select(0, pos).eq(ids)};
 }
 
 bool increasing(const at::Tensor& ids) {  // ids [n] int64 on the CPU
@@ -126,12 +144,9 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
   const bool in_order = increasing(new_ids) && (n == 0 || new_ids[0].item<int64_t>() > last);
   if (!in_order) {
     TORCH_CHECK(std::get<0>(at::unique_dim(new_ids, 0)).size(0) == n, "ids must be unique: the batch repeats an id");
-    if (held) {
-      const at::Tensor pos = at::searchsorted(this->ids, new_ids).clamp_max(held - 1);
-      const at::Tensor clash = this->ids.index_select(0, pos).eq(new_ids);
-      TORCH_CHECK(!clash.any().item<bool>(), "ids already in the index: ",
-                  index_format::list_of(new_ids.masked_select(clash)));
-    }
+    const at::Tensor clash = find(this->ids, new_ids).second;
+    TORCH_CHECK(!clash.any().item<bool>(), "ids already in the index: ",
+                index_format::list_of(new_ids.masked_select(clash)));
   }
   codes = append_rows(codes, codes_room_, new_codes.to(codes.device()));
   this->ids = append_rows(this->ids, ids_room_, new_ids);
@@ -144,6 +159,25 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
     codes_room_ = ids_room_ = labels_room_ = at::Tensor();
   }
   return new_ids;
+}
+
+int64_t Index::remove(const at::Tensor& ids) {
+  const auto [pos, found] = find(this->ids, integer_ids(ids));
+  at::Tensor gone = at::zeros({size()}, at::kBool);
+  gone.index_fill_(0, pos.masked_select(found), true);
+  const int64_t removed = gone.sum().item<int64_t>();
+  if (removed) {
+    const at::Tensor keep = gone.logical_not();
+    this->ids = this->ids.masked_select(keep);
+    labels = labels.masked_select(keep);
+    codes = codes.index_select(0, at::nonzero(keep).flatten().to(codes.device()));
+    codes_room_ = ids_room_ = labels_room_ = at::Tensor();
+  }
+  return removed;
+}
+
+at::Tensor Index::contains(const at::Tensor& ids) const {
+  return find(this->ids, integer_ids(ids)).second.reshape(ids.sizes());
 }
 
 }  // namespace opqn_ext

@@ -65,6 +65,12 @@ struct OPQN_EXT_API Index {
   // index never shares them); others are sorted in.
   at::Tensor add_codes(const at::Tensor& codes, const at::Tensor& ids = {}, const at::Tensor& labels = {});
 
+  // Removes the items with these ids (any shape, any integer dtype); returns how many were held.
+  int64_t remove(const at::Tensor& ids);
+
+  // Whether each of `ids` (any shape, any integer dtype) is the id of an item (bool, same shape).
+  at::Tensor contains(const at::Tensor& ids) const;
+
   // Top-k of feature queries [nq, M*d], k >= 1: (scores [nq, k] float32 descending, ids [nq, k]
   // int64), ties to the smaller id; places beyond the items hold score -inf and id kNoId.
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& features, int64_t k) const;
