@@ -3,8 +3,8 @@
 // orthonormal or None) for Index::create), on DEVICE (default cpu), takes each step of BATCHES (a
 // torch.save file of a list of (values, ids or None, labels or None): float features for add, uint8
 // codes for add_codes, None to remove the ids), is saved to OUTPUT, and what each step gave goes to
-// RESULTS (readable by torch.load): the ids of an add; for a removal, contains(ids) before it and
-// the count removed. Then two copies of the index each add a row: each must keep its own. An error goes to
+// RESULTS (readable by torch.load): the ids of an add; for a removal, contains(ids) and
+// labels_of(ids) before it and the count removed. Then two copies of the index each add a row: each must keep its own. An error goes to
 // stderr as "error: <message>" with exit status 1.
 #include <iostream>
 #include <optional>
@@ -57,6 +57,7 @@ int main(int argc, char** argv) {
       const at::Tensor labels = optional_tensor(parts[2]);
       if (!values.defined()) {
         given.emplace_back(index.contains(ids));
+        given.emplace_back(index.labels_of(ids));
         given.emplace_back(at::full({1}, index.remove(ids), at::kLong));
       } else {
         given.emplace_back(values.scalar_type() == at::kByte ? index.add_codes(values, ids, labels)

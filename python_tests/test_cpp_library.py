@@ -292,7 +292,7 @@ def apply_in_python(index, batches):
     given = []
     for values, ids, labels in batches:
         if values is None:
-            given += [index.contains(ids), torch.tensor([index.remove(ids)])]
+            given += [index.contains(ids), index.labels_of(ids), torch.tensor([index.remove(ids)])]
         else:
             given.append(index.add_codes(values, ids, labels) if values.dtype == torch.uint8
                          else index.add(values, ids, labels))
@@ -317,7 +317,8 @@ def test_items_added_and_saved_in_cpp_load_in_python_as_python_adds_them(index_f
     want = apply_in_python(index, batches)
     assert len(given) == len(want) and all(torch.equal(g, w) for g, w in zip(given, want))
     loaded = OPQNIndex.load(tmp_path / "updated.opqn")
-    assert given[5].tolist() == [[True, True, False], [True, True, False]] and given[6].item() == 4
+    assert given[5].tolist() == [[True, True, False], [True, True, False]] and given[7].item() == 4
+    assert given[6][0, 2] == given[6][1, 2] == -1 and given[6][1, 1] != -1  # 7, 30000: not held; 2000 labelled
     assert len(loaded) == 60 + 40 + 30 + 25 + 9 - 4 + 3
     assert_same_index(loaded, index)
     for got, expected in zip(loaded.search(queries, 12), index.search(queries, 12)):
@@ -328,8 +329,9 @@ def test_an_index_made_in_cpp_is_a_safetensors_file_python_reads(index_file_upda
     head = OrthoPQHead(64, 10, 4, 16, seed=3)
     index = OPQNIndex.from_head(head, settings={"dataset": "orl"})
     model = (index.assign_weight, index.codebook, index.query_scale, '{"dataset": "orl"}', None)
-    batches = updates(64, 4, 16, seed=1)
+    batches = [(None, torch.tensor([0, 3]), None)] + updates(64, 4, 16, seed=1)  # a removal from nothing first
     given = index_file_update(model, batches, tmp_path / "made.opqn")
+    assert [t.tolist() for t in given[:3]] == [[False, False], [-1, -1], [0]]
     assert all(torch.equal(g, w) for g, w in zip(given, apply_in_python(index, batches)))
     loaded = OPQNIndex.load(tmp_path / "made.opqn", mmap=True)
     assert loaded.orthonormal and loaded.settings == {"dataset": "orl"}

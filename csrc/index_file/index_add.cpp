@@ -1,5 +1,5 @@
 // opqn_ext/index.h: making an index, adding items to it and removing them in C++, as OPQNIndex's
-// constructor, add, add_codes, remove and contains do in Python (opqn_ext/index.py), with the same
+// constructor, add, add_codes, remove, contains and labels_of do in Python (opqn_ext/index.py), with the same
 // checks.
 #include <algorithm>
 #include <cmath>
@@ -178,6 +178,12 @@ int64_t Index::remove(const at::Tensor& ids) {
 
 at::Tensor Index::contains(const at::Tensor& ids) const {
   return find(this->ids, integer_ids(ids)).second.reshape(ids.sizes());
+}
+
+at::Tensor Index::labels_of(const at::Tensor& ids) const {
+  const auto [pos, found] = find(this->ids, integer_ids(ids));
+  const at::Tensor held = size() ? labels.index_select(0, pos) : pos;
+  return held.masked_fill(found.logical_not(), -1).reshape(ids.sizes());
 }
 
 }  // namespace opqn_ext

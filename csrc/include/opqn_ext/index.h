@@ -22,6 +22,7 @@ namespace opqn_ext {
 // The id that search returns where fewer than k items exist (FAISS's -1); no item has it.
 inline constexpr int64_t kNoId = -1;
 
+// Const methods may run at once from several threads; add, remove and save need the index alone.
 struct OPQN_EXT_API Index {
   at::Tensor codes;          // [N, M] uint8
   at::Tensor ids;            // [N] int64, strictly increasing (on the CPU)
@@ -70,6 +71,10 @@ struct OPQN_EXT_API Index {
 
   // Whether each of `ids` (any shape, any integer dtype) is the id of an item (bool, same shape).
   at::Tensor contains(const at::Tensor& ids) const;
+
+  // The labels of the items of `ids` (any shape, any integer dtype; int64, same shape); -1 for ids
+  // not held. The labels of search results: labels_of(ids) (kNoId gives -1).
+  at::Tensor labels_of(const at::Tensor& ids) const;
 
   // Top-k of feature queries [nq, M*d], k >= 1: (scores [nq, k] float32 descending, ids [nq, k]
   // int64), ties to the smaller id; places beyond the items hold score -inf and id kNoId.
