@@ -1,6 +1,7 @@
-// update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE]: the index of SOURCE (an index file, or a
-// torch.save file ending in .pt holding a model (assign_weight, codebook, query_scale, settings,
-// orthonormal or None) for Index::create), on DEVICE (default cpu), takes each step of BATCHES (a
+// update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE [map]]: the index of SOURCE (an index file,
+// with "map" its per-item arrays mapped; or a torch.save file ending in .pt holding a model
+// (assign_weight, codebook, query_scale, settings, orthonormal or None) for Index::create), on DEVICE
+// (default cpu), takes each step of BATCHES (a
 // torch.save file of a list of (values, ids or None, labels or None): float features for add, uint8
 // codes for add_codes, None to remove the ids), is saved to OUTPUT, and what each step gave goes to
 // RESULTS (readable by torch.load): the ids of an add; for a removal, contains(ids) and
@@ -18,8 +19,8 @@
 
 namespace {
 
-opqn_ext::Index source_index(const std::string& source) {
-  if (!source.ends_with(".pt")) return opqn_ext::Index::load(source);
+opqn_ext::Index source_index(const std::string& source, bool map) {
+  if (!source.ends_with(".pt")) return opqn_ext::Index::load(source, true, map);
   const c10::IValue pickled = load_pickled(source.c_str());
   const auto& model = pickled.toTupleRef().elements();
   const std::optional<bool> orthonormal = model[4].isNone() ? std::nullopt : std::optional<bool>(model[4].toBool());
@@ -43,12 +44,12 @@ bool copies_keep_their_rows(const opqn_ext::Index& index) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc != 5 && argc != 6) {
-    std::cerr << "usage: update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE]\n";
+  if (argc < 5 || argc > 7 || (argc == 7 && std::string(argv[6]) != "map")) {
+    std::cerr << "usage: update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE [map]]\n";
     return 2;
   }
   try {
-    opqn_ext::Index index = source_index(argv[1]).to(c10::Device(argc == 6 ? argv[5] : "cpu"));
+    opqn_ext::Index index = source_index(argv[1], argc == 7).to(c10::Device(argc >= 6 ? argv[5] : "cpu"));
     const c10::IValue batches = load_pickled(argv[2]);
     std::vector<c10::IValue> given;
     for (const c10::IValue& batch : batches.toListRef()) {

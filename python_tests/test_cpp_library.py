@@ -166,22 +166,27 @@ def test_opqn_export_names_the_formats_it_writes(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def index_file_search(programs, tmp_path_factory):
-    """search_index_file(index_path, queries, k, device) -> (scores, ids, tables) from the C++ program,
-    or the program's error message (a str)."""
+    """search_index_file(index_path, queries, k, device, mapped) -> (scores, ids, tables) from the C++
+    program (`mapped`: the index loaded with its per-item arrays mapped), or its error message (a str)."""
     if JSON_PREFIX is None:
         pytest.skip("the C++ index files need nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
     program = os.path.join(programs[1], "search_index_file")
     folder = tmp_path_factory.mktemp("index_file_search")
 
-    def search(path, queries, k, device="cpu"):
+    def search(path, queries, k, device="cpu", mapped=False):
         torch.save(queries, folder / "queries.pt")
-        done = subprocess.run([program, str(path), str(folder / "queries.pt"), str(k), str(folder / "out.pt"), device],
-                              capture_output=True, text=True)
+        done = subprocess.run([program, str(path), str(folder / "queries.pt"), str(k), str(folder / "out.pt"), device,
+                               *(["map"] if mapped else [])], capture_output=True, text=True)
         if done.returncode == 1 and done.stderr.startswith("error: "):
             return done.stderr[len("error: "):].strip()
         assert done.returncode == 0, done.stdout + done.stderr
+        assert f"(file mapped: {'yes' if mapped and index_items(path) else 'no'})" in done.stdout  # empty: nothing to map
         return torch.load(folder / "out.pt")
     return search
+
+
+def index_items(path) -> int:
+    return OPQNIndex.load(path, verify=False).ids.shape[0]
 
 
 def gallery(tmp_path, items=500, num_words=16, learn_codebook=False):
@@ -195,13 +200,14 @@ def gallery(tmp_path, items=500, num_words=16, learn_codebook=False):
     return index, index.save(tmp_path / "gallery.opqn"), torch.randn(7, D, generator=g)
 
 
-@pytest.mark.parametrize("num_words,learn_codebook", [(16, False), (256, False), (16, True)])
+@pytest.mark.parametrize("num_words,learn_codebook,mapped", [(16, False, False), (256, False, False),
+                                                            (16, True, False), (256, False, True)])
 def test_an_index_file_searched_in_cpp_gives_the_python_results(index_file_search, tmp_path, num_words,
-                                                                 learn_codebook):
+                                                                 learn_codebook, mapped):
     index, path, queries = gallery(tmp_path, num_words=num_words, learn_codebook=learn_codebook)
     assert index.orthonormal != learn_codebook
     for k in (1, 10, 500, 503):  # k beyond the 500 items: padding, as FAISS pads
-        scores, ids, tables = index_file_search(path, queries, k)
+        scores, ids, tables = index_file_search(path, queries, k, mapped=mapped)
         want_scores, want_ids = index.search(queries, k)
         assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
     if learn_codebook:  # tables from the quantized queries' products with the codebook
@@ -232,12 +238,13 @@ def test_the_cpp_reader_names_what_is_wrong(index_file_search, tmp_path):
     _, path, queries = gallery(tmp_path, items=50)
     good = path.read_bytes()
     assert "does not exist" in index_file_search(tmp_path / "missing.opqn", queries, 2)
-    path.write_bytes(good[:-40])
-    assert "truncated index file (array" in index_file_search(path, queries, 2)
-    path.write_bytes(good)
-    flip_a_bit_in_array(path, "codes")
-    message = index_file_search(path, queries, 2)
-    assert "is corrupted (CRC-32 mismatch)" in message and "array codes" in message
+    for mapped in (False, True):
+        path.write_bytes(good[:-40])
+        assert "truncated index file (array" in index_file_search(path, queries, 2, mapped=mapped)
+        path.write_bytes(good)
+        flip_a_bit_in_array(path, "codes")
+        message = index_file_search(path, queries, 2, mapped=mapped)
+        assert "is corrupted (CRC-32 mismatch)" in message and "array codes" in message
     from safetensors.torch import save_file
     save_file({"codes": torch.zeros(2, 4, dtype=torch.uint8)}, tmp_path / "plain.safetensors")
     assert "not an OPQN index" in index_file_search(tmp_path / "plain.safetensors", queries, 2)
@@ -250,21 +257,21 @@ def test_the_cpp_reader_names_what_is_wrong(index_file_search, tmp_path):
 
 @pytest.fixture(scope="module")
 def index_file_update(programs, tmp_path_factory):
-    """index_file_update(source, batches, output, device) -> the ids each batch got, from the C++
-    program update_index_file (source: an index file, or a model tuple for Index::create), or its
-    error message (a str)."""
+    """index_file_update(source, batches, output, device, mapped) -> what each step gave, from the C++
+    program update_index_file (source: an index file, loaded mapped or not, or a model tuple for
+    Index::create), or its error message (a str)."""
     if JSON_PREFIX is None:
         pytest.skip("the C++ index files need nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
     program = os.path.join(programs[1], "update_index_file")
     folder = tmp_path_factory.mktemp("index_file_update")
 
-    def update(source, batches, output, device="cpu"):
+    def update(source, batches, output, device="cpu", mapped=False):
         if isinstance(source, tuple):
             torch.save(source, folder / "model.pt")
             source = folder / "model.pt"
         torch.save(batches, folder / "batches.pt")
         done = subprocess.run([program, str(source), str(folder / "batches.pt"), str(output), str(folder / "ids.pt"),
-                               device], capture_output=True, text=True)
+                               device, *(["map"] if mapped else [])], capture_output=True, text=True)
         if done.returncode == 1 and done.stderr.startswith("error: "):
             return done.stderr[len("error: "):].strip()
         assert done.returncode == 0, done.stdout + done.stderr
@@ -306,17 +313,18 @@ def assert_same_index(loaded, index):
                                                                          index.settings)
 
 
-@pytest.mark.parametrize("num_words,learn_codebook", [(16, False), (256, True)])
+@pytest.mark.parametrize("num_words,learn_codebook,mapped", [(16, False, False), (256, True, False), (16, False, True)])
 def test_items_added_and_saved_in_cpp_load_in_python_as_python_adds_them(index_file_update, tmp_path, num_words,
-                                                                         learn_codebook):
+                                                                         learn_codebook, mapped):
     index, path, queries = gallery(tmp_path, items=60, num_words=num_words, learn_codebook=learn_codebook)
     index.settings = {"backbone": "resnet20", "bits": [32, 64], "note": "é"}
     index.save(path)
     batches = updates(index.num_books * index.dim, index.num_books, num_words)
-    given = index_file_update(path, batches, tmp_path / "updated.opqn")
+    output = path if mapped else tmp_path / "updated.opqn"  # mapped: saved over the file it maps
+    given = index_file_update(path, batches, output, mapped=mapped)
     want = apply_in_python(index, batches)
     assert len(given) == len(want) and all(torch.equal(g, w) for g, w in zip(given, want))
-    loaded = OPQNIndex.load(tmp_path / "updated.opqn")
+    loaded = OPQNIndex.load(output)
     assert given[5].tolist() == [[True, True, False], [True, True, False]] and given[7].item() == 4
     assert given[6][0, 2] == given[6][1, 2] == -1 and given[6][1, 1] != -1  # 7, 30000: not held; 2000 labelled
     assert len(loaded) == 60 + 40 + 30 + 25 + 9 - 4 + 3

@@ -9,14 +9,23 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
+#include <cstring>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include <ATen/ops/bmm.h>
 #include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/take.h>
@@ -62,6 +71,18 @@ int64_t bytes_of(const std::vector<int64_t>& shape, int64_t item_bytes, int64_t 
   return bytes;
 }
 
+// The file at `path` (`size` bytes) mapped copy-on-write: its arrays can be written without changing
+// the file, as numpy's mode "c" maps them for OPQNIndex.load. Unmapped when the last holder goes.
+std::shared_ptr<void> map_file(const std::string& path, int64_t size) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  TORCH_CHECK(fd >= 0, path, ": cannot open the index file to map it (", std::strerror(errno), ")");
+  void* base = ::mmap(nullptr, static_cast<size_t>(size), PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
+  const int error = errno;
+  ::close(fd);  // the mapping stays
+  TORCH_CHECK(base != MAP_FAILED, path, ": cannot map the index file (", std::strerror(error), ")");
+  return {base, [size](void* p) { ::munmap(p, static_cast<size_t>(size)); }};
+}
+
 // An error naming the queries whose tables [nq, M, K] hold NaN or infinities, if any: the scan
 // makes the check itself, so it is looked for only where there is no scan or the scan refused them.
 void check_finite_tables(const at::Tensor& tables) {
@@ -73,7 +94,7 @@ void check_finite_tables(const at::Tensor& tables) {
 
 }  // namespace
 
-Index Index::load(const std::string& path, bool verify) {
+Index Index::load(const std::string& path, bool verify, bool map) {
   std::ifstream file(path, std::ios::binary | std::ios::ate);
   TORCH_CHECK(file.good(), path, ": index file does not exist or cannot be read");
   const int64_t size = file.tellg();
@@ -105,6 +126,7 @@ Index Index::load(const std::string& path, bool verify) {
 
   const int64_t data_start = 8 + static_cast<int64_t>(header_len);
   Index index;
+  std::shared_ptr<void> mapping;  // the file mapped, held by the arrays in it
   const json crcs = header.value("crc32", json::object());
   for (const ArraySpec& spec : kArrays) {
     TORCH_CHECK(layout.contains(spec.name), path, ": array ", spec.name, " is missing");
@@ -119,10 +141,18 @@ Index Index::load(const std::string& path, bool verify) {
                 data_start + offsets[1], ", the file has ", size, ")");
     TORCH_CHECK(bytes_of(shape, c10::elementSize(spec.type), size) == offsets[1] - offsets[0], path, ": array ",
                 spec.name, " has ", offsets[1] - offsets[0], " bytes for shape ", at::IntArrayRef(shape));
-    at::Tensor array = at::empty(shape, at::TensorOptions().dtype(spec.type));
-    file.seekg(data_start + offsets[0]);
-    file.read(static_cast<char*>(array.mutable_data_ptr()), static_cast<std::streamsize>(array.nbytes()));
-    TORCH_CHECK(file.good(), path, ": cannot read array ", spec.name);
+    const bool per_item = spec.name != std::string_view("assign_weight") && spec.name != std::string_view("codebook");
+    at::Tensor array;
+    if (map && per_item && offsets[1] > offsets[0]) {
+      if (!mapping) mapping = map_file(path, size);
+      array = at::from_blob(static_cast<char*>(mapping.get()) + data_start + offsets[0], shape,
+                            [mapping](void*) {}, at::TensorOptions().dtype(spec.type));
+    } else {
+      array = at::empty(shape, at::TensorOptions().dtype(spec.type));
+      file.seekg(data_start + offsets[0]);
+      file.read(static_cast<char*>(array.mutable_data_ptr()), static_cast<std::streamsize>(array.nbytes()));
+      TORCH_CHECK(file.good(), path, ": cannot read array ", spec.name);
+    }
     if (verify) {
       TORCH_CHECK(crcs.contains(spec.name) && crcs[spec.name].is_number_unsigned() &&
                       crcs[spec.name].get<uint64_t>() == crc32_of(array),

@@ -39,8 +39,11 @@ struct OPQN_EXT_API Index {
   static Index create(const at::Tensor& assign_weight, const at::Tensor& codebook, double query_scale,
                       std::optional<bool> orthonormal = std::nullopt, std::string settings = "{}");
 
-  // Reads an index file; `verify` checks every array's CRC-32 (one pass over the file).
-  static Index load(const std::string& path, bool verify = true);
+  // Reads an index file; `verify` checks every array's CRC-32 (one pass over the file). `map`: the
+  // codes, ids and labels stay in the file, mapped copy-on-write (as OPQNIndex.load(mmap=True)), and
+  // are paged in by the scans, so an index larger than memory can be searched; the file must then
+  // not be truncated while the index (or a copy) lives (Index::save and OPQNIndex.save replace it).
+  static Index load(const std::string& path, bool verify = true, bool map = false);
 
   // Writes the index to `path` as OPQNIndex.save does: a temporary file next to it, flushed to disk
   // and renamed over it (a crash leaves the previous file whole); it keeps the permissions of the
