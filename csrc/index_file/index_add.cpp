@@ -148,9 +148,14 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
     TORCH_CHECK(!clash.any().item<bool>(), "ids already in the index: ",
                 index_format::list_of(new_ids.masked_select(clash)));
   }
-  codes = append_rows(codes, codes_room_, new_codes.to(codes.device()));
-  this->ids = append_rows(this->ids, ids_room_, new_ids);
-  this->labels = append_rows(this->labels, labels_room_, new_labels);
+  if (n == 0) return new_ids;
+  // the three arrays change together or not at all (an allocation may fail)
+  at::Tensor all_codes = append_rows(codes, codes_room_, new_codes.to(codes.device()));
+  at::Tensor all_ids = append_rows(this->ids, ids_room_, new_ids);
+  at::Tensor all_labels = append_rows(this->labels, labels_room_, new_labels);
+  codes = std::move(all_codes);
+  this->ids = std::move(all_ids);
+  this->labels = std::move(all_labels);
   if (!in_order) {  // sorted by id: the scan's tie order (the smaller position first) is the smaller id's
     const at::Tensor order = at::argsort(this->ids, /*stable=*/true);
     this->ids = this->ids.index_select(0, order);
