@@ -4,7 +4,9 @@
 # make bench : the same install plus faiss-cpu, then the benchmarks (never part of make test)
 # make sanitize : the CPU kernels built with AddressSanitizer + UBSan (a copy under build/asan),
 #              then the tests that drive them, with the sanitizer runtimes preloaded; the CUDA
-#              emulator and the kernels it runs are built with AddressSanitizer there too
+#              emulator and the kernels it runs are built with AddressSanitizer there too; then the
+#              C++ library and the C++ programs of its tests (index files, the typed API) built
+#              with both (build/cpp-library-sanitize), their tests run with leak checks
 PY ?= python3
 VENV := .venv
 PYTHON := $(VENV)/bin/python
@@ -66,6 +68,7 @@ SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-fra
 SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_topk_heap.py test_rank_stats.py test_encode.py test_soft_quantize.py \
 	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py test_adc_gradients.py test_autocast.py \
 	test_cuda_emulator.py test_cuda_kernels_emulated.py
+SANITIZE_CPP_TESTS := (cpp_api or index_file or cpp_reader or in_cpp or cpp_index) and not aot
 sanitize: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	cp -r setup.py pyproject.toml csrc python_tests $(ASAN_DIR)/
@@ -77,6 +80,8 @@ sanitize: $(STAMP)
 		OPQN_SANITIZE_EMULATION=1 \
 		UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 		$(CURDIR)/$(PYTHON) -m pytest -q -p no:cacheprovider $(addprefix python_tests/,$(SANITIZE_TESTS))
+	OPQN_CPP_TESTS_SANITIZE="$(SANITIZE_FLAGS)" ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+		$(PYTHON) -m pytest -q -p no:cacheprovider python_tests/test_cpp_library.py -k "$(SANITIZE_CPP_TESTS)"
 
 clean:
 	rm -rf build opqn_ext/_C*.so

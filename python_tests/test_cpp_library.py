@@ -6,7 +6,9 @@ process without Python, and index files (where the nlohmann-json package of the 
 installed): files of OPQNIndex.save read and searched in C++, items added in C++ and saved for
 OPQNIndex.load. The build stays in build/cpp-library (incremental, as setup.py's).
 OPQN_CPP_TESTS_CUDA=1 (benchmarks/gpu_check.sh) builds the library with its CUDA kernels instead, in
-build/cpp-library-cuda, and requires the C++ API's CUDA checks to run."""
+build/cpp-library-cuda, and requires the C++ API's CUDA checks to run. OPQN_CPP_TESTS_SANITIZE=FLAGS
+(make sanitize) builds the library and the programs with those compiler flags (AddressSanitizer,
+UBSan), in build/cpp-library-sanitize."""
 import importlib.util
 import os
 import re
@@ -25,7 +27,8 @@ from test_index import flip_a_bit_in_array
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = os.environ.get("OPQN_CPP_TESTS_CUDA") == "1"
-BUILD = os.path.join(ROOT, "build", "cpp-library-cuda" if CUDA else "cpp-library")
+SANITIZE = os.environ.get("OPQN_CPP_TESTS_SANITIZE", "")
+BUILD = os.path.join(ROOT, "build", "cpp-library-cuda" if CUDA else "cpp-library-sanitize" if SANITIZE else "cpp-library")
 JSON = importlib.util.find_spec("nlohmann_json")  # its folder holds include/nlohmann/json.hpp
 JSON_PREFIX = os.path.dirname(JSON.origin) if JSON is not None and JSON.origin else None
 
@@ -62,11 +65,13 @@ def programs():
     os.makedirs(BUILD, exist_ok=True)
     with exclusive_lock(os.path.join(BUILD, ".lock"), "another test process building the C++ library"):  # xdist
         index_files = [f"-DOPQN_WITH_INDEX_FILES={'ON' if JSON_PREFIX else 'OFF'}"]
+        flags = [f"-DCMAKE_{kind}_FLAGS={SANITIZE}" for kind in ("CXX", "SHARED_LINKER", "EXE_LINKER")] if SANITIZE else []
         cmake("-S", ROOT, "-B", os.path.join(BUILD, "library"), *generator, f"-DOPQN_WITH_CUDA={'ON' if CUDA else 'OFF'}",
-              "-DOPQN_BUILD_PYTHON_MODULE=OFF", *index_files, f"-DCMAKE_PREFIX_PATH={torch_cmake};{JSON_PREFIX or ''}")
+              "-DOPQN_BUILD_PYTHON_MODULE=OFF", *index_files, *flags,
+              f"-DCMAKE_PREFIX_PATH={torch_cmake};{JSON_PREFIX or ''}")
         cmake("--build", os.path.join(BUILD, "library"), "-j", jobs)
         cmake("--install", os.path.join(BUILD, "library"), "--prefix", prefix)
-        cmake("-S", os.path.join(ROOT, "cpp_tests"), "-B", tests, *generator, "-DCMAKE_BUILD_TYPE=Release",
+        cmake("-S", os.path.join(ROOT, "cpp_tests"), "-B", tests, *generator, "-DCMAKE_BUILD_TYPE=Release", *flags,
               f"-DCMAKE_PREFIX_PATH={prefix};{torch_cmake}")
         cmake("--build", tests, "-j", jobs)
     return prefix, tests
