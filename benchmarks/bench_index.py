@@ -1,12 +1,16 @@
 """OPQNIndex at N = 1M and 10M codes (issue 5): add throughput (building the index in batches of
 1M, then 200 more batches of 1000 precomputed codes into the full index), search latency (nq = 1)
 and throughput (nq = 1000) with the codes in memory and memory-mapped, memory used, and a sharded
-search over 2 torchrun processes (gloo, 1 thread each) against one process with 2 threads.
+search over 2 torchrun processes (gloo, 1 thread each) against one process with 2 threads. With
+``--cpp PREFIX`` (an opqn_ext C++ library installed there with its index files), the file
+operations of OPQNIndex and of opqn_ext::Index from C++ (benchmarks/cpp) on the saved index, each
+timed once: loading it (with CRC-32 checks, without, mapped), adding FILE_FEATURES features and
+SMALL_ADDS batches of SMALL_BATCH codes, saving; the C++ result is checked equal to Python's.
 
 The index holds 32-bit codes (8 books x 16 words, d = 64) of random 512-d features from a random
 OPQN head; search results are checked equal across in-memory, mmap and sharded before timing.
 
-    python benchmarks/bench_index.py [--sizes 1000000 10000000] [--json PATH]
+    python benchmarks/bench_index.py [--sizes 1000000 10000000] [--cpp PREFIX] [--json PATH]
 """
 import argparse
 import json
@@ -20,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+import cpp_programs
 from opqn_ext.index import OPQNIndex
 from opqn_ext.nn import OrthoPQHead
 
@@ -27,6 +32,8 @@ HERE = Path(__file__).parent
 D, M, K = 512, 8, 16
 ADD_BATCH = 1_000_000
 SMALL_BATCH, SMALL_ADDS = 1000, 200
+FILE_FEATURES = 200_000
+FILE_STEPS = ("load_verified", "load", "load_mapped", "add_features", "add_code_batches", "save")
 
 
 def rss_mib() -> float:
@@ -51,6 +58,28 @@ def search_timings(index, q1, q1000, k):
     return {"nq1_ms": t1 * 1e3, "nq1000_qps": len(q1000) / tn}, (r1, rn)
 
 
+def file_timings(programs: Path, path: Path, g: torch.Generator, tmp: Path) -> dict:
+    """Seconds of each of FILE_STEPS in Python and from C++, on the index file ``path``."""
+    feats = torch.randn(FILE_FEATURES, D, generator=g)
+    codes = torch.randint(0, K, (SMALL_ADDS, SMALL_BATCH, M), dtype=torch.uint8, generator=g)
+    torch.save(feats, tmp / "features.pt")
+    torch.save(codes, tmp / "codes.pt")
+    py = {}
+    py["load_verified"], index = timed(lambda: OPQNIndex.load(path, mmap=False), 1)
+    py["load"], _ = timed(lambda: OPQNIndex.load(path, mmap=False, verify=False), 1)
+    py["load_mapped"], _ = timed(lambda: OPQNIndex.load(path, mmap=True, verify=False), 1)
+    py["add_features"], _ = timed(lambda: index.add(feats), 1)
+    py["add_code_batches"], _ = timed(lambda: [index.add_codes(batch) for batch in codes], 1)
+    py["save"], _ = timed(lambda: index.save(tmp / "python.opqn"), 1)
+    done = subprocess.run([str(programs / "time_index_files"), str(path), str(tmp / "features.pt"), str(tmp / "codes.pt"),
+                           str(tmp / "cpp.opqn")], capture_output=True, text=True, check=True)
+    cpp = {name: float(value) for name, value in (line.split() for line in done.stdout.splitlines())}
+    written = OPQNIndex.load(tmp / "cpp.opqn")
+    assert all(torch.equal(getattr(written, a), getattr(index, a)) for a in ("codes", "ids", "labels")), \
+        "the C++ index differs from Python's"
+    return {"python_s": py, "cpp_s": cpp}
+
+
 def sharded(path: Path, n: int, k: int, tmp: Path) -> dict:
     out = tmp / "sharded.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -65,8 +94,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     parser.add_argument("-k", type=int, default=10)
+    parser.add_argument("--cpp", metavar="PREFIX", help="also time the file operations from C++ (benchmarks/cpp)")
     parser.add_argument("--json", default="benchmarks/results/index.json")
     args = parser.parse_args()
+    programs = cpp_programs.build(args.cpp) if args.cpp else None
     head = OrthoPQHead(D, 10, M, K, seed=0)
     g = torch.Generator().manual_seed(1)
     q1000 = torch.randn(1000, D, generator=g)
@@ -114,6 +145,8 @@ def main():
                 timings.update(load_s=load_s, rss_growth_mib=rss_mib() - rss_before)
                 row["mmap" if mmap else "loaded"] = timings
                 del loaded
+            if programs:
+                row["files"] = file_timings(programs, path, g, tmp)
             shard = sharded(path, n, args.k, tmp)
             assert torch.equal(torch.tensor(shard["ids_nq1"]), mem1[1]), "sharded search differs"
             row["sharded_2proc"] = {"nq1_ms": shard["nq1_ms"], "nq1000_qps": shard["nq1000_qps"]}
@@ -130,6 +163,13 @@ def main():
             add = f"{row['add_items_per_s']:12.0f} {row['small_add_items_per_s']:12.0f}" if first else " " * 25
             print(f"{row['N'] if first else '':>10} {add} {label:>14s} {t['nq1_ms']:9.2f} {t['nq1000_qps']:12.0f} {rss:9.1f}")
             first = False
+    for row in rows:
+        if "files" in row:
+            py, cpp = row["files"]["python_s"], row["files"]["cpp_s"]
+            print(f"\nindex files, N = {row['N']}: seconds (adds: {FILE_FEATURES} features, then {SMALL_ADDS} x "
+                  f"{SMALL_BATCH} codes)\n{'':>18s} {'Python':>9s} {'C++':>9s} {'Python/C++':>11s}")
+            for step in FILE_STEPS:
+                print(f"{step:>18s} {py[step]:9.3f} {cpp[step]:9.3f} {py[step] / cpp[step]:11.2f}")
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"threads": torch.get_num_threads(), "rows": rows}, f, indent=2)

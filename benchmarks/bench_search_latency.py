@@ -23,12 +23,12 @@ import torch
 
 import opqn_ext
 from opqn_ext import reference
+import cpp_programs
 from bench_adc import check_same_ranking, faiss_pq
 from opqn_ext.index import OPQNIndex
 from opqn_ext.nn import OrthoPQHead
 
 D, M, K = 512, 8, 16
-HERE = Path(__file__).parent
 
 
 def best_us(fn, n):
@@ -42,18 +42,6 @@ def best_us(fn, n):
             fn()
         rounds.append((time.perf_counter() - start) / n * 1e6)
     return min(rounds)
-
-
-def cpp_timer(prefix: str) -> Path:
-    """benchmarks/cpp built against the opqn_ext installed at ``prefix``: the time_index_search program."""
-    build = HERE.parent / "build" / "bench-cpp"
-    for command in (["cmake", "-S", str(HERE / "cpp"), "-B", str(build), "-DCMAKE_BUILD_TYPE=Release",
-                     f"-DCMAKE_PREFIX_PATH={Path(prefix).resolve()};{torch.utils.cmake_prefix_path}"],
-                    ["cmake", "--build", str(build)]):
-        done = subprocess.run(command, capture_output=True, text=True)
-        if done.returncode:
-            raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-3000:]}{done.stderr[-3000:]}")
-    return build / "time_index_search"
 
 
 def cpp_search_us(program: Path, index: OPQNIndex, query: torch.Tensor, k: int, calls: int,
@@ -76,7 +64,7 @@ def main():
     parser.add_argument("--cpp", metavar="PREFIX", help="an installed opqn_ext C++ library: time its Index::search too")
     parser.add_argument("--json")
     args = parser.parse_args()
-    program = cpp_timer(args.cpp) if args.cpp else None
+    program = cpp_programs.build(args.cpp) / "time_index_search" if args.cpp else None
     head = OrthoPQHead(D, 10, M, K, seed=0)
     g = torch.Generator().manual_seed(0)
     rows = []

@@ -1,12 +1,13 @@
 // update_index_file SOURCE BATCHES OUTPUT RESULTS [DEVICE [map]]: the index of SOURCE (an index file,
 // with "map" its per-item arrays mapped; or a torch.save file ending in .pt holding a model
 // (assign_weight, codebook, query_scale, settings, orthonormal or None) for Index::create), on DEVICE
-// (default cpu), takes each step of BATCHES (a
-// torch.save file of a list of (values, ids or None, labels or None): float features for add, uint8
-// codes for add_codes, None to remove the ids), is saved to OUTPUT, and what each step gave goes to
-// RESULTS (readable by torch.load): the ids of an add; for a removal, contains(ids) and
-// labels_of(ids) before it and the count removed. Then two copies of the index each add a row: each must keep its own. An error goes to
-// stderr as "error: <message>" with exit status 1.
+// (default cpu), takes each step of BATCHES (a torch.save file of a list of (values, ids or None,
+// labels or None): float features for add, uint8 codes for add_codes, None to remove the ids), is
+// saved to OUTPUT, and what each step gave goes to RESULTS (readable by torch.load): the ids of an
+// add; for a removal, contains(ids) and labels_of(ids) before it and the count removed. Then two
+// copies of the index each add a row: each must keep its own; and a copy adds two rows: the second
+// must go into the room the first made. An error goes to stderr as "error: <message>" with exit
+// status 1.
 #include <iostream>
 #include <optional>
 #include <string>
@@ -29,6 +30,18 @@ opqn_ext::Index source_index(const std::string& source, bool map) {
 }
 
 at::Tensor optional_tensor(const c10::IValue& value) { return value.isNone() ? at::Tensor() : value.toTensor(); }
+
+// Whether a copy of `index` that adds two rows in turn appends the second in place (the first makes
+// room for more).
+bool appends_in_place(const opqn_ext::Index& index) {
+  opqn_ext::Index grown = index;
+  const at::Tensor row = at::full({1, index.codes.size(1)}, 0, at::kByte);
+  grown.add_codes(row);
+  const void* codes_before = grown.codes.data_ptr();
+  const void* ids_before = grown.ids.data_ptr();
+  grown.add_codes(row);
+  return grown.codes.data_ptr() == codes_before && grown.ids.data_ptr() == ids_before;
+}
 
 // Whether two copies of `index` that each add a row (0s to one, 1s to the other) keep their own rows.
 bool copies_keep_their_rows(const opqn_ext::Index& index) {
@@ -69,6 +82,10 @@ int main(int argc, char** argv) {
     save_pickled(argv[4], given);
     if (index.codebook.size(2) >= 2 && !copies_keep_their_rows(index)) {
       std::cerr << "error: copies of an index share the rows they add\n";
+      return 1;
+    }
+    if (!appends_in_place(index)) {
+      std::cerr << "error: an append moved the rows appended before it\n";
       return 1;
     }
     std::cout << "saved " << index.size() << " items\n";

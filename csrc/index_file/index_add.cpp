@@ -30,12 +30,11 @@ namespace {
 constexpr int64_t kEncodeBatch = 65536;  // rows encoded at a time (OPQNIndex.add's batch_size)
 
 // `current ++ rows`, kept as a prefix of `room`: rows go into room's spare rows; where there are too
-// few, or `current` is not room's prefix, or another index (a copy) holds room too, a new room with
-// half as many rows again takes over.
+// few, or `current` is not room's prefix, a new room with half as many rows again takes over.
 at::Tensor append_rows(const at::Tensor& current, at::Tensor& room, const at::Tensor& rows) {
   const int64_t n = current.size(0), need = n + rows.size(0);
-  const bool fits = room.defined() && room.use_count() == 1 && room.device() == current.device() &&
-                    need <= room.size(0) && (n == 0 || current.data_ptr() == room.data_ptr());
+  const bool fits = room.defined() && room.device() == current.device() && need <= room.size(0) &&
+                    (n == 0 || current.data_ptr() == room.data_ptr());
   if (!fits) {
     std::vector<int64_t> shape = current.sizes().vec();
     shape[0] = n == 0 ? need : std::max(need, n + n / 2);
@@ -150,9 +149,9 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
   }
   if (n == 0) return new_ids;
   // the three arrays change together or not at all (an allocation may fail)
-  at::Tensor all_codes = append_rows(codes, codes_room_, new_codes.to(codes.device()));
-  at::Tensor all_ids = append_rows(this->ids, ids_room_, new_ids);
-  at::Tensor all_labels = append_rows(this->labels, labels_room_, new_labels);
+  at::Tensor all_codes = append_rows(codes, room_.codes, new_codes.to(codes.device()));
+  at::Tensor all_ids = append_rows(this->ids, room_.ids, new_ids);
+  at::Tensor all_labels = append_rows(this->labels, room_.labels, new_labels);
   codes = std::move(all_codes);
   this->ids = std::move(all_ids);
   this->labels = std::move(all_labels);
@@ -161,7 +160,7 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
     this->ids = this->ids.index_select(0, order);
     this->labels = this->labels.index_select(0, order);
     codes = codes.index_select(0, order.to(codes.device()));
-    codes_room_ = ids_room_ = labels_room_ = at::Tensor();
+    room_ = AppendRoom();
   }
   return new_ids;
 }
@@ -176,7 +175,7 @@ int64_t Index::remove(const at::Tensor& ids) {
     this->ids = this->ids.masked_select(keep);
     labels = labels.masked_select(keep);
     codes = codes.index_select(0, at::nonzero(keep).flatten().to(codes.device()));
-    codes_room_ = ids_room_ = labels_room_ = at::Tensor();
+    room_ = AppendRoom();
   }
   return removed;
 }

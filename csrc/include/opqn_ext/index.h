@@ -84,8 +84,20 @@ struct OPQN_EXT_API Index {
   std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& features, int64_t k) const;
 
  private:
-  // codes, ids and labels are prefixes of these after an append, with room for more rows
-  at::Tensor codes_room_, ids_room_, labels_room_;
+  // The arrays codes, ids and labels are prefixes of after an append, with room for more rows. A
+  // copy of an index starts without: it never appends into the rows of another.
+  struct AppendRoom {
+    at::Tensor codes, ids, labels;
+    AppendRoom() = default;
+    AppendRoom(const AppendRoom&) {}
+    AppendRoom& operator=(const AppendRoom&) {
+      codes = ids = labels = at::Tensor();
+      return *this;
+    }
+    AppendRoom(AppendRoom&&) = default;
+    AppendRoom& operator=(AppendRoom&&) = default;
+  };
+  AppendRoom room_;
 };
 
 }  // namespace opqn_ext
