@@ -6,11 +6,14 @@
 // saved to OUTPUT, and what each step gave goes to RESULTS (readable by torch.load): the ids of an
 // add; for a removal, contains(ids) and labels_of(ids) before it and the count removed. Then two
 // copies of the index each add a row: each must keep its own; and a copy adds two rows: the second
-// must go into the room the first made. An error goes to stderr as "error: <message>" with exit
-// status 1.
+// must go into the room the first made; and two threads save at once to one path: each save must
+// succeed. An error goes to stderr as "error: <message>" with exit status 1.
+#include <atomic>
+#include <filesystem>
 #include <iostream>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <ATen/ops/full.h>
@@ -54,6 +57,29 @@ bool copies_keep_their_rows(const opqn_ext::Index& index) {
          ones.codes[n].eq(1).all().item<bool>();
 }
 
+// Whether two threads saving `index` and a copy of it with one more row to `path`, 20 times each,
+// all succeed and leave a whole file of one of them (each save has a temporary file of its own).
+bool saves_at_once_succeed(const opqn_ext::Index& index, const std::string& path) {
+  opqn_ext::Index larger = index;
+  larger.add_codes(at::full({1, index.codes.size(1)}, 0, at::kByte));
+  std::atomic<int> failed{0};
+  auto save_often = [&](const opqn_ext::Index* which) {
+    for (int i = 0; i < 20; ++i) {
+      try {
+        which->save(path);
+      } catch (const c10::Error&) {
+        ++failed;
+      }
+    }
+  };
+  std::thread first(save_often, &index), second(save_often, &larger);
+  first.join();
+  second.join();
+  const int64_t size = opqn_ext::Index::load(path).size();
+  std::filesystem::remove(path);
+  return failed == 0 && (size == index.size() || size == larger.size());
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -82,6 +108,10 @@ int main(int argc, char** argv) {
     save_pickled(argv[4], given);
     if (index.codebook.size(2) >= 2 && !copies_keep_their_rows(index)) {
       std::cerr << "error: copies of an index share the rows they add\n";
+      return 1;
+    }
+    if (!saves_at_once_succeed(index, std::string(argv[3]) + ".at-once")) {
+      std::cerr << "error: saves from two threads to one path failed\n";
       return 1;
     }
     if (!appends_in_place(index)) {

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import threading
 import zlib
 from pathlib import Path
 
@@ -568,7 +569,7 @@ class OPQNIndex:
                   "num_books": self.num_books, "dim": self.dim, "num_words": self.num_words,
                   "query_scale": self.query_scale, "orthonormal": self.orthonormal, "settings": self.settings,
                   "crc32": {name: _crc32(t.numpy()) for name, t in arrays.items()}}
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")  # a file per saving thread
         try:
             save_file(arrays, tmp, metadata={"opqn_index": json.dumps(header)}, replaces=path)
             fd = os.open(tmp, os.O_RDONLY)

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import pytest
@@ -283,6 +284,29 @@ def test_save_load_gives_identical_results(tmp_path, mmap):
     assert loaded.query_scale == index.query_scale
     loaded.add(features(3, 3))  # a mapped index can still grow (its codes move to memory)
     assert len(loaded) == 5003 and loaded.mapped_codes is None
+
+
+def test_threads_saving_indexes_to_one_path_each_write_a_whole_file(tmp_path):
+    """Each save writes a temporary file of its own (per process and thread), so saves from two
+    threads to one path never remove or rename each other's: the file ends whole, one of the two."""
+    indexes = [make_index()[0] for _ in range(2)]
+    for i, index in enumerate(indexes):
+        index.add(features(20_000 + 10_000 * i, i))
+    path, errors = tmp_path / "db.opqn", []
+
+    def save_often(index):
+        for _ in range(30):
+            try:
+                index.save(path)
+            except OSError as err:
+                errors.append(err)
+    threads = [threading.Thread(target=save_often, args=(index,)) for index in indexes]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(OPQNIndex.load(path)) in (20_000, 30_000)
+    assert [p.name for p in tmp_path.iterdir()] == ["db.opqn"]
 
 
 def test_empty_index_round_trips(tmp_path):

@@ -4,6 +4,7 @@
 // temporary file next to the target, flushed, given the replaced file's permissions and renamed
 // over it; then the folder is flushed.
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -85,7 +86,10 @@ void Index::save(const std::string& path) const {
 
   const std::filesystem::path target(path);
   const std::filesystem::path folder = target.has_parent_path() ? target.parent_path() : ".";
-  TemporaryFile tmp{(folder / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()))).string()};
+  static std::atomic<uint64_t> saves{0};  // a temporary file per save: threads saving to one path never share one
+  TemporaryFile tmp{(folder / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()) + "-" +
+                               std::to_string(saves++)))
+                        .string()};
   tmp.fd = ::open(tmp.path.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0666);  // a new file's mode
   if (tmp.fd < 0) fail(tmp.path, "create the index file");
   write_all(tmp, &header_len, 8, tmp.path);
