@@ -19,7 +19,6 @@
 #include <ATen/ops/zeros.h>
 #include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
-#include <nlohmann/json.hpp>
 
 #include "index_format.h"
 #include "opqn_ext/index.h"
@@ -95,8 +94,7 @@ Index Index::create(const at::Tensor& assign_weight, const at::Tensor& codebook,
               "codebook must be finite (in float32): it holds NaN or infinite values");
   TORCH_CHECK(std::isfinite(static_cast<float>(query_scale)), "query_scale must be finite (in float32), got ",
               query_scale);
-  TORCH_CHECK(nlohmann::json::accept(settings) && nlohmann::json::parse(settings).is_object(),
-              "settings must be the text of a JSON object, got ", settings);
+  index_format::settings_object(settings);
   index.settings = std::move(settings);
   index.orthonormal = orthonormal.has_value() ? *orthonormal : index_format::is_orthonormal(index.codebook);
   const int64_t M = assign_weight.size(0);

@@ -6,6 +6,7 @@
 #include <ATen/ops/eye.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/nonzero.h>
+#include <c10/util/Exception.h>
 #include <zlib.h>
 
 namespace opqn_ext::index_format {
@@ -34,6 +35,16 @@ std::string list_of(const at::Tensor& values) {
   text += "]";
   if (values.size(0) > 10) text += " and " + std::to_string(values.size(0) - 10) + " more";
   return text;
+}
+
+nlohmann::json settings_object(const std::string& settings) {
+  nlohmann::json parsed;
+  try {
+    parsed = nlohmann::json::parse(settings);
+  } catch (const nlohmann::json::parse_error&) {
+  }
+  TORCH_CHECK(parsed.is_object(), "settings must be the text of a JSON object, got ", settings);
+  return parsed;
 }
 
 at::Tensor rows_not_finite(const at::Tensor& values) {

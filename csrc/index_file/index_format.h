@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <nlohmann/json.hpp>
 
 #include "opqn_ext/index.h"
 
@@ -37,6 +38,9 @@ auto& array_of(IndexType& index, std::string_view name) {
   if (name == "labels") return index.labels;
   return name == "assign_weight" ? index.assign_weight : index.codebook;
 }
+
+// An index's settings (the text of a JSON object) parsed, or an error naming `settings`.
+nlohmann::json settings_object(const std::string& settings);
 
 // The CRC-32 (zlib's, as Python's zlib.crc32) of a contiguous CPU tensor's bytes.
 uint32_t crc32_of(const at::Tensor& array);

@@ -68,12 +68,7 @@ void Index::save(const std::string& path) const {
     offset += static_cast<int64_t>(array.nbytes());
     arrays.push_back(array);
   }
-  json model_settings;
-  try {
-    model_settings = json::parse(settings);
-  } catch (const json::parse_error&) {
-  }
-  TORCH_CHECK(model_settings.is_object(), "settings must be the text of a JSON object, got ", settings);
+  const json model_settings = index_format::settings_object(settings);
   const json header = {{"format", index_format::kFormat},     {"format_version", index_format::kFormatVersion},
                        {"num_items", size()},                 {"num_books", codebook.size(0)},
                        {"dim", codebook.size(1)},             {"num_words", codebook.size(2)},
