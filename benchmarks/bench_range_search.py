@@ -7,9 +7,12 @@ queries are random 512-d features. Thresholds are set so that a query finds abou
 items (the median over the queries of their 10th, 100th, 1000th best score). Results are checked
 first: the brute-force path returns exactly the same, FAISS the same items except any within 1e-5
 of the threshold (it computes its tables with its own rounding and keeps scores above the radius).
-FAISS's IndexPQ range search decodes every code (no tables), so it is timed for nq = 1 only.
+FAISS's IndexPQ range search decodes every code (no tables), so it is timed for nq = 1 only. With
+``--cpp PREFIX`` (an opqn_ext C++ library installed there with its index files), also
+opqn_ext::Index::range_search from a C++ program (benchmarks/cpp) on the index saved to a file, the
+first query's ids checked against Python's.
 
-    python benchmarks/bench_range_search.py [--sizes 1000000 10000000] [--json PATH]
+    python benchmarks/bench_range_search.py [--sizes 1000000 10000000] [--cpp PREFIX] [--json PATH]
 """
 import argparse
 import platform
@@ -18,7 +21,9 @@ import faiss
 import numpy as np
 import torch
 
+import cpp_programs
 from bench_adc import cell, faiss_pq, median_seconds, ratio, write_results
+from bench_search_latency import cpp_search_us
 from opqn_ext import index as index_module
 from opqn_ext import soft_quantize
 from opqn_ext.index import OPQNIndex
@@ -55,8 +60,9 @@ def check(ours, brute, theirs, threshold):
             assert abs(score - threshold) <= 1e-5, f"FAISS and opqn_ext disagree on item {item} ({score})"
 
 
-def measure(head, n: int, rows: list) -> None:
-    """Times the three range searches on ``n`` random codes, appending a row per (nq, target)."""
+def measure(head, n: int, rows: list, program) -> None:
+    """Times the three range searches (and the C++ one where ``program`` is the C++ timing program)
+    on ``n`` random codes, appending a row per (nq, target)."""
     index = OPQNIndex.from_head(head)
     g = torch.Generator().manual_seed(n)
     index.add_codes(torch.randint(0, K, (n, M), dtype=torch.uint8, generator=g), ids=torch.arange(n))
@@ -79,25 +85,33 @@ def measure(head, n: int, rows: list) -> None:
             row = {"N": n, "nq": nq, "found_per_query": found, "ours_ms": t_ours * 1e3,
                    "every_score_ms": t_all * 1e3, "faiss_ms": t_faiss * 1e3 if t_faiss else None,
                    "x_every_score": t_all / t_ours, "x_faiss": ratio(t_faiss, t_ours)}
+            cpp = ""
+            if program:
+                row["cpp_ms"] = cpp_search_us(program, index, queries, 1, repeats, ours[2][:int(ours[0][1])],
+                                              f"range={threshold!r}") / 1e3
+                cpp = f" {row['cpp_ms']:>8.2f}"
             rows.append(row)
             print(f"{n:>9} {nq:>4} {found:>8.0f} | {row['ours_ms']:>8.2f} {row['every_score_ms']:>9.2f} "
-                  f"{cell(row['faiss_ms'], 9, 1)} | {row['x_every_score']:>8.2f} {cell(row['x_faiss'], 8, 1)}",
+                  f"{cell(row['faiss_ms'], 9, 1)}{cpp} | {row['x_every_score']:>8.2f} {cell(row['x_faiss'], 8, 1)}",
                   flush=True)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    parser.add_argument("--cpp", metavar="PREFIX", help="an installed opqn_ext C++ library: time its range_search too")
     parser.add_argument("--json")
     args = parser.parse_args()
+    program = cpp_programs.build(args.cpp) / "time_index_search" if args.cpp else None
     threads = torch.get_num_threads()
     faiss.omp_set_num_threads(threads)
     head = OrthoPQHead(D, 5, M, K, seed=0)
     rows: list = []
-    print(f"{'N':>9} {'nq':>4} {'found/q':>8} | {'ours ms':>8} {'scores ms':>9} {'faiss ms':>9} | "
+    print(f"{'N':>9} {'nq':>4} {'found/q':>8} | {'ours ms':>8} {'scores ms':>9} {'faiss ms':>9}"
+          f"{'   C++ ms' if program else ''} | "
           f"{'x scores':>8} {'x faiss':>8}")
     for n in args.sizes:
-        measure(head, n, rows)
+        measure(head, n, rows, program)
     write_results(args.json, "range_search.json", {
         "machine": f"{platform.machine()} CPU, {threads} threads, FAISS {faiss.__version__}", "rows": rows})
 

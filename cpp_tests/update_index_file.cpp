@@ -7,7 +7,8 @@
 // add; for a removal, contains(ids) and labels_of(ids) before it and the count removed. Then two
 // copies of the index each add a row: each must keep its own; and a copy adds two rows: the second
 // must go into the room the first made; and two threads save at once to one path: each save must
-// succeed. An error goes to stderr as "error: <message>" with exit status 1.
+// succeed; and (K <= 16) fast-scan searches of a changing index must give those of its copies. An
+// error goes to stderr as "error: <message>" with exit status 1.
 #include <atomic>
 #include <filesystem>
 #include <iostream>
@@ -16,7 +17,11 @@
 #include <thread>
 #include <vector>
 
+#include <ATen/ops/equal.h>
 #include <ATen/ops/full.h>
+#include <ATen/ops/rand.h>
+#include <ATen/ops/randint.h>
+#include <ATen/ops/tensor.h>
 #include <opqn_ext/index.h>
 
 #include "pickled_files.h"
@@ -80,6 +85,39 @@ bool saves_at_once_succeed(const opqn_ext::Index& index, const std::string& path
   return failed == 0 && (size == index.size() || size == larger.size());
 }
 
+// Whether fast-scan searches of a copy of `index` as it changes (rows appended a few at a time,
+// rows sorted in, rows removed) each give what a copy of it then gives, which packs its codes anew:
+// the 4-bit layout an index keeps and extends follows its codes. Every item's score is compared.
+bool packed_layout_follows_the_codes(const opqn_ext::Index& index) {
+  const int64_t M = index.codes.size(1), K = index.codebook.size(2);
+  opqn_ext::Index changing = index;
+  const at::Tensor tables = at::rand({3, M, K}).to(index.codes.device());
+  opqn_ext::SearchOptions fast;
+  fast.fast_scan = true;
+  auto agrees = [&] {
+    if (changing.size() == 0) return true;
+    const auto [scores, ids] = changing.search_luts(tables, changing.size(), fast);
+    const opqn_ext::Index fresh = changing;
+    const auto [fresh_scores, fresh_ids] = fresh.search_luts(tables, changing.size(), fast);
+    return at::equal(scores, fresh_scores) && at::equal(ids, fresh_ids);
+  };
+  const at::Tensor rows = at::randint(0, K, {45, M}, at::kByte).to(index.codes.device());
+  bool same = agrees();
+  for (const int64_t step : {1, 7, 33, 4}) {
+    changing.add_codes(rows.narrow(0, 0, step));
+    same = agrees() && same;
+  }
+  const int64_t last = changing.ids[-1].item<int64_t>();
+  changing.add_codes(rows.narrow(0, 0, 2), at::tensor({last + 9, last + 3}));  // not increasing: sorted in
+  same = agrees() && same;
+  changing.add_codes(rows.narrow(0, 0, 5));
+  same = agrees() && same;
+  changing.remove(changing.ids.narrow(0, 0, 3));
+  same = agrees() && same;
+  changing.add_codes(rows.narrow(0, 0, 6));
+  return agrees() && same;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -112,6 +150,10 @@ int main(int argc, char** argv) {
     }
     if (!saves_at_once_succeed(index, std::string(argv[3]) + ".at-once")) {
       std::cerr << "error: saves from two threads to one path failed\n";
+      return 1;
+    }
+    if (index.codebook.size(2) <= 16 && !packed_layout_follows_the_codes(index)) {
+      std::cerr << "error: a fast-scan search of a changed index differs from that of its copy\n";
       return 1;
     }
     if (!appends_in_place(index)) {

@@ -171,17 +171,22 @@ def test_opqn_export_names_the_formats_it_writes(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def index_file_search(programs, tmp_path_factory):
-    """search_index_file(index_path, queries, k, device, mapped) -> (scores, ids, tables) from the C++
-    program (`mapped`: the index loaded with its per-item arrays mapped), or its error message (a str)."""
+    """search_index_file(index_path, queries, k, device, mapped, options, subset) -> (scores, ids, tables)
+    from the C++ program (`mapped`: the index loaded with its per-item arrays mapped; `options`: more
+    of its options, as "fast=2"; `subset`: ids to search among; with the option "range=S", (lims,
+    scores, ids) of range_search), or its error message (a str)."""
     if JSON_PREFIX is None:
         pytest.skip("the C++ index files need nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
     program = os.path.join(programs[1], "search_index_file")
     folder = tmp_path_factory.mktemp("index_file_search")
 
-    def search(path, queries, k, device="cpu", mapped=False):
+    def search(path, queries, k, device="cpu", mapped=False, options=(), subset=None):
         torch.save(queries, folder / "queries.pt")
+        if subset is not None:
+            torch.save(subset, folder / "subset.pt")
+            options = (*options, f"subset={folder / 'subset.pt'}")
         done = subprocess.run([program, str(path), str(folder / "queries.pt"), str(k), str(folder / "out.pt"), device,
-                               *(["map"] if mapped else [])], capture_output=True, text=True)
+                               *(["map"] if mapped else []), *options], capture_output=True, text=True)
         if done.returncode == 1 and done.stderr.startswith("error: "):
             return done.stderr[len("error: "):].strip()
         assert done.returncode == 0, done.stdout + done.stderr
@@ -219,6 +224,56 @@ def test_an_index_file_searched_in_cpp_gives_the_python_results(index_file_searc
         torch.testing.assert_close(tables, index.query_lut(queries), rtol=1e-6, atol=1e-7)
     else:  # the soft_quantize kernel's probabilities, as in Python
         assert torch.equal(tables, index.query_lut(queries))
+
+
+def test_cpp_searches_among_subsets_of_4_bit_codes_and_tables_as_python_does(index_file_search, tmp_path):
+    index, path, queries = gallery(tmp_path, items=700)
+    subset = torch.cat([index.ids[::3], torch.tensor([2, 4, 10**9])])  # 2, 4, 10**9: ids it lacks, ignored
+    luts = index.query_lut(queries)
+    for k in (1, 10, 240):  # 240: more than the subset's 234 items
+        for fast, rerank in ((False, 2), (True, 1), (True, 3)):
+            want = index.search(queries, k, fast_scan=fast, rerank=rerank)
+            options = [f"fast={rerank}"] if fast else []
+            for more in ([], ["batch=3"], ["luts"]):
+                scores, ids, _ = index_file_search(path, luts if "luts" in more else queries, k,
+                                                   options=options + more)
+                assert torch.equal(ids, want[1]) and torch.equal(scores, want[0]), (k, fast, rerank, more)
+            want = index.search(queries, k, fast_scan=fast, rerank=rerank, subset=subset)
+            for more in ([], ["restricted"], ["luts"]):
+                scores, ids, _ = index_file_search(path, luts if "luts" in more else queries, k,
+                                                   options=options + more, subset=subset)
+                assert torch.equal(ids, want[1]) and torch.equal(scores, want[0]), (k, fast, rerank, more)
+
+
+@pytest.mark.parametrize("num_words", [16, 256])
+def test_cpp_range_search_gives_the_python_ranges(index_file_search, tmp_path, num_words):
+    index, path, queries = gallery(tmp_path, items=2500, num_words=num_words)
+    queries = torch.cat([queries, index.reconstruct(index.ids[:3])])  # queries that match items well
+    scores = index.search(queries, 2500)[0]
+    # thresholds that leave ~0, ~50, ~1000 (growing top-k scans) and every item (every score computed)
+    for min_score in (float(scores[:, 0].max()) + 1, float(scores[:, 50].median()), float(scores[:, 1000].median()),
+                      float(scores.min()), float("-inf")):
+        for subset in (None, index.ids[5:2000:2]):
+            want = index.range_search(queries, min_score, subset=subset)
+            got = index_file_search(path, queries, 1, options=[f"range={min_score!r}"], subset=subset)
+            assert all(torch.equal(g, w) for g, w in zip(got, want)), (min_score, subset is None)
+            assert int(got[0][-1]) == len(got[1])
+    assert index_file_search(path, queries, 1, options=["range=-inf"])[0].diff().eq(2500).all()
+
+
+def test_the_cpp_search_options_are_checked(index_file_search, tmp_path):
+    _, path, queries = gallery(tmp_path, items=40, num_words=256)
+    assert "fast_scan needs K <= 16 codes; this index has K=256" in index_file_search(path, queries, 2, options=["fast=2"])
+    _, path, queries = gallery(tmp_path, items=40)
+    assert "batch_size must be >= 1, got 0" in index_file_search(path, queries, 2, options=["batch=0"])
+    assert "luts must be [nq, 4, 16], got [7, 4, 15]" in index_file_search(path, torch.rand(7, 4, 15), 2,
+                                                                               options=["luts"])
+    assert "subset must be integers, got Float" in index_file_search(path, queries, 2, subset=torch.rand(3))
+    assert "min_score must be a number, got nan" in index_file_search(path, queries, 2, options=["range=nan"])
+    queries[2, 0] = float("inf")
+    for options in (["range=0.5"], ["fast=2"]):
+        assert "queries rows [2] give tables that are not finite" in index_file_search(path, queries, 2,
+                                                                                      options=options)
 
 
 @pytest.mark.skipif(not (CUDA and torch.cuda.is_available()), reason="the library's CUDA kernels and a GPU")

@@ -10,14 +10,11 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/cat.h>
-#include <ATen/ops/empty.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/nonzero.h>
-#include <ATen/ops/searchsorted.h>
 #include <ATen/ops/unique_dim.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 
 #include "index_format.h"
@@ -26,23 +23,11 @@
 namespace opqn_ext {
 namespace {
 
-constexpr int64_t kEncodeBatch = 65536;  // rows encoded at a time (OPQNIndex.add's batch_size)
+using index_format::append_rows;
+using index_format::find;
+using index_format::integer_ids;
 
-// `current ++ rows`, kept as a prefix of `room`: rows go into room's spare rows; where there are too
-// few, or `current` is not room's prefix, a new room with half as many rows again takes over.
-at::Tensor append_rows(const at::Tensor& current, at::Tensor& room, const at::Tensor& rows) {
-  const int64_t n = current.size(0), need = n + rows.size(0);
-  const bool fits = room.defined() && room.device() == current.device() && need <= room.size(0) &&
-                    (n == 0 || current.data_ptr() == room.data_ptr());
-  if (!fits) {
-    std::vector<int64_t> shape = current.sizes().vec();
-    shape[0] = n == 0 ? need : std::max(need, n + n / 2);
-    room = at::empty(shape, current.options());
-    room.narrow(0, 0, n).copy_(current);
-  }
-  room.narrow(0, n, rows.size(0)).copy_(rows);
-  return room.narrow(0, 0, need);
-}
+constexpr int64_t kEncodeBatch = 65536;  // rows encoded at a time (OPQNIndex.add's batch_size)
 
 // `values` [n] of any integer dtype as int64 on the CPU; undefined: `otherwise`.
 at::Tensor integers(const char* name, const at::Tensor& values, int64_t n, at::Tensor otherwise) {
@@ -51,21 +36,6 @@ at::Tensor integers(const char* name, const at::Tensor& values, int64_t n, at::T
                   (n == 0 || (at::isIntegralType(values.scalar_type(), false))),
               name, " must be ", n, " integers, got ", values.scalar_type(), " ", values.sizes());
   return values.to(at::kCPU, at::kLong).contiguous();
-}
-
-// Any-shape `ids` of an integer dtype as int64 [n] on the CPU.
-at::Tensor integer_ids(const at::Tensor& ids) {
-  TORCH_CHECK(ids.numel() == 0 || at::isIntegralType(ids.scalar_type(), false), "ids must be integers, got ",
-              ids.scalar_type());
-  return ids.to(at::kCPU, at::kLong).reshape(-1).contiguous();
-}
-
-// (positions, whether found) of `ids` [n] int64 in `held` [N] (sorted); positions of ids not found
-// are any valid position (0 where nothing is held).
-std::pair<at::Tensor, at::Tensor> find(const at::Tensor& held, const at::Tensor& ids) {
-  if (held.size(0) == 0) return {at::zeros_like(ids), at::zeros_like(ids, at::kBool)};
-  const at::Tensor pos = at::searchsorted(held, ids).clamp_max(held.size(0) - 1);
-  return {pos, held.index_select(0, pos).eq(ids)};
 }
 
 bool increasing(const at::Tensor& ids) {  // ids [n] int64 on the CPU
@@ -150,6 +120,7 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
   at::Tensor all_codes = append_rows(codes, room_.codes, new_codes.to(codes.device()));
   at::Tensor all_ids = append_rows(this->ids, room_.ids, new_ids);
   at::Tensor all_labels = append_rows(this->labels, room_.labels, new_labels);
+  if (in_order) packed_follows(codes, all_codes);  // the packed layout still describes their first rows
   codes = std::move(all_codes);
   this->ids = std::move(all_ids);
   this->labels = std::move(all_labels);

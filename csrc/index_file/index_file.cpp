@@ -1,4 +1,4 @@
-// opqn_ext/index.h: reading index files, and search, in the C++ library. The file layout is
+// opqn_ext/index.h: reading index files in the C++ library. The file layout is
 // safetensors (8 bytes of little-endian header length, a JSON header naming each array's dtype,
 // shape and byte range, then the data); its metadata entry "opqn_index" is our own JSON header
 // (format, version, sizes, query scale, codebook kind, each array's CRC-32). Every check of
@@ -12,7 +12,6 @@
 #include <cerrno>
 #include <cstring>
 #include <fstream>
-#include <limits>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -22,13 +21,9 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#include <ATen/ops/bmm.h>
-#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
-#include <ATen/ops/take.h>
 #include <c10/core/ScalarType.h>
 #include <c10/util/Exception.h>
 #include <c10/util/StringUtil.h>
@@ -81,15 +76,6 @@ std::shared_ptr<void> map_file(const std::string& path, int64_t size) {
   ::close(fd);  // the mapping stays
   TORCH_CHECK(base != MAP_FAILED, path, ": cannot map the index file (", std::strerror(error), ")");
   return {base, [size](void* p) { ::munmap(p, static_cast<size_t>(size)); }};
-}
-
-// An error naming the queries whose tables [nq, M, K] hold NaN or infinities, if any: the scan
-// makes the check itself, so it is looked for only where there is no scan or the scan refused them.
-void check_finite_tables(const at::Tensor& tables) {
-  const at::Tensor bad = rows_not_finite(tables);
-  TORCH_CHECK(bad.size(0) == 0, "queries ", rows_of(bad),
-              " give tables that are not finite: NaN or infinite features, or values so large that a sub-vector's "
-              "products with the weights or its squared norm overflow float32");
 }
 
 }  // namespace
@@ -193,38 +179,6 @@ Index Index::to(const c10::Device& device) const {
   moved.assign_weight = assign_weight.to(device);
   moved.codebook = codebook.to(device);
   return moved;
-}
-
-at::Tensor Index::query_lut(const at::Tensor& features) const {
-  const int64_t M = codes.size(1), D = M * codebook.size(1);
-  TORCH_CHECK(features.dim() == 2 && features.size(1) == D, "queries must be [nq, ", D, "], got ", features.sizes());
-  const at::Tensor queries = features.to(codebook.device(), at::kFloat);
-  const SoftQuantizeResult sq = soft_quantize(queries, assign_weight, codebook, query_scale, true);
-  if (orthonormal) return sq.probs;
-  return at::bmm(sq.quantized.transpose(0, 1), codebook).transpose(0, 1).contiguous();  // [nq, M, K]
-}
-
-std::tuple<at::Tensor, at::Tensor> Index::search(const at::Tensor& features, int64_t k) const {
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  const at::Tensor tables = query_lut(features);  // [nq, M, K]
-  const int64_t nq = tables.size(0), found = std::min(k, size());
-  if (nq == 0) return {at::empty({0, k}, at::kFloat), at::empty({0, k}, at::kLong)};
-  at::Tensor scores = at::empty({nq, 0}, at::kFloat), found_ids = at::empty({nq, 0}, at::kLong);
-  if (found == 0) {
-    check_finite_tables(tables);  // nothing to scan: the tables are only checked
-  } else {
-    try {
-      auto [top, pos] = adc_topk(tables, codes, found);
-      scores = top.cpu();
-      found_ids = at::take(ids, pos.cpu());
-    } catch (const c10::Error&) {
-      check_finite_tables(tables);  // the scan refuses such tables: this names the queries
-      throw;
-    }
-  }
-  if (found == k) return {scores, found_ids};
-  return {at::cat({scores, at::full({nq, k - found}, -std::numeric_limits<float>::infinity(), at::kFloat)}, 1),
-          at::cat({found_ids, at::full({nq, k - found}, kNoId, at::kLong)}, 1)};
 }
 
 }  // namespace opqn_ext

@@ -1,11 +1,15 @@
 #include "index_format.h"
 
 #include <algorithm>
+#include <vector>
 
 #include <ATen/ops/bmm.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/eye.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/nonzero.h>
+#include <ATen/ops/searchsorted.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
 #include <zlib.h>
 
@@ -45,6 +49,32 @@ nlohmann::json settings_object(const std::string& settings) {
   }
   TORCH_CHECK(parsed.is_object(), "settings must be the text of a JSON object, got ", settings);
   return parsed;
+}
+
+at::Tensor append_rows(const at::Tensor& current, at::Tensor& room, const at::Tensor& rows) {
+  const int64_t n = current.size(0), need = n + rows.size(0);
+  const bool fits = room.defined() && room.device() == current.device() && need <= room.size(0) &&
+                    (n == 0 || current.data_ptr() == room.data_ptr());
+  if (!fits) {
+    std::vector<int64_t> shape = current.sizes().vec();
+    shape[0] = n == 0 ? need : std::max(need, n + n / 2);
+    room = at::empty(shape, current.options());
+    room.narrow(0, 0, n).copy_(current);
+  }
+  room.narrow(0, n, rows.size(0)).copy_(rows);
+  return room.narrow(0, 0, need);
+}
+
+at::Tensor integer_ids(const at::Tensor& ids, const char* name) {
+  TORCH_CHECK(ids.numel() == 0 || at::isIntegralType(ids.scalar_type(), false), name, " must be integers, got ",
+              ids.scalar_type());
+  return ids.to(at::kCPU, at::kLong).reshape(-1).contiguous();
+}
+
+std::pair<at::Tensor, at::Tensor> find(const at::Tensor& held, const at::Tensor& ids) {
+  if (held.size(0) == 0) return {at::zeros_like(ids), at::zeros_like(ids, at::kBool)};
+  const at::Tensor pos = at::searchsorted(held, ids).clamp_max(held.size(0) - 1);
+  return {pos, held.index_select(0, pos).eq(ids)};
 }
 
 at::Tensor rows_not_finite(const at::Tensor& values) {

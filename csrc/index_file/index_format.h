@@ -1,10 +1,11 @@
-// What the index-file code (index_file.cpp: load and search; index_add.cpp; index_save.cpp) shares:
+// What the index-file code (index_file.cpp: load; index_search.cpp; index_add.cpp; index_save.cpp) shares:
 // the file format's names and arrays, and the checks OPQNIndex makes in Python (opqn_ext/index.py).
 #pragma once
 
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <utility>
 
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
@@ -53,6 +54,17 @@ std::string list_of(const at::Tensor& values);
 
 // "rows [3, 7]" of row numbers [n], as the Python index names them.
 inline std::string rows_of(const at::Tensor& rows) { return "rows " + list_of(rows); }
+
+// `current ++ rows`, kept as a prefix of `room`: rows go into room's spare rows; where there are too
+// few, or `current` is not room's prefix, a new room with half as many rows again takes over.
+at::Tensor append_rows(const at::Tensor& current, at::Tensor& room, const at::Tensor& rows);
+
+// Any-shape `ids` of an integer dtype as int64 [n] on the CPU, or an error naming `name`.
+at::Tensor integer_ids(const at::Tensor& ids, const char* name = "ids");
+
+// (positions, whether found) of `ids` [n] int64 in `held` [N] (sorted); positions of ids not found
+// are any valid position (0 where nothing is held).
+std::pair<at::Tensor, at::Tensor> find(const at::Tensor& held, const at::Tensor& ids);
 
 // The rows [n] of values [n, ...] that hold NaN or infinite values.
 at::Tensor rows_not_finite(const at::Tensor& values);

@@ -1,13 +1,16 @@
 // Index files for C++ programs (libtorch, no Python): read what OPQNIndex.save wrote (format
 // "opqn-index", version 1: a safetensors file whose metadata holds the index header), search it as
-// OPQNIndex.search does, with the same kernels, so the results are the Python index's, bit for
-// bit; add items as OPQNIndex.add does and save files that OPQNIndex.load reads. Part of
-// opqn_ext_ops where CMake found nlohmann/json.hpp and zlib (OPQN_WITH_INDEX_FILES); then
-// OPQN_EXT_INDEX_FILES is defined for programs linking opqn_ext::opqn_ext_ops. Every problem (a
-// missing, truncated or corrupted file, bad queries or items) throws c10::Error saying what.
+// OPQNIndex.search, search_luts and range_search do (the 4-bit scan and subsets too), with the same
+// kernels, so the results are the Python index's, bit for bit; add items as OPQNIndex.add does and
+// save files that OPQNIndex.load reads. Part of opqn_ext_ops where CMake found nlohmann/json.hpp
+// and zlib (OPQN_WITH_INDEX_FILES); then OPQN_EXT_INDEX_FILES is defined for programs linking
+// opqn_ext::opqn_ext_ops. Every problem (a missing, truncated or corrupted file, bad queries or
+// items) throws c10::Error saying what.
 #pragma once
 
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -21,6 +24,27 @@ namespace opqn_ext {
 
 // The id that search returns where fewer than k items exist (FAISS's -1); no item has it.
 inline constexpr int64_t kNoId = -1;
+
+// How Index::search scans (OPQNIndex.search's keyword arguments).
+struct SearchOptions {
+  // Ids of the items to search among (any shape, any integer dtype; ids the index lacks are
+  // ignored), as FAISS's ID selector; undefined: every item. Their codes are gathered and scanned.
+  at::Tensor subset;
+  // K <= 16: the 4-bit scan (adc_topk4) of the codes' packed layout, which the index keeps and
+  // extends as items are appended. On the CPU the top rerank * k approximate (8-bit table) scores
+  // are re-scored exactly; on CUDA the packed codes are scanned exactly.
+  bool fast_scan = false;
+  int64_t rerank = 2;
+  int64_t batch_size = 4096;  // queries whose tables are made and scanned at a time (bounded memory)
+};
+
+// Every item at or above a score for each query, as FAISS returns ranges: query q's results are
+// scores[lims[q]:lims[q + 1]] (descending, ties to the smaller id) and the ids beside them.
+struct RangeResult {
+  at::Tensor lims;    // [nq + 1] int64
+  at::Tensor scores;  // [lims[nq]] float32
+  at::Tensor ids;     // [lims[nq]] int64
+};
 
 // Const methods may run at once from several threads; add, remove and save need the index alone.
 struct OPQN_EXT_API Index {
@@ -80,8 +104,25 @@ struct OPQN_EXT_API Index {
   at::Tensor labels_of(const at::Tensor& ids) const;
 
   // Top-k of feature queries [nq, M*d], k >= 1: (scores [nq, k] float32 descending, ids [nq, k]
-  // int64), ties to the smaller id; places beyond the items hold score -inf and id kNoId.
-  std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& features, int64_t k) const;
+  // int64), ties to the smaller id; places beyond the items searched hold score -inf and id kNoId.
+  std::tuple<at::Tensor, at::Tensor> search(const at::Tensor& features, int64_t k,
+                                            const SearchOptions& options = {}) const;
+
+  // Top-k of precomputed query tables [nq, M, K] (any floating dtype, cast to float32).
+  std::tuple<at::Tensor, at::Tensor> search_luts(const at::Tensor& luts, int64_t k,
+                                                 const SearchOptions& options = {}) const;
+
+  // Every item scoring at least `min_score` for each feature query [nq, M*d] (open-set
+  // identification), among the ids of `subset` if defined (as SearchOptions::subset), with
+  // OPQNIndex.range_search's results: a top-64 scan holds all of a query's results when its last
+  // score is below min_score; queries whose top-k is full get scans of 16 times larger k, up to
+  // 1024; every score is computed for those still full, `batch_bytes` of scores at a time.
+  RangeResult range_search(const at::Tensor& features, double min_score, const at::Tensor& subset = {},
+                           int64_t batch_bytes = int64_t(64) << 20) const;
+
+  // A new index of the items whose ids are in `ids` (others ignored), with this index's model and
+  // settings: for many searches among one large subset.
+  Index restricted(const at::Tensor& ids) const;
 
  private:
   // The arrays codes, ids and labels are prefixes of after an append, with room for more rows. A
@@ -98,6 +139,38 @@ struct OPQN_EXT_API Index {
     AppendRoom& operator=(AppendRoom&&) = default;
   };
   AppendRoom room_;
+
+  // The 4-bit layout of the codes for fast_scan, made on the first such search and extended by
+  // later ones over the codes appended since (its whole blocks of 32 codes kept). It describes the
+  // codes array it was made from (known by its storage, held weakly so that it is freed with the
+  // codes) while that array only grows; another array is packed anew. A copy of an index starts
+  // without one (the layout's spare rows are never shared).
+  struct PackedCache {
+    struct Layout {
+      std::shared_ptr<const PackedCodes4> packed;
+      c10::weak_intrusive_ptr<c10::StorageImpl> source{c10::intrusive_ptr<c10::StorageImpl>()};
+      const void* source_data = nullptr;
+      at::Tensor room;  // [blocks, ceil(M/2), 32] uint8: packed->data is its prefix
+    };
+    std::mutex mutex;
+    Layout layout;
+    PackedCache() = default;
+    PackedCache(const PackedCache&) {}
+    PackedCache& operator=(const PackedCache&) {
+      std::lock_guard<std::mutex> lock(mutex);
+      layout = Layout();
+      return *this;
+    }
+  };
+  mutable PackedCache packed_;
+
+  // The packed layout of the codes (made or extended here).
+  std::shared_ptr<const PackedCodes4> packed_codes() const;
+  // After an append: the layout made from `before` describes the first rows of `after`.
+  void packed_follows(const at::Tensor& before, const at::Tensor& after);
+  // search and search_luts: top-k of feature queries or of tables.
+  std::tuple<at::Tensor, at::Tensor> scan(const at::Tensor& luts_or_features, bool features, int64_t k,
+                                          const SearchOptions& options) const;
 };
 
 }  // namespace opqn_ext
