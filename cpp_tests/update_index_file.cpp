@@ -87,7 +87,8 @@ bool saves_at_once_succeed(const opqn_ext::Index& index, const std::string& path
 
 // Whether fast-scan searches of a copy of `index` as it changes (rows appended a few at a time,
 // rows sorted in, rows removed) each give what a copy of it then gives, which packs its codes anew:
-// the 4-bit layout an index keeps and extends follows its codes. Every item's score is compared.
+// the 4-bit layout an index keeps and extends follows its codes. Every item's score is compared;
+// last, two threads search at once.
 bool packed_layout_follows_the_codes(const opqn_ext::Index& index) {
   const int64_t M = index.codes.size(1), K = index.codebook.size(2);
   opqn_ext::Index changing = index;
@@ -115,7 +116,17 @@ bool packed_layout_follows_the_codes(const opqn_ext::Index& index) {
   changing.remove(changing.ids.narrow(0, 0, 3));
   same = agrees() && same;
   changing.add_codes(rows.narrow(0, 0, 6));
-  return agrees() && same;
+  same = agrees() && same;
+  // two threads at once on a layout that is to be extended: one extends it, the other waits for it
+  changing.add_codes(rows.narrow(0, 0, 3));
+  const opqn_ext::Index fresh = changing;
+  const at::Tensor want = std::get<1>(fresh.search_luts(tables, changing.size(), fast));
+  std::atomic<int> differ{0};
+  auto search = [&] { differ += !at::equal(std::get<1>(changing.search_luts(tables, changing.size(), fast)), want); };
+  std::thread first(search), second(search);
+  first.join();
+  second.join();
+  return differ == 0 && same;
 }
 
 }  // namespace

@@ -280,9 +280,18 @@ def test_the_cpp_search_options_are_checked(index_file_search, tmp_path):
 def test_an_index_file_searched_on_cuda_in_cpp_gives_the_python_results(index_file_search, tmp_path):
     index, path, queries = gallery(tmp_path)
     scores, ids, tables = index_file_search(path, queries, 10, "cuda")
-    want_scores, want_ids = index.to("cuda").search(queries, 10)
+    on_cuda = index.to("cuda")
+    want_scores, want_ids = on_cuda.search(queries, 10)
     assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores)
     torch.testing.assert_close(tables, index.query_lut(queries).cpu(), rtol=1e-6, atol=1e-7)
+    subset = index.ids[::3]
+    for options, fast, sub in ((["fast=2"], True, None), ([], False, subset), (["fast=2"], True, subset)):
+        scores, ids, _ = index_file_search(path, queries, 10, "cuda", options=options, subset=sub)
+        want_scores, want_ids = on_cuda.search(queries, 10, fast_scan=fast, subset=sub)
+        assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores), options
+    min_score = float(on_cuda.search(queries, 40)[0][:, -1].median())
+    got = index_file_search(path, queries, 1, "cuda", options=[f"range={min_score!r}"])
+    assert all(torch.equal(g, w) for g, w in zip(got, on_cuda.range_search(queries, min_score)))
 
 
 def test_an_empty_index_file_gives_padding_and_empty_queries_give_nothing(index_file_search, tmp_path):
