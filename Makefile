@@ -68,7 +68,7 @@ SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-fra
 SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_topk_heap.py test_rank_stats.py test_encode.py test_soft_quantize.py \
 	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py test_adc_gradients.py test_autocast.py \
 	test_cuda_emulator.py test_cuda_kernels_emulated.py
-SANITIZE_CPP_TESTS := (cpp_api or index_file or cpp_reader or in_cpp or cpp_index or cpp_search or cpp_range) and not aot
+SANITIZE_CPP_TESTS := (cpp_api or index_file or cpp_reader or in_cpp or cpp_index or cpp_search or cpp_range or merged_in_cpp) and not aot
 sanitize: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	cp -r setup.py pyproject.toml csrc python_tests $(ASAN_DIR)/

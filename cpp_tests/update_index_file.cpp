@@ -2,9 +2,11 @@
 // with "map" its per-item arrays mapped; or a torch.save file ending in .pt holding a model
 // (assign_weight, codebook, query_scale, settings, orthonormal or None) for Index::create), on DEVICE
 // (default cpu), takes each step of BATCHES (a torch.save file of a list of (values, ids or None,
-// labels or None): float features for add, uint8 codes for add_codes, None to remove the ids), is
-// saved to OUTPUT, and what each step gave goes to RESULTS (readable by torch.load): the ids of an
-// add; for a removal, contains(ids) and labels_of(ids) before it and the count removed. Then two
+// labels or None): float features for add, uint8 codes for add_codes, None to remove the ids; or
+// ("merge", index file, id offset) for merge_from, ("reconstruct", ids, None)), is saved to
+// OUTPUT, and what each step gave goes to RESULTS (readable by torch.load): the ids of an add or a
+// merge, the vectors reconstructed; for a removal, contains(ids) and labels_of(ids) before it and
+// the count removed. Then two
 // copies of the index each add a row: each must keep its own; and a copy adds two rows: the second
 // must go into the room the first made; and two threads save at once to one path: each save must
 // succeed; and (K <= 16) fast-scan searches of a changing index must give those of its copies. An
@@ -142,6 +144,14 @@ int main(int argc, char** argv) {
     std::vector<c10::IValue> given;
     for (const c10::IValue& batch : batches.toListRef()) {
       const auto parts = batch.toTupleRef().elements();
+      if (parts[0].isString() && parts[0].toStringRef() == "merge") {
+        given.emplace_back(index.merge_from(opqn_ext::Index::load(parts[1].toStringRef()), parts[2].toInt()));
+        continue;
+      }
+      if (parts[0].isString() && parts[0].toStringRef() == "reconstruct") {
+        given.emplace_back(index.reconstruct(parts[1].toTensor()).cpu());
+        continue;
+      }
       const at::Tensor values = optional_tensor(parts[0]), ids = optional_tensor(parts[1]);
       const at::Tensor labels = optional_tensor(parts[2]);
       if (!values.defined()) {

@@ -410,10 +410,10 @@ class OPQNIndex:
         if (other.num_books, other.dim, other.num_words) != (self.num_books, self.dim, self.num_words):
             return (f"its codes are M={other.num_books} books of K={other.num_words} words (d={other.dim}), "
                     f"not M={self.num_books}, K={self.num_words} (d={self.dim})")
-        for what, mine, theirs in (("assignment weights", self.assign_weight, other.assign_weight),
-                                   ("codebook", self.codebook, other.codebook)):
+        for what, mine, theirs in (("assignment weights differ", self.assign_weight, other.assign_weight),
+                                   ("codebook differs", self.codebook, other.codebook)):
             if not torch.equal(mine.cpu(), theirs.cpu()):
-                return f"its {what} differ (another model made its codes)"
+                return f"its {what} (another model made its codes)"
         if other.query_scale != self.query_scale or other.orthonormal != self.orthonormal:
             return "its query tables differ (query scale or codebook kind)"
         return ""

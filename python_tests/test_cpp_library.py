@@ -367,7 +367,9 @@ def apply_in_python(index, batches):
     """What update_index_file gives for the steps of `batches`, done by OPQNIndex."""
     given = []
     for values, ids, labels in batches:
-        if values is None:
+        if isinstance(values, str):  # ("merge", path, id offset) or ("reconstruct", ids, None)
+            given.append(index.merge_from(OPQNIndex.load(ids), labels) if values == "merge" else index.reconstruct(ids))
+        elif values is None:
             given += [index.contains(ids), index.labels_of(ids), torch.tensor([index.remove(ids)])]
         else:
             given.append(index.add_codes(values, ids, labels) if values.dtype == torch.uint8
@@ -434,6 +436,45 @@ def test_an_index_saved_in_cpp_replaces_the_file_whole_and_keeps_its_permissions
     assert os.stat(fresh).st_mode & 0o777 == 0o666 & ~umask
     message = index_file_update(path, [], tmp_path / "no_such_folder" / "x.opqn")
     assert "cannot create the index file" in message and "No such file or directory" in message
+
+
+def test_indexes_merged_in_cpp_and_the_items_it_reconstructs_are_pythons(index_file_update, tmp_path):
+    index, path, _ = gallery(tmp_path, items=60)  # ids 5, 8, ..., 182
+    head = OrthoPQHead(64, 10, 4, 16, seed=0)  # gallery's model
+    g = torch.Generator().manual_seed(4)
+    parts = {}
+    for name, ids in (("after", torch.arange(20) + 500), ("between", torch.arange(20) * 3 + 6), ("none", None)):
+        part = OPQNIndex.from_head(head)
+        if ids is not None:  # 500, ...: after every id held (appended); 6, 9, ...: between them (sorted in)
+            part.add(torch.randn(20, 64, generator=g), ids=ids, labels=torch.randint(0, 9, (20,), generator=g))
+        parts[name] = str(part.save(tmp_path / f"{name}.opqn"))
+    batches = [("merge", parts["after"], 0), ("merge", parts["between"], 0), ("merge", parts["none"], 7),
+               ("merge", parts["after"], 1000), ("reconstruct", torch.tensor([[5, 506], [1512, 9]]), None),
+               (torch.randn(3, 64, generator=g), None, None)]
+    given = index_file_update(path, batches, tmp_path / "merged.opqn")
+    want = apply_in_python(index, batches)
+    assert len(given) == len(want) and all(torch.equal(a, b) for a, b in zip(given, want))
+    assert given[4].shape == (4, 64) and given[5].tolist() == [1520, 1521, 1522]
+    assert_same_index(OPQNIndex.load(tmp_path / "merged.opqn"), index)
+    (tmp_path / "wider").mkdir()
+    others = {"other": OPQNIndex.from_head(OrthoPQHead(64, 10, 4, 16, seed=1)),
+              "scaled": OPQNIndex(index.assign_weight, index.codebook, 2.0),
+              "wider": gallery(tmp_path / "wider", items=3, num_words=32)[0]}
+    parts.update({name: str(part.save(tmp_path / f"{name}.opqn")) for name, part in others.items()})
+    for steps, expected in [
+            ([("merge", parts["other"], 0)], "other cannot be merged: its assignment weights differ (another model "
+                                             "made its codes)"),
+            ([("merge", parts["scaled"], 0)], "other cannot be merged: its query tables differ (query scale or "
+                                              "codebook kind)"),
+            ([("merge", parts["wider"], 0)], "other cannot be merged: its codes are M=4 books of K=32 words (d=32), "
+                                             "not M=4, K=16 (d=16)"),
+            ([("merge", parts["between"], 0)] * 2, "other holds ids this index holds already: [6, 9, 12, 15, 18, 21, "
+                                                   "24, 27, 30, 33] and 10 more"),
+            ([("merge", parts["after"], -501)], "other's ids plus id_offset must not hold -1"),
+            ([("reconstruct", torch.tensor([5, 7, 8]), None)], "ids not in the index: [7]")]:
+        message = index_file_update(path, steps, tmp_path / "out.opqn")
+        assert isinstance(message, str) and expected in message, (expected, message)
+    assert not (tmp_path / "out.opqn").exists()
 
 
 def test_the_cpp_index_names_bad_items_and_models(index_file_update, tmp_path):

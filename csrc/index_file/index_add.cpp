@@ -1,6 +1,6 @@
-// opqn_ext/index.h: making an index, adding items to it and removing them in C++, as OPQNIndex's
-// constructor, add, add_codes, remove, contains and labels_of do in Python (opqn_ext/index.py), with the same
-// checks.
+// opqn_ext/index.h: making an index, adding items to it, merging indexes and removing items in C++,
+// as OPQNIndex's constructor, add, add_codes, merge_from, remove, contains, labels_of and
+// reconstruct do in Python (opqn_ext/index.py), with the same checks.
 #include <algorithm>
 #include <cmath>
 #include <string>
@@ -10,12 +10,15 @@
 #include <ATen/ops/arange.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/cat.h>
+#include <ATen/ops/equal.h>
 #include <ATen/ops/full.h>
 #include <ATen/ops/isfinite.h>
 #include <ATen/ops/nonzero.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/unique_dim.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
+#include <c10/util/StringUtil.h>
 
 #include "index_format.h"
 #include "opqn_ext/index.h"
@@ -115,22 +118,59 @@ at::Tensor Index::add_codes(const at::Tensor& new_codes, const at::Tensor& ids, 
     TORCH_CHECK(!clash.any().item<bool>(), "ids already in the index: ",
                 index_format::list_of(new_ids.masked_select(clash)));
   }
-  if (n == 0) return new_ids;
+  insert(new_codes, new_ids, new_labels, in_order);
+  return new_ids;
+}
+
+void Index::insert(const at::Tensor& new_codes, const at::Tensor& new_ids, const at::Tensor& new_labels,
+                   bool in_order) {
+  if (new_ids.size(0) == 0) return;
   // the three arrays change together or not at all (an allocation may fail)
   at::Tensor all_codes = append_rows(codes, room_.codes, new_codes.to(codes.device()));
-  at::Tensor all_ids = append_rows(this->ids, room_.ids, new_ids);
-  at::Tensor all_labels = append_rows(this->labels, room_.labels, new_labels);
+  at::Tensor all_ids = append_rows(ids, room_.ids, new_ids);
+  at::Tensor all_labels = append_rows(labels, room_.labels, new_labels);
   if (in_order) packed_follows(codes, all_codes);  // the packed layout still describes their first rows
   codes = std::move(all_codes);
-  this->ids = std::move(all_ids);
-  this->labels = std::move(all_labels);
+  ids = std::move(all_ids);
+  labels = std::move(all_labels);
   if (!in_order) {  // sorted by id: the scan's tie order (the smaller position first) is the smaller id's
-    const at::Tensor order = at::argsort(this->ids, /*stable=*/true);
-    this->ids = this->ids.index_select(0, order);
-    this->labels = this->labels.index_select(0, order);
+    const at::Tensor order = at::argsort(ids, /*stable=*/true);
+    ids = ids.index_select(0, order);
+    labels = labels.index_select(0, order);
     codes = codes.index_select(0, order.to(codes.device()));
     room_ = AppendRoom();
   }
+}
+
+std::string Index::model_mismatch(const Index& other) const {
+  const auto M = codes.size(1), d = codebook.size(1), K = codebook.size(2);
+  const auto other_M = other.codes.size(1), other_d = other.codebook.size(1), other_K = other.codebook.size(2);
+  if (other_M != M || other_d != d || other_K != K) {
+    return c10::str("its codes are M=", other_M, " books of K=", other_K, " words (d=", other_d, "), not M=", M,
+                    ", K=", K, " (d=", d, ")");
+  }
+  if (!at::equal(other.assign_weight.cpu(), assign_weight.cpu()))
+    return "its assignment weights differ (another model made its codes)";
+  if (!at::equal(other.codebook.cpu(), codebook.cpu())) return "its codebook differs (another model made its codes)";
+  if (other.query_scale != query_scale || other.orthonormal != orthonormal)
+    return "its query tables differ (query scale or codebook kind)";
+  return "";
+}
+
+at::Tensor Index::merge_from(const Index& other, int64_t id_offset) {
+  const std::string why = model_mismatch(other);
+  TORCH_CHECK(why.empty(), "other cannot be merged: ", why);
+  const at::Tensor new_ids = other.ids.add(id_offset);  // increasing, as every index's
+  TORCH_CHECK(!new_ids.eq(kNoId).any().item<bool>(), "other's ids plus id_offset must not hold ", kNoId,
+              ": search returns that id where fewer than k items exist (as FAISS)");
+  const int64_t n = new_ids.size(0), held = size();
+  const bool in_order = n == 0 || held == 0 || new_ids[0].item<int64_t>() > ids[held - 1].item<int64_t>();
+  if (!in_order) {
+    const at::Tensor clash = find(ids, new_ids).second;
+    TORCH_CHECK(!clash.any().item<bool>(), "other holds ids this index holds already: ",
+                index_format::list_of(new_ids.masked_select(clash)));
+  }
+  insert(other.codes, new_ids, other.labels, in_order);  // other's codes and labels are valid already
   return new_ids;
 }
 
@@ -151,6 +191,17 @@ int64_t Index::remove(const at::Tensor& ids) {
 
 at::Tensor Index::contains(const at::Tensor& ids) const {
   return find(this->ids, integer_ids(ids)).second.reshape(ids.sizes());
+}
+
+at::Tensor Index::reconstruct(const at::Tensor& wanted) const {
+  const at::Tensor asked = integer_ids(wanted);
+  const auto [pos, found] = find(ids, asked);
+  TORCH_CHECK(found.all().item<bool>(), "ids not in the index: ",
+              index_format::list_of(asked.masked_select(found.logical_not())));
+  const at::Tensor rows = codes.index_select(0, pos.to(codes.device())).to(at::kLong);  // [n, M]
+  std::vector<at::Tensor> words;  // per book [n, d]: the codewords of the items' codes
+  for (int64_t m = 0; m < codes.size(1); ++m) words.push_back(codebook[m].t().index_select(0, rows.select(1, m)));
+  return at::stack(words, 1).reshape({asked.size(0), -1});  // [n, M*d]
 }
 
 at::Tensor Index::labels_of(const at::Tensor& ids) const {

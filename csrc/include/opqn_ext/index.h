@@ -47,6 +47,8 @@ struct RangeResult {
 };
 
 // Const methods may run at once from several threads; add, remove and save need the index alone.
+// To change the arrays yourself, assign new tensors: fast-scan searches keep a packed layout of the
+// codes array, which writes into it would not reach.
 struct OPQN_EXT_API Index {
   at::Tensor codes;          // [N, M] uint8
   at::Tensor ids;            // [N] int64, strictly increasing (on the CPU)
@@ -93,6 +95,15 @@ struct OPQN_EXT_API Index {
   // index never shares them); others are sorted in.
   at::Tensor add_codes(const at::Tensor& codes, const at::Tensor& ids = {}, const at::Tensor& labels = {});
 
+  // Why the codes of `other` do not compare with this index's queries ("" when they do): its
+  // shapes, assignment weights, codebook, query scale or table kind differ.
+  std::string model_mismatch(const Index& other) const;
+
+  // Adds every item of `other` (an index of the same model) under its id plus `id_offset`, with its
+  // label (FAISS's merge_from: parts of a gallery built apart become one); returns the ids added
+  // (increasing). Another model's index, or an id held already, is refused.
+  at::Tensor merge_from(const Index& other, int64_t id_offset = 0);
+
   // Removes the items with these ids (any shape, any integer dtype); returns how many were held.
   int64_t remove(const at::Tensor& ids);
 
@@ -102,6 +113,11 @@ struct OPQN_EXT_API Index {
   // The labels of the items of `ids` (any shape, any integer dtype; int64, same shape); -1 for ids
   // not held. The labels of search results: labels_of(ids) (kNoId gives -1).
   at::Tensor labels_of(const at::Tensor& ids) const;
+
+  // The vectors [n, M*d] float32 that the items of `ids` (any shape, n in all) stand for: per book,
+  // the codeword of its code (a query's score of an item is the product of its soft-quantized
+  // sub-vectors with these). Ids not held are refused.
+  at::Tensor reconstruct(const at::Tensor& ids) const;
 
   // Top-k of feature queries [nq, M*d], k >= 1: (scores [nq, k] float32 descending, ids [nq, k]
   // int64), ties to the smaller id; places beyond the items searched hold score -inf and id kNoId.
@@ -143,8 +159,8 @@ struct OPQN_EXT_API Index {
   // The 4-bit layout of the codes for fast_scan, made on the first such search and extended by
   // later ones over the codes appended since (its whole blocks of 32 codes kept). It describes the
   // codes array it was made from (known by its storage, held weakly so that it is freed with the
-  // codes) while that array only grows; another array is packed anew. A copy of an index starts
-  // without one (the layout's spare rows are never shared).
+  // codes) while that array only grows; another array is packed anew (codes changed in place are
+  // not seen). A copy of an index starts without one (the layout's spare rows are never shared).
   struct PackedCache {
     struct Layout {
       std::shared_ptr<const PackedCodes4> packed;
@@ -164,6 +180,9 @@ struct OPQN_EXT_API Index {
   };
   mutable PackedCache packed_;
 
+  // Adds rows already checked (codes < K, ids unique and new to the index); `in_order`: the ids
+  // increase and follow every id held, so the rows are appended, not sorted in.
+  void insert(const at::Tensor& codes, const at::Tensor& ids, const at::Tensor& labels, bool in_order);
   // The packed layout of the codes (made or extended here).
   std::shared_ptr<const PackedCodes4> packed_codes() const;
   // After an append: the layout made from `before` describes the first rows of `after`.
