@@ -77,7 +77,8 @@ int main(int argc, char** argv) {
       save_pickled(argv[4], {found.lims, found.scores, found.ids});
     } else {
       const int64_t k = std::stoll(argv[3]);
-      const auto [scores, ids] = options->luts ? index.search_luts(queries, k, search) : index.search(queries, k, search);
+      const auto [scores, ids] =
+          options->luts ? index.search_luts(queries, k, search) : index.search(queries, k, search);
       save_pickled(argv[4], {scores, ids, options->luts ? queries : index.query_lut(queries).cpu()});
     }
     std::cout << "searched " << index.size() << " items (file mapped: " << (maps_file(argv[1]) ? "yes" : "no")

@@ -263,7 +263,8 @@ def test_cpp_range_search_gives_the_python_ranges(index_file_search, tmp_path, n
 
 def test_the_cpp_search_options_are_checked(index_file_search, tmp_path):
     _, path, queries = gallery(tmp_path, items=40, num_words=256)
-    assert "fast_scan needs K <= 16 codes; this index has K=256" in index_file_search(path, queries, 2, options=["fast=2"])
+    message = index_file_search(path, queries, 2, options=["fast=2"])
+    assert "fast_scan needs K <= 16 codes; this index has K=256" in message
     _, path, queries = gallery(tmp_path, items=40)
     assert "batch_size must be >= 1, got 0" in index_file_search(path, queries, 2, options=["batch=0"])
     assert "luts must be [nq, 4, 16], got [7, 4, 15]" in index_file_search(path, torch.rand(7, 4, 15), 2,

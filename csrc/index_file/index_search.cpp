@@ -192,7 +192,8 @@ RangeResult Index::range_search(const at::Tensor& features, double min_score, co
       auto [top, pos] = adc_topk(luts.index_select(0, pending.to(device)), scanned.codes, k);  // [p, k]
       top = top.cpu();
       // every item above the threshold is in the top-k
-      const at::Tensor complete = k == n ? at::full({pending.size(0)}, true, at::kBool) : top.select(1, k - 1).lt(min_score);
+      const at::Tensor complete =
+          k == n ? at::full({pending.size(0)}, true, at::kBool) : top.select(1, k - 1).lt(min_score);
       const at::Tensor hit = complete.unsqueeze(1).logical_and(top.ge(min_score));  // [p, k]
       found_q.push_back(pending.unsqueeze(1).expand(hit.sizes()).masked_select(hit));  // row-major, as the others
       found_pos.push_back(pos.cpu().masked_select(hit));
