@@ -37,6 +37,8 @@ from .safetensors_files import save_file
 FORMAT = "opqn-index"
 FORMAT_VERSION = 1
 _ARRAYS = ("codes", "ids", "labels", "assign_weight", "codebook")
+_DTYPES = {"codes": ("U8", np.uint8), "ids": ("I64", np.int64), "labels": ("I64", np.int64),
+           "assign_weight": ("F32", np.float32), "codebook": ("F32", np.float32)}  # safetensors' name, numpy's
 _PER_ITEM = ("codes", "ids", "labels")  # memory-mapped by load(mmap=True)
 _CRC_CHUNK = 64 << 20
 # range_search: the k of its first top-k scan, the factor by which k grows for queries whose top-k
@@ -597,13 +599,10 @@ class OPQNIndex:
         header, layout, data_start = _read_header(path)
         arrays: dict[str, torch.Tensor] = {}
         mapped: np.memmap | None = None
+        crcs = header.get("crc32")
         for name in _ARRAYS:
-            info = layout[name]
-            begin, end = info["data_offsets"]
-            dtype = {"U8": np.uint8, "I64": np.int64, "F32": np.float32}[info["dtype"]]
-            shape = tuple(info["shape"])
-            if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                raise IndexFileError(f"{path}: array {name} has {end - begin} bytes for shape {shape}")
+            (begin, end), shape = layout[name]["data_offsets"], tuple(layout[name]["shape"])
+            dtype = _DTYPES[name][1]
             array: np.ndarray
             if mmap and name in _PER_ITEM and end > begin:
                 file_map = np.memmap(path, dtype=dtype, mode="c", offset=data_start + begin, shape=shape)
@@ -613,12 +612,27 @@ class OPQNIndex:
                     f.seek(data_start + begin)
                     raw = f.read(end - begin)
                 array = np.frombuffer(bytearray(raw), dtype=dtype).reshape(shape)
-            if verify and _crc32(np.ascontiguousarray(array)) != header["crc32"][name]:
+            if verify and not (isinstance(crcs, dict) and _is_int(crcs.get(name))
+                               and _crc32(np.ascontiguousarray(array)) == crcs[name]):
                 raise IndexFileError(f"{path}: array {name} is corrupted (CRC-32 mismatch)")
             arrays[name] = torch.from_numpy(array)
-        index = cls(arrays["assign_weight"], arrays["codebook"], header["query_scale"], header["settings"],
-                    header.get("orthonormal"))  # a file without it: detected
-        n, M = header["num_items"], header["num_books"]
+        n = _member(path, header, "num_items", "the opqn_index header", _is_int)
+        M = _member(path, header, "num_books", "the opqn_index header", _is_int)
+        A = arrays["assign_weight"]
+        if A.dim() != 3 or A.shape != arrays["codebook"].shape or A.shape[0] != M or not 1 <= A.shape[2] <= 256:
+            raise IndexFileError(f"{path}: assign_weight and codebook must both be [M={M}, d, K <= 256], got "
+                                 f"{list(A.shape)} and {list(arrays['codebook'].shape)}")
+        if arrays["codes"].shape != (n, M) or arrays["ids"].shape != (n,) or arrays["labels"].shape != (n,):
+            raise IndexFileError(f"{path}: array shapes do not match the header ({n} items, M={M})")
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(arrays["codebook"]).all())):
+            raise IndexFileError(f"{path}: assign_weight and codebook must be finite")
+        query_scale = _member(path, header, "query_scale", "the opqn_index header", _is_number)
+        settings = header.get("settings", {})
+        if not isinstance(settings, dict):
+            raise IndexFileError(f"{path}: corrupted index file header (settings is not a JSON object)")
+        orthonormal = header.get("orthonormal")  # not a boolean (a file without it): detected
+        index = cls(arrays["assign_weight"], arrays["codebook"], query_scale, settings,
+                    orthonormal if isinstance(orthonormal, bool) else None)
         if arrays["codes"].shape != (n, M) or arrays["ids"].shape != (n,) or arrays["labels"].shape != (n,):
             raise IndexFileError(f"{path}: array shapes do not match the header ({n} items, M={M})")
         index.codes, index.ids, index.labels = arrays["codes"], arrays["ids"], arrays["labels"]
@@ -654,20 +668,55 @@ def _read_header(path: Path) -> tuple[dict, dict, int]:
         header = json.loads(meta["opqn_index"])
     except (KeyError, TypeError, json.JSONDecodeError):
         raise IndexFileError(f"{path}: not an OPQN index (no opqn_index header)") from None
-    if header.get("format") != FORMAT:
-        raise IndexFileError(f"{path}: not an OPQN index (format {header.get('format')!r})")
-    if header.get("format_version") != FORMAT_VERSION:
-        raise IndexFileError(f"{path}: index format version {header.get('format_version')} is not supported "
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise IndexFileError(f"{path}: not an OPQN index (format "
+                             f"{header.get('format') if isinstance(header, dict) else 'missing'!r})")
+    version = header.get("format_version")
+    if isinstance(version, bool) or version != FORMAT_VERSION:
+        raise IndexFileError(f"{path}: index format version {version} is not supported "
                              f"(this opqn_ext reads version {FORMAT_VERSION})")
     data_start = 8 + header_len
     for name in _ARRAYS:
         if name not in layout:
             raise IndexFileError(f"{path}: array {name} is missing")
-        end = layout[name]["data_offsets"][1]
-        if data_start + end > size:
-            raise IndexFileError(f"{path}: truncated index file (array {name} ends at byte {data_start + end}, "
-                                 f"the file has {size})")
+        offsets = _member(path, layout[name], "data_offsets", name, _are_ints)
+        shape = _member(path, layout[name], "shape", name, _are_ints)
+        dtype = _member(path, layout[name], "dtype", name, lambda v: isinstance(v, str))
+        if dtype != _DTYPES[name][0]:
+            raise IndexFileError(f"{path}: array {name} has dtype {dtype}, not {_DTYPES[name][0]}")
+        if len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+            raise IndexFileError(f"{path}: corrupted index file header (byte range of array {name})")
+        if offsets[1] > size - data_start:
+            raise IndexFileError(f"{path}: truncated index file (array {name} ends at byte {offsets[1]} of the data, "
+                                 f"which has {size - data_start})")
+        item = np.dtype(_DTYPES[name][1]).itemsize
+        # sizes whose product (zeros counted as ones) exceeds the file: an empty array of them is refused too
+        if (any(s < 0 for s in shape) or math.prod(max(s, 1) for s in shape) * item > size
+                or math.prod(shape) * item != offsets[1] - offsets[0]):
+            raise IndexFileError(f"{path}: array {name} has {offsets[1] - offsets[0]} bytes for shape {shape}")
     return header, layout, data_start
+
+
+def _is_int(value) -> bool:
+    """A JSON integer (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return _is_int(value) or isinstance(value, float)
+
+
+def _are_ints(value) -> bool:
+    return isinstance(value, list) and all(map(_is_int, value))
+
+
+def _member(path: Path, obj, key: str, where: str, holds):
+    """``obj[key]`` of a JSON header where ``holds`` it, or the IndexFileError naming the member."""
+    if not isinstance(obj, dict) or key not in obj:
+        raise IndexFileError(f"{path}: corrupted index file header ({where} has no {key})")
+    if not holds(obj[key]):
+        raise IndexFileError(f"{path}: corrupted index file header ({where} has a {key} of the wrong type)")
+    return obj[key]
 
 
 class ShardedIndex:

@@ -10,11 +10,13 @@
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cmath>
 #include <cstring>
 #include <fstream>
 #include <memory>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include <fcntl.h>
@@ -42,28 +44,38 @@ using namespace index_format;
 
 constexpr int64_t kMaxHeaderBytes = int64_t(100) << 20;
 
+// Whether a JSON value is a T: integers for int64_t (not floats, which nlohmann would truncate, nor
+// booleans), numbers for double, text for std::string, a list of integers for std::vector<int64_t>.
+template <typename T>
+bool holds(const json& value) {
+  if constexpr (std::is_same_v<T, int64_t>) return value.is_number_integer();
+  else if constexpr (std::is_same_v<T, double>) return value.is_number();
+  else if constexpr (std::is_same_v<T, std::string>) return value.is_string();
+  else return value.is_array() && std::all_of(value.begin(), value.end(), holds<int64_t>);
+}
+
 // The JSON member `key` of `object` as T, or an error naming the file and the member.
 template <typename T>
 T member(const json& object, const char* key, const std::string& path, const char* where) {
-  const auto found = object.find(key);
+  const auto found = object.find(key);  // end() where object is not an object
   TORCH_CHECK(found != object.end(), path, ": corrupted index file header (", where, " has no ", key, ")");
-  try {
-    return found->get<T>();
-  } catch (const json::exception&) {
-    C10_THROW_ERROR(Error, c10::str(path, ": corrupted index file header (", where, " has a ", key,
-                                    " of the wrong type)"));
-  }
+  TORCH_CHECK(holds<T>(*found), path, ": corrupted index file header (", where, " has a ", key, " of the wrong type)");
+  return found->get<T>();
 }
 
 // The bytes of an array of `shape` and `item_bytes` per entry, or -1 for a shape with a negative
-// size or more than `limit` bytes (a corrupted header must not make the reader allocate them).
+// size or whose sizes (zeros counted as ones) make more than `limit` bytes: a corrupted header must
+// not make the reader allocate them, nor make an empty array whose strides overflow.
 int64_t bytes_of(const std::vector<int64_t>& shape, int64_t item_bytes, int64_t limit) {
   int64_t bytes = item_bytes;
+  bool empty = false;
   for (const int64_t s : shape) {
-    if (s < 0 || (s > 0 && bytes > limit / s)) return -1;
-    bytes *= s;
+    if (s < 0) return -1;
+    empty = empty || s == 0;
+    if (s > 0 && bytes > limit / s) return -1;
+    bytes *= std::max<int64_t>(s, 1);
   }
-  return bytes;
+  return empty ? 0 : bytes;
 }
 
 // The file at `path` (`size` bytes) mapped copy-on-write: its arrays can be written without changing
@@ -123,8 +135,9 @@ Index Index::load(const std::string& path, bool verify, bool map) {
     TORCH_CHECK(dtype == spec.dtype, path, ": array ", spec.name, " has dtype ", dtype, ", not ", spec.dtype);
     TORCH_CHECK(offsets.size() == 2 && offsets[0] >= 0 && offsets[0] <= offsets[1], path,
                 ": corrupted index file header (byte range of array ", spec.name, ")");
-    TORCH_CHECK(data_start + offsets[1] <= size, path, ": truncated index file (array ", spec.name, " ends at byte ",
-                data_start + offsets[1], ", the file has ", size, ")");
+    // compared without adding to offsets[1], which a damaged header can make overflow int64
+    TORCH_CHECK(offsets[1] <= size - data_start, path, ": truncated index file (array ", spec.name,
+                " ends at byte ", offsets[1], " of the data, which has ", size - data_start, ")");
     TORCH_CHECK(bytes_of(shape, c10::elementSize(spec.type), size) == offsets[1] - offsets[0], path, ": array ",
                 spec.name, " has ", offsets[1] - offsets[0], " bytes for shape ", at::IntArrayRef(shape));
     const bool per_item = spec.name != std::string_view("assign_weight") && spec.name != std::string_view("codebook");
@@ -165,6 +178,8 @@ Index Index::load(const std::string& path, bool verify, bool map) {
     TORCH_CHECK(ids[i] != kNoId, path, ": holds an item of id ", kNoId, ", which search reserves for missing results");
   }
   index.query_scale = member<double>(header, "query_scale", path, "the opqn_index header");
+  TORCH_CHECK(std::isfinite(static_cast<float>(index.query_scale)), path,
+              ": query_scale must be finite (in float32), got ", index.query_scale);
   const json orthonormal = header.value("orthonormal", json());
   index.orthonormal = orthonormal.is_boolean() ? orthonormal.get<bool>() : is_orthonormal(index.codebook);
   const json settings = header.value("settings", json::object());
