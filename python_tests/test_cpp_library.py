@@ -9,11 +9,8 @@ OPQN_CPP_TESTS_CUDA=1 (benchmarks/gpu_check.sh) builds the library with its CUDA
 build/cpp-library-cuda, and requires the C++ API's CUDA checks to run. OPQN_CPP_TESTS_SANITIZE=FLAGS
 (make sanitize) builds the library and the programs with those compiler flags (AddressSanitizer,
 UBSan), in build/cpp-library-sanitize."""
-import copy
 import importlib.util
-import json
 import os
-import random
 import re
 import shutil
 import subprocess
@@ -26,7 +23,7 @@ from opqn_ext.file_lock import exclusive_lock
 from opqn_ext.index import OPQNIndex
 from opqn_ext.nn import OrthoPQHead
 from test_compile import Retrieval
-from test_index import flip_a_bit_in_array
+from test_index import damaged_copies, flip_a_bit_in_array
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA = os.environ.get("OPQN_CPP_TESTS_CUDA") == "1"
@@ -326,72 +323,6 @@ def test_the_cpp_reader_names_what_is_wrong(index_file_search, tmp_path):
     assert "k must be >= 1, got 0" in index_file_search(path, queries, 0)
     queries[3, 5] = float("nan")
     assert "queries rows [3] give tables that are not finite" in index_file_search(path, queries, 2)
-
-
-def damaged_copies(path, folder, seed=0):
-    """Damaged copies of the index file at `path`, written to `folder`: (file, whether the damage is
-    in the arrays' bytes, which the CRC-32 check must catch). Structured damage of the safetensors
-    header (each array's byte range, shape and dtype set to out-of-range, huge, negative and
-    mistyped values; byte ranges past the end that overflow int64 when added to the header size;
-    arrays emptied through a zero dimension) and of our header's members, truncations, and random
-    bit flips in the header text and in the arrays."""
-    raw = path.read_bytes()
-    length = int.from_bytes(raw[:8], "little")
-    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
-    ours = json.loads(header["__metadata__"]["opqn_index"])
-    rng = random.Random(seed)
-    damaged = []
-
-    def add(content, in_arrays=False):
-        file = folder / f"damaged{len(damaged)}.opqn"
-        file.write_bytes(content)
-        damaged.append((file, in_arrays))
-
-    def with_header(changed):
-        text = json.dumps(changed).encode()
-        text += b" " * (-len(text) % 8)
-        add(len(text).to_bytes(8, "little") + text + data)
-
-    values = [-1, 0, 1, 3, 2**31, 2**62, 2**63 - 1, 2**64 - 1, -2**63, 1.5, "7", None, [], {}, [[1]], True]
-    for name in ("ids", "labels", "assign_weight", "codebook", "codes"):
-        for field in ("data_offsets", "shape"):
-            for i in range(len(header[name][field])):
-                for value in values:
-                    changed = copy.deepcopy(header)
-                    changed[name][field][i] = value
-                    with_header(changed)
-            for value in (None, 3, [], [0, 0, 0], "x"):
-                changed = copy.deepcopy(header)
-                changed[name][field] = value
-                with_header(changed)
-        begin, end = header[name]["data_offsets"]
-        for offsets in ([2**63 - 1 - (end - begin), 2**63 - 1], [2**63 - 8 - (end - begin), 2**63 - 8]):
-            changed = copy.deepcopy(header)  # past the end: begin + header size overflows int64
-            changed[name]["data_offsets"] = offsets
-            with_header(changed)
-        for shape in ([0, 2**40, 2**40], [0, 2**62], [2**40, 0]):
-            changed = copy.deepcopy(header)  # no bytes, huge sizes
-            changed[name]["shape"] = shape[:max(1, len(header[name]["shape"]))]
-            changed[name]["data_offsets"] = [begin, begin]
-            with_header(changed)
-        for dtype in ("F64", "U8", "I64", 5, None):
-            changed = copy.deepcopy(header)
-            changed[name]["dtype"] = dtype
-            with_header(changed)
-    for key in ours:
-        for value in values + ["x", {"a": 1}]:
-            changed_ours = dict(ours, **{key: value})
-            changed = copy.deepcopy(header)
-            changed["__metadata__"]["opqn_index"] = json.dumps(changed_ours)
-            with_header(changed)
-    for cut in sorted(rng.sample(range(len(raw)), 40)):
-        add(raw[:cut])
-    for start, end, in_arrays, count in ((8, 8 + length, False, 150), (8 + length, len(raw), True, 60)):
-        for _ in range(count):
-            flipped = bytearray(raw)
-            flipped[rng.randrange(start, end)] ^= 1 << rng.randrange(8)
-            add(bytes(flipped), in_arrays)
-    return damaged
 
 
 def test_damaged_index_files_are_refused_in_cpp_as_in_python_never_crashing(programs, tmp_path):

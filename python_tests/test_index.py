@@ -1,7 +1,9 @@
 """OPQNIndex: add/remove/search against direct adc_topk, persistence (atomic saves, mmap,
 corruption and version errors, a process killed while saving)."""
+import copy
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -379,6 +381,91 @@ def flip_a_bit_in_array(path, array):
     begin, end = json.loads(data[8:8 + header_len])[array]["data_offsets"]
     data[8 + header_len + (begin + end) // 2] ^= 0x01
     path.write_bytes(bytes(data))
+
+
+def damaged_copies(path, folder, seed=0):
+    """Damaged copies of the index file at `path`, written to `folder`: (file, whether the damage is
+    in the arrays' bytes, which the CRC-32 check must catch). Structured damage of the safetensors
+    header (each array's byte range, shape and dtype set to out-of-range, huge, negative and
+    mistyped values; byte ranges past the end that overflow int64 when added to the header size;
+    arrays emptied through a zero dimension) and of our header's members, truncations, and random
+    bit flips in the header text and in the arrays."""
+    raw = path.read_bytes()
+    length = int.from_bytes(raw[:8], "little")
+    header, data = json.loads(raw[8:8 + length]), raw[8 + length:]
+    ours = json.loads(header["__metadata__"]["opqn_index"])
+    rng = random.Random(seed)
+    damaged = []
+
+    def add(content, in_arrays=False):
+        file = folder / f"damaged{len(damaged)}.opqn"
+        file.write_bytes(content)
+        damaged.append((file, in_arrays))
+
+    def with_header(changed):
+        text = json.dumps(changed).encode()
+        text += b" " * (-len(text) % 8)
+        add(len(text).to_bytes(8, "little") + text + data)
+
+    values = [-1, 0, 1, 3, 2**31, 2**62, 2**63 - 1, 2**64 - 1, -2**63, 1.5, "7", None, [], {}, [[1]], True]
+    for name in ("ids", "labels", "assign_weight", "codebook", "codes"):
+        for field in ("data_offsets", "shape"):
+            for i in range(len(header[name][field])):
+                for value in values:
+                    changed = copy.deepcopy(header)
+                    changed[name][field][i] = value
+                    with_header(changed)
+            for value in (None, 3, [], [0, 0, 0], "x"):
+                changed = copy.deepcopy(header)
+                changed[name][field] = value
+                with_header(changed)
+        begin, end = header[name]["data_offsets"]
+        for offsets in ([2**63 - 1 - (end - begin), 2**63 - 1], [2**63 - 8 - (end - begin), 2**63 - 8]):
+            changed = copy.deepcopy(header)  # past the end: begin + header size overflows int64
+            changed[name]["data_offsets"] = offsets
+            with_header(changed)
+        for shape in ([0, 2**40, 2**40], [0, 2**62], [2**40, 0]):
+            changed = copy.deepcopy(header)  # no bytes, huge sizes
+            changed[name]["shape"] = shape[:max(1, len(header[name]["shape"]))]
+            changed[name]["data_offsets"] = [begin, begin]
+            with_header(changed)
+        for dtype in ("F64", "U8", "I64", 5, None):
+            changed = copy.deepcopy(header)
+            changed[name]["dtype"] = dtype
+            with_header(changed)
+    for key in ours:
+        for value in values + ["x", {"a": 1}]:
+            changed_ours = dict(ours, **{key: value})
+            changed = copy.deepcopy(header)
+            changed["__metadata__"]["opqn_index"] = json.dumps(changed_ours)
+            with_header(changed)
+    for cut in sorted(rng.sample(range(len(raw)), 40)):
+        add(raw[:cut])
+    for start, end, in_arrays, count in ((8, 8 + length, False, 150), (8 + length, len(raw), True, 60)):
+        for _ in range(count):
+            flipped = bytearray(raw)
+            flipped[rng.randrange(start, end)] ^= 1 << rng.randrange(8)
+            add(bytes(flipped), in_arrays)
+    return damaged
+
+
+def test_damaged_index_files_are_refused_with_index_file_errors_or_load(tmp_path):
+    index = OPQNIndex.from_head(OrthoPQHead(64, 10, 4, 16, seed=0))
+    index.add(torch.randn(70, 64), ids=torch.arange(70) * 3 + 5, labels=torch.arange(70) % 7)
+    queries = torch.randn(2, 64)
+    damaged = damaged_copies(index.save(tmp_path / "gallery.opqn"), tmp_path)
+    for mmap in (True, False):
+        for verify in (True, False):
+            for file, in_arrays in damaged:
+                try:
+                    loaded = OPQNIndex.load(file, mmap=mmap, verify=verify)
+                except IndexFileError as err:
+                    assert str(err).startswith(f"{file}: ")
+                    continue
+                assert not (verify and in_arrays), file  # the CRC-32 check catches every flipped bit
+                loaded.search(queries, 3)
+                loaded.search(queries, 3, fast_scan=True)
+                loaded.range_search(queries, 0.5)
 
 
 @pytest.mark.parametrize("array", ["codes", "ids", "labels", "assign_weight", "codebook"])
