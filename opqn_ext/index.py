@@ -633,8 +633,6 @@ class OPQNIndex:
         orthonormal = header.get("orthonormal")  # not a boolean (a file without it): detected
         index = cls(arrays["assign_weight"], arrays["codebook"], query_scale, settings,
                     orthonormal if isinstance(orthonormal, bool) else None)
-        if arrays["codes"].shape != (n, M) or arrays["ids"].shape != (n,) or arrays["labels"].shape != (n,):
-            raise IndexFileError(f"{path}: array shapes do not match the header ({n} items, M={M})")
         index.codes, index.ids, index.labels = arrays["codes"], arrays["ids"], arrays["labels"]
         index.mapped_codes = mapped
         if n > 1 and not bool((index.ids[1:] > index.ids[:-1]).all()):
