@@ -204,6 +204,21 @@ def test_nan_in_x_stays_in_its_row(device):
     assert torch.isfinite(p[~bad]).all() and torch.isfinite(q[~bad]).all() and torch.isfinite(h[~bad]).all()
 
 
+@pytest.mark.parametrize("spread", [1e7, 1e20])
+def test_logits_far_apart_give_the_references_one_hot_rows(spread, cpu_isa):
+    # exp of logit differences far below log(FLT_MIN) is 0, computed without integer overflow in the
+    # vector exp's exponent arithmetic (signed overflow, which make sanitize's UBSan reports)
+    M, d, K = 2, 8, 4
+    a = torch.eye(d, K).expand(M, d, K).contiguous()
+    x = torch.zeros(3, M * d)
+    x[0, 0], x[1, 1], x[2, d + 2] = spread, -spread, spread
+    got = opqn_ext.soft_quantize(x, a, a, 1.0, False)
+    want = reference.soft_quantize(x, a, a, 1.0, False)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, rtol=1e-6, atol=1e-7)
+    assert got.probs[0, 0].tolist() == [1.0, 0.0, 0.0, 0.0] and got.probs[1, 0, 1] == 0.0
+
+
 def test_cpu_isa_paths_agree(cpu_isa):
     x, a, c = make_problem(300, 5, 40, 33, dtype=torch.float32, seed=9)
     got = opqn_ext.soft_quantize(x, a, c, 4.0, True)

@@ -61,11 +61,15 @@ inline void for_vectors(float* row, int64_t n, float fill, Body&& body) {
 
 // exp(x) for x <= 0 to ~1 ulp (Cephes polynomial); NaN stays NaN; 0 below log(FLT_MIN).
 inline VecF exp_nonpositive(VecF x) {
+  const VecI underflows = x < -87.33654f;
+  // the polynomial of a clamped x: a far more negative one would overflow the integer exponent
+  // arithmetic below (its result is replaced by 0 anyway); NaN compares false and stays
+  const VecF xc = select(x < -88.0f, splat(-88.0f), x);
   const VecF shifter = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const VecF t = x * 1.44269504088896341f + shifter;
+  const VecF t = xc * 1.44269504088896341f + shifter;
   const VecF n = t - shifter;
   const VecI ni = reinterpret_cast<VecI>(t) - reinterpret_cast<VecI>(shifter);
-  const VecF r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  const VecF r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
   VecF p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -74,7 +78,7 @@ inline VecF exp_nonpositive(VecF x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const VecF y = p * reinterpret_cast<VecF>((ni + 127) << 23);
-  return select(x < -87.33654f, splat(0.0f), y);
+  return select(underflows, splat(0.0f), y);
 }
 
 // log(x) for normal x > 0 to ~1 ulp (Cephes polynomial).
