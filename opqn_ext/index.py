@@ -624,15 +624,16 @@ class OPQNIndex:
                                  f"{list(A.shape)} and {list(arrays['codebook'].shape)}")
         if arrays["codes"].shape != (n, M) or arrays["ids"].shape != (n,) or arrays["labels"].shape != (n,):
             raise IndexFileError(f"{path}: array shapes do not match the header ({n} items, M={M})")
-        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(arrays["codebook"]).all())):
-            raise IndexFileError(f"{path}: assign_weight and codebook must be finite")
         query_scale = _member(path, header, "query_scale", "the opqn_index header", _is_number)
         settings = header.get("settings", {})
         if not isinstance(settings, dict):
             raise IndexFileError(f"{path}: corrupted index file header (settings is not a JSON object)")
         orthonormal = header.get("orthonormal")  # not a boolean (a file without it): detected
-        index = cls(arrays["assign_weight"], arrays["codebook"], query_scale, settings,
-                    orthonormal if isinstance(orthonormal, bool) else None)
+        try:  # the constructor's checks of the model (finite weights and scale) apply to files too
+            index = cls(arrays["assign_weight"], arrays["codebook"], query_scale, settings,
+                        orthonormal if isinstance(orthonormal, bool) else None)
+        except ValueError as err:
+            raise IndexFileError(f"{path}: {err}") from err
         index.codes, index.ids, index.labels = arrays["codes"], arrays["ids"], arrays["labels"]
         index.mapped_codes = mapped
         if n > 1 and not bool((index.ids[1:] > index.ids[:-1]).all()):

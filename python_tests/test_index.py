@@ -4,6 +4,7 @@ import copy
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -466,6 +467,18 @@ def test_damaged_index_files_are_refused_with_index_file_errors_or_load(tmp_path
                 loaded.search(queries, 3)
                 loaded.search(queries, 3, fast_scan=True)
                 loaded.range_search(queries, 0.5)
+
+
+@pytest.mark.parametrize("what", ["assign_weight", "codebook", "query_scale"])
+def test_a_file_whose_model_is_not_finite_is_refused(tmp_path, what):
+    index, _ = make_index()
+    if what == "query_scale":
+        index.query_scale = float("inf")
+    else:
+        getattr(index, what)[1, 2, 3] = float("nan")
+    path = index.save(tmp_path / "model.opqn")  # checksums match: only the model check can refuse it
+    with pytest.raises(IndexFileError, match=f"^{re.escape(str(path))}: {what} must be finite"):
+        OPQNIndex.load(path)
 
 
 @pytest.mark.parametrize("array", ["codes", "ids", "labels", "assign_weight", "codebook"])

@@ -63,6 +63,13 @@ RangeResult ranges(int64_t nq, const at::Tensor& query, const at::Tensor& scores
   return {lims, scores.index_select(0, order), ids.index_select(0, order)};
 }
 
+// The index a scan of `subset` reads: the whole index where subset is undefined, otherwise its
+// restriction to the subset, kept alive in `part`.
+const Index& scanned_part(const Index& index, const at::Tensor& subset, std::optional<Index>& part) {
+  if (subset.defined()) part = index.restricted(subset);
+  return part ? *part : index;
+}
+
 at::Tensor cat_or_empty(const std::vector<at::Tensor>& parts, at::ScalarType dtype) {
   return parts.empty() ? at::empty({0}, dtype) : at::cat(parts);
 }
@@ -136,8 +143,7 @@ std::tuple<at::Tensor, at::Tensor> Index::scan(const at::Tensor& queries, bool f
                 "], got ", queries.sizes());
   }
   std::optional<Index> part;
-  if (options.subset.defined()) part = restricted(options.subset);
-  const Index& scanned = part ? *part : *this;
+  const Index& scanned = scanned_part(*this, options.subset, part);
   const int64_t nq = queries.size(0), found = std::min(k, scanned.size());
   const std::shared_ptr<const PackedCodes4> packed =
       options.fast_scan && found && nq ? scanned.packed_codes() : nullptr;
@@ -181,8 +187,7 @@ RangeResult Index::range_search(const at::Tensor& features, double min_score, co
   TORCH_CHECK(batch_bytes >= 1, "batch_bytes must be >= 1, got ", batch_bytes);
   const at::Tensor luts = query_lut(features);  // [nq, M, K]
   std::optional<Index> part;
-  if (subset.defined()) part = restricted(subset);
-  const Index& scanned = part ? *part : *this;
+  const Index& scanned = scanned_part(*this, subset, part);
   const int64_t nq = luts.size(0), n = scanned.size();
   const c10::Device device = codes.device();
   std::vector<at::Tensor> found_q, found_pos, found_scores;
