@@ -19,7 +19,7 @@ JOBS ?= $(shell nproc)
 $(STAMP): pyproject.toml setup.py
 	test -x $(PYTHON) || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
-	$(PIP) install -q "torch>=2.6" numpy
+	$(PIP) install -q "torch>=2.6" numpy nlohmann-json  # nlohmann-json: the C++ index files get built
 	MAX_JOBS=$(JOBS) $(PIP) install -q --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
@@ -73,7 +73,8 @@ sanitize: $(STAMP)
 	rm -rf $(ASAN_DIR) && mkdir -p $(ASAN_DIR)
 	cp -r setup.py pyproject.toml csrc python_tests $(ASAN_DIR)/
 	mkdir -p $(ASAN_DIR)/opqn_ext/data && cp opqn_ext/*.py $(ASAN_DIR)/opqn_ext/ && cp opqn_ext/data/*.py $(ASAN_DIR)/opqn_ext/data/
-	cd $(ASAN_DIR) && OPQN_WITH_CUDA=0 MAX_JOBS=$(JOBS) CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" \
+	cp -r opqn_ext/include $(ASAN_DIR)/opqn_ext/
+	cd $(ASAN_DIR) && OPQN_WITH_CUDA=0 OPQN_WITH_INDEX_FILES=0 MAX_JOBS=$(JOBS) CFLAGS="$(SANITIZE_FLAGS)" LDFLAGS="$(SANITIZE_FLAGS)" \
 		$(CURDIR)/$(PYTHON) setup.py -q build_ext --inplace > build.log 2>&1 || (tail -40 build.log; false)
 	cd $(ASAN_DIR) && LD_PRELOAD="$$($(CXX) -print-file-name=libasan.so) $$($(CXX) -print-file-name=libubsan.so)" \
 		ASAN_OPTIONS=detect_leaks=0:alloc_dealloc_mismatch=0:detect_odr_violation=0:handle_segv=0:allow_user_segv_handler=1 \
@@ -84,4 +85,5 @@ sanitize: $(STAMP)
 		$(PYTHON) -m pytest -q -p no:cacheprovider python_tests/test_cpp_library.py -k "$(SANITIZE_CPP_TESTS)"
 
 clean:
-	rm -rf build opqn_ext/_C*.so
+	rm -rf build opqn_ext/_C*.so opqn_ext/lib opqn_ext/share/cmake/opqn_ext/opqn_extBuild.cmake \
+		opqn_ext/share/cmake/opqn_ext/opqn_extConfigVersion.cmake

@@ -1,8 +1,15 @@
 """Build opqn_ext: the CPU kernels always, the CUDA kernels when torch has CUDA and nvcc exists.
 
+Two libraries go into the package: opqn_ext/lib/libopqn_ext_ops.so, the ops without Python (for
+C++ programs too: the package holds its headers, opqn_ext/include, and a CMake package,
+opqn_ext/share/cmake), and the Python module opqn_ext._C, linked to it.
+
 OPQN_WITH_CUDA=auto (default) | 0 (CPU only, for quick local loops) | 1 (fail unless CUDA builds).
+OPQN_WITH_INDEX_FILES=auto (default) | 0 | 1: the C++ index files (opqn_ext/index.h) in the ops
+library, which need nlohmann/json.hpp (pip install nlohmann-json) and zlib.
 """
 import glob
+import importlib.util
 import os
 import re
 import shutil
@@ -92,8 +99,85 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _json_include_dir():
+    """The folder holding nlohmann/json.hpp: the nlohmann-json package's, or the system's; or None."""
+    spec = importlib.util.find_spec("nlohmann_json")
+    folders = [os.path.join(os.path.dirname(spec.origin), "include")] if spec is not None and spec.origin else []
+    folders += ["/usr/include", "/usr/local/include"]
+    return next((f for f in folders if os.path.isfile(os.path.join(f, "nlohmann", "json.hpp"))), None)
+
+
+def _want_index_files():
+    """(the nlohmann/json.hpp folder or None, why): whether the ops library gets the index files."""
+    mode = os.environ.get("OPQN_WITH_INDEX_FILES", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"OPQN_WITH_INDEX_FILES must be auto, 0 or 1, got {mode!r}")
+    if mode == "0":
+        return None, "OPQN_WITH_INDEX_FILES=0"
+    json_dir = _json_include_dir()
+    has_zlib = any(os.path.isfile(os.path.join(f, "zlib.h")) for f in ("/usr/include", "/usr/local/include"))
+    if json_dir and has_zlib:
+        return json_dir, f"nlohmann/json.hpp in {json_dir}, zlib"
+    why = "nlohmann/json.hpp was not found (pip install nlohmann-json)" if not json_dir else "zlib.h was not found"
+    if mode == "1":
+        sys.exit(f"OPQN_WITH_INDEX_FILES=1 but the index files cannot be built: {why}")
+    return None, why
+
+
+LIBRARY = "opqn_ext.lib.libopqn_ext_ops"
+
+
+class BuildLibraries(cpp_extension.BuildExtension):
+    """The ops library under its own name (libopqn_ext_ops.so, no Python suffix), built first; the
+    Python module linked to the library as built; then the facts of the build that the package's
+    CMake files read (share/cmake/opqn_ext: its version, and whether the index files are in)."""
+
+    def get_ext_filename(self, fullname):
+        name = super().get_ext_filename(fullname)
+        if fullname.split(".")[-1] == LIBRARY.split(".")[-1]:
+            return os.path.join(os.path.dirname(name), "libopqn_ext_ops.so")
+        return name
+
+    def build_extension(self, ext):
+        if ext.name != LIBRARY:
+            ext.library_dirs.append(os.path.dirname(self.get_ext_fullpath(LIBRARY)))
+        super().build_extension(ext)
+
+    def run(self):
+        package = (self.get_finalized_command("build_py").get_package_dir("opqn_ext") if self.inplace
+                   else os.path.join(self.build_lib, "opqn_ext"))
+        os.makedirs(os.path.join(package, "lib"), exist_ok=True)  # an in-place build copies the library there
+        super().run()
+        cmake_dir = os.path.join(package, "share", "cmake", "opqn_ext")
+        os.makedirs(cmake_dir, exist_ok=True)
+        with open(os.path.join(cmake_dir, "opqn_extBuild.cmake"), "w") as f:
+            f.write("# Written by setup.py: whether the package's libopqn_ext_ops.so has the index files.\n"
+                    f"set(OPQN_EXT_INDEX_FILES {'ON' if json_dir else 'OFF'})\n")
+        with open(os.path.join(cmake_dir, "opqn_extConfigVersion.cmake"), "w") as f:
+            f.write(_CONFIG_VERSION.replace("@VERSION@", self.distribution.get_version()))
+
+
+# find_package(opqn_ext X.Y): versions of the same major and minor release, at or above the one asked.
+_CONFIG_VERSION = """# Written by setup.py: the version of the opqn_ext package.
+set(PACKAGE_VERSION "@VERSION@")
+string(REGEX MATCH "^[0-9]+[.][0-9]+" _opqn_ext_minor "${PACKAGE_VERSION}")
+string(REGEX MATCH "^[0-9]+[.][0-9]+" _opqn_ext_find_minor "${PACKAGE_FIND_VERSION}")
+if(PACKAGE_FIND_VERSION AND (PACKAGE_VERSION VERSION_LESS PACKAGE_FIND_VERSION
+                             OR NOT _opqn_ext_minor STREQUAL _opqn_ext_find_minor))
+  set(PACKAGE_VERSION_COMPATIBLE FALSE)
+else()
+  set(PACKAGE_VERSION_COMPATIBLE TRUE)
+  if(PACKAGE_FIND_VERSION STREQUAL PACKAGE_VERSION)
+    set(PACKAGE_VERSION_EXACT TRUE)
+  endif()
+endif()
+"""
+
+
 with_cuda, reason = _want_cuda()
+json_dir, index_reason = _want_index_files()
 sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
+sources.remove(os.path.join("csrc", "python_module.cpp"))
 # at::parallel_for is inline and, with torch's OpenMP backend, a `#pragma omp parallel`: without
 # -fopenmp every parallel loop of ours would run on one thread. (libgomp is torch's own at run time:
 # same soname, already loaded.)
@@ -102,8 +186,15 @@ sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
 # -std=c++20 named here: the sources are C++20 (as CMakeLists.txt says); older torch (2.11, the GPU
 # machines' torch, for one) would otherwise compile them as C++17.
 cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-fopenmp", "-Wno-psabi"]
-link_flags = ["-fopenmp"]
 macros = []
+libraries = []
+public_headers = os.path.join(ROOT, "opqn_ext", "include")  # opqn_ext/ops.h, opqn_ext/index.h
+include_dirs = [os.path.join(ROOT, "csrc"), public_headers]
+if json_dir:
+    sources += _sources("csrc/index_file/*.cpp")
+    macros.append(("OPQN_EXT_INDEX_FILES", "1"))
+    include_dirs.append(json_dir)
+    libraries.append("z")
 if with_cuda:
     sources += _sources("csrc/cuda/*.cu")
     macros.append(("OPQN_WITH_CUDA", "1"))
@@ -116,20 +207,23 @@ else:
     extension = cpp_extension.CppExtension
     extra = {"cxx": cxx_flags}
 
+ops_library = extension(name=LIBRARY, sources=sources, include_dirs=include_dirs, define_macros=macros,
+                        libraries=libraries, extra_compile_args=extra)
+# Nothing of Python in it; it finds torch's libraries (and CUDA's) where they were at build time,
+# or next to it in site-packages, as a C++ program loading it needs.
+ops_library.libraries.remove("torch_python")
+rpaths = ["$ORIGIN/../../torch/lib"] + [os.path.abspath(d) for d in ops_library.library_dirs]
+ops_library.extra_link_args = ["-fopenmp", "-Wl,-soname,libopqn_ext_ops.so"] + [f"-Wl,-rpath,{d}" for d in rpaths]
+python_module = cpp_extension.CppExtension(
+    name="opqn_ext._C", sources=[os.path.join("csrc", "python_module.cpp")], include_dirs=[public_headers],
+    libraries=["opqn_ext_ops"], extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-Wl,-rpath,$ORIGIN/lib"])
+
 print(f"opqn_ext: building CPU kernels; CUDA kernels: {'yes' if with_cuda else 'no'} ({reason})"
-      + (f", arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the visible GPU')}" if with_cuda else ""))
+      + (f", arch list {os.environ.get('TORCH_CUDA_ARCH_LIST', 'from the visible GPU')}" if with_cuda else "")
+      + f"; C++ index files: {'yes' if json_dir else 'no'} ({index_reason})")
 
 setup(
     install_requires=[_torch_requirement(), "numpy", "tqdm", "safetensors", "pillow>=9.1"],
-    ext_modules=[
-        extension(
-            name="opqn_ext._C",
-            sources=sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=macros,
-            extra_compile_args=extra,
-            extra_link_args=link_flags,
-        )
-    ],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[ops_library, python_module],  # in this order: the module links the library
+    cmdclass={"build_ext": BuildLibraries.with_options(use_ninja=True)},
 )

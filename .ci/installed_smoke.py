@@ -1,7 +1,8 @@
 """Uses an installed opqn_ext wheel from outside the checkout: python .ci/installed_smoke.py TARGET,
 where TARGET is the folder the wheel was installed into (pip install --target) and is first on
-PYTHONPATH. Checks that the package comes from there, that its ops, index and command line work, and
-that a type checker reads its types (PEP 561: py.typed, the stub of the compiled module)."""
+PYTHONPATH. Checks that the package comes from there, that its ops, index and command line work, that
+a type checker reads its types (PEP 561: py.typed, the stub of the compiled module), and that a C++
+program builds against the C++ library it holds (find_package(opqn_ext)) and runs."""
 import os
 import subprocess
 import sys
@@ -75,4 +76,18 @@ with tempfile.TemporaryDirectory() as tmp:  # the last line is wrong: only a che
                                                      '(expression has type "Tensor", variable has type "int")'), \
         proc.stdout
     print("mypy reads the installed package's types")
+
+# C++ programs build against the library the wheel holds, as the README says, and pass the typed
+# API's checks (cpp_tests/test_cpp_api.cpp, from the checkout; the program runs without Python).
+assert os.path.realpath(opqn_ext.cmake_prefix_path).startswith(target + os.sep), opqn_ext.cmake_prefix_path
+cpp_tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cpp_tests")
+with tempfile.TemporaryDirectory() as tmp:
+    for args in (["-S", cpp_tests, "-B", tmp, "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DCMAKE_PREFIX_PATH={opqn_ext.cmake_prefix_path};{torch.utils.cmake_prefix_path}"],
+                 ["--build", tmp, "-j", str(os.cpu_count() or 2), "--target", "test_cpp_api"]):
+        proc = subprocess.run(["cmake", *args], capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.run([os.path.join(tmp, "test_cpp_api")], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("every check passed"), proc.stdout + proc.stderr
+    print("a C++ program built against the wheel's library passes the typed API's checks")
 print("installed wheel works")

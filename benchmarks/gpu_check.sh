@@ -70,6 +70,6 @@ step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --wi
   --no-progress --out-dir /tmp/orl_cuda --json "$OUT/orl_cuda.json"
 # the C++ library with its CUDA kernels, from C++ programs: each op on CUDA against the CPU, and an
 # index file searched on CUDA against the Python index there
-step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot or cuda_in_cpp"
+step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot or cuda_in_cpp or python_package"
 step all_tests 300 $PYTEST -n 8 python_tests -k "not emulat"  # the emulated kernels run in CI already
 echo "total ${SECONDS}s" | tee -a "$SUMMARY"

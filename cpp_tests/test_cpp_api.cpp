@@ -179,6 +179,30 @@ void test_soft_quantize() {
               "soft_quantize x of another shape");
 }
 
+// The instruction-set paths: every one this CPU runs gives the same (exact) top-k; an unknown path is
+// refused by name; the build says whether it has CUDA kernels as the dispatcher does.
+void test_cpu_isas() {
+  const std::vector<std::string> isas = opqn_ext::available_cpu_isas();
+  const std::string before = opqn_ext::active_cpu_isa();
+  check(!isas.empty() && isas.front() == "scalar", "available_cpu_isas starts with scalar");
+  check(std::find(isas.begin(), isas.end(), before) != isas.end(), "active_cpu_isa is an available path");
+  Numbers rng{5};
+  const at::Tensor lut = filled({3, 8, 16}, at::kFloat, [&] { return static_cast<double>(rng.below(10)); });
+  const at::Tensor codes = filled({3000, 8}, at::kByte, [&] { return static_cast<double>(rng.below(16)); });
+  const auto all = brute_force_scores(lut, codes);
+  for (const std::string& isa : isas) {
+    opqn_ext::set_cpu_isa(isa);
+    check(opqn_ext::active_cpu_isa() == isa, "set_cpu_isa(" + isa + ") makes it the active path");
+    const auto [scores, ids] = opqn_ext::adc_topk(lut, codes, 50);
+    check_topk(scores, ids, all, 50, "adc_topk on the " + isa + " path");
+  }
+  opqn_ext::set_cpu_isa(before);
+  check_error([] { opqn_ext::set_cpu_isa("sse9"); }, "'sse9'", "set_cpu_isa of an unknown path");
+  const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("opqn_ext::adc_topk", "");
+  check(opqn_ext::cuda_built() == op.hasKernelForDispatchKey(c10::DispatchKey::CUDA),
+        "cuda_built says whether the CUDA kernels are registered");
+}
+
 // Why the CUDA kernels cannot be checked here ("" when they can).
 std::string why_no_cuda() {
   const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("opqn_ext::adc_topk", "");
@@ -219,6 +243,7 @@ int main() {
   test_scans();
   test_encode();
   test_soft_quantize();
+  test_cpu_isas();
   const std::string why = why_no_cuda();
   std::cout << "cuda: " << (why.empty() ? "checked" : "not checked (" + why + ")") << "\n";
   if (why.empty()) test_cuda_equals_cpu();

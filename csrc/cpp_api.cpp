@@ -1,7 +1,9 @@
-// The C++ API of include/opqn_ext/ops.h: each function calls its op's schema through the dispatcher.
+// The C++ API of opqn_ext/ops.h: each op's function calls its schema through the dispatcher; the
+// build's facts come from the CPU dispatch and the build flags.
 #include <ATen/core/dispatch/Dispatcher.h>
 
-#include "include/opqn_ext/ops.h"
+#include "cpu/cpu_isa.h"
+#include "opqn_ext/ops.h"
 
 namespace opqn_ext {
 namespace {
@@ -47,6 +49,20 @@ std::tuple<at::Tensor, at::Tensor> adc_topk4(const at::Tensor& lut, const Packed
   static const auto handle = op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, int64_t,
                                                                    int64_t, int64_t)>("opqn_ext::adc_topk4");
   return handle.call(lut, packed.data, packed.num_codes, k, rerank);
+}
+
+std::vector<std::string> available_cpu_isas() { return opqn::cpu::available_cpu_isas(); }
+
+std::string active_cpu_isa() { return opqn::cpu::cpu_isa_name(opqn::cpu::active_cpu_isa()); }
+
+void set_cpu_isa(const std::string& name) { opqn::cpu::set_cpu_isa(name); }
+
+bool cuda_built() {
+#ifdef OPQN_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
 }
 
 }  // namespace opqn_ext

@@ -1,18 +1,18 @@
-// The opqn_ext._C Python module. Importing it loads this library, whose static initializers
-// register every op with the dispatcher; the module itself only reports how it was built and
-// lets tests pick the CPU instruction-set path.
+// The opqn_ext._C Python module. Importing it loads the ops library (libopqn_ext_ops), whose static
+// initializers register every op with the dispatcher; the module itself only reports how the library
+// was built and lets tests pick the CPU instruction-set path, through the library's C++ API.
 #include <Python.h>
 
 #include <string>
 
 #include <c10/util/Exception.h>
 
-#include "cpu/cpu_isa.h"
+#include "opqn_ext/ops.h"
 
 namespace {
 
 PyObject* available_cpu_isas(PyObject*, PyObject*) {
-  const auto isas = opqn::cpu::available_cpu_isas();
+  const auto isas = opqn_ext::available_cpu_isas();
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(isas.size()));
   if (list == nullptr) return nullptr;
   for (size_t i = 0; i < isas.size(); ++i)
@@ -21,14 +21,14 @@ PyObject* available_cpu_isas(PyObject*, PyObject*) {
 }
 
 PyObject* active_cpu_isa(PyObject*, PyObject*) {
-  return PyUnicode_FromString(opqn::cpu::cpu_isa_name(opqn::cpu::active_cpu_isa()));
+  return PyUnicode_FromString(opqn_ext::active_cpu_isa().c_str());
 }
 
 PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   const char* name = PyUnicode_AsUTF8(arg);
   if (name == nullptr) return nullptr;
   try {
-    opqn::cpu::set_cpu_isa(name);
+    opqn_ext::set_cpu_isa(name);
   } catch (const c10::Error& e) {
     PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
     return nullptr;
@@ -36,13 +36,7 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   Py_RETURN_NONE;
 }
 
-PyObject* cuda_built(PyObject*, PyObject*) {
-#ifdef OPQN_WITH_CUDA
-  Py_RETURN_TRUE;
-#else
-  Py_RETURN_FALSE;
-#endif
-}
+PyObject* cuda_built(PyObject*, PyObject*) { return PyBool_FromLong(opqn_ext::cuda_built()); }
 
 PyMethodDef methods[] = {
     {"available_cpu_isas", available_cpu_isas, METH_NOARGS, "CPU instruction-set paths this machine runs."},

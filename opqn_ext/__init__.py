@@ -10,7 +10,10 @@ Public API (shapes in DESIGN.md section 2):
     pack_codes4(codes [N, M], values < 16) -> PackedCodes4;  adc_topk4(lut, packed, k, rerank=2)
     rank_stats(scores [nq, N], query_labels, db_labels, cutoffs) -> RankStats (AP, hits@cutoffs)
     build_info() -> how the compiled library was built
+    cmake_prefix_path -> for C++ programs: find_package(opqn_ext) finds the package's ops library
 """
+import os
+
 import torch
 
 try:
@@ -39,6 +42,10 @@ from .ops import (
 
 __version__ = "0.1.0"
 
+# The CMake package of the C++ library the package holds (lib/libopqn_ext_ops.so, include/opqn_ext):
+# put it, with torch.utils.cmake_prefix_path, in CMAKE_PREFIX_PATH for find_package(opqn_ext).
+cmake_prefix_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "share", "cmake")
+
 __all__ = [
     "PackedCodes4",
     "RankStats",
@@ -48,6 +55,7 @@ __all__ = [
     "adc_topk4",
     "encode",
     "build_info",
+    "cmake_prefix_path",
     "orthonormal_codebooks",
     "pack_codes4",
     "rank_stats",

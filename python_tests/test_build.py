@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import os
 import re
@@ -66,6 +67,21 @@ def test_build_skips_or_refuses_an_nvcc_of_another_cuda_major_version(tmp_path, 
         assert "CUDA kernels: no (" + why in proc.stdout
     else:
         assert proc.returncode != 0 and "OPQN_WITH_CUDA=1 but CUDA kernels cannot be built: " + why in proc.stderr
+
+
+@pytest.mark.parametrize("mode,says", [
+    ("0", "C++ index files: no (OPQN_WITH_INDEX_FILES=0)"),
+    ("1", "C++ index files: yes (nlohmann/json.hpp in "),
+    ("yes", "OPQN_WITH_INDEX_FILES must be auto, 0 or 1, got 'yes'"),
+])
+def test_the_index_files_of_the_cpp_library_are_chosen_by_environment(mode, says):
+    # `setup.py --name` makes the build's decisions without building; the dev extra has nlohmann-json
+    if mode == "1" and importlib.util.find_spec("nlohmann_json") is None:
+        pytest.skip("nlohmann-json (the dev extra) is not installed")
+    env = dict(os.environ, OPQN_WITH_INDEX_FILES=mode, OPQN_WITH_CUDA="0")
+    proc = subprocess.run([sys.executable, "setup.py", "--name"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert (proc.returncode == 0) == (mode != "yes"), proc.stderr
+    assert says in (proc.stdout if mode != "yes" else proc.stderr)
 
 
 def test_ops_are_registered_for_cpu_and_cuda_when_built():

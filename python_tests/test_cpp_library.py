@@ -49,15 +49,19 @@ def toolkit_release():
     return found.group(1) if found else None
 
 
-@pytest.fixture(scope="module")
-def programs():
-    """The installed prefix and the folder of the built cpp_tests programs."""
+def skip_without_cmake_for_torch():
     if shutil.which("cmake") is None:
         pytest.skip("cmake is not installed")
     toolkit = toolkit_release()
     if torch.version.cuda is not None and toolkit is not None and toolkit != torch.version.cuda.split(".")[0]:
         pytest.skip(f"torch's CMake package (a CUDA {torch.version.cuda} build) fails to configure with the "
                     f"CUDA {toolkit} toolkit here (it needs one of its own major version)")
+
+
+@pytest.fixture(scope="module")
+def programs():
+    """The installed prefix and the folder of the built cpp_tests programs."""
+    skip_without_cmake_for_torch()
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     prefix, tests = os.path.join(BUILD, "prefix"), os.path.join(BUILD, "tests")
     torch_cmake = torch.utils.cmake_prefix_path
@@ -91,16 +95,87 @@ def test_the_installed_package_holds_the_library_header_and_cmake_files(programs
     assert "libtorch.so" in needed and not [name for name in needed if "python" in name]  # nothing of Python
 
 
-def test_the_cpp_api_agrees_with_brute_force_and_names_bad_arguments(programs):
-    _, tests = programs
+def run_typed_api_checks(tests):
+    """Runs cpp_tests/test_cpp_api from the folder `tests`: its line on CUDA (every other check passed)."""
     done = subprocess.run([os.path.join(tests, "test_cpp_api")], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
     cuda, verdict = done.stdout.strip().splitlines()
     assert verdict == "every check passed"
+    return cuda
+
+
+def test_the_cpp_api_agrees_with_brute_force_and_names_bad_arguments(programs):
+    cuda = run_typed_api_checks(programs[1])
     if CUDA:
         assert cuda == "cuda: checked"
     else:
         assert cuda == "cuda: not checked (the library has no CUDA kernels)"
+
+
+def package_file(*parts):
+    return os.path.join(os.path.dirname(opqn_ext.__file__), *parts)
+
+
+def package_has_index_files() -> bool:
+    with open(os.path.join(opqn_ext.cmake_prefix_path, "opqn_ext", "opqn_extBuild.cmake")) as f:
+        return "set(OPQN_EXT_INDEX_FILES ON)" in f.read()
+
+
+@pytest.fixture(scope="module")
+def package_programs():
+    """The folder of cpp_tests programs built, as a pip user builds a program, against the C++ library
+    that the Python package holds: find_package(opqn_ext) through opqn_ext.cmake_prefix_path."""
+    if SANITIZE:
+        pytest.skip("the sanitizer builds check the library of CMakeLists.txt")
+    skip_without_cmake_for_torch()
+    tests = os.path.join(BUILD, "package-tests")
+    targets = ["test_cpp_api"] + (["search_index_file"] if package_has_index_files() else [])
+    os.makedirs(BUILD, exist_ok=True)
+    with exclusive_lock(os.path.join(BUILD, ".lock"), "another test process building the C++ library"):
+        cmake("-S", os.path.join(ROOT, "cpp_tests"), "-B", tests, *(["-G", "Ninja"] if shutil.which("ninja") else []),
+              "-DCMAKE_BUILD_TYPE=Release", f"-DCMAKE_PREFIX_PATH={opqn_ext.cmake_prefix_path};{torch.utils.cmake_prefix_path}")
+        cmake("--build", tests, "-j", str(os.cpu_count() or 2), "--target", *targets)
+    return tests
+
+
+def test_the_python_package_holds_a_cpp_library_for_find_package():
+    library = package_file("lib", "libopqn_ext_ops.so")
+    for header in ("ops.h", "index.h"):
+        assert os.path.isfile(package_file("include", "opqn_ext", header))
+    cmake_files = set(os.listdir(os.path.join(opqn_ext.cmake_prefix_path, "opqn_ext")))
+    assert {"opqn_extConfig.cmake", "opqn_extConfigVersion.cmake", "opqn_extFindTorch.cmake",
+            "opqn_extBuild.cmake"} <= cmake_files
+    with open(os.path.join(opqn_ext.cmake_prefix_path, "opqn_ext", "opqn_extConfigVersion.cmake")) as f:
+        assert f'set(PACKAGE_VERSION "{opqn_ext.__version__}")' in f.read()
+    # `make test` installs nlohmann-json before it builds the package, so the index files are in
+    assert package_has_index_files() == (JSON_PREFIX is not None)
+
+    def needed(path):
+        dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+        return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+    assert not [name for name in needed(library) if "python" in name]  # a C++ program can load it
+    assert "libopqn_ext_ops.so" in needed(opqn_ext._C.__file__)  # the module uses it: the ops exist once
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_index_h_without_the_index_files_stops_the_compiler_with_what_to_do(tmp_path):
+    source = tmp_path / "server.cpp"
+    source.write_text("#include <opqn_ext/index.h>\nint main() {}\n")
+    torch_include = os.path.join(os.path.dirname(torch.__file__), "include")
+    done = subprocess.run(["c++", "-std=c++20", "-fsyntax-only", "-Wfatal-errors", f"-I{package_file('include')}",
+                           f"-I{torch_include}", str(source)], capture_output=True, text=True)
+    assert done.returncode != 0
+    assert "this opqn_ext library was built without its index files" in done.stderr, done.stderr[-2000:]
+    assert "pip install nlohmann-json" in done.stderr
+
+
+def test_programs_built_on_the_python_package_pass_the_typed_api_checks(package_programs):
+    cuda = run_typed_api_checks(package_programs)
+    info = opqn_ext.build_info()
+    if not info["cuda_built"]:
+        assert cuda == "cuda: not checked (the library has no CUDA kernels)"
+    else:
+        assert cuda == ("cuda: checked" if info["cuda_available"] else "cuda: not checked (no GPU)")
 
 
 def test_an_aotinductor_package_calling_the_ops_runs_in_cpp_without_python(programs, tmp_path):
@@ -177,9 +252,11 @@ def index_file_search(programs, tmp_path_factory):
     scores, ids) of range_search), or its error message (a str)."""
     if JSON_PREFIX is None:
         pytest.skip("the C++ index files need nlohmann/json.hpp: pip install nlohmann-json (the dev extra)")
-    program = os.path.join(programs[1], "search_index_file")
-    folder = tmp_path_factory.mktemp("index_file_search")
+    return index_searcher(os.path.join(programs[1], "search_index_file"), tmp_path_factory.mktemp("index_file_search"))
 
+
+def index_searcher(program, folder):
+    """The search of the fixture index_file_search, by the search_index_file program at `program`."""
     def search(path, queries, k, device="cpu", mapped=False, options=(), subset=None):
         torch.save(queries, folder / "queries.pt")
         if subset is not None:
@@ -260,6 +337,22 @@ def test_cpp_range_search_gives_the_python_ranges(index_file_search, tmp_path, n
             assert all(torch.equal(g, w) for g, w in zip(got, want)), (min_score, subset is None)
             assert int(got[0][-1]) == len(got[1])
     assert index_file_search(path, queries, 1, options=["range=-inf"])[0].diff().eq(2500).all()
+
+
+def test_a_program_built_on_the_python_package_searches_saved_indexes_as_python(package_programs, tmp_path):
+    if not package_has_index_files():
+        pytest.skip("the package's C++ library was built without the index files (no nlohmann-json then)")
+    search = index_searcher(os.path.join(package_programs, "search_index_file"), tmp_path)
+    index, path, queries = gallery(tmp_path, items=700)
+    for k in (1, 10, 703):
+        for fast, mapped in ((False, False), (True, True)):
+            scores, ids, tables = search(path, queries, k, mapped=mapped, options=["fast=2"] if fast else [])
+            want_scores, want_ids = index.search(queries, k, fast_scan=fast)
+            assert torch.equal(ids, want_ids) and torch.equal(scores, want_scores), (k, fast)
+    assert torch.equal(tables, index.query_lut(queries))
+    min_score = float(index.search(queries, 50)[0][:, -1].median())
+    got = search(path, queries, 1, options=[f"range={min_score!r}"])
+    assert all(torch.equal(g, w) for g, w in zip(got, index.range_search(queries, min_score)))
 
 
 def test_the_cpp_search_options_are_checked(index_file_search, tmp_path):

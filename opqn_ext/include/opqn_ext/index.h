@@ -2,11 +2,16 @@
 // "opqn-index", version 1: a safetensors file whose metadata holds the index header), search it as
 // OPQNIndex.search, search_luts and range_search do (the 4-bit scan and subsets too), with the same
 // kernels, so the results are the Python index's, bit for bit; add items as OPQNIndex.add does and
-// save files that OPQNIndex.load reads. Part of opqn_ext_ops where CMake found nlohmann/json.hpp
-// and zlib (OPQN_WITH_INDEX_FILES); then OPQN_EXT_INDEX_FILES is defined for programs linking
-// opqn_ext::opqn_ext_ops. Every problem (a missing, truncated or corrupted file, bad queries or
-// items) throws c10::Error saying what.
+// save files that OPQNIndex.load reads. Part of opqn_ext_ops where its build (CMake or setup.py)
+// found nlohmann/json.hpp and zlib (OPQN_WITH_INDEX_FILES); then OPQN_EXT_INDEX_FILES is defined for
+// programs linking opqn_ext::opqn_ext_ops. Every problem (a missing, truncated or corrupted file,
+// bad queries or items) throws c10::Error saying what.
 #pragma once
+
+#ifndef OPQN_EXT_INDEX_FILES
+#error "this opqn_ext library was built without its index files (opqn_ext/index.h): rebuild it where \
+nlohmann/json.hpp (pip install nlohmann-json) and zlib are found, with OPQN_WITH_INDEX_FILES=1"
+#endif
 
 #include <cstdint>
 #include <memory>

@@ -6,7 +6,9 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include <ATen/core/Tensor.h>
 
@@ -48,5 +50,15 @@ OPQN_EXT_API PackedCodes4 pack_codes4(const at::Tensor& codes);
 // (8-bit table) scores per query, as adc_topk returns them
 OPQN_EXT_API std::tuple<at::Tensor, at::Tensor> adc_topk4(const at::Tensor& lut, const PackedCodes4& packed,
                                                           int64_t k, int64_t rerank = 2);
+
+// The CPU instruction-set paths of the kernels that this machine runs ("scalar", "avx2", "avx512";
+// best last); the one in use (the best, unless OPQN_CPU_ISA names one); set_cpu_isa forces one and
+// throws c10::Error for an unknown name or a path this CPU lacks.
+OPQN_EXT_API std::vector<std::string> available_cpu_isas();
+OPQN_EXT_API std::string active_cpu_isa();
+OPQN_EXT_API void set_cpu_isa(const std::string& name);
+
+// Whether the library holds the CUDA kernels.
+OPQN_EXT_API bool cuda_built();
 
 }  // namespace opqn_ext
