@@ -41,7 +41,7 @@ PyObject* cuda_built(PyObject*, PyObject*) { return PyBool_FromLong(opqn_ext::cu
 PyMethodDef methods[] = {
     {"available_cpu_isas", available_cpu_isas, METH_NOARGS, "CPU instruction-set paths this machine runs."},
     {"active_cpu_isa", active_cpu_isa, METH_NOARGS, "The CPU instruction-set path in use."},
-    {"set_cpu_isa", set_cpu_isa, METH_O, "Force a CPU instruction-set path: 'scalar' or 'avx2'."},
+    {"set_cpu_isa", set_cpu_isa, METH_O, "Force a CPU instruction-set path: 'scalar', 'avx2' or 'avx512'."},
     {"cuda_built", cuda_built, METH_NOARGS, "Whether the CUDA kernels were compiled in."},
     {nullptr, nullptr, 0, nullptr}};
 

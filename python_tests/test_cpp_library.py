@@ -4,7 +4,9 @@ cpp_tests/ built against the installed package through find_package(opqn_ext): t
 against brute-force loops, an AOTInductor package of a model that calls the ops, run in a
 process without Python, and index files (where the nlohmann-json package of the dev extra is
 installed): files of OPQNIndex.save read and searched in C++, items added in C++ and saved for
-OPQNIndex.load. The build stays in build/cpp-library (incremental, as setup.py's).
+OPQNIndex.load. The build stays in build/cpp-library (incremental, as setup.py's). The same programs
+are also built against the library the Python package holds (setup.py's build; find_package through
+opqn_ext.cmake_prefix_path), as a pip user builds them.
 OPQN_CPP_TESTS_CUDA=1 (benchmarks/gpu_check.sh) builds the library with its CUDA kernels instead, in
 build/cpp-library-cuda, and requires the C++ API's CUDA checks to run. OPQN_CPP_TESTS_SANITIZE=FLAGS
 (make sanitize) builds the library and the programs with those compiler flags (AddressSanitizer,
@@ -89,10 +91,14 @@ def test_the_installed_package_holds_the_library_header_and_cmake_files(programs
     assert os.path.isfile(os.path.join(prefix, "include", "opqn_ext", "index.h")) == (JSON_PREFIX is not None)
     assert {"opqn_extConfig.cmake", "opqn_extConfigVersion.cmake", "opqn_extTargets.cmake",
             "opqn_extFindTorch.cmake"} <= set(os.listdir(os.path.join(lib, "cmake", "opqn_ext")))
-    library = os.path.join(lib, "libopqn_ext_ops.so")
-    dynamic = subprocess.run(["readelf", "-d", library], capture_output=True, text=True).stdout
-    needed = re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
+    needed = needed_libraries(os.path.join(lib, "libopqn_ext_ops.so"))
     assert "libtorch.so" in needed and not [name for name in needed if "python" in name]  # nothing of Python
+
+
+def needed_libraries(path):
+    """The sonames a shared library asks the loader for (readelf's NEEDED entries)."""
+    dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
 
 
 def run_typed_api_checks(tests):
@@ -149,12 +155,8 @@ def test_the_python_package_holds_a_cpp_library_for_find_package():
         assert f'set(PACKAGE_VERSION "{opqn_ext.__version__}")' in f.read()
     # `make test` installs nlohmann-json before it builds the package, so the index files are in
     assert package_has_index_files() == (JSON_PREFIX is not None)
-
-    def needed(path):
-        dynamic = subprocess.run(["readelf", "-d", path], capture_output=True, text=True).stdout
-        return re.findall(r"\(NEEDED\)\s+Shared library: \[(.+?)\]", dynamic)
-    assert not [name for name in needed(library) if "python" in name]  # a C++ program can load it
-    assert "libopqn_ext_ops.so" in needed(opqn_ext._C.__file__)  # the module uses it: the ops exist once
+    assert not [name for name in needed_libraries(library) if "python" in name]  # a C++ program can load it
+    assert "libopqn_ext_ops.so" in needed_libraries(opqn_ext._C.__file__)  # the module uses it: the ops exist once
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
