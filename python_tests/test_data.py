@@ -314,7 +314,9 @@ def test_batches_of_a_tensor_are_gathered_a_few_ahead_by_threads(workers):
     assert torch.equal(next(batches), inputs[[0, 49]])
     time.sleep(0.2)
     assert len(taken) == 1 + workers * data.image_files._READ_AHEAD  # the one used and those read ahead
-    assert read_ahead_threads() == workers
+    # up to `workers` threads: the pool starts another only while none is idle (under load, one
+    # thread may have gathered every batch ahead before the second was asked for)
+    assert 1 <= read_ahead_threads() <= workers
     assert [b[:, 0].tolist() for b in itertools.islice(batches, 3)] == [[2, 96], [4, 94], [6, 92]]  # in order
     batches.close()  # a caller that stops early leaves no thread behind
     assert read_ahead_threads() == 0
