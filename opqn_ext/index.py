@@ -348,7 +348,8 @@ class OPQNIndex:
         """Query tables ``[nq, M, K]`` float32 of features ``[nq, M*d]`` (no gradient): the inner
         products of the soft-quantized queries with the codewords, which an orthonormal codebook
         makes the assignment probabilities. Queries that give tables with NaN or infinities (their
-        own, or products that overflow) are named in a ValueError."""
+        own, or products that overflow) are named in a ValueError. A query's table may differ in its
+        last bits with the batch it comes in (a query or a few: row loops; more: BLAS)."""
         queries = as_tensor(queries, "queries")
         luts = self._tables(queries)
         if not bool(torch.isfinite(luts).all()):
