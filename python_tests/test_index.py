@@ -45,6 +45,20 @@ def test_search_equals_adc_topk_over_the_encoded_features(device):
     assert torch.equal(index.labels[:7], torch.arange(7))
 
 
+@pytest.mark.parametrize("fast_scan", [False, True])
+def test_the_results_of_given_tables_do_not_depend_on_their_batch(device, fast_scan):
+    """What README promises: only a query's tables may change (in their last bits) with its batch;
+    the scan of given tables returns the same for a query alone, in small batches and in one."""
+    index, _ = make_index()
+    index.to(device)
+    index.add(features(3000, 1))
+    luts = index.query_lut(features(40, 2)) + torch.arange(40).view(40, 1, 1) * 1e-3  # groups of 16 or 32 and the rest
+    want_s, want_i = index.search_luts(luts, 12, fast_scan=fast_scan)
+    for batch_size in (1, 7):
+        scores, ids = index.search_luts(luts, 12, batch_size=batch_size, fast_scan=fast_scan)
+        assert torch.equal(scores, want_s) and torch.equal(ids, want_i), batch_size
+
+
 def test_ids_continue_and_duplicates_are_rejected():
     index, _ = make_index()
     index.add(features(5, 1))
