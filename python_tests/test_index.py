@@ -52,7 +52,9 @@ def test_the_results_of_given_tables_do_not_depend_on_their_batch(device, fast_s
     index, _ = make_index()
     index.to(device)
     index.add(features(3000, 1))
-    luts = index.query_lut(features(40, 2)) + torch.arange(40).view(40, 1, 1) * 1e-3  # groups of 16 or 32 and the rest
+    # 40 queries: interleaved groups of 16 (AVX2) or 32 (AVX-512) and a partial one; each query's
+    # tables shifted apart, so that no two queries have the same results
+    luts = index.query_lut(features(40, 2)) + torch.arange(40).view(40, 1, 1) * 1e-3
     want_s, want_i = index.search_luts(luts, 12, fast_scan=fast_scan)
     for batch_size in (1, 7):
         scores, ids = index.search_luts(luts, 12, batch_size=batch_size, fast_scan=fast_scan)
