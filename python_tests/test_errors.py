@@ -71,8 +71,19 @@ def test_device_mix_is_rejected():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_rejects_sizes_beyond_its_shared_memory_plan():
     x, a, c = make_problem(2, 1, 300, 4, dtype=torch.float32, device="cuda")
-    with pytest.raises(RuntimeError, match="supports d and K up to 256"):
+    with pytest.raises(RuntimeError, match="soft_quantize on CUDA supports d and K up to 256, got d=300"):
         opqn_ext.soft_quantize(x, a, c)
+    q, p = torch.zeros(2, 1, 300, device="cuda"), torch.full((2, 1, 4), 0.25, device="cuda")
+    with pytest.raises(RuntimeError, match="soft_quantize on CUDA supports d and K up to 256, got d=300"):
+        torch.ops.opqn_ext.soft_quantize_backward(None, q, None, x, a, c, p, 1.0, False, [True, True, True])
+    x, a, _ = make_problem(2, 1, 1025, 4, dtype=torch.float32, device="cuda")
+    with pytest.raises(RuntimeError, match="encode on CUDA supports d up to 1024, got d=1025"):
+        opqn_ext.encode(x, a)
+    x, a = torch.ones(1, 65536, device="cuda"), torch.ones(65536, 1, 1, device="cuda")
+    with pytest.raises(RuntimeError, match="soft_quantize on CUDA supports up to 65535 books, got M=65536"):
+        opqn_ext.soft_quantize(x, a, a)
+    with pytest.raises(RuntimeError, match="encode on CUDA supports up to 65535 books, got M=65536"):
+        opqn_ext.encode(x, a)
 
 
 def test_device_mix_is_rejected_under_fake_tensors():
