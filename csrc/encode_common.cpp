@@ -9,11 +9,6 @@ SoftQuantizeDims check_encode_args(const at::Tensor& x, const at::Tensor& assign
   return dims;
 }
 
-void check_cuda_encode_sizes(const SoftQuantizeDims& dims, int64_t max_dim) {
-  TORCH_CHECK(dims.d <= max_dim, "encode on CUDA supports d up to ", max_dim, ", got d=", dims.d);
-  TORCH_CHECK(dims.M <= 65535, "encode on CUDA supports up to 65535 books, got M=", dims.M);
-}
-
 void check_similarities_finite(bool all_finite) {
   TORCH_CHECK(all_finite, "x must be finite to encode, and so must assign_weight: they contain NaN or infinite "
               "values (or their similarities overflow), which have no argmax");

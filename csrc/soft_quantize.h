@@ -24,11 +24,6 @@ SoftQuantizeDims check_x_and_weights(const at::Tensor& x, const at::Tensor& weig
 SoftQuantizeDims check_soft_quantize_args(const at::Tensor& x, const at::Tensor& assign_weight,
                                           const at::Tensor& codebook, double scale);
 
-// The sizes the CUDA kernels take: d and K up to max_dim, M up to 65535. Like every argument check
-// of the CUDA ops, it lives in a file of the host compiler: on the GPU machines, an error thrown
-// from nvcc-compiled host code crashed the process instead of reaching Python.
-void check_cuda_soft_quantize_sizes(const SoftQuantizeDims& dims, int64_t max_dim);
-
 // The inputs of soft_quantize_backward, validated and contiguous; absent gradients undefined.
 struct SoftQuantizeBackwardInputs {
   SoftQuantizeDims dims;

@@ -60,12 +60,6 @@ void check_optional_grad(const c10::optional<at::Tensor>& grad, at::IntArrayRef 
 at::Tensor contiguous_or_undefined(const c10::optional<at::Tensor>& t) {
   return t.has_value() && t->defined() ? t->contiguous() : at::Tensor();
 }
-void check_cuda_soft_quantize_sizes(const SoftQuantizeDims& dims, int64_t max_dim) {
-  TORCH_CHECK(dims.d <= max_dim && dims.K <= max_dim, "soft_quantize on CUDA supports d and K up to ",
-              max_dim, ", got d=", dims.d, ", K=", dims.K);
-  TORCH_CHECK(dims.M <= 65535, "soft_quantize on CUDA supports up to 65535 books, got M=", dims.M);
-}
-
 SoftQuantizeBackwardInputs prepare_backward_inputs(
     const c10::optional<at::Tensor>& grad_probs, const c10::optional<at::Tensor>& grad_quantized,
     const c10::optional<at::Tensor>& grad_entropy, const at::Tensor& x,

@@ -20,9 +20,10 @@ static_assert(kMaxWords <= kThreads, "the tile product gives every word a thread
 
 at::Tensor encode_cuda(const at::Tensor& x_in, const at::Tensor& assign_weight, bool normalize) {
   const auto dims = check_encode_args(x_in, assign_weight);
-  check_cuda_encode_sizes(dims, kEncodeMaxDim);
   (void)normalize;  // a positive scale per row: the argmax does not change
   const auto [B, M, d, K] = dims;
+  TORCH_CHECK(d <= kEncodeMaxDim, "encode on CUDA supports d up to ", kEncodeMaxDim, ", got d=", d);
+  TORCH_CHECK(M <= 65535, "encode on CUDA supports up to 65535 books, got M=", M);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const at::Tensor A = assign_weight.contiguous();

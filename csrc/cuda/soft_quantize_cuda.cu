@@ -16,12 +16,19 @@
 namespace opqn::cuda {
 namespace {
 
+void check_cuda_sizes(const SoftQuantizeDims& dims) {
+  TORCH_CHECK(dims.d <= kSoftQuantizeMaxDim && dims.K <= kSoftQuantizeMaxDim,
+              "soft_quantize on CUDA supports d and K up to ", kSoftQuantizeMaxDim, ", got d=", dims.d,
+              ", K=", dims.K);
+  TORCH_CHECK(dims.M <= 65535, "soft_quantize on CUDA supports up to 65535 books, got M=", dims.M);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cuda(const at::Tensor& x_in,
                                                                   const at::Tensor& assign_weight,
                                                                   const at::Tensor& codebook,
                                                                   double scale, bool normalize) {
   const auto dims = check_soft_quantize_args(x_in, assign_weight, codebook, scale);
-  check_cuda_soft_quantize_sizes(dims, kSoftQuantizeMaxDim);
+  check_cuda_sizes(dims);
   const auto [B, M, d, K] = dims;
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -53,7 +60,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cuda(
     double scale, bool normalize, std::array<bool, 3> output_mask) {
   const auto in = prepare_backward_inputs(grad_probs, grad_quantized, grad_entropy, x_in,
                                           assign_weight, codebook, probs_in, scale);
-  check_cuda_soft_quantize_sizes(in.dims, kSoftQuantizeMaxDim);
+  check_cuda_sizes(in.dims);
   const auto [B, M, d, K] = in.dims;
   const bool need_x = output_mask[0], need_a = output_mask[1];
   const c10::cuda::CUDAGuard guard(x_in.device());
