@@ -2,10 +2,10 @@
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
 # kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), which failed
 # argument checks crash the process there (gpu_error_probe.py), compute-sanitizer over the CUDA
-# kernels (memcheck; racecheck of the kernels that share memory between threads), OPQN training on
-# ORL on the GPU, the C++ library's CUDA kernels from C++, then the whole test suite. Steps run in
-# that order of importance, each capped, all within BUDGET seconds (default 540), so that one device
-# call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
+# kernels (memcheck; racecheck of the kernels that share memory between threads), the C++
+# library's CUDA kernels from C++, OPQN training on ORL on the GPU, then the whole test suite. Steps
+# run in that order of importance, each capped, all within BUDGET seconds (default 540), so that one
+# device call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
 # (every step's output), summary.txt (one line per step) and the benchmarks' JSON files.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # ONLY="build cuda_tests ..." runs the steps named there alone (a rerun after a fix).
@@ -65,15 +65,16 @@ step memcheck_adc 45 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTES
 step racecheck_adc 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST python_tests/test_adc_cuda.py -k "$ADC_CUDA_SMALL"
 # shapes whose tile products split sums over 8, 4, 2 and 1 thread groups, and one above 48 KiB of shared memory
 SQ_SMALL="(reference_float64 and scalar and (33-3-17-9 or 129-5-100-100 or 5-16-256-7 or 257-2-256-256))"
-step racecheck_soft_quantize 45 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST \
+step racecheck_soft_quantize 90 compute-sanitizer --tool racecheck --error-exitcode 1 $PYTEST \
   python_tests/test_soft_quantize.py python_tests/test_encode.py \
   -k "cuda and ($SQ_SMALL or (encode_is and (37-3-16-16 or 500-8-64-64)))"
+
+# the C++ library with its CUDA kernels, from C++ programs: each op on CUDA against the CPU, and an
+# index file searched on CUDA against the Python index there
+step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot or cuda_in_cpp or python_package"
 
 step bench_train 60 python3 benchmarks/bench_train.py --device cuda --steps 30 --autocast --json "$OUT/train_step_cuda.json"
 step train_orl 90 python3 -m opqn_ext.cli train --device cuda --dataset orl --width 64 --bits 32 --epochs 200 \
   --no-progress --out-dir /tmp/orl_cuda --json "$OUT/orl_cuda.json"
-# the C++ library with its CUDA kernels, from C++ programs: each op on CUDA against the CPU, and an
-# index file searched on CUDA against the Python index there
-step cpp_library_cuda 120 env OPQN_CPP_TESTS_CUDA=1 $PYTEST python_tests/test_cpp_library.py -k "cpp_api or aot or cuda_in_cpp or python_package"
 step all_tests 300 $PYTEST -n 8 python_tests -k "not emulat"  # the emulated kernels run in CI already
 echo "total ${SECONDS}s" | tee -a "$SUMMARY"
