@@ -45,6 +45,7 @@ bench: build
 	$(PYTHON) benchmarks/bench_range_search.py
 	$(PYTHON) benchmarks/bench_subset_search.py
 	$(PYTHON) benchmarks/bench_search_latency.py
+	$(PYTHON) benchmarks/bench_query_tables.py
 	$(PYTHON) benchmarks/bench_folder_loader.py
 	$(PYTHON) benchmarks/bench_folder_cache.py
 	$(PYTHON) benchmarks/bench_onnx_export.py

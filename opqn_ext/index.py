@@ -349,7 +349,8 @@ class OPQNIndex:
         products of the soft-quantized queries with the codewords, which an orthonormal codebook
         makes the assignment probabilities. Queries that give tables with NaN or infinities (their
         own, or products that overflow) are named in a ValueError. A query's table may differ in its
-        last bits with the batch it comes in (a query or a few: row loops; more: BLAS)."""
+        last bits with the batch it comes in (up to 2^21 multiply-adds a product, as 64 queries of
+        8 x 64 x 64: row loops; more: BLAS)."""
         queries = as_tensor(queries, "queries")
         luts = self._tables(queries)
         if not bool(torch.isfinite(luts).all()):

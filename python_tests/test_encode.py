@@ -33,13 +33,14 @@ def test_encode_breaks_ties_to_the_smaller_word(device):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_a_sample_alone_gets_its_codes_in_a_batch(dtype, cpu_isa):
-    # a sample alone runs the row loops (csrc/cpu/row_kernels.h), a batch of 300 one BLAS product per
-    # book; small integers make every similarity exact, with many ties, so the codes must be equal
+    # a sample alone runs the row loops (csrc/cpu/row_kernels.h), a batch of 2000 (above their 2^21
+    # multiply-adds) one BLAS product per book; small integers make every similarity exact, with
+    # many ties, so the codes must be equal
     g = torch.Generator().manual_seed(3)
-    x = torch.randint(-3, 4, (300, 8 * 13), generator=g).to(dtype)
+    x = torch.randint(-3, 4, (2000, 8 * 13), generator=g).to(dtype)
     a = torch.randint(-2, 3, (8, 13, 11), generator=g).to(dtype)
     batch = opqn_ext.encode(x, a, normalize=False)
-    alone = torch.cat([opqn_ext.encode(x[i:i + 1], a, normalize=False) for i in range(300)])
+    alone = torch.cat([opqn_ext.encode(x[i:i + 1], a, normalize=False) for i in range(2000)])
     assert torch.equal(alone, batch)
     assert torch.equal(batch, reference.encode(x, a, normalize=False))
 

@@ -232,12 +232,14 @@ def test_cpu_isa_paths_agree(cpu_isa):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("M,d,K", [(8, 64, 16), (3, 37, 13)])
 def test_a_sample_alone_gets_its_values_in_a_batch(M, d, K, dtype, cpu_isa):
-    # a sample alone runs the forward's row loops (a few samples, csrc/cpu/row_kernels.h), a batch of
-    # 64 the BLAS products: the same values to rounding, at K a multiple of the vector width or not
-    x, a, c = make_problem(64, M, d, K, dtype=dtype, seed=5)
+    # a sample alone runs the forward's row loops (up to 2^21 multiply-adds a product,
+    # csrc/cpu/row_kernels.h), a batch above that the BLAS products: the same values to rounding, at K
+    # a multiple of the vector width or not
+    B = (1 << 21) // (M * d * K) + 1
+    x, a, c = make_problem(B, M, d, K, dtype=dtype, seed=5)
     batch = opqn_ext.soft_quantize(x, a, c, 3.0, True)
     tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-14)
-    for i in (0, 17, 63):
+    for i in (0, 17, B - 1):
         alone = opqn_ext.soft_quantize(x[i:i + 1], a, c, 3.0, True)
         for name, u, v in zip(("probs", "quantized", "entropy"), alone, batch):
             torch.testing.assert_close(u[0], v[i], **tol, msg=lambda m: f"sample {i} {name}: {m}")

@@ -1,8 +1,8 @@
 // CPU kernel of encode: codes[b, m] = argmax_k x[b, m] @ assign_weight[m] (ties to the smaller k).
 // Rows go in blocks of kRowsPerBlock: one BLAS GEMM per book into a [rows, K] scratch (bounded
-// memory whatever B is; a few samples: row loops, row_kernels.h), then a parallel argmax over its
-// rows, which also checks that every
-// similarity is finite (encode.h). normalize scales each row by a positive factor, which leaves
+// memory whatever B is; up to a few dozen samples: row loops parallel over samples,
+// row_kernels.h), then a parallel argmax over its rows, which also checks that every similarity is
+// finite (encode.h). normalize scales each row by a positive factor, which leaves
 // the argmax as it is, so it needs no work here. float16/bfloat16 inputs are encoded from float32
 // copies.
 #include <atomic>
@@ -48,14 +48,18 @@ at::Tensor encode_cpu(const at::Tensor& x_in, const at::Tensor& assign_weight, b
   uint8_t* out = codes.mutable_data_ptr<uint8_t>();
   std::atomic<bool> all_finite{true};
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "encode_cpu", [&] {
-    if (B * M * d * K <= kRowProductsMaxMacs) {
+    if (B * M * d * K <= kRowProductsMaxMacs<scalar_t>) {
       at::Tensor l = at::empty({B * M, K}, x.options());  // [B * M, K]
       scalar_t* lp = l.mutable_data_ptr<scalar_t>();
-      row_kernels<scalar_t>().row_products(x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), B * M, M, d,
-                                           K, lp);
-      bool finite = true;
-      for (int64_t r = 0; r < B * M; ++r) out[r] = argmax_row(lp + r * K, K, finite);
-      all_finite.store(finite);
+      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+      const scalar_t* a_ptr = A.const_data_ptr<scalar_t>();
+      const auto& kernels = row_kernels<scalar_t>();
+      for_sample_rows(B, M, d * K, [&](int64_t r0, int64_t rows) {
+        kernels.row_products(x_ptr + r0 * d, a_ptr, rows, M, d, K, lp + r0 * K);
+        bool finite = true;
+        for (int64_t r = r0; r < r0 + rows; ++r) out[r] = argmax_row(lp + r * K, K, finite);
+        if (!finite) all_finite.store(false, std::memory_order_relaxed);
+      });
       return;
     }
     at::Tensor logits = at::empty({std::min(B, kRowsPerBlock), K}, x.options());  // [rows, K]

@@ -7,12 +7,26 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 
 namespace opqn::cpu {
 
 // Up to this many multiply-adds per product (rows * d * K), a forward's products run as row loops
-// (RowKernels::row_products): a query or a few, whose BLAS calls cost more than their arithmetic.
-constexpr int64_t kRowProductsMaxMacs = int64_t(1) << 15;
+// (RowKernels::row_products, parallel over samples: for_sample_rows), where a batched BLAS call
+// costs more than its arithmetic (it has 50-110 us of fixed cost here): float up to 2^21 (64
+// queries of 8 x 64 x 64, 8 of 2 x 256 x 256), where the vector row loops were as fast or faster
+// than BLAS at every shape measured; double only up to 2^15, its plain loops being slower sooner.
+template <typename T>
+constexpr int64_t kRowProductsMaxMacs = sizeof(T) == sizeof(float) ? int64_t(1) << 21 : int64_t(1) << 15;
+
+// Row loops split into chunks of at least this many multiply-adds (a query or two run on the
+// calling thread: waking the pool would cost more).
+constexpr int64_t kRowChunkMacs = int64_t(1) << 16;
+
+// Runs fn(first_row, rows) over the B * M rows of B samples of M books, in parallel chunks of
+// whole samples (so that row r of a chunk is of book r % M) of at least kRowChunkMacs, a row
+// costing macs_per_row multiply-adds.
+void for_sample_rows(int64_t B, int64_t M, int64_t macs_per_row, const std::function<void(int64_t, int64_t)>& fn);
 
 template <typename T>
 struct RowKernels {

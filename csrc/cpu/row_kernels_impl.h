@@ -290,23 +290,56 @@ inline float hsum_tree(VecF v) {
   return s[0];
 }
 
+// logits[k0, k0 + NV * kW) of one row: NV independent accumulators over all of d, so that the
+// multiply-adds of consecutive j do not wait on each other.
+template <int NV>
+inline void products_block(const float* xr, const float* a, int64_t d, int64_t K, int64_t k0, float* l) {
+  VecF acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = splat(0.0f);
+  for (int64_t j = 0; j < d; ++j) {
+    const VecF xj = splat(xr[j]);
+    const float* aj = a + j * K + k0;
+    for (int v = 0; v < NV; ++v) acc[v] += xj * load(aj + v * kW);
+  }
+  for (int v = 0; v < NV; ++v) store(l + k0 + v * kW, acc[v]);
+}
+
 template <>
 void row_products<float>(const float* x, const float* A, int64_t rows, int64_t M, int64_t d, int64_t K,
                          float* logits) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * d;
     const float* a = A + (r % M) * d * K;
-    for (int64_t k = 0; k < K; k += kW) {  // a register of K's columns over all of d
-      const int64_t n = K - k < kW ? K - k : kW;
+    float* l = logits + r * K;
+    int64_t k = 0;
+    for (; K - k >= 8 * kW; k += 8 * kW) products_block<8>(xr, a, d, K, k, l);
+    if (K - k >= 4 * kW) products_block<4>(xr, a, d, K, k, l), k += 4 * kW;
+    if (K - k >= 2 * kW) products_block<2>(xr, a, d, K, k, l), k += 2 * kW;
+    if (K - k >= kW) products_block<1>(xr, a, d, K, k, l), k += kW;
+    if (k < K) {  // the last K % kW columns
       VecF acc = splat(0.0f);
-      if (n == kW) {
-        for (int64_t j = 0; j < d; ++j) acc += xr[j] * load(a + j * K + k);
-      } else {
-        for (int64_t j = 0; j < d; ++j) acc += xr[j] * load_n(a + j * K + k, n, 0.0f);
-      }
-      store_n(logits + r * K + k, acc, n);
+      for (int64_t j = 0; j < d; ++j) acc += xr[j] * load_n(a + j * K + k, K - k, 0.0f);
+      store_n(l + k, acc, K - k);
     }
   }
+}
+
+// out[j] of one row for NJ consecutive j: dot products of rows of C with p, NJ at a time so that
+// their multiply-adds are independent, each summed across lanes at the end.
+template <int NJ>
+inline void reconstructions_block(const float* c, const float* p, int64_t K, int64_t j0, float* out) {
+  VecF acc[NJ];
+  for (int i = 0; i < NJ; ++i) acc[i] = splat(0.0f);
+  int64_t k = 0;
+  for (; k + kW <= K; k += kW) {
+    const VecF pk = load(p + k);
+    for (int i = 0; i < NJ; ++i) acc[i] += load(c + (j0 + i) * K + k) * pk;
+  }
+  if (k < K) {
+    const VecF pk = load_n(p + k, K - k, 0.0f);
+    for (int i = 0; i < NJ; ++i) acc[i] += load_n(c + (j0 + i) * K + k, K - k, 0.0f) * pk;
+  }
+  for (int i = 0; i < NJ; ++i) out[j0 + i] = hsum_tree(acc[i]);
 }
 
 template <>
@@ -315,14 +348,10 @@ void row_reconstructions<float>(const float* probs, const float* C, int64_t rows
   for (int64_t r = 0; r < rows; ++r) {
     const float* c = C + (r % M) * d * K;
     const float* p = probs + r * K;
-    for (int64_t j = 0; j < d; ++j) {
-      const float* cj = c + j * K;
-      VecF acc = splat(0.0f);
-      int64_t k = 0;
-      for (; k + kW <= K; k += kW) acc += load(cj + k) * load(p + k);
-      if (k < K) acc += load_n(cj + k, K - k, 0.0f) * load_n(p + k, K - k, 0.0f);
-      out[r * d + j] = hsum_tree(acc);
-    }
+    float* o = out + r * d;
+    int64_t j = 0;
+    for (; j + 4 <= d; j += 4) reconstructions_block<4>(c, p, K, j, o);
+    for (; j < d; ++j) reconstructions_block<1>(c, p, K, j, o);
   }
 }
 

@@ -1,6 +1,6 @@
 // CPU kernels of soft_quantize. Each GEMM is one batched GEMM over the books (strided views of
-// the [B, M, *] tensors, no copies) on ATen's BLAS, which parallelizes it (in a forward of a few
-// samples, row loops: kRowProductsMaxMacs); everything between the
+// the [B, M, *] tensors, no copies) on ATen's BLAS, which parallelizes it (in a forward of up to
+// a few dozen samples, row loops parallel over samples: kRowProductsMaxMacs); everything between the
 // GEMMs is one fused pass over the [B*M] (sample, book) rows, parallel over rows, with the
 // ISA-dispatched row kernels: softmax, entropy and the norm clamp in the forward; entropy, softmax
 // and norm-clamp gradients in the backward. The similarity GEMM writes straight into the probs
@@ -85,11 +85,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
         kernels.row_norms(x_ptr + r0 * d, rows, d, norms_ptr + r0);
       });
     }
-    const bool row_loops = B * M * d * K <= kRowProductsMaxMacs;
+    const bool row_loops = B * M * d * K <= kRowProductsMaxMacs<scalar_t>;
     scalar_t* p_ptr = probs.mutable_data_ptr<scalar_t>();
     // logits[b, m] = x[b, m] @ A[m], written into probs: [B, K] per book, row stride M*K
-    if (row_loops) kernels.row_products(x.const_data_ptr<scalar_t>(), A.const_data_ptr<scalar_t>(), B * M, M, d, K, p_ptr);
-    else bmm_into(by_book(probs), by_book(x), A);
+    if (row_loops) {
+      const scalar_t* x_ptr = x.const_data_ptr<scalar_t>();
+      const scalar_t* a_ptr = A.const_data_ptr<scalar_t>();
+      for_sample_rows(B, M, d * K, [&](int64_t r0, int64_t rows) {
+        kernels.row_products(x_ptr + r0 * d, a_ptr, rows, M, d, K, p_ptr + r0 * K);
+      });
+    } else {
+      bmm_into(by_book(probs), by_book(x), A);
+    }
     scalar_t* h_ptr = entropy.mutable_data_ptr<scalar_t>();
     for_rows(B * M, K, [&](int64_t r0, int64_t rows) {
       kernels.softmax_entropy_rows(p_ptr + r0 * K, rows, K, static_cast<scalar_t>(scale),
@@ -97,8 +104,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
     });
     // quantized[b, m] = probs[b, m] @ C[m]^T
     if (row_loops) {
-      kernels.row_reconstructions(p_ptr, C.const_data_ptr<scalar_t>(), B * M, M, d, K,
-                                  quantized.mutable_data_ptr<scalar_t>());
+      const scalar_t* c_ptr = C.const_data_ptr<scalar_t>();
+      scalar_t* q_ptr = quantized.mutable_data_ptr<scalar_t>();
+      for_sample_rows(B, M, d * K, [&](int64_t r0, int64_t rows) {
+        kernels.row_reconstructions(p_ptr + r0 * K, c_ptr, rows, M, d, K, q_ptr + r0 * d);
+      });
     } else {
       bmm_into(by_book(quantized), by_book(probs), C.transpose(1, 2));
     }
