@@ -40,12 +40,14 @@ SoftQuantizeBackwardInputs prepare_backward_inputs(
     double scale);
 
 // The outputs of soft_quantize_backward from the per-sample results: grad_x [B, M, d] (viewed as
-// x_sizes) and g [B, M, K] (see assign_weight_grad); empty tensors where output_mask is false.
+// x_sizes) and g [B, M, K] (see assign_weight_grad), or grad_assign_weight where the caller
+// computed it already; empty tensors where output_mask is false.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const SoftQuantizeBackwardInputs& in,
                                                                const at::Tensor& grad_x,
                                                                const at::Tensor& g,
                                                                at::IntArrayRef x_sizes,
-                                                               std::array<bool, 3> output_mask);
+                                                               std::array<bool, 3> output_mask,
+                                                               const at::Tensor& grad_assign_weight = {});
 
 // grad_assign_weight [M, d, K] = sum_b x[b, m]^T gl[b, m], where gl [B, M, K] already holds
 // scale * dL/dlogits divided by the norm clamp of x (so x itself stands in for xhat).

@@ -87,7 +87,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const SoftQuantiz
                                                                const at::Tensor& grad_x,
                                                                const at::Tensor& g,
                                                                at::IntArrayRef x_sizes,
-                                                               std::array<bool, 3> output_mask) {
+                                                               std::array<bool, 3> output_mask,
+                                                               const at::Tensor& grad_assign_weight) {
   const auto [need_x, need_a, need_c] = output_mask;
   const auto dtype = in.x.scalar_type();
   const at::Tensor none = at::empty({0}, in.x.options());
@@ -97,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> finish_backward(const SoftQuantiz
                                          : at::zeros(in.codebook.sizes(), in.x.options());
   }
   return {need_x ? grad_x.view(x_sizes) : none,
-          need_a ? assign_weight_grad(in.x, g, dtype) : none,
+          need_a ? (grad_assign_weight.defined() ? grad_assign_weight : assign_weight_grad(in.x, g, dtype)) : none,
           grad_c};
 }
 

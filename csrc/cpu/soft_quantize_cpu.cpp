@@ -6,7 +6,9 @@
 // and norm-clamp gradients in the backward. The similarity GEMM writes straight into the probs
 // output and the reconstruction GEMM reads from it, so the forward allocates nothing beyond its
 // outputs (and [B, M] norms). float16/bfloat16 inputs run the float32 kernels on float32 copies,
-// and their results are rounded back.
+// and their results are rounded back. Peaked assignments (few words keep all but a unit roundoff
+// of the probability) take the peaked-row products instead of the reconstruction and backward
+// GEMMs (peaked_products.h).
 // (Blocks of samples doing their GEMMs inside the parallel region, single-threaded BLAS each,
 // measured no faster at the benchmark shapes.)
 #include <ATen/core/Tensor.h>
@@ -19,6 +21,7 @@
 #include <torch/library.h>
 
 #include "checks.h"
+#include "cpu/peaked_products.h"
 #include "cpu/row_kernels.h"
 #include "soft_quantize.h"
 
@@ -103,7 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_cpu(const at::Tenso
                                    norms_ptr != nullptr ? norms_ptr + r0 : nullptr, h_ptr + r0);
     });
     // quantized[b, m] = probs[b, m] @ C[m]^T
-    if (row_loops) {
+    if (use_peaked_products(probs, d)) {
+      peaked_reconstruct(probs, C, quantized);
+    } else if (row_loops) {
       const scalar_t* c_ptr = C.const_data_ptr<scalar_t>();
       scalar_t* q_ptr = quantized.mutable_data_ptr<scalar_t>();
       for_sample_rows(B, M, d * K, [&](int64_t r0, int64_t rows) {
@@ -137,10 +142,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> soft_quantize_backward_cpu(
   const at::Tensor& gp = in.grad_probs;
   const at::Tensor& gq = in.grad_quantized;
 
+  const bool any_grad = (need_x || need_a) && B > 0;
+  if (any_grad && use_peaked_products(in.probs, d)) {
+    const auto peaked = peaked_backward(in, scale, normalize, need_x, need_a);
+    return finish_backward(in, peaked.grad_x, peaked.g, x_in.sizes(), output_mask, peaked.grad_assign_weight);
+  }
   // g: [B, M, K] = scale * dL/dlogits / max(||x||, eps), shared by grad_x and grad_assign_weight
   at::Tensor g = at::empty({B, M, K}, x.options());
   at::Tensor grad_x = at::empty({need_x ? B : 0, M, d}, x.options());
-  if (!(need_x || need_a) || B == 0) {
+  if (!any_grad) {
     g.zero_();
     grad_x.zero_();
     return finish_backward(in, grad_x, g, x_in.sizes(), output_mask);
