@@ -66,7 +66,7 @@ dist: $(STAMP)
 # conversions out of range are checked too (-fsanitize=undefined leaves them out).
 ASAN_DIR := build/asan
 SANITIZE_FLAGS := -fsanitize=address,undefined,float-cast-overflow -fno-omit-frame-pointer -fno-sanitize-recover=undefined,float-cast-overflow
-SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_topk_heap.py test_rank_stats.py test_encode.py test_soft_quantize.py \
+SANITIZE_TESTS := test_adc_topk.py test_adc_filtered_scan.py test_adc_topk4.py test_topk_heap.py test_rank_stats.py test_encode.py test_soft_quantize.py test_soft_quantize_peaked.py \
 	test_metrics.py test_errors.py test_index.py test_codebooks.py test_nn.py test_adc_gradients.py test_autocast.py \
 	test_cuda_emulator.py test_cuda_kernels_emulated.py
 SANITIZE_CPP_TESTS := (cpp_api or index_file or cpp_reader or in_cpp or cpp_index or cpp_search or cpp_range or merged_in_cpp) and not aot
