@@ -184,8 +184,8 @@ void peaked_backward_rows(const T* probs, const T* grad_probs, const T* grad_qua
                           const T* grad_entropy, const T* Ct, const T* At, int64_t rows, int64_t M,
                           int64_t d, int64_t K, T scale, const T* norms, T floor, T* g, T* grad_x,
                           int32_t* kept_words, int32_t* kept_counts) {
-  KeptWords<T> kw(K);
-  T* u = kw.w.get();
+  const std::unique_ptr<T[]> u_of_kept(new T[K]);
+  T* u = u_of_kept.get();
   for (int64_t r = 0; r < rows; ++r) {
     const T* p = probs + r * K;
     const int64_t book = r % M;
