@@ -28,8 +28,9 @@ __attribute__((noinline)) void transpose_rows(const T* __restrict s, T* __restri
   }
 }
 
-// in [M, R, C] (contiguous) -> [M, C, R] (contiguous), in tiles, parallel over books and tile rows
-// (ATen's strided copy took 0.26 ms for 8 x 256 x 256 floats here).
+// in [M, R, C] (contiguous) -> [M, C, R] (contiguous), in tiles, parallel over books and tile rows.
+// Against ATen's transpose(1, 2).contiguous() in its place, a peaked 8 x 256 x 256 step took 5.7-7.5
+// ms (median of 3 runs 5.9) against 6.5-7.1 ms (7.0) here.
 at::Tensor transpose_books(const at::Tensor& in) {
   const int64_t M = in.size(0), R = in.size(1), C = in.size(2);
   at::Tensor out = at::empty({M, C, R}, in.options());
