@@ -226,3 +226,56 @@ void peaked_weight_grad(const T* x, const T* g, const int32_t* kept_words, const
     }
   }
 }
+
+// Transposes of the weights that the kept-word products read by rows, in tiles of kTransposeTile x
+// kTransposeTile elements (row_kernels.h).
+
+// o[c, r] = s[r, c] for r in [r0, r1), c in [c0, c1): s [R, C], o [C, R]
+template <typename T>
+inline void transpose_scalar(const T* s, T* o, int64_t R, int64_t C, int64_t r0, int64_t r1, int64_t c0,
+                             int64_t c1) {
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int64_t r = r0; r < r1; ++r) o[c * R + r] = s[r * C + c];
+  }
+}
+
+template <typename T>
+void transpose_rows(const T* s, T* o, int64_t R, int64_t C, int64_t r0, int64_t r1) {
+  for (int64_t c0 = 0; c0 < C; c0 += kTransposeTile) {
+    transpose_scalar(s, o, R, C, r0, r1, c0, c0 + kTransposeTile < C ? c0 + kTransposeTile : C);
+  }
+}
+
+// The 8 x 8 block at s (row stride sr) transposed into o (row stride so), in registers: pairs of rows
+// interleaved, then pairs of pairs, then the 128-bit halves (the unpack, shuffle, permute sequence).
+inline void transpose8x8(const float* s, int64_t sr, float* o, int64_t so) {
+  VecF r[8], t[8], u[8];
+  for (int i = 0; i < 8; ++i) r[i] = load(s + i * sr);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    for (int h = 0; h < 2; ++h) {
+      u[i + 2 * h] = __builtin_shufflevector(t[i + h], t[i + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * h + 1] = __builtin_shufflevector(t[i + h], t[i + h + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    store(o + j * so, __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+    store(o + (j + 4) * so, __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+  }
+}
+
+template <>
+void transpose_rows<float>(const float* s, float* o, int64_t R, int64_t C, int64_t r0, int64_t r1) {
+  const int64_t r8 = r0 + (r1 - r0) / 8 * 8;
+  for (int64_t c0 = 0; c0 < C; c0 += kTransposeTile) {
+    const int64_t c1 = c0 + kTransposeTile < C ? c0 + kTransposeTile : C, c8 = c0 + (c1 - c0) / 8 * 8;
+    for (int64_t r = r0; r < r8; r += 8) {
+      for (int64_t c = c0; c < c8; c += 8) transpose8x8(s + r * C + c, C, o + c * R + r, R);
+    }
+    transpose_scalar(s, o, R, C, r8, r1, c0, c8);
+    transpose_scalar(s, o, R, C, r0, r1, c8, c1);
+  }
+}

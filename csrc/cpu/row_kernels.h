@@ -28,6 +28,10 @@ constexpr int64_t kRowChunkMacs = int64_t(1) << 16;
 // costing macs_per_row multiply-adds.
 void for_sample_rows(int64_t B, int64_t M, int64_t macs_per_row, const std::function<void(int64_t, int64_t)>& fn);
 
+// RowKernels::transpose_rows works in tiles of this many rows and columns, whose rows and columns
+// both stay in cache; a parallel transpose gives each task whole strips of this many rows.
+constexpr int64_t kTransposeTile = 32;
+
 template <typename T>
 struct RowKernels {
   // x: [rows, d] -> norms: [rows] = ||x[r]||
@@ -68,6 +72,9 @@ struct RowKernels {
   void (*peaked_weight_grad)(const T* x, const T* g, const int32_t* kept_words, const int32_t* kept_counts,
                              int64_t B, int64_t M, int64_t d, int64_t K, int64_t book, int64_t j0, int64_t j1,
                              T* grad_t);
+  // s: [R, C] -> o: [C, R], o[c, r] = s[r, c] for the rows r in [r0, r1) (the strips of a parallel
+  // transpose): the transposed weights above, and the weight gradient transposed back
+  void (*transpose_rows)(const T* s, T* o, int64_t R, int64_t C, int64_t r0, int64_t r1);
 };
 
 // Peaked assignments (the low-entropy rows that training with the entropy penalty converges to)

@@ -362,7 +362,7 @@ template <typename T>
 constexpr RowKernels<T> kernel_set() {
   return {&row_norms<T>, &softmax_entropy_rows<T>, &softmax_backward_rows<T>, &normalize_backward_rows<T>,
           &row_products<T>, &row_reconstructions<T>, &count_kept<T>, &peaked_reconstructions<T>,
-          &peaked_backward_rows<T>, &peaked_weight_grad<T>};
+          &peaked_backward_rows<T>, &peaked_weight_grad<T>, &transpose_rows<T>};
 }
 
 }  // namespace
