@@ -8,8 +8,10 @@ On the H200 of 2026-12-04 the fused step took 0.33-0.55 ms against 0.05-0.12 ms 
     ncu --kernel-name regex:soft_quantize ... python benchmarks/gpu_profile_soft_quantize.py --steps 6
 
 --host-profile times the fused and the eager step and prints torch.profiler's table of each (the
-ops' host time, their kernels' device time, how many launches); without it, the script only runs
---steps fused steps after a warm-up, for a kernel profiler to capture.
+ops' host time, their kernels' device time, how many launches), and times the step's harness alone
+(`floor`: the same step around two views of the inputs in place of the op), the least any step can
+take there; without it, the script only runs --steps fused steps after a warm-up, for a kernel
+profiler to capture.
 """
 import argparse
 import os
@@ -38,6 +40,13 @@ def wall_ms(fn, device, steps):
         fn()
     sync(device)
     return (time.perf_counter() - start) * 1e3 / steps
+
+
+def floor(x, assign_weight, codebook, scale, normalize):
+    """The step's harness without the op: views of the inputs shaped as its outputs, so that the
+    step still runs its autograd graph, backward and gradient accumulation."""
+    B, (M, d, _) = x.shape[0], assign_weight.shape
+    return None, x.view(B, M, d), assign_weight[:, 0, 0].expand(B, M)
 
 
 def host_profile(peers, inputs, scale, device, steps):
@@ -70,6 +79,10 @@ def main():
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"soft_quantize step, B M d K = {args.shape}, scale {args.scale}, {where}, torch {torch.__version__}")
     if args.host_profile:
+        run_floor = lambda: step(floor, args.scale, *inputs)  # noqa: E731
+        for _ in range(10):
+            run_floor()
+        print(f"floor (the step without the op): {wall_ms(run_floor, device, args.steps):.3f} ms a step")
         host_profile({"fused": opqn_ext.soft_quantize, "eager": reference.soft_quantize}, inputs, args.scale,
                      device, args.steps)
         return
