@@ -13,9 +13,17 @@ fused op and the eager reference are also timed as one captured CUDA graph per s
 "graph"): replaying it leaves out the host's dispatch and launch work, so those columns compare
 device time alone.
 
-    python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH] [--flush-denormal]
+On the CPU, glibc's malloc hands freed memory at the top of its heap back to the system once more
+than a threshold is free there, so a process whose steps free and reallocate a few hundred KiB
+across that line page-faults on every step (300 faults a step, 0.9 -> 1.7 ms at 8 x 64 x 64 for
+the fused op alone), depending on its allocation history; --keep-heap raises glibc's trim and mmap
+thresholds for every peer, which makes runs repeatable.
+
+    python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH] [--flush-denormal] [--keep-heap]
 """
 import argparse
+import ctypes
+import ctypes.util
 import json
 import math
 import os
@@ -134,6 +142,17 @@ def add_graph_timings(rows, peers, device, repeats):
         print(f"{r['regime']:>7} {r['B']:>4} {r['M']:>2} {r['d']:>4} {r['K']:>4} | {cells[0]} {cells[1]} | {cells[2]}")
 
 
+def keep_heap():
+    """glibc's malloc keeps freed memory: trim threshold 1 GiB, blocks up to 32 MiB (its largest mmap
+    threshold) from the heap. False without glibc."""
+    name = ctypes.util.find_library("c")
+    libc = ctypes.CDLL(name) if name else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3
+    return bool(libc.mallopt(m_trim_threshold, 1 << 30)) and bool(libc.mallopt(m_mmap_threshold, 1 << 25))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
@@ -141,10 +160,14 @@ def main():
     parser.add_argument("--json", default=None, help="where to write results (default benchmarks/results/)")
     parser.add_argument("--flush-denormal", action="store_true",
                         help="torch.set_flush_denormal(True) for every peer (CPU: subnormals become 0)")
+    parser.add_argument("--keep-heap", action="store_true",
+                        help="glibc's malloc keeps freed memory instead of returning it (no page faults from its trims)")
     args = parser.parse_args()
     device = torch.device(args.device)
     if args.flush_denormal and not torch.set_flush_denormal(True):
         raise SystemExit("this CPU cannot flush denormals")
+    if args.keep_heap and not keep_heap():
+        raise SystemExit("--keep-heap needs glibc's mallopt")
     compiled = torch.compile(reference.soft_quantize)
     peers = {"fused": opqn_ext.soft_quantize, "eager": reference.soft_quantize, "compile": compiled,
              "per_book_loop": per_book_loop}
@@ -153,7 +176,7 @@ def main():
     else:
         where = (f"{platform.machine()} CPU, {torch.get_num_threads()} threads, "
                  f"opqn ISA {opqn_ext.build_info()['active_cpu_isa']}")
-    file_name = f"soft_quantize_{device.type}{'_ftz' if args.flush_denormal else ''}.json"
+    file_name = f"soft_quantize_{device.type}{'_ftz' if args.flush_denormal else ''}{'_keep_heap' if args.keep_heap else ''}.json"
     path = args.json or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", file_name)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     rows = []
@@ -161,9 +184,9 @@ def main():
     def write_json():
         with open(path, "w") as f:
             json.dump({"device": where, "torch": torch.__version__, "dtype": "float32",
-                       "flush_denormal": args.flush_denormal, "rows": rows}, f, indent=2)
+                       "flush_denormal": args.flush_denormal, "keep_heap": args.keep_heap, "rows": rows}, f, indent=2)
 
-    ftz = ", subnormals flushed to zero" if args.flush_denormal else ""
+    ftz = (", subnormals flushed to zero" if args.flush_denormal else "") + (", heap kept" if args.keep_heap else "")
     print(f"soft_quantize forward+backward (ms, median of {args.repeats}), float32, {where}{ftz}, torch {torch.__version__}")
     head = (f"{'regime':>7} {'B':>4} {'M':>2} {'d':>4} {'K':>4} {'H/logK':>6} | {'fused':>7} {'eager':>7} "
             f"{'compile':>7} {'loop':>7} | {'x eager':>7} {'x compile':>9} {'x loop':>6}")
