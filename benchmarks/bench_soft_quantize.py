@@ -11,7 +11,9 @@ Correctness is checked before anything is timed: every peer against the referenc
 float64 (the largest error, relative to each output's magnitude, goes to the JSON). On CUDA, the
 fused op and the eager reference are also timed as one captured CUDA graph per step (columns
 "graph"): replaying it leaves out the host's dispatch and launch work, so those columns compare
-device time alone.
+device time alone. Each sample there is GRAPH_REPLAYS replays back to back between two CUDA events
+(per replay: their elapsed time over GRAPH_REPLAYS), since a replay waited for one at a time would
+measure the launch and the wait (some 0.05 ms) more than the kernels.
 
 On the CPU, glibc's malloc hands freed memory at the top of its heap back to the system once more
 than a threshold is free there, so a process whose steps free and reallocate a few hundred KiB
@@ -123,6 +125,26 @@ def graph_replay(fn, scale, inputs):
     return graph.replay
 
 
+GRAPH_REPLAYS = 20
+
+
+def graph_ms(replay, repeats):
+    """Median over `repeats` samples of the device time of one replay: GRAPH_REPLAYS replays queued
+    back to back, timed by CUDA events on the current stream."""
+    for _ in range(3):
+        replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    samples = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(GRAPH_REPLAYS):
+            replay()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end) / GRAPH_REPLAYS)
+    return statistics.median(samples)
+
+
 def add_graph_timings(rows, peers, device, repeats):
     """Adds fused_graph_ms, eager_graph_ms and x_eager_graph (None where a capture failed) to every
     row, and prints them."""
@@ -134,7 +156,7 @@ def add_graph_timings(rows, peers, device, repeats):
             replay = graph_replay(peers[name], r["scale"], inputs)
             if isinstance(replay, str):
                 print(f"{name}: {replay}")
-            r[f"{name}_graph_ms"] = None if isinstance(replay, str) else time_ms(replay, device, repeats)
+            r[f"{name}_graph_ms"] = None if isinstance(replay, str) else graph_ms(replay, repeats)
         both = r["fused_graph_ms"] is not None and r["eager_graph_ms"] is not None
         r["x_eager_graph"] = r["eager_graph_ms"] / r["fused_graph_ms"] if both else None
         cells = [f"{v:>7.3f}" if v is not None else f"{'n/a':>7}"
