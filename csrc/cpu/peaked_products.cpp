@@ -2,11 +2,11 @@
 
 #include <algorithm>
 #include <functional>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include "cpu/row_kernels.h"
 
@@ -116,19 +116,22 @@ PeakedGradients peaked_backward(const SoftQuantizeBackwardInputs& in, double sca
       if (gx != nullptr && normalize) kernels.normalize_backward_rows(x_ptr + r0 * d, n_ptr + r0, gx + r0 * d, rows, d);
     });
     if (!need_a) return;
-    // grad_t [M, K, d]: one task per (book, slice of columns), each summing over the samples in
-    // order, so that the result does not depend on the number of threads
-    at::Tensor grad_t = at::zeros({M, K, d}, x.options());
-    scalar_t* gt = grad_t.mutable_data_ptr<scalar_t>();
+    // One task per (book, slice of columns): the slice's rows of the transposed gradient summed
+    // over the samples in order (so that the result does not depend on the number of threads) in
+    // the task's own [K, slice] buffer, then written transposed into grad_a [M, d, K]
+    grad_a = at::empty({M, d, K}, x.options());
+    scalar_t* ga = grad_a.mutable_data_ptr<scalar_t>();
     const int64_t slices = (d + kWeightGradSlice - 1) / kWeightGradSlice;
     at::parallel_for(0, M * slices, 1, [&](int64_t u0, int64_t u1) {
+      std::vector<scalar_t> grad_t(K * kWeightGradSlice);
       for (int64_t u = u0; u < u1; ++u) {
         const int64_t book = u / slices, j0 = (u % slices) * kWeightGradSlice;
-        kernels.peaked_weight_grad(x_ptr, g_ptr, words, counts, B, M, d, K, book, j0,
-                                   std::min(d, j0 + kWeightGradSlice), gt + book * K * d);
+        const int64_t width = std::min(d, j0 + kWeightGradSlice) - j0;
+        std::fill(grad_t.begin(), grad_t.begin() + K * width, scalar_t(0));
+        kernels.peaked_weight_grad(x_ptr, g_ptr, words, counts, B, M, d, K, book, j0, j0 + width, grad_t.data());
+        kernels.transpose_rows(grad_t.data(), ga + (book * d + j0) * K, K, width, 0, K);
       }
     });
-    grad_a = transpose_books(grad_t);
   });
   return {grad_x, g, grad_a};
 }

@@ -222,7 +222,7 @@ void peaked_weight_grad(const T* x, const T* g, const int32_t* kept_words, const
     const T* xr = x + r * d + j0;
     const int32_t* words = kept_words + r * K;
     for (int64_t i = 0; i < kept_counts[r]; ++i) {
-      axpy(grad_t + int64_t(words[i]) * d + j0, gr[words[i]], xr, j1 - j0);
+      axpy(grad_t + int64_t(words[i]) * (j1 - j0), gr[words[i]], xr, j1 - j0);
     }
   }
 }

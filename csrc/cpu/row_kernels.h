@@ -67,13 +67,14 @@ struct RowKernels {
                                const T* grad_entropy, const T* Ct, const T* At, int64_t rows, int64_t M,
                                int64_t d, int64_t K, T scale, const T* norms, T floor, T* g, T* grad_x,
                                int32_t* kept_words, int32_t* kept_counts);
-  // grad_t [K, d] of one book, columns [j0, j1): += sum_b g[b, book, k] * x[b, book, j0:j1] over
-  // the kept words of peaked_backward_rows; x: [B, M, d], g, kept_words: [B, M, K], kept_counts: [B, M]
+  // The columns [j0, j1) of one book's transposed weight gradient: grad_t [K, j1 - j0] +=
+  // sum_b g[b, book, k] * x[b, book, j0:j1] over the kept words of peaked_backward_rows, in sample
+  // order; x: [B, M, d], g, kept_words: [B, M, K], kept_counts: [B, M]
   void (*peaked_weight_grad)(const T* x, const T* g, const int32_t* kept_words, const int32_t* kept_counts,
                              int64_t B, int64_t M, int64_t d, int64_t K, int64_t book, int64_t j0, int64_t j1,
                              T* grad_t);
   // s: [R, C] -> o: [C, R], o[c, r] = s[r, c] for the rows r in [r0, r1) (the strips of a parallel
-  // transpose): the transposed weights above, and the weight gradient transposed back
+  // transpose): the transposed weights above, and the weight gradient's slices transposed back
   void (*transpose_rows)(const T* s, T* o, int64_t R, int64_t C, int64_t r0, int64_t r1);
 };
 
