@@ -19,7 +19,7 @@ On the CPU, glibc's malloc hands freed memory at the top of its heap back to the
 than a threshold is free there, so a process whose steps free and reallocate a few hundred KiB
 across that line page-faults on every step (300 faults a step, 0.9 -> 1.7 ms at 8 x 64 x 64 for
 the fused op alone), depending on its allocation history; --keep-heap raises glibc's trim and mmap
-thresholds for every peer, which makes runs repeatable.
+thresholds for every peer, which takes that noise out of the runs.
 
     python benchmarks/bench_soft_quantize.py [--device cuda] [--repeats N] [--json PATH] [--flush-denormal] [--keep-heap]
 """
