@@ -245,14 +245,19 @@ def test_a_sample_alone_gets_its_values_in_a_batch(M, d, K, dtype, cpu_isa):
             torch.testing.assert_close(u[0], v[i], **tol, msg=lambda m: f"sample {i} {name}: {m}")
 
 
-def test_results_do_not_depend_on_thread_count():
-    x, a, c = make_problem(700, 4, 32, 16, dtype=torch.float32, seed=4)
+@pytest.mark.parametrize("B,M,d,K", [
+    (700, 4, 32, 16),  # the row loops
+    (700, 4, 64, 32),  # above them: the BLAS products, one book per thread where there is a book per thread
+])
+def test_results_do_not_depend_on_thread_count(B, M, d, K):
+    x, a, c = make_problem(B, M, d, K, dtype=torch.float32, seed=4)
     before = torch.get_num_threads()
+    weights = [None, torch.ones(B, M, d), torch.ones(B, M)]
     try:
         torch.set_num_threads(1)
-        one = grads_of(opqn_ext.soft_quantize, x, a, c, 2.0, True, [None, torch.ones(700, 4, 32), torch.ones(700, 4)])
+        one = grads_of(opqn_ext.soft_quantize, x, a, c, 2.0, True, weights)
         torch.set_num_threads(2)
-        two = grads_of(opqn_ext.soft_quantize, x, a, c, 2.0, True, [None, torch.ones(700, 4, 32), torch.ones(700, 4)])
+        two = grads_of(opqn_ext.soft_quantize, x, a, c, 2.0, True, weights)
     finally:
         torch.set_num_threads(before)
     for u, v in zip(one[0] + one[1][:2], two[0] + two[1][:2]):
