@@ -13,14 +13,15 @@
 namespace opqn::cpu {
 namespace {
 
-// in [M, R, C] (contiguous) -> [M, C, R] (contiguous), parallel over books and strips of rows.
-at::Tensor transpose_books(const at::Tensor& in) {
-  const int64_t M = in.size(0), R = in.size(1), C = in.size(2);
-  at::Tensor out = at::empty({M, C, R}, in.options());
+// weights [M, d, K] -> [M, K, d] (contiguous): word k of book m is the contiguous row [m, k].
+// Parallel over books and strips of rows.
+at::Tensor words_as_rows(const at::Tensor& weights) {
+  const int64_t M = weights.size(0), R = weights.size(1), C = weights.size(2);
+  at::Tensor out = at::empty({M, C, R}, weights.options());
   const int64_t tile_rows = (R + kTransposeTile - 1) / kTransposeTile;
-  AT_DISPATCH_FLOATING_TYPES(in.scalar_type(), "transpose_books", [&] {
+  AT_DISPATCH_FLOATING_TYPES(weights.scalar_type(), "words_as_rows", [&] {
     const auto& kernels = row_kernels<scalar_t>();
-    const scalar_t* src = in.const_data_ptr<scalar_t>();
+    const scalar_t* src = weights.const_data_ptr<scalar_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, M * tile_rows, std::max<int64_t>(1, 8192 / (kTransposeTile * C)), [&](int64_t t0, int64_t t1) {
       for (int64_t t = t0; t < t1; ++t) {
@@ -31,9 +32,6 @@ at::Tensor transpose_books(const at::Tensor& in) {
   });
   return out;
 }
-
-// weights [M, d, K] -> [M, K, d]: word k of book m is the contiguous row [m, k].
-at::Tensor words_as_rows(const at::Tensor& weights) { return transpose_books(weights); }
 
 template <typename T>
 const T* ptr_or_null(const at::Tensor& t) {

@@ -5,10 +5,10 @@
 // ISA-dispatched row kernels: softmax, entropy and the norm clamp in the forward; entropy, softmax
 // and norm-clamp gradients in the backward. The similarity GEMM writes straight into the probs
 // output and the reconstruction GEMM reads from it, so the forward allocates nothing beyond its
-// outputs (and [B, M] norms; peaked rows a transposed codebook). float16/bfloat16 inputs run the float32 kernels on float32 copies,
-// and their results are rounded back. Peaked assignments (few words keep all but a unit roundoff
-// of the probability) take the peaked-row products instead of the reconstruction and backward
-// GEMMs (peaked_products.h).
+// outputs (and [B, M] norms; peaked rows a transposed codebook). float16/bfloat16 inputs run the
+// float32 kernels on float32 copies, and their results are rounded back. Peaked assignments (few
+// words keep all but a unit roundoff of the probability) take the peaked-row products instead of
+// the reconstruction and backward GEMMs (peaked_products.h).
 // (Blocks of samples doing their GEMMs inside the parallel region, single-threaded BLAS each,
 // measured no faster at the benchmark shapes; whole books in parallel do help: bmm_into.)
 #include <ATen/core/Tensor.h>
