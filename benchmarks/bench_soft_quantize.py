@@ -15,6 +15,13 @@ device time alone. Each sample there is GRAPH_REPLAYS replays back to back betwe
 (per replay: their elapsed time over GRAPH_REPLAYS), since a replay waited for one at a time would
 measure the launch and the wait (some 0.05 ms) more than the kernels.
 
+Column "gemms": the five batched matrix products of the step alone (x @ A, probs @ C^T,
+grad_quantized @ C, g @ A^T, x^T @ g, with torch.bmm into preallocated outputs, batch-major and
+contiguous: BLAS's best case), which every formulation that keeps all K words of every row must
+compute; "eager/gemms" is therefore the most any such formulation, fused or not, could gain over
+the eager reference on this BLAS. The peaked rows' fused op skips most of the words (csrc/cpu/
+peaked_products.h), so there the bound does not hold.
+
 On the CPU, glibc's malloc hands freed memory at the top of its heap back to the system once more
 than a threshold is free there, so a process whose steps free and reallocate a few hundred KiB
 across that line page-faults on every step (300 faults a step, 0.9 -> 1.7 ms at 8 x 64 x 64 for
@@ -91,6 +98,27 @@ def check(got, want, what):
                                    msg=lambda m: f"{what} {name}: {m}")
         worst = max(worst, (u.double() - v).abs().max().item() / size)
     return worst
+
+
+def gemm_floor(B, M, d, K, device, dtype):
+    """The five batched products of a training step, into preallocated outputs (see the module
+    docstring); returns a function that runs them."""
+    g = torch.Generator().manual_seed(1)
+    x, grad_q = (torch.randn(M, B, d, generator=g, dtype=dtype).to(device) for _ in range(2))
+    a, c = (torch.randn(M, d, K, generator=g, dtype=dtype).to(device) for _ in range(2))
+    probs = torch.rand(M, B, K, generator=g, dtype=dtype).to(device)
+    logits, grad_p = torch.empty_like(probs), torch.empty_like(probs)
+    quantized, grad_x = torch.empty_like(x), torch.empty_like(x)
+    grad_a = torch.empty_like(a)
+
+    def run():
+        torch.bmm(x, a, out=logits)
+        torch.bmm(probs, c.transpose(1, 2), out=quantized)
+        torch.bmm(grad_q, c, out=grad_p)
+        torch.bmm(grad_p, a.transpose(1, 2), out=grad_x)
+        torch.bmm(x.transpose(1, 2), grad_p, out=grad_a)
+
+    return run
 
 
 def time_ms(fn, device, repeats, warmup=5):
@@ -211,7 +239,7 @@ def main():
     ftz = (", subnormals flushed to zero" if args.flush_denormal else "") + (", heap kept" if args.keep_heap else "")
     print(f"soft_quantize forward+backward (ms, median of {args.repeats}), float32, {where}{ftz}, torch {torch.__version__}")
     head = (f"{'regime':>7} {'B':>4} {'M':>2} {'d':>4} {'K':>4} {'H/logK':>6} | {'fused':>7} {'eager':>7} "
-            f"{'compile':>7} {'loop':>7} | {'x eager':>7} {'x compile':>9} {'x loop':>6}")
+            f"{'compile':>7} {'loop':>7} | {'x eager':>7} {'x compile':>9} {'x loop':>6} | {'gemms':>7} {'eager/gemms':>11}")
     print(head)
     print("-" * len(head))
     for regime, scale in REGIMES.items():
@@ -230,11 +258,14 @@ def main():
                 r[f"{name}_ms"] = time_ms(lambda: step(fn, scale, *inputs), device, args.repeats)
             for name in ("eager", "compile", "per_book_loop"):
                 r[f"x_{name}"] = r[f"{name}_ms"] / r["fused_ms"]
+            r["gemms_ms"] = time_ms(gemm_floor(B, M, d, K, device, torch.float32), device, args.repeats)
+            r["eager_over_gemms"] = r["eager_ms"] / r["gemms_ms"]
             rows.append(r)
             write_json()  # row by row, so that a run stopped early keeps what it measured
             print(f"{r['regime']:>7} {r['B']:>4} {r['M']:>2} {r['d']:>4} {r['K']:>4} {r['entropy_over_log_k']:>6.2f} | "
                   f"{r['fused_ms']:>7.3f} {r['eager_ms']:>7.3f} {r['compile_ms']:>7.3f} {r['per_book_loop_ms']:>7.3f} | "
-                  f"{r['x_eager']:>7.2f} {r['x_compile']:>9.2f} {r['x_per_book_loop']:>6.2f}", flush=True)
+                  f"{r['x_eager']:>7.2f} {r['x_compile']:>9.2f} {r['x_per_book_loop']:>6.2f} | "
+                  f"{r['gemms_ms']:>7.3f} {r['eager_over_gemms']:>11.2f}", flush=True)
     print(f"wrote {path}")
     if device.type == "cuda":  # after the eager-mode results are out, in case a capture breaks CUDA
         add_graph_timings(rows, peers, device, args.repeats)
